@@ -1,0 +1,62 @@
+//! The ActionCache gRPC service.
+
+use std::sync::Arc;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    action_cache_server::ActionCache, ActionResult, GetActionResultRequest, UpdateActionResultRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::Access;
+use crate::cache::Cache;
+use crate::digest::{check_digest_function, Digest};
+use crate::error::Error;
+
+pub struct ActionCacheService {
+    cache: Arc<Cache>,
+}
+
+impl ActionCacheService {
+    pub fn new(cache: Arc<Cache>) -> Self {
+        ActionCacheService { cache }
+    }
+}
+
+fn required_digest(d: &Option<bazel_remote_apis::build::bazel::remote::execution::v2::Digest>) -> Result<Digest, Error> {
+    Digest::from_opt_proto(d)?.ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let _t = self.cache.metrics.timer("GetActionResult");
+        let req = request.get_ref();
+        self.cache.authorize_grpc(&request, &req.instance_name, Access::Read)?;
+        check_digest_function(req.digest_function)?;
+        let action = required_digest(&req.action_digest)?;
+        match self.cache.get_action_result(&req.instance_name, action.hash).await? {
+            Some(hit) => Ok(Response::new(hit.result)),
+            None => Err(Error::NotFound(format!("no complete action result for {action}")).into()),
+        }
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let _t = self.cache.metrics.timer("UpdateActionResult");
+        let req = request.get_ref();
+        self.cache.authorize_grpc(&request, &req.instance_name, Access::Write)?;
+        check_digest_function(req.digest_function)?;
+        let action = required_digest(&req.action_digest)?;
+        let result = req
+            .action_result
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("action_result is required".into()))?;
+        self.cache.update_action_result(&req.instance_name, action.hash, result).await?;
+        Ok(Response::new(result.clone()))
+    }
+}

@@ -1,0 +1,199 @@
+//! The cache both protocols share: gRPC services and the HTTP handlers call these methods,
+//! so a blob written over one is readable over the other and the rules are enforced once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Tree};
+use bytes::Bytes;
+use prost::Message;
+
+use crate::auth::{Access, Authenticator, Credential, Principal};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::instance::Instances;
+use crate::metrics::Metrics;
+use crate::store::{BlobReader, BlobStore, CasUpload, Key};
+
+pub struct Cache {
+    pub store: Arc<dyn BlobStore>,
+    pub metrics: Arc<Metrics>,
+    pub instances: Instances,
+    pub auth: Authenticator,
+    pub max_batch_total_size_bytes: u64,
+}
+
+/// An action-cache hit: the decoded result and the exact bytes stored.
+pub struct AcHit {
+    pub result: ActionResult,
+    pub raw: Bytes,
+}
+
+impl Cache {
+    /// Checks the instance name, authenticates the caller and authorizes the access.
+    pub fn authorize(&self, cred: Option<Credential>, instance: &str, access: Access) -> Result<Principal> {
+        self.instances.check(instance)?;
+        let p = self.auth.authenticate(cred)?;
+        self.auth.authorize(&p, instance, access)?;
+        Ok(p)
+    }
+
+    pub fn authorize_grpc<T>(&self, req: &tonic::Request<T>, instance: &str, access: Access) -> Result<Principal> {
+        self.authorize(crate::auth::grpc_credential(req)?, instance, access)
+    }
+
+    /// Which of `digests` the CAS lacks (a stored blob of another size counts as missing).
+    /// Present blobs are refreshed in the LRU.
+    pub async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let wanted: Vec<Digest> = digests.iter().filter(|d| !d.is_empty_blob()).copied().collect();
+        let keys: Vec<Key> = wanted.iter().map(Key::cas).collect();
+        let sizes = self.store.lookup(&keys).await?;
+        let missing: Vec<Digest> = wanted
+            .iter()
+            .zip(sizes)
+            .filter(|(d, size)| *size != Some(d.size))
+            .map(|(d, _)| *d)
+            .collect();
+        self.metrics.cas((wanted.len() - missing.len()) as u64, missing.len() as u64);
+        Ok(missing)
+    }
+
+    pub async fn read_blob(&self, d: &Digest) -> Result<Option<Bytes>> {
+        if d.is_empty_blob() {
+            return Ok(Some(Bytes::new()));
+        }
+        let data = self.store.get(&Key::cas(d)).await?.filter(|b| b.len() as u64 == d.size);
+        self.metrics.cas(data.is_some() as u64, data.is_none() as u64);
+        if let Some(b) = &data {
+            self.metrics.bytes_sent.inc_by(b.len() as u64);
+        }
+        Ok(data)
+    }
+
+    /// Streams a CAS blob from `offset`; the caller accounts for bytes sent.
+    pub async fn open_blob(&self, d: &Digest, offset: u64) -> Result<Option<BlobReader>> {
+        if d.is_empty_blob() {
+            return Ok(Some(Box::pin(tokio::io::empty())));
+        }
+        let found = match self.store.open(&Key::cas(d), offset).await? {
+            Some((size, reader)) if size == d.size => Some(reader),
+            _ => None,
+        };
+        self.metrics.cas(found.is_some() as u64, found.is_none() as u64);
+        Ok(found)
+    }
+
+    /// Streams a CAS blob known only by its hash (the HTTP protocol), with its size.
+    pub async fn open_cas_by_hash(&self, hash: [u8; 32]) -> Result<Option<(u64, BlobReader)>> {
+        if hash == crate::digest::EMPTY_SHA256 {
+            return Ok(Some((0, Box::pin(tokio::io::empty()))));
+        }
+        let found = self.store.open(&Key::Cas(hash), 0).await?;
+        self.metrics.cas(found.is_some() as u64, found.is_none() as u64);
+        Ok(found)
+    }
+
+    /// Starts a verified streaming upload of a CAS blob.
+    pub async fn upload(&self, hash: [u8; 32], size: Option<u64>) -> Result<CasUpload> {
+        CasUpload::new(self.store.as_ref(), hash, size).await
+    }
+
+    pub async fn put_blob(&self, d: &Digest, data: &[u8]) -> Result<()> {
+        if d.is_empty_blob() && data.is_empty() {
+            return Ok(());
+        }
+        let mut up = self.upload(d.hash, Some(d.size)).await?;
+        up.write(data).await?;
+        up.finish().await?;
+        self.metrics.bytes_received.inc_by(data.len() as u64);
+        Ok(())
+    }
+
+    /// Returns an action result only if everything it references is in the CAS, so a
+    /// client that trusts the hit (Build without the Bytes) never meets an evicted blob.
+    pub async fn get_action_result(&self, instance: &str, action_hash: [u8; 32]) -> Result<Option<AcHit>> {
+        let key = Key::ac(instance, &action_hash);
+        let action = hex::encode(action_hash);
+        let Some(raw) = self.store.get(&key).await? else {
+            self.metrics.ac("miss");
+            return Ok(None);
+        };
+        let result = match ActionResult::decode(raw.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%action, error = %e, "dropping undecodable action cache entry");
+                self.store.remove(&key).await?;
+                self.metrics.ac("miss");
+                return Ok(None);
+            }
+        };
+        if let Some(missing) = self.first_missing_output(&result).await? {
+            tracing::debug!(%action, %missing, "action result incomplete: treating as a miss");
+            self.metrics.ac("incomplete");
+            return Ok(None);
+        }
+        self.metrics.ac("hit");
+        Ok(Some(AcHit { result, raw }))
+    }
+
+    pub async fn update_action_result(&self, instance: &str, action_hash: [u8; 32], result: &ActionResult) -> Result<()> {
+        validate_action_result(result)?;
+        let raw = result.encode_to_vec();
+        let mut w = self.store.writer(Some(raw.len() as u64)).await?;
+        w.write(&raw).await?;
+        w.commit(Key::ac(instance, &action_hash)).await?;
+        self.metrics.bytes_received.inc_by(raw.len() as u64);
+        Ok(())
+    }
+
+    /// The first blob `result` references that the CAS lacks: output files, stdout/stderr,
+    /// output directory trees and every file inside them. Looking them up also refreshes them.
+    async fn first_missing_output(&self, result: &ActionResult) -> Result<Option<Digest>> {
+        let mut wanted: Vec<Digest> = Vec::new();
+        for f in &result.output_files {
+            wanted.extend(Digest::from_opt_proto(&f.digest)?);
+        }
+        wanted.extend(Digest::from_opt_proto(&result.stdout_digest)?);
+        wanted.extend(Digest::from_opt_proto(&result.stderr_digest)?);
+        for dir in &result.output_directories {
+            let Some(tree_digest) = Digest::from_opt_proto(&dir.tree_digest)? else { continue };
+            let Some(raw) = self.read_blob(&tree_digest).await? else {
+                return Ok(Some(tree_digest));
+            };
+            let tree = match Tree::decode(raw) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%tree_digest, error = %e, "output tree is not a Tree message");
+                    return Ok(Some(tree_digest));
+                }
+            };
+            for d in tree.root.iter().chain(tree.children.iter()) {
+                for f in &d.files {
+                    wanted.extend(Digest::from_opt_proto(&f.digest)?);
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        wanted.retain(|d| seen.insert(*d));
+        Ok(self.find_missing(&wanted).await?.first().copied())
+    }
+}
+
+/// Rejects results whose digests are malformed, so a bad entry never gets stored.
+fn validate_action_result(r: &ActionResult) -> Result<()> {
+    for f in &r.output_files {
+        if f.digest.is_none() {
+            return Err(Error::InvalidArgument(format!("output file {:?} has no digest", f.path)));
+        }
+        Digest::from_opt_proto(&f.digest)?;
+    }
+    for d in &r.output_directories {
+        if d.tree_digest.is_none() {
+            return Err(Error::InvalidArgument(format!("output directory {:?} has no tree digest", d.path)));
+        }
+        Digest::from_opt_proto(&d.tree_digest)?;
+    }
+    Digest::from_opt_proto(&r.stdout_digest)?;
+    Digest::from_opt_proto(&r.stderr_digest)?;
+    Ok(())
+}

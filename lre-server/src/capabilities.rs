@@ -1,0 +1,70 @@
+//! The Capabilities gRPC service.
+
+use std::sync::Arc;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    capabilities_server::Capabilities, compressor, digest_function,
+    symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
+    ExecutionCapabilities, GetCapabilitiesRequest, ServerCapabilities,
+};
+use bazel_remote_apis::build::bazel::semver::SemVer;
+use tonic::{Request, Response, Status};
+
+use crate::auth::Access;
+use crate::cache::Cache;
+
+pub struct CapabilitiesService {
+    cache: Arc<Cache>,
+    exec_enabled: bool,
+}
+
+impl CapabilitiesService {
+    /// `exec_enabled` must be true only when an execution service is really being served.
+    pub fn new(cache: Arc<Cache>, exec_enabled: bool) -> Self {
+        CapabilitiesService { cache, exec_enabled }
+    }
+}
+
+fn semver(major: i32, minor: i32) -> Option<SemVer> {
+    Some(SemVer { major, minor, patch: 0, prerelease: String::new() })
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        let _t = self.cache.metrics.timer("GetCapabilities");
+        let instance = &request.get_ref().instance_name;
+        let principal = self.cache.authorize_grpc(&request, instance, Access::Read)?;
+        let sha256 = digest_function::Value::Sha256 as i32;
+        let zstd = compressor::Value::Zstd as i32;
+        Ok(Response::new(ServerCapabilities {
+            cache_capabilities: Some(CacheCapabilities {
+                digest_functions: vec![sha256],
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
+                    update_enabled: principal.may(instance, Access::Write),
+                }),
+                cache_priority_capabilities: None,
+                max_batch_total_size_bytes: self.cache.max_batch_total_size_bytes as i64,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+                supported_compressors: vec![zstd],
+                supported_batch_update_compressors: vec![zstd],
+                max_cas_blob_size_bytes: self.cache.store.capacity() as i64,
+                ..Default::default()
+            }),
+            execution_capabilities: Some(ExecutionCapabilities {
+                digest_function: sha256,
+                exec_enabled: self.exec_enabled,
+                digest_functions: vec![sha256],
+                ..Default::default()
+            }),
+            deprecated_api_version: None,
+            // 2.0 is what Bazel 4 speaks; through 2.3 we honour compressed blobs,
+            // batch compression and per-request digest_function fields.
+            low_api_version: semver(2, 0),
+            high_api_version: semver(2, 3),
+        }))
+    }
+}

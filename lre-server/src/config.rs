@@ -1,0 +1,300 @@
+//! The server's one typed configuration: a TOML file plus command-line overrides,
+//! validated at start so that a bad key fails loudly before anything listens.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::auth::{Scope, TokenConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// REAPI gRPC endpoint.
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    /// HTTP cache protocol, `/metrics` and `/healthz`. `None` disables the HTTP port.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: Option<SocketAddr>,
+    /// Allowed instance names (also HTTP path prefixes). Absent means any name is accepted.
+    #[serde(default)]
+    pub instances: Option<Vec<String>>,
+    /// Limit on the summed size of blobs in one BatchUpdateBlobs/BatchReadBlobs call.
+    #[serde(default = "default_max_batch")]
+    pub max_batch_total_size_bytes: u64,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+    /// How long an interrupted ByteStream upload stays resumable before its data is dropped.
+    #[serde(default = "default_upload_ttl")]
+    pub upload_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    Filesystem,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default = "default_store_kind")]
+    pub kind: StoreKind,
+    /// Directory of the filesystem store; defaults to the user's cache directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Size limit, enforced by LRU eviction: bytes, or a string such as "10GiB".
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// What callers without credentials may do.
+    #[serde(default = "default_anonymous")]
+    pub anonymous: Scope,
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { anonymous: default_anonymous(), tokens: vec![] }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { kind: default_store_kind(), path: None, max_size: default_max_size() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_listen: default_grpc_listen(),
+            http_listen: default_http_listen(),
+            instances: None,
+            max_batch_total_size_bytes: default_max_batch(),
+            store: StoreConfig::default(),
+            tls: None,
+            auth: AuthConfig::default(),
+            shutdown_grace_seconds: default_grace(),
+            upload_ttl_seconds: default_upload_ttl(),
+        }
+    }
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8980))
+}
+fn default_http_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 8981)))
+}
+fn default_max_batch() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_store_kind() -> StoreKind {
+    StoreKind::Filesystem
+}
+fn default_max_size() -> ByteSize {
+    ByteSize(10 * 1024 * 1024 * 1024)
+}
+fn default_anonymous() -> Scope {
+    Scope::ReadWrite
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_upload_ttl() -> u64 {
+    600
+}
+
+/// Where the embedded default keeps its blobs: `$XDG_CACHE_HOME/lre/cas`.
+pub fn default_store_path() -> PathBuf {
+    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("lre").join("cas")
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text)
+            .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        // toml's messages name the offending key and line, which is what users need.
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.store.path.clone().unwrap_or_else(default_store_path)
+    }
+
+    /// Checks everything serde cannot: cross-field rules and files that must exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.max_size.0 == 0 {
+            return Err(invalid("store.max_size", "must be greater than zero"));
+        }
+        if self.upload_ttl_seconds == 0 {
+            return Err(invalid("upload_ttl_seconds", "must be at least 1"));
+        }
+        if self.max_batch_total_size_bytes < 1024 {
+            return Err(invalid("max_batch_total_size_bytes", "must be at least 1024"));
+        }
+        if self.store.kind == StoreKind::Memory && self.store.path.is_some() {
+            return Err(invalid("store.path", "has no meaning for kind = \"memory\""));
+        }
+        if self.http_listen == Some(self.grpc_listen) && self.grpc_listen.port() != 0 {
+            return Err(invalid("http_listen", "must differ from grpc_listen"));
+        }
+        if let Some(names) = &self.instances {
+            for name in names {
+                crate::instance::validate_name(name)
+                    .map_err(|e| invalid("instances", e.to_string()))?;
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key)), ("tls.client_ca", tls.client_ca.as_ref())] {
+                if let Some(path) = path {
+                    if !path.is_file() {
+                        return Err(invalid(key, format!("{} is not a readable file", path.display())));
+                    }
+                }
+            }
+            if tls.require_client_cert && tls.client_ca.is_none() {
+                return Err(invalid("tls.require_client_cert", "needs tls.client_ca to verify client certificates against"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            t.validate().map_err(|(field, message)| invalid(format!("{key}.{field}"), message))?;
+            if !seen.insert(t.name.clone()) {
+                return Err(invalid(format!("{key}.name"), format!("duplicate token name {:?}", t.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A byte count written either as an integer or as "512MiB", "10GiB", "1TB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 10GiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => return Err(format!("unknown size unit {u:?} in {s:?}; use B, KiB, MiB, GiB, TiB")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("10GiB".parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
+        assert_eq!("512".parse::<ByteSize>().unwrap(), ByteSize(512));
+        assert!("12XB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("grpc_listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_scope_is_named() {
+        let err = Config::from_toml(
+            "[[auth.tokens]]\nname = \"ci\"\nsha256 = \"00\"\nscope = \"admin\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("admin"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut c = Config::default();
+        c.store.max_size = ByteSize(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("store.max_size"), "{e}");
+
+        let c = Config::from_toml(
+            "[[auth.tokens]]\nname = \"ci\"\nsha256 = \"abc\"\nscope = \"read\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("auth.tokens[0].sha256"), "{e}");
+    }
+}

@@ -1,0 +1,125 @@
+//! One error type for the whole cache, mapped once to gRPC and HTTP status codes.
+
+use std::io;
+
+use axum::http::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    #[error("digest mismatch: the uploaded content hashes to {actual}, not {expected}")]
+    DigestMismatch { expected: String, actual: String },
+
+    #[error("size mismatch: {0}")]
+    SizeMismatch(String),
+
+    #[error("unknown instance name {0:?}: not in this server's `instances` list")]
+    UnknownInstance(String),
+
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
+    #[error("storage full: {0}")]
+    StorageFull(String),
+
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+
+    #[error("aborted: {0}")]
+    Aborted(String),
+
+    #[error("unimplemented: {0}")]
+    Unimplemented(String),
+
+    #[error("I/O error: {0}")]
+    Io(io::Error),
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        // A full disk or quota is the caller's problem to back off from, not a server bug.
+        match e.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+                Error::StorageFull(e.to_string())
+            }
+            _ => Error::Io(e),
+        }
+    }
+}
+
+impl From<prost::DecodeError> for Error {
+    fn from(e: prost::DecodeError) -> Self {
+        Error::InvalidArgument(format!("malformed protobuf: {e}"))
+    }
+}
+
+impl Error {
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::InvalidArgument(_)
+            | Error::DigestMismatch { .. }
+            | Error::SizeMismatch(_)
+            | Error::UnknownInstance(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::StorageFull(_) => Code::ResourceExhausted,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Io(_) | Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Error::InvalidArgument(_)
+            | Error::DigestMismatch { .. }
+            | Error::SizeMismatch(_)
+            | Error::OutOfRange(_) => StatusCode::BAD_REQUEST,
+            Error::UnknownInstance(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Aborted(_) => StatusCode::CONFLICT,
+            Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Io(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `google.rpc.Status` form used inside batch responses.
+    pub fn to_rpc_status(&self) -> bazel_remote_apis::google::rpc::Status {
+        bazel_remote_apis::google::rpc::Status {
+            code: self.grpc_code() as i32,
+            message: self.to_string(),
+            details: vec![],
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        if matches!(e, Error::Io(_) | Error::Internal(_)) {
+            tracing::error!(error = %e, "internal error");
+        }
+        tonic::Status::new(e.grpc_code(), e.to_string())
+    }
+}
+
+pub fn ok_rpc_status() -> bazel_remote_apis::google::rpc::Status {
+    bazel_remote_apis::google::rpc::Status { code: 0, message: String::new(), details: vec![] }
+}

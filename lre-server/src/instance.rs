@@ -1,0 +1,63 @@
+//! Instance names: each one is its own action-cache namespace.
+
+use crate::error::{Error, Result};
+
+/// Path segments REAPI reserves inside resource names; an instance name may not use them.
+const RESERVED: &[&str] =
+    &["blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"];
+
+pub fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    for seg in name.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return Err(Error::InvalidArgument(format!(
+                "instance name {name:?} has an empty, '.' or '..' segment"
+            )));
+        }
+        if RESERVED.contains(&seg) {
+            return Err(Error::InvalidArgument(format!(
+                "instance name {name:?} uses the reserved segment {seg:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Which instance names this server serves.
+#[derive(Debug, Clone)]
+pub struct Instances {
+    allowed: Option<Vec<String>>,
+}
+
+impl Instances {
+    pub fn new(allowed: Option<Vec<String>>) -> Self {
+        Instances { allowed }
+    }
+
+    pub fn check(&self, name: &str) -> Result<()> {
+        validate_name(name)?;
+        match &self.allowed {
+            Some(list) if !list.iter().any(|n| n == name) => Err(Error::UnknownInstance(name.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list() {
+        let i = Instances::new(Some(vec!["".into(), "main".into()]));
+        assert!(i.check("").is_ok());
+        assert!(i.check("main").is_ok());
+        assert!(matches!(i.check("other"), Err(Error::UnknownInstance(_))));
+        let any = Instances::new(None);
+        assert!(any.check("x/y").is_ok());
+        assert!(any.check("x/blobs").is_err());
+        assert!(any.check("../x").is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! lre-server: a Remote Execution API v2 cache (CAS, ActionCache, ByteStream, Capabilities)
+//! and Bazel HTTP cache over one durable, size-bounded store, with access control.
+
+pub mod action_cache;
+pub mod auth;
+pub mod bytestream;
+pub mod cache;
+pub mod capabilities;
+pub mod cas;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod http;
+pub mod instance;
+pub mod metrics;
+pub mod resource_name;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{start, RunningServer, StartError};

@@ -1,0 +1,234 @@
+//! Wires the store, the cache and both protocol front ends together, and runs them until
+//! shutdown. `start` returns once both ports are bound, so tests can use port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
+    content_addressable_storage_server::ContentAddressableStorageServer,
+};
+use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::action_cache::ActionCacheService;
+use crate::auth::Authenticator;
+use crate::bytestream::ByteStreamService;
+use crate::cache::Cache;
+use crate::capabilities::CapabilitiesService;
+use crate::cas::CasService;
+use crate::config::{Config, ConfigError, StoreKind};
+use crate::instance::Instances;
+use crate::metrics::Metrics;
+use crate::store::{BlobStore, FsStore, MemStore};
+
+/// gRPC messages may carry a full batch plus framing. The decoder accepts up to four times
+/// the batch limit so that an oversized batch reaches our own check and gets the spec's
+/// INVALID_ARGUMENT with a useful message, rather than tonic's bare OUT_OF_RANGE.
+const GRPC_MESSAGE_SLACK: usize = 1 << 20;
+const GRPC_DECODE_FACTOR: usize = 4;
+const GRPC_STREAM_WINDOW: u32 = 8 << 20;
+const GRPC_CONNECTION_WINDOW: u32 = 32 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("store: {0}")]
+    Store(crate::error::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub tls: bool,
+    pub cache: Arc<Cache>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish (up to the grace period), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.wait().await;
+    }
+
+    /// Waits until the servers stop (after `shutdown` or a fatal error).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+
+    /// The Bazel flags that point a build at this server.
+    pub fn bazel_flags(&self) -> Vec<String> {
+        let scheme = if self.tls { "grpcs" } else { "grpc" };
+        vec![format!("--remote_cache={scheme}://{}", self.grpc_addr)]
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Arc<dyn BlobStore>, StartError> {
+    let capacity = config.store.max_size.0;
+    Ok(match config.store.kind {
+        StoreKind::Memory => Arc::new(MemStore::new(capacity, metrics.store.clone())),
+        StoreKind::Filesystem => Arc::new(
+            FsStore::open(config.store_path(), capacity, metrics.store.clone())
+                .await
+                .map_err(StartError::Store)?,
+        ),
+    })
+}
+
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    config.validate()?;
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&config, &metrics).await?;
+    let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens).map_err(StartError::Store)?;
+    let cache = Arc::new(Cache {
+        store,
+        metrics,
+        instances: Instances::new(config.instances.clone()),
+        auth,
+        max_batch_total_size_bytes: config.max_batch_total_size_bytes,
+    });
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let (shutdown, rx) = watch::channel(false);
+
+    let grpc_listener = bind(config.grpc_listen).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: config.grpc_listen, source })?;
+    let http_listener = match config.http_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let max_msg = config.max_batch_total_size_bytes as usize * GRPC_DECODE_FACTOR + GRPC_MESSAGE_SLACK;
+    // HTTP/2's default 64 KiB window caps an upload at one window per round trip; blob
+    // uploads need windows the size of their messages.
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
+        .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW));
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(crate::tls::tonic_config(tls)?)?;
+    }
+    let router = builder
+        .add_service(CapabilitiesServer::new(CapabilitiesService::new(cache.clone(), false)))
+        .add_service(
+            ContentAddressableStorageServer::new(CasService::new(cache.clone()))
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg),
+        )
+        .add_service(ActionCacheServer::new(ActionCacheService::new(cache.clone())).max_decoding_message_size(max_msg))
+        .add_service(ByteStreamServer::new(ByteStreamService::new(cache.clone(), Duration::from_secs(config.upload_ttl_seconds))).max_decoding_message_size(max_msg));
+    let mut grpc_rx = rx.clone();
+    let mut grace_rx = rx.clone();
+    let stop_all = shutdown.clone();
+    let grpc_task = tokio::spawn(async move {
+        let signal = async move { stopped(&mut grpc_rx).await };
+        // Nagle's algorithm would hold back the small frames that end each response.
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        tokio::select! {
+            r = serve => if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server failed");
+            },
+            _ = async { stopped(&mut grace_rx).await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("gRPC calls still running after the grace period; closing them");
+            }
+        }
+        // Whatever ended this front end ends the other too: never run half a server.
+        let _ = stop_all.send(true);
+    });
+    let mut tasks = vec![grpc_task];
+
+    if let Some(listener) = http_listener {
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::rustls_config(t)?)),
+            None => None,
+        };
+        let app = crate::http::router(cache.clone());
+        let stop_all = shutdown.clone();
+        let rx = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            serve_http(listener, app, tls, rx, grace).await;
+            let _ = stop_all.send(true);
+        }));
+    }
+    tracing::info!(%grpc_addr, http_addr = ?http_addr, tls = config.tls.is_some(), "lre-server listening");
+    Ok(RunningServer { grpc_addr, http_addr, tls: config.tls.is_some(), cache, shutdown, tasks })
+}
+
+/// Resolves once shutdown is signalled (or the sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    // Typically EMFILE: back off rather than spin.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let http = hyper::server::conn::http1::Builder::new();
+            let result = match tls {
+                None => watcher.watch(http.serve_connection(TokioIo::new(tcp), svc)).await,
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => watcher.watch(http.serve_connection(TokioIo::new(stream), svc)).await,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("http connections still open after the grace period; closing them");
+    }
+}

@@ -1,0 +1,161 @@
+//! Blob storage. A store is a size-bounded LRU map from `Key` to bytes; it knows nothing of
+//! REAPI. Content verification lives in `CasUpload`, one layer up, so every store gets it.
+
+mod fs;
+mod lru_index;
+mod memory;
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncRead;
+
+pub use fs::FsStore;
+pub use memory::MemStore;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// A store key: CAS blobs by content hash; action-cache entries by a hash of
+/// (instance, action digest), so instances never see each other's results.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Key {
+    Cas([u8; 32]),
+    Ac([u8; 32]),
+}
+
+impl Key {
+    pub fn cas(d: &Digest) -> Key {
+        Key::Cas(d.hash)
+    }
+
+    /// The action's size is implied by its hash, and the HTTP protocol names actions by hash
+    /// alone, so the key leaves the size out: gRPC and HTTP clients then share entries.
+    pub fn ac(instance: &str, action_hash: &[u8; 32]) -> Key {
+        let mut h = Sha256::new();
+        h.update(b"lre-ac\0");
+        h.update(instance.as_bytes());
+        h.update(b"\0");
+        h.update(action_hash);
+        Key::Ac(h.finalize().into())
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Key::Cas(_) => "cas",
+            Key::Ac(_) => "ac",
+        }
+    }
+
+    fn hash(&self) -> &[u8; 32] {
+        match self {
+            Key::Cas(h) | Key::Ac(h) => h,
+        }
+    }
+}
+
+pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The size of each key that is present. Present entries count as used (LRU refresh).
+    async fn lookup(&self, keys: &[Key]) -> Result<Vec<Option<u64>>>;
+
+    /// The whole entry, for small blobs (action results, trees, batch reads).
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>>;
+
+    /// A reader positioned at `offset`, with the entry's total size.
+    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>>;
+
+    /// Starts a write. Nothing is visible until `commit`; dropping the writer discards it.
+    async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>>;
+
+    async fn remove(&self, key: &Key) -> Result<()>;
+
+    /// The size limit, in bytes.
+    fn capacity(&self) -> u64;
+}
+
+#[async_trait]
+pub trait BlobWriter: Send {
+    async fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// Makes the data visible under `key`, atomically.
+    async fn commit(self: Box<Self>, key: Key) -> Result<()>;
+}
+
+fn check_fits(size_hint: Option<u64>, capacity: u64) -> Result<()> {
+    match size_hint {
+        Some(n) if n > capacity => Err(Error::InvalidArgument(format!(
+            "blob of {n} bytes is larger than the whole store ({capacity} bytes)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A CAS upload whose content is hashed as it streams in and committed only if it matches
+/// the expected digest. Dropping it (a broken stream, an error) leaves nothing behind.
+pub struct CasUpload {
+    inner: Box<dyn BlobWriter>,
+    hasher: Sha256,
+    expected_hash: [u8; 32],
+    expected_size: Option<u64>,
+    written: u64,
+}
+
+impl CasUpload {
+    pub async fn new(
+        store: &dyn BlobStore,
+        expected_hash: [u8; 32],
+        expected_size: Option<u64>,
+    ) -> Result<CasUpload> {
+        Ok(CasUpload {
+            inner: store.writer(expected_size).await?,
+            hasher: Sha256::new(),
+            expected_hash,
+            expected_size,
+            written: 0,
+        })
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        let after = self.written + data.len() as u64;
+        if let Some(size) = self.expected_size {
+            if after > size {
+                return Err(Error::SizeMismatch(format!(
+                    "received at least {after} bytes for a blob declared as {size} bytes"
+                )));
+            }
+        }
+        self.hasher.update(data);
+        self.inner.write(data).await?;
+        self.written = after;
+        Ok(())
+    }
+
+    pub async fn finish(self) -> Result<Digest> {
+        if let Some(size) = self.expected_size {
+            if self.written != size {
+                return Err(Error::SizeMismatch(format!(
+                    "upload ended after {} of {size} bytes",
+                    self.written
+                )));
+            }
+        }
+        let actual: [u8; 32] = self.hasher.finalize().into();
+        if actual != self.expected_hash {
+            return Err(Error::DigestMismatch {
+                expected: hex::encode(self.expected_hash),
+                actual: hex::encode(actual),
+            });
+        }
+        let digest = Digest { hash: actual, size: self.written };
+        self.inner.commit(Key::cas(&digest)).await?;
+        Ok(digest)
+    }
+}
