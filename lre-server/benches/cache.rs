@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use bazel_remote_apis::google::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
+use bazel_remote_apis::google::bytestream::{
+    byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
+};
 use re::action_cache_client::ActionCacheClient;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use sha2::{Digest as _, Sha256};
@@ -26,7 +28,14 @@ struct Server {
 impl Server {
     fn spawn(store: &std::path::Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lre-server"))
-            .args(["--grpc-listen", "127.0.0.1:0", "--no-http", "--max-size", "8GiB", "--store-dir"])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--no-http",
+                "--max-size",
+                "8GiB",
+                "--store-dir",
+            ])
             .arg(store)
             .env("LRE_LOG", "warn")
             .stdout(Stdio::piped())
@@ -36,19 +45,28 @@ impl Server {
         let url = lines
             .by_ref()
             .map_while(Result::ok)
-            .find_map(|l| l.trim().strip_prefix("grpc: grpc://").map(|a| format!("http://{a}")))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("grpc: grpc://")
+                    .map(|a| format!("http://{a}"))
+            })
             .expect("server address");
         std::thread::spawn(move || lines.for_each(drop));
         Server { child, url }
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// Peak and current resident memory, in MiB, from /proc.
     fn memory_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -87,13 +105,21 @@ fn digest_of(base: &[u8], seed: u64, size: usize) -> re::Digest {
     for (i, len) in chunks(size) {
         h.update(chunk(base, seed, i, len));
     }
-    re::Digest { hash: hex::encode(h.finalize()), size_bytes: size as i64 }
+    re::Digest {
+        hash: hex::encode(h.finalize()),
+        size_bytes: size as i64,
+    }
 }
 
 /// Uploads a synthetic blob whose digest the caller computed (outside any timing).
 async fn write_blob(ch: Channel, base: &[u8], seed: u64, d: &re::Digest) {
     let size = d.size_bytes as usize;
-    let name = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash, d.size_bytes);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash,
+        d.size_bytes
+    );
     let base = base.to_vec();
     let reqs = futures::stream::iter(chunks(size).map(move |(i, len)| WriteRequest {
         resource_name: if i == 0 { name.clone() } else { String::new() },
@@ -101,13 +127,21 @@ async fn write_blob(ch: Channel, base: &[u8], seed: u64, d: &re::Digest) {
         finish_write: (i + 1) * CHUNK >= size,
         data: chunk(&base, seed, i, len),
     }));
-    let resp = ByteStreamClient::new(ch).write(reqs).await.expect("write").into_inner();
+    let resp = ByteStreamClient::new(ch)
+        .write(reqs)
+        .await
+        .expect("write")
+        .into_inner();
     assert_eq!(resp.committed_size, size as i64);
 }
 
 async fn read_blob(ch: Channel, d: &re::Digest) -> usize {
     let mut s = ByteStreamClient::new(ch)
-        .read(ReadRequest { resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes), read_offset: 0, read_limit: 0 })
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes),
+            read_offset: 0,
+            read_limit: 0,
+        })
         .await
         .expect("read")
         .into_inner();
@@ -134,7 +168,14 @@ async fn main() {
     let small_count = if quick { 20 } else { 200 };
     let base: Vec<u8> = {
         let mut x: u64 = 0x9e3779b97f4a7c15;
-        (0..CHUNK).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect()
+        (0..CHUNK)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
     };
 
     // Baseline: raw SHA-256 over the same kind of data, in this process.
@@ -145,9 +186,15 @@ async fn main() {
     }
     std::hint::black_box(h.finalize());
     let sha = mbps(big, t.elapsed());
-    println!("baseline  sha256 (this machine, 1 core)          {sha:9.1} MiB/s   = 1.00 of ceiling");
+    println!(
+        "baseline  sha256 (this machine, 1 core)          {sha:9.1} MiB/s   = 1.00 of ceiling"
+    );
 
-    let dir = tempfile::tempdir_in(std::env::var("LRE_BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string())).unwrap();
+    let dir = tempfile::tempdir_in(
+        std::env::var("LRE_BENCH_DIR")
+            .unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+    )
+    .unwrap();
     // Second baseline: the store's disk itself, written and fsynced like a committed blob.
     let t = Instant::now();
     {
@@ -160,7 +207,10 @@ async fn main() {
     }
     let disk = mbps(big, t.elapsed());
     std::fs::remove_file(dir.path().join("disk-baseline")).unwrap();
-    println!("baseline  disk write+fsync {} MiB (store's fs)    {disk:9.1} MiB/s", big / MIB);
+    println!(
+        "baseline  disk write+fsync {} MiB (store's fs)    {disk:9.1} MiB/s",
+        big / MIB
+    );
 
     // And one fsynced file per 1 MiB blob, as every committed blob costs.
     let t = Instant::now();
@@ -172,60 +222,102 @@ async fn main() {
         f.sync_all().unwrap();
     }
     let disk_small = mbps(small_count * MIB, t.elapsed());
-    println!("baseline  disk write+fsync 1 MiB files x{small_count:<4}        {disk_small:9.1} MiB/s");
+    println!(
+        "baseline  disk write+fsync 1 MiB files x{small_count:<4}        {disk_small:9.1} MiB/s"
+    );
 
     let server = Server::spawn(&dir.path().join("store"));
     let ch = server.channel().await;
     let report = |name: &str, bytes: usize, d: Duration| {
         let v = mbps(bytes, d);
-        println!("{name:<48} {v:9.1} MiB/s   = {:.2} of sha256, {:.2} of disk", v / sha, v / disk);
+        println!(
+            "{name:<48} {v:9.1} MiB/s   = {:.2} of sha256, {:.2} of disk",
+            v / sha,
+            v / disk
+        );
     };
 
     // 1 MiB blobs, sequential.
-    let small: Vec<re::Digest> = (0..small_count).map(|i| digest_of(&base, 1000 + i as u64, MIB)).collect();
+    let small: Vec<re::Digest> = (0..small_count)
+        .map(|i| digest_of(&base, 1000 + i as u64, MIB))
+        .collect();
     let t = Instant::now();
     for (i, d) in small.iter().enumerate() {
         write_blob(ch.clone(), &base, 1000 + i as u64, d).await;
     }
-    report(&format!("bytestream write 1 MiB x{small_count}"), small_count * MIB, t.elapsed());
+    report(
+        &format!("bytestream write 1 MiB x{small_count}"),
+        small_count * MIB,
+        t.elapsed(),
+    );
     let t = Instant::now();
     for d in &small {
         read_blob(ch.clone(), d).await;
     }
-    report(&format!("bytestream read  1 MiB x{small_count}"), small_count * MIB, t.elapsed());
+    report(
+        &format!("bytestream read  1 MiB x{small_count}"),
+        small_count * MIB,
+        t.elapsed(),
+    );
 
     // One big blob.
     let d = digest_of(&base, 7, big);
     let t = Instant::now();
     write_blob(ch.clone(), &base, 7, &d).await;
-    report(&format!("bytestream write {} MiB", big / MIB), big, t.elapsed());
+    report(
+        &format!("bytestream write {} MiB", big / MIB),
+        big,
+        t.elapsed(),
+    );
     let t = Instant::now();
     assert_eq!(read_blob(ch.clone(), &d).await, big);
-    report(&format!("bytestream read  {} MiB", big / MIB), big, t.elapsed());
+    report(
+        &format!("bytestream read  {} MiB", big / MIB),
+        big,
+        t.elapsed(),
+    );
 
     // FindMissingBlobs with 10,000 digests, half of them present.
     let mut digests: Vec<re::Digest> = Vec::new();
     let mut batch = Vec::new();
     for i in 0..5000u32 {
         let data = format!("small blob {i}").into_bytes();
-        digests.push(re::Digest { hash: hex::encode(Sha256::digest(&data)), size_bytes: data.len() as i64 });
-        batch.push(re::batch_update_blobs_request::Request { digest: digests.last().cloned(), data, compressor: 0 });
+        digests.push(re::Digest {
+            hash: hex::encode(Sha256::digest(&data)),
+            size_bytes: data.len() as i64,
+        });
+        batch.push(re::batch_update_blobs_request::Request {
+            digest: digests.last().cloned(),
+            data,
+            compressor: 0,
+        });
     }
     for b in batch.chunks(1000) {
         ContentAddressableStorageClient::new(ch.clone())
-            .batch_update_blobs(re::BatchUpdateBlobsRequest { instance_name: String::new(), requests: b.to_vec(), digest_function: 0 })
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                instance_name: String::new(),
+                requests: b.to_vec(),
+                digest_function: 0,
+            })
             .await
             .unwrap();
     }
     for i in 0..5000u32 {
         let data = format!("absent blob {i}").into_bytes();
-        digests.push(re::Digest { hash: hex::encode(Sha256::digest(&data)), size_bytes: data.len() as i64 });
+        digests.push(re::Digest {
+            hash: hex::encode(Sha256::digest(&data)),
+            size_bytes: data.len() as i64,
+        });
     }
     let mut times = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
         let missing = ContentAddressableStorageClient::new(ch.clone())
-            .find_missing_blobs(re::FindMissingBlobsRequest { instance_name: String::new(), blob_digests: digests.clone(), digest_function: 0 })
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                instance_name: String::new(),
+                blob_digests: digests.clone(),
+                digest_function: 0,
+            })
             .await
             .unwrap()
             .into_inner()
@@ -234,28 +326,52 @@ async fn main() {
         assert_eq!(missing.len(), 5000);
     }
     times.sort();
-    println!("find_missing_blobs 10,000 digests (5,000 present)  median {:?}  p99 {:?}", percentile(&times, 0.5), percentile(&times, 0.99));
+    println!(
+        "find_missing_blobs 10,000 digests (5,000 present)  median {:?}  p99 {:?}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
 
     // GetActionResult on a hit with two outputs (completeness check included).
-    let action = re::Digest { hash: hex::encode(Sha256::digest(b"bench action")), size_bytes: 12 };
+    let action = re::Digest {
+        hash: hex::encode(Sha256::digest(b"bench action")),
+        size_bytes: 12,
+    };
     let result = re::ActionResult {
-        output_files: vec![re::OutputFile { path: "out".into(), digest: Some(small[0].clone()), ..Default::default() }],
+        output_files: vec![re::OutputFile {
+            path: "out".into(),
+            digest: Some(small[0].clone()),
+            ..Default::default()
+        }],
         stdout_digest: Some(digests[0].clone()),
         ..Default::default()
     };
     let mut ac = ActionCacheClient::new(ch.clone());
-    ac.update_action_result(re::UpdateActionResultRequest { action_digest: Some(action.clone()), action_result: Some(result), ..Default::default() })
-        .await
-        .unwrap();
+    ac.update_action_result(re::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(result),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let n = if quick { 200 } else { 2000 };
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        ac.get_action_result(re::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() }).await.unwrap();
+        ac.get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         times.push(t.elapsed());
     }
     times.sort();
-    println!("get_action_result hit x{n}                        median {:?}  p99 {:?}", percentile(&times, 0.5), percentile(&times, 0.99));
+    println!(
+        "get_action_result hit x{n}                        median {:?}  p99 {:?}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
     drop(server);
 
     // Peak memory of a fresh server while a blob far larger than its buffers streams in.
@@ -267,6 +383,10 @@ async fn main() {
     write_blob(ch.clone(), &base, 99, &d).await;
     let elapsed = t.elapsed();
     let (peak, now) = server.memory_mib();
-    report(&format!("bytestream write {} MiB (fresh server)", huge / MIB), huge, elapsed);
+    report(
+        &format!("bytestream write {} MiB (fresh server)", huge / MIB),
+        huge,
+        elapsed,
+    );
     println!("server memory during {} MiB upload: peak RSS {peak:.1} MiB (idle peak {idle_peak:.1} MiB, after {now:.1} MiB)", huge / MIB);
 }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    action_cache_server::ActionCache, ActionResult, GetActionResultRequest, UpdateActionResultRequest,
+    action_cache_server::ActionCache, ActionResult, GetActionResultRequest,
+    UpdateActionResultRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -22,8 +23,11 @@ impl ActionCacheService {
     }
 }
 
-fn required_digest(d: &Option<bazel_remote_apis::build::bazel::remote::execution::v2::Digest>) -> Result<Digest, Error> {
-    Digest::from_opt_proto(d)?.ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))
+fn required_digest(
+    d: &Option<bazel_remote_apis::build::bazel::remote::execution::v2::Digest>,
+) -> Result<Digest, Error> {
+    Digest::from_opt_proto(d)?
+        .ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))
 }
 
 #[tonic::async_trait]
@@ -34,10 +38,15 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let _t = self.cache.metrics.timer("GetActionResult");
         let req = request.get_ref();
-        self.cache.authorize_grpc(&request, &req.instance_name, Access::Read)?;
+        self.cache
+            .authorize_grpc(&request, &req.instance_name, Access::Read)?;
         check_digest_function(req.digest_function)?;
         let action = required_digest(&req.action_digest)?;
-        match self.cache.get_action_result(&req.instance_name, action.hash).await? {
+        match self
+            .cache
+            .get_action_result(&req.instance_name, action.hash)
+            .await?
+        {
             Some(hit) => Ok(Response::new(hit.result)),
             None => Err(Error::NotFound(format!("no complete action result for {action}")).into()),
         }
@@ -49,14 +58,17 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let _t = self.cache.metrics.timer("UpdateActionResult");
         let req = request.get_ref();
-        self.cache.authorize_grpc(&request, &req.instance_name, Access::Write)?;
+        self.cache
+            .authorize_grpc(&request, &req.instance_name, Access::Write)?;
         check_digest_function(req.digest_function)?;
         let action = required_digest(&req.action_digest)?;
         let result = req
             .action_result
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("action_result is required".into()))?;
-        self.cache.update_action_result(&req.instance_name, action.hash, result).await?;
+        self.cache
+            .update_action_result(&req.instance_name, action.hash, result)
+            .await?;
         Ok(Response::new(result.clone()))
     }
 }

@@ -24,7 +24,10 @@ pub enum Access {
 
 impl Scope {
     fn allows(self, access: Access) -> bool {
-        matches!((self, access), (Scope::ReadWrite, _) | (Scope::Read, Access::Read))
+        matches!(
+            (self, access),
+            (Scope::ReadWrite, _) | (Scope::Read, Access::Read)
+        )
     }
 }
 
@@ -58,13 +61,19 @@ impl TokenConfig {
     /// On failure returns the offending field and why.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         if self.name.is_empty() || self.name.contains(':') {
-            return Err(("name", "must be non-empty and contain no ':' (it is the basic-auth user name)".into()));
+            return Err((
+                "name",
+                "must be non-empty and contain no ':' (it is the basic-auth user name)".into(),
+            ));
         }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(("sha256", "must be 64 hex digits: the SHA-256 of the token, not the token itself (see `lre-server hash-token`)".into()));
         }
         if self.scope == Scope::None {
-            return Err(("scope", "a token must grant \"read\" or \"read-write\"".into()));
+            return Err((
+                "scope",
+                "a token must grant \"read\" or \"read-write\"".into(),
+            ));
         }
         Ok(())
     }
@@ -95,7 +104,10 @@ pub struct Principal {
 impl Principal {
     pub fn may(&self, instance: &str, access: Access) -> bool {
         self.scope.allows(access)
-            && self.instances.as_ref().is_none_or(|list| list.iter().any(|i| i == instance))
+            && self
+                .instances
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|i| i == instance))
     }
 
     fn who(&self) -> String {
@@ -124,21 +136,35 @@ impl Authenticator {
                 hex::decode_to_slice(t.sha256.to_ascii_lowercase(), &mut hash).map_err(|e| {
                     Error::InvalidArgument(format!("token {:?}: sha256: {e}", t.name))
                 })?;
-                Ok(Token { name: t.name.clone(), hash, scope: t.scope, instances: t.instances.clone() })
+                Ok(Token {
+                    name: t.name.clone(),
+                    hash,
+                    scope: t.scope,
+                    instances: t.instances.clone(),
+                })
             })
             .collect::<Result<_>>()?;
         Ok(Authenticator { anonymous, tokens })
     }
 
     pub fn open() -> Self {
-        Authenticator { anonymous: Scope::ReadWrite, tokens: vec![] }
+        Authenticator {
+            anonymous: Scope::ReadWrite,
+            tokens: vec![],
+        }
     }
 
     /// Presented but unknown credentials are an error, never a silent fall-back to anonymous:
     /// a typo in a CI secret should fail loudly rather than quietly lose write access.
     pub fn authenticate(&self, cred: Option<Credential>) -> Result<Principal> {
         let (presented_user, secret) = match cred {
-            None => return Ok(Principal { name: None, scope: self.anonymous, instances: None }),
+            None => {
+                return Ok(Principal {
+                    name: None,
+                    scope: self.anonymous,
+                    instances: None,
+                })
+            }
             Some(Credential::Bearer(t)) => (None, t),
             Some(Credential::Basic { user, password }) => (Some(user), password),
         };
@@ -156,7 +182,9 @@ impl Authenticator {
                 scope: t.scope,
                 instances: t.instances.clone(),
             }),
-            _ => Err(Error::Unauthenticated("the presented token is not valid for this server".into())),
+            _ => Err(Error::Unauthenticated(
+                "the presented token is not valid for this server".into(),
+            )),
         }
     }
 
@@ -173,7 +201,10 @@ impl Authenticator {
                 "this server requires a token to {what} the cache (pass --remote_header=authorization=Bearer TOKEN)"
             )));
         }
-        Err(Error::PermissionDenied(format!("{} may not {what} instance {instance:?}", p.who())))
+        Err(Error::PermissionDenied(format!(
+            "{} may not {what} instance {instance:?}",
+            p.who()
+        )))
     }
 }
 
@@ -194,9 +225,14 @@ pub fn parse_authorization(value: &str) -> Result<Credential> {
         let (user, password) = decoded
             .split_once(':')
             .ok_or_else(|| Error::Unauthenticated("basic credentials lack a ':'".into()))?;
-        return Ok(Credential::Basic { user: user.into(), password: password.into() });
+        return Ok(Credential::Basic {
+            user: user.into(),
+            password: password.into(),
+        });
     }
-    Err(Error::Unauthenticated("unsupported authorization scheme; use Bearer or Basic".into()))
+    Err(Error::Unauthenticated(
+        "unsupported authorization scheme; use Bearer or Basic".into(),
+    ))
 }
 
 /// Reads the caller's credentials from gRPC request metadata.
@@ -204,9 +240,9 @@ pub fn grpc_credential<T>(req: &tonic::Request<T>) -> Result<Option<Credential>>
     match req.metadata().get("authorization") {
         None => Ok(None),
         Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| Error::Unauthenticated("authorization metadata is not ASCII".into()))?;
+            let s = v.to_str().map_err(|_| {
+                Error::Unauthenticated("authorization metadata is not ASCII".into())
+            })?;
             parse_authorization(s).map(Some)
         }
     }
@@ -229,17 +265,33 @@ mod tests {
     fn scopes_and_instances() {
         let a = Authenticator::new(
             Scope::None,
-            &[cfg("ci", "rw-secret", Scope::ReadWrite, None), cfg("dev", "r-secret", Scope::Read, Some(vec!["main"]))],
+            &[
+                cfg("ci", "rw-secret", Scope::ReadWrite, None),
+                cfg("dev", "r-secret", Scope::Read, Some(vec!["main"])),
+            ],
         )
         .unwrap();
-        let ci = a.authenticate(Some(Credential::Bearer("rw-secret".into()))).unwrap();
+        let ci = a
+            .authenticate(Some(Credential::Bearer("rw-secret".into())))
+            .unwrap();
         assert!(a.authorize(&ci, "any", Access::Write).is_ok());
-        let dev = a.authenticate(Some(Credential::Bearer("r-secret".into()))).unwrap();
+        let dev = a
+            .authenticate(Some(Credential::Bearer("r-secret".into())))
+            .unwrap();
         assert!(a.authorize(&dev, "main", Access::Read).is_ok());
-        assert!(matches!(a.authorize(&dev, "main", Access::Write), Err(Error::PermissionDenied(_))));
-        assert!(matches!(a.authorize(&dev, "other", Access::Read), Err(Error::PermissionDenied(_))));
+        assert!(matches!(
+            a.authorize(&dev, "main", Access::Write),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            a.authorize(&dev, "other", Access::Read),
+            Err(Error::PermissionDenied(_))
+        ));
         let anon = a.authenticate(None).unwrap();
-        assert!(matches!(a.authorize(&anon, "", Access::Read), Err(Error::Unauthenticated(_))));
+        assert!(matches!(
+            a.authorize(&anon, "", Access::Read),
+            Err(Error::Unauthenticated(_))
+        ));
         assert!(matches!(
             a.authenticate(Some(Credential::Bearer("wrong".into()))),
             Err(Error::Unauthenticated(_))
@@ -248,20 +300,33 @@ mod tests {
 
     #[test]
     fn basic_auth_binds_user_to_token() {
-        let a = Authenticator::new(Scope::None, &[cfg("ci", "s3cret", Scope::ReadWrite, None)]).unwrap();
-        let ok = Credential::Basic { user: "ci".into(), password: "s3cret".into() };
+        let a = Authenticator::new(Scope::None, &[cfg("ci", "s3cret", Scope::ReadWrite, None)])
+            .unwrap();
+        let ok = Credential::Basic {
+            user: "ci".into(),
+            password: "s3cret".into(),
+        };
         assert!(a.authenticate(Some(ok)).is_ok());
-        let wrong_user = Credential::Basic { user: "eve".into(), password: "s3cret".into() };
+        let wrong_user = Credential::Basic {
+            user: "eve".into(),
+            password: "s3cret".into(),
+        };
         assert!(a.authenticate(Some(wrong_user)).is_err());
     }
 
     #[test]
     fn parses_headers() {
-        assert_eq!(parse_authorization("Bearer abc").unwrap(), Credential::Bearer("abc".into()));
+        assert_eq!(
+            parse_authorization("Bearer abc").unwrap(),
+            Credential::Bearer("abc".into())
+        );
         let b = base64::engine::general_purpose::STANDARD.encode("u:p:q");
         assert_eq!(
             parse_authorization(&format!("Basic {b}")).unwrap(),
-            Credential::Basic { user: "u".into(), password: "p:q".into() }
+            Credential::Basic {
+                user: "u".into(),
+                password: "p:q".into()
+            }
         );
         assert!(parse_authorization("Digest x").is_err());
         assert!(parse_authorization("Bearer").is_err());

@@ -55,11 +55,17 @@ impl ByteStreamService {
 
     async fn new_upload(&self, res: &BlobResource) -> Result<Upload> {
         let decoder = match res.compression {
-            Compression::Zstd => Some(Decoder::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?),
+            Compression::Zstd => {
+                Some(Decoder::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?)
+            }
             Compression::Identity => None,
         };
         Ok(Upload {
-            cas: Some(self.cache.upload(res.digest.hash, Some(res.digest.size)).await?),
+            cas: Some(
+                self.cache
+                    .upload(res.digest.hash, Some(res.digest.size))
+                    .await?,
+            ),
             decoder,
             received: 0,
             last_active: Instant::now(),
@@ -78,10 +84,19 @@ impl ByteStreamService {
         }
     }
 
-    async fn write_stream(&self, first: WriteRequest, stream: &mut Streaming<WriteRequest>, res: &BlobResource) -> Result<i64> {
+    async fn write_stream(
+        &self,
+        first: WriteRequest,
+        stream: &mut Streaming<WriteRequest>,
+        res: &BlobResource,
+    ) -> Result<i64> {
         let name = first.resource_name.clone();
         let session = match &res.upload_id {
-            Some(_) => self.sessions().entry(name.clone()).or_insert_with(|| Arc::new(AsyncMutex::new(Upload::empty()))).clone(),
+            Some(_) => self
+                .sessions()
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(AsyncMutex::new(Upload::empty())))
+                .clone(),
             None => Arc::new(AsyncMutex::new(Upload::empty())),
         };
         let mut up = session
@@ -107,11 +122,19 @@ impl ByteStreamService {
         result
     }
 
-    async fn pump(&self, up: &mut Upload, first: WriteRequest, stream: &mut Streaming<WriteRequest>, name: &str) -> Result<i64> {
+    async fn pump(
+        &self,
+        up: &mut Upload,
+        first: WriteRequest,
+        stream: &mut Streaming<WriteRequest>,
+        name: &str,
+    ) -> Result<i64> {
         let mut msg = first;
         loop {
             if !msg.resource_name.is_empty() && msg.resource_name != name {
-                return Err(Error::InvalidArgument("resource_name changed within one write stream".into()));
+                return Err(Error::InvalidArgument(
+                    "resource_name changed within one write stream".into(),
+                ));
             }
             if msg.write_offset != up.received {
                 return Err(Error::InvalidArgument(format!(
@@ -120,10 +143,16 @@ impl ByteStreamService {
                 )));
             }
             up.feed(&msg.data).await?;
-            self.cache.metrics.bytes_received.inc_by(msg.data.len() as u64);
+            self.cache
+                .metrics
+                .bytes_received
+                .inc_by(msg.data.len() as u64);
             if msg.finish_write {
                 up.finish_decoder().await?;
-                let cas = up.cas.take().ok_or_else(|| Error::Internal("upload already finished".into()))?;
+                let cas = up
+                    .cas
+                    .take()
+                    .ok_or_else(|| Error::Internal("upload already finished".into()))?;
                 cas.finish().await?;
                 return Ok(up.received);
             }
@@ -145,11 +174,18 @@ impl ByteStreamService {
 
 impl Upload {
     fn empty() -> Upload {
-        Upload { cas: None, decoder: None, received: 0, last_active: Instant::now() }
+        Upload {
+            cas: None,
+            decoder: None,
+            received: 0,
+            last_active: Instant::now(),
+        }
     }
 
     fn cas(&mut self) -> Result<&mut CasUpload> {
-        self.cas.as_mut().ok_or_else(|| Error::Internal("upload already finished".into()))
+        self.cas
+            .as_mut()
+            .ok_or_else(|| Error::Internal("upload already finished".into()))
     }
 
     async fn feed(&mut self, data: &[u8]) -> Result<()> {
@@ -172,9 +208,13 @@ impl Upload {
     }
 
     fn decode_step(&mut self, input: &mut InBuffer<'_>, out: &mut [u8]) -> Result<usize> {
-        let dec = self.decoder.as_mut().ok_or_else(|| Error::Internal("no decoder".into()))?;
+        let dec = self
+            .decoder
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no decoder".into()))?;
         let mut ob = OutBuffer::around(out);
-        dec.run(input, &mut ob).map_err(|e| Error::InvalidArgument(format!("corrupt zstd stream: {e}")))?;
+        dec.run(input, &mut ob)
+            .map_err(|e| Error::InvalidArgument(format!("corrupt zstd stream: {e}")))?;
         Ok(ob.pos())
     }
 
@@ -197,10 +237,14 @@ impl Upload {
 
 fn spawn_sweeper(sessions: Weak<Sessions>, ttl: Duration) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval((ttl / 2).clamp(Duration::from_millis(100), Duration::from_secs(30)));
+        let mut tick = tokio::time::interval(
+            (ttl / 2).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+        );
         loop {
             tick.tick().await;
-            let Some(sessions) = sessions.upgrade() else { return };
+            let Some(sessions) = sessions.upgrade() else {
+                return;
+            };
             let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
             // Dropping an abandoned upload deletes its temp file.
             map.retain(|_, s| match s.try_lock() {
@@ -221,16 +265,26 @@ impl ByteStream for ByteStreamService {
         let _t = self.cache.metrics.timer("Read");
         let req = request.get_ref();
         let res = parse_read(&req.resource_name)?;
-        self.cache.authorize_grpc(&request, &res.instance, Access::Read)?;
+        self.cache
+            .authorize_grpc(&request, &res.instance, Access::Read)?;
         let size = res.digest.size as i64;
         if req.read_offset < 0 || req.read_offset > size {
-            return Err(Error::OutOfRange(format!("read_offset {} is outside the blob's {size} bytes", req.read_offset)).into());
+            return Err(Error::OutOfRange(format!(
+                "read_offset {} is outside the blob's {size} bytes",
+                req.read_offset
+            ))
+            .into());
         }
         if req.read_limit < 0 {
-            return Err(Error::InvalidArgument(format!("negative read_limit {}", req.read_limit)).into());
+            return Err(
+                Error::InvalidArgument(format!("negative read_limit {}", req.read_limit)).into(),
+            );
         }
         if res.compression == Compression::Zstd && req.read_limit != 0 {
-            return Err(Error::InvalidArgument("read_limit must be 0 when reading compressed-blobs".into()).into());
+            return Err(Error::InvalidArgument(
+                "read_limit must be 0 when reading compressed-blobs".into(),
+            )
+            .into());
         }
         let offset = req.read_offset as u64;
         let Some(reader) = self.cache.open_blob(&res.digest, offset).await? else {
@@ -278,7 +332,8 @@ impl ByteStream for ByteStreamService {
                             match encoder.take().map(|e| e.finish()) {
                                 Some(Ok(v)) => v,
                                 _ => {
-                                    let _ = tx.send(Err(Status::internal("zstd finish failed"))).await;
+                                    let _ =
+                                        tx.send(Err(Status::internal("zstd finish failed"))).await;
                                     return;
                                 }
                             }
@@ -288,7 +343,7 @@ impl ByteStream for ByteStreamService {
                     }
                 };
                 metrics.bytes_sent.inc_by(data.len() as u64);
-                if (!data.is_empty() || last) && tx.send(Ok(ReadResponse { data: data.into() })).await.is_err() {
+                if (!data.is_empty() || last) && tx.send(Ok(ReadResponse { data })).await.is_err() {
                     return; // client went away
                 }
                 if last {
@@ -299,7 +354,10 @@ impl ByteStream for ByteStreamService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let _t = self.cache.metrics.timer("Write");
         let cred = grpc_credential(&request)?;
         let mut stream = request.into_inner();
@@ -311,7 +369,9 @@ impl ByteStream for ByteStreamService {
         self.cache.authorize(cred, &res.instance, Access::Write)?;
         if self.already_stored(&res).await? {
             // The spec lets us end early: the client need not send what we have.
-            return Ok(Response::new(WriteResponse { committed_size: Self::complete_size(&res) }));
+            return Ok(Response::new(WriteResponse {
+                committed_size: Self::complete_size(&res),
+            }));
         }
         match self.write_stream(first, &mut stream, &res).await {
             Ok(committed_size) => Ok(Response::new(WriteResponse { committed_size })),
@@ -329,19 +389,28 @@ impl ByteStream for ByteStreamService {
         let _t = self.cache.metrics.timer("QueryWriteStatus");
         let name = &request.get_ref().resource_name;
         let res = parse_write(name)?;
-        self.cache.authorize_grpc(&request, &res.instance, Access::Write)?;
+        self.cache
+            .authorize_grpc(&request, &res.instance, Access::Write)?;
         if self.already_stored(&res).await? {
-            return Ok(Response::new(QueryWriteStatusResponse { committed_size: Self::complete_size(&res), complete: true }));
+            return Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: Self::complete_size(&res),
+                complete: true,
+            }));
         }
         let session = self.sessions().get(name).cloned();
         let committed_size = match session {
             Some(s) => match s.try_lock() {
                 Ok(up) => up.received,
-                Err(_) => return Err(Error::Aborted(format!("{name} is being written right now")).into()),
+                Err(_) => {
+                    return Err(Error::Aborted(format!("{name} is being written right now")).into())
+                }
             },
             // Unknown uploads restart from zero, which is what clients do on NOT_FOUND anyway.
             None => 0,
         };
-        Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: false }))
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size,
+            complete: false,
+        }))
     }
 }

@@ -31,21 +31,35 @@ pub struct AcHit {
 
 impl Cache {
     /// Checks the instance name, authenticates the caller and authorizes the access.
-    pub fn authorize(&self, cred: Option<Credential>, instance: &str, access: Access) -> Result<Principal> {
+    pub fn authorize(
+        &self,
+        cred: Option<Credential>,
+        instance: &str,
+        access: Access,
+    ) -> Result<Principal> {
         self.instances.check(instance)?;
         let p = self.auth.authenticate(cred)?;
         self.auth.authorize(&p, instance, access)?;
         Ok(p)
     }
 
-    pub fn authorize_grpc<T>(&self, req: &tonic::Request<T>, instance: &str, access: Access) -> Result<Principal> {
+    pub fn authorize_grpc<T>(
+        &self,
+        req: &tonic::Request<T>,
+        instance: &str,
+        access: Access,
+    ) -> Result<Principal> {
         self.authorize(crate::auth::grpc_credential(req)?, instance, access)
     }
 
     /// Which of `digests` the CAS lacks (a stored blob of another size counts as missing).
     /// Present blobs are refreshed in the LRU.
     pub async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let wanted: Vec<Digest> = digests.iter().filter(|d| !d.is_empty_blob()).copied().collect();
+        let wanted: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !d.is_empty_blob())
+            .copied()
+            .collect();
         let keys: Vec<Key> = wanted.iter().map(Key::cas).collect();
         let sizes = self.store.lookup(&keys).await?;
         let missing: Vec<Digest> = wanted
@@ -54,7 +68,8 @@ impl Cache {
             .filter(|(d, size)| *size != Some(d.size))
             .map(|(d, _)| *d)
             .collect();
-        self.metrics.cas((wanted.len() - missing.len()) as u64, missing.len() as u64);
+        self.metrics
+            .cas((wanted.len() - missing.len()) as u64, missing.len() as u64);
         Ok(missing)
     }
 
@@ -62,8 +77,13 @@ impl Cache {
         if d.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
-        let data = self.store.get(&Key::cas(d)).await?.filter(|b| b.len() as u64 == d.size);
-        self.metrics.cas(data.is_some() as u64, data.is_none() as u64);
+        let data = self
+            .store
+            .get(&Key::cas(d))
+            .await?
+            .filter(|b| b.len() as u64 == d.size);
+        self.metrics
+            .cas(data.is_some() as u64, data.is_none() as u64);
         if let Some(b) = &data {
             self.metrics.bytes_sent.inc_by(b.len() as u64);
         }
@@ -79,7 +99,8 @@ impl Cache {
             Some((size, reader)) if size == d.size => Some(reader),
             _ => None,
         };
-        self.metrics.cas(found.is_some() as u64, found.is_none() as u64);
+        self.metrics
+            .cas(found.is_some() as u64, found.is_none() as u64);
         Ok(found)
     }
 
@@ -89,7 +110,8 @@ impl Cache {
             return Ok(Some((0, Box::pin(tokio::io::empty()))));
         }
         let found = self.store.open(&Key::Cas(hash), 0).await?;
-        self.metrics.cas(found.is_some() as u64, found.is_none() as u64);
+        self.metrics
+            .cas(found.is_some() as u64, found.is_none() as u64);
         Ok(found)
     }
 
@@ -111,7 +133,11 @@ impl Cache {
 
     /// Returns an action result only if everything it references is in the CAS, so a
     /// client that trusts the hit (Build without the Bytes) never meets an evicted blob.
-    pub async fn get_action_result(&self, instance: &str, action_hash: [u8; 32]) -> Result<Option<AcHit>> {
+    pub async fn get_action_result(
+        &self,
+        instance: &str,
+        action_hash: [u8; 32],
+    ) -> Result<Option<AcHit>> {
         let key = Key::ac(instance, &action_hash);
         let action = hex::encode(action_hash);
         let Some(raw) = self.store.get(&key).await? else {
@@ -136,7 +162,12 @@ impl Cache {
         Ok(Some(AcHit { result, raw }))
     }
 
-    pub async fn update_action_result(&self, instance: &str, action_hash: [u8; 32], result: &ActionResult) -> Result<()> {
+    pub async fn update_action_result(
+        &self,
+        instance: &str,
+        action_hash: [u8; 32],
+        result: &ActionResult,
+    ) -> Result<()> {
         validate_action_result(result)?;
         let raw = result.encode_to_vec();
         let mut w = self.store.writer(Some(raw.len() as u64)).await?;
@@ -156,7 +187,9 @@ impl Cache {
         wanted.extend(Digest::from_opt_proto(&result.stdout_digest)?);
         wanted.extend(Digest::from_opt_proto(&result.stderr_digest)?);
         for dir in &result.output_directories {
-            let Some(tree_digest) = Digest::from_opt_proto(&dir.tree_digest)? else { continue };
+            let Some(tree_digest) = Digest::from_opt_proto(&dir.tree_digest)? else {
+                continue;
+            };
             let Some(raw) = self.read_blob(&tree_digest).await? else {
                 return Ok(Some(tree_digest));
             };
@@ -183,13 +216,19 @@ impl Cache {
 fn validate_action_result(r: &ActionResult) -> Result<()> {
     for f in &r.output_files {
         if f.digest.is_none() {
-            return Err(Error::InvalidArgument(format!("output file {:?} has no digest", f.path)));
+            return Err(Error::InvalidArgument(format!(
+                "output file {:?} has no digest",
+                f.path
+            )));
         }
         Digest::from_opt_proto(&f.digest)?;
     }
     for d in &r.output_directories {
         if d.tree_digest.is_none() {
-            return Err(Error::InvalidArgument(format!("output directory {:?} has no tree digest", d.path)));
+            return Err(Error::InvalidArgument(format!(
+                "output directory {:?} has no tree digest",
+                d.path
+            )));
         }
         Digest::from_opt_proto(&d.tree_digest)?;
     }

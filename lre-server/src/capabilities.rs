@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    capabilities_server::Capabilities, compressor, digest_function,
-    symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
-    ExecutionCapabilities, GetCapabilitiesRequest, ServerCapabilities,
+    capabilities_server::Capabilities, compressor, digest_function, symlink_absolute_path_strategy,
+    ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities,
+    GetCapabilitiesRequest, ServerCapabilities,
 };
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use tonic::{Request, Response, Status};
@@ -21,12 +21,20 @@ pub struct CapabilitiesService {
 impl CapabilitiesService {
     /// `exec_enabled` must be true only when an execution service is really being served.
     pub fn new(cache: Arc<Cache>, exec_enabled: bool) -> Self {
-        CapabilitiesService { cache, exec_enabled }
+        CapabilitiesService {
+            cache,
+            exec_enabled,
+        }
     }
 }
 
 fn semver(major: i32, minor: i32) -> Option<SemVer> {
-    Some(SemVer { major, minor, patch: 0, prerelease: String::new() })
+    Some(SemVer {
+        major,
+        minor,
+        patch: 0,
+        prerelease: String::new(),
+    })
 }
 
 #[tonic::async_trait]
@@ -37,7 +45,9 @@ impl Capabilities for CapabilitiesService {
     ) -> Result<Response<ServerCapabilities>, Status> {
         let _t = self.cache.metrics.timer("GetCapabilities");
         let instance = &request.get_ref().instance_name;
-        let principal = self.cache.authorize_grpc(&request, instance, Access::Read)?;
+        let principal = self
+            .cache
+            .authorize_grpc(&request, instance, Access::Read)?;
         let sha256 = digest_function::Value::Sha256 as i32;
         let zstd = compressor::Value::Zstd as i32;
         Ok(Response::new(ServerCapabilities {
@@ -48,7 +58,8 @@ impl Capabilities for CapabilitiesService {
                 }),
                 cache_priority_capabilities: None,
                 max_batch_total_size_bytes: self.cache.max_batch_total_size_bytes as i64,
-                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
+                    as i32,
                 supported_compressors: vec![zstd],
                 supported_batch_update_compressors: vec![zstd],
                 max_cas_blob_size_bytes: self.cache.store.capacity() as i64,

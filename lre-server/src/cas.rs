@@ -51,7 +51,9 @@ impl CasService {
         let mut seen = HashSet::from([root]);
         let mut queue = VecDeque::from([root]);
         while let Some(d) = queue.pop_front() {
-            let Some(raw) = self.cache.read_blob(&d).await? else { continue };
+            let Some(raw) = self.cache.read_blob(&d).await? else {
+                continue;
+            };
             let dir = Directory::decode(raw)
                 .map_err(|e| Error::InvalidArgument(format!("blob {d} is not a Directory: {e}")))?;
             for child in &dir.directories {
@@ -72,7 +74,9 @@ fn decompress(compressor_value: i32, data: Vec<u8>, size: u64) -> Result<Vec<u8>
         return Ok(data);
     }
     if compressor_value != compressor::Value::Zstd as i32 {
-        return Err(Error::InvalidArgument(format!("compressor {compressor_value} is not supported")));
+        return Err(Error::InvalidArgument(format!(
+            "compressor {compressor_value} is not supported"
+        )));
     }
     // `size` is bounded by the batch limit already, so this allocation is bounded too.
     zstd::bulk::decompress(&data, size as usize + 1)
@@ -90,9 +94,14 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let _t = self.cache.metrics.timer("FindMissingBlobs");
         let req = request.get_ref();
-        self.cache.authorize_grpc(&request, &req.instance_name, Access::Read)?;
+        self.cache
+            .authorize_grpc(&request, &req.instance_name, Access::Read)?;
         check_digest_function(req.digest_function)?;
-        let digests = req.blob_digests.iter().map(Digest::from_proto).collect::<Result<Vec<_>>>()?;
+        let digests = req
+            .blob_digests
+            .iter()
+            .map(Digest::from_proto)
+            .collect::<Result<Vec<_>>>()?;
         let missing = self.cache.find_missing(&digests).await?;
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
@@ -104,7 +113,8 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let _t = self.cache.metrics.timer("BatchUpdateBlobs");
-        self.cache.authorize_grpc(&request, &request.get_ref().instance_name, Access::Write)?;
+        self.cache
+            .authorize_grpc(&request, &request.get_ref().instance_name, Access::Write)?;
         let req = request.into_inner();
         check_digest_function(req.digest_function)?;
         // Validate the whole request before storing anything, so a bad batch stores nothing.
@@ -143,10 +153,20 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let _t = self.cache.metrics.timer("BatchReadBlobs");
         let req = request.get_ref();
-        self.cache.authorize_grpc(&request, &req.instance_name, Access::Read)?;
+        self.cache
+            .authorize_grpc(&request, &req.instance_name, Access::Read)?;
         check_digest_function(req.digest_function)?;
-        let digests = req.digests.iter().map(Digest::from_proto).collect::<Result<Vec<_>>>()?;
-        self.check_batch_size(digests.iter().map(|d| d.size).fold(0u64, u64::saturating_add))?;
+        let digests = req
+            .digests
+            .iter()
+            .map(Digest::from_proto)
+            .collect::<Result<Vec<_>>>()?;
+        self.check_batch_size(
+            digests
+                .iter()
+                .map(|d| d.size)
+                .fold(0u64, u64::saturating_add),
+        )?;
         let zstd = compressor::Value::Zstd as i32;
         let compress = req.acceptable_compressors.contains(&zstd);
         let mut responses = Vec::with_capacity(digests.len());
@@ -154,15 +174,23 @@ impl ContentAddressableStorage for CasService {
             let (data, status, comp) = match self.cache.read_blob(&d).await {
                 Ok(Some(data)) if compress => match zstd::bulk::compress(&data, 1) {
                     Ok(c) => (c, ok_rpc_status(), zstd),
-                    Err(e) => (vec![], Error::Internal(format!("zstd: {e}")).to_rpc_status(), 0),
+                    Err(e) => (
+                        vec![],
+                        Error::Internal(format!("zstd: {e}")).to_rpc_status(),
+                        0,
+                    ),
                 },
                 Ok(Some(data)) => (data.to_vec(), ok_rpc_status(), 0),
-                Ok(None) => (vec![], Error::NotFound(format!("blob {d}")).to_rpc_status(), 0),
+                Ok(None) => (
+                    vec![],
+                    Error::NotFound(format!("blob {d}")).to_rpc_status(),
+                    0,
+                ),
                 Err(e) => (vec![], e.to_rpc_status(), 0),
             };
             responses.push(batch_read_blobs_response::Response {
                 digest: Some(d.to_proto()),
-                data: data.into(),
+                data,
                 compressor: comp,
                 status: Some(status),
             });
@@ -172,10 +200,14 @@ impl ContentAddressableStorage for CasService {
 
     type GetTreeStream = TreeStream;
 
-    async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
+    async fn get_tree(
+        &self,
+        request: Request<GetTreeRequest>,
+    ) -> Result<Response<TreeStream>, Status> {
         let _t = self.cache.metrics.timer("GetTree");
         let req = request.get_ref();
-        self.cache.authorize_grpc(&request, &req.instance_name, Access::Read)?;
+        self.cache
+            .authorize_grpc(&request, &req.instance_name, Access::Read)?;
         check_digest_function(req.digest_function)?;
         let root = Digest::from_opt_proto(&req.root_digest)?
             .ok_or_else(|| Error::InvalidArgument("root_digest is required".into()))?;
@@ -191,20 +223,30 @@ impl ContentAddressableStorage for CasService {
         let start: usize = if req.page_token.is_empty() {
             0
         } else {
-            req.page_token
-                .parse()
-                .map_err(|_| Error::InvalidArgument(format!("malformed page_token {:?}", req.page_token)))?
+            req.page_token.parse().map_err(|_| {
+                Error::InvalidArgument(format!("malformed page_token {:?}", req.page_token))
+            })?
         };
         let dirs = self.collect_tree(root).await?;
         if start > dirs.len() {
-            return Err(Error::InvalidArgument(format!("page_token {start} is past the end of the tree")).into());
+            return Err(Error::InvalidArgument(format!(
+                "page_token {start} is past the end of the tree"
+            ))
+            .into());
         }
         let mut pages = Vec::new();
         let mut i = start;
         loop {
             let end = (i + page_size).min(dirs.len());
-            let next = if end < dirs.len() { end.to_string() } else { String::new() };
-            pages.push(Ok(GetTreeResponse { directories: dirs[i..end].to_vec(), next_page_token: next }));
+            let next = if end < dirs.len() {
+                end.to_string()
+            } else {
+                String::new()
+            };
+            pages.push(Ok(GetTreeResponse {
+                directories: dirs[i..end].to_vec(),
+                next_page_token: next,
+            }));
             i = end;
             if i >= dirs.len() {
                 break;
@@ -213,17 +255,29 @@ impl ContentAddressableStorage for CasService {
         Ok(Response::new(Box::pin(futures::stream::iter(pages))))
     }
 
-    async fn split_blob(&self, _: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
-        Err(Error::Unimplemented("blob splitting is not supported (split_blob_support = false)".into()).into())
+    async fn split_blob(
+        &self,
+        _: Request<SplitBlobRequest>,
+    ) -> Result<Response<SplitBlobResponse>, Status> {
+        Err(Error::Unimplemented(
+            "blob splitting is not supported (split_blob_support = false)".into(),
+        )
+        .into())
     }
 
-    async fn splice_blob(&self, _: Request<SpliceBlobRequest>) -> Result<Response<SpliceBlobResponse>, Status> {
+    async fn splice_blob(
+        &self,
+        _: Request<SpliceBlobRequest>,
+    ) -> Result<Response<SpliceBlobResponse>, Status> {
         Err(Error::Unimplemented("blob splicing is not supported".into()).into())
     }
 
     type GetChunkMappingStream = ChunkStream;
 
-    async fn get_chunk_mapping(&self, _: Request<GetChunkMappingRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn get_chunk_mapping(
+        &self,
+        _: Request<GetChunkMappingRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         Err(Error::Unimplemented("chunk mappings are not supported".into()).into())
     }
 

@@ -11,7 +11,10 @@ use crate::auth::{Scope, TokenConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -19,7 +22,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,13 +101,20 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { anonymous: default_anonymous(), tokens: vec![] }
+        AuthConfig {
+            anonymous: default_anonymous(),
+            tokens: vec![],
+        }
     }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { kind: default_store_kind(), path: None, max_size: default_max_size() }
+        StoreConfig {
+            kind: default_store_kind(),
+            path: None,
+            max_size: default_max_size(),
+        }
     }
 }
 
@@ -148,15 +161,22 @@ fn default_upload_ttl() -> u64 {
 
 /// Where the embedded default keeps its blobs: `$XDG_CACHE_HOME/lre/cas`.
 pub fn default_store_path() -> PathBuf {
-    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("lre").join("cas")
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("lre")
+        .join("cas")
 }
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text)
-            .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
@@ -177,10 +197,16 @@ impl Config {
             return Err(invalid("upload_ttl_seconds", "must be at least 1"));
         }
         if self.max_batch_total_size_bytes < 1024 {
-            return Err(invalid("max_batch_total_size_bytes", "must be at least 1024"));
+            return Err(invalid(
+                "max_batch_total_size_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.store.kind == StoreKind::Memory && self.store.path.is_some() {
-            return Err(invalid("store.path", "has no meaning for kind = \"memory\""));
+            return Err(invalid(
+                "store.path",
+                "has no meaning for kind = \"memory\"",
+            ));
         }
         if self.http_listen == Some(self.grpc_listen) && self.grpc_listen.port() != 0 {
             return Err(invalid("http_listen", "must differ from grpc_listen"));
@@ -192,23 +218,37 @@ impl Config {
             }
         }
         if let Some(tls) = &self.tls {
-            for (key, path) in [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key)), ("tls.client_ca", tls.client_ca.as_ref())] {
+            for (key, path) in [
+                ("tls.cert", Some(&tls.cert)),
+                ("tls.key", Some(&tls.key)),
+                ("tls.client_ca", tls.client_ca.as_ref()),
+            ] {
                 if let Some(path) = path {
                     if !path.is_file() {
-                        return Err(invalid(key, format!("{} is not a readable file", path.display())));
+                        return Err(invalid(
+                            key,
+                            format!("{} is not a readable file", path.display()),
+                        ));
                     }
                 }
             }
             if tls.require_client_cert && tls.client_ca.is_none() {
-                return Err(invalid("tls.require_client_cert", "needs tls.client_ca to verify client certificates against"));
+                return Err(invalid(
+                    "tls.require_client_cert",
+                    "needs tls.client_ca to verify client certificates against",
+                ));
             }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");
-            t.validate().map_err(|(field, message)| invalid(format!("{key}.{field}"), message))?;
+            t.validate()
+                .map_err(|(field, message)| invalid(format!("{key}.{field}"), message))?;
             if !seen.insert(t.name.clone()) {
-                return Err(invalid(format!("{key}.name"), format!("duplicate token name {:?}", t.name)));
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("duplicate token name {:?}", t.name),
+                ));
             }
         }
         Ok(())
@@ -225,7 +265,9 @@ impl std::str::FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 10GiB"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as 10GiB"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "K" => 1 << 10,
@@ -236,9 +278,15 @@ impl std::str::FromStr for ByteSize {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            u => return Err(format!("unknown size unit {u:?} in {s:?}; use B, KiB, MiB, GiB, TiB")),
+            u => {
+                return Err(format!(
+                    "unknown size unit {u:?} in {s:?}; use B, KiB, MiB, GiB, TiB"
+                ))
+            }
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 

@@ -20,10 +20,16 @@ pub struct Digest {
 }
 
 impl Digest {
-    pub const EMPTY: Digest = Digest { hash: EMPTY_SHA256, size: 0 };
+    pub const EMPTY: Digest = Digest {
+        hash: EMPTY_SHA256,
+        size: 0,
+    };
 
     pub fn of(data: &[u8]) -> Digest {
-        Digest { hash: Sha256::digest(data).into(), size: data.len() as u64 }
+        Digest {
+            hash: Sha256::digest(data).into(),
+            size: data.len() as u64,
+        }
     }
 
     pub fn is_empty_blob(&self) -> bool {
@@ -42,7 +48,10 @@ impl Digest {
                 s.len()
             )));
         }
-        if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(Error::InvalidArgument(format!(
                 "hash {s:?} is not lowercase hexadecimal"
             )));
@@ -65,7 +74,10 @@ impl Digest {
         if size < 0 {
             return Err(Error::InvalidArgument(format!("negative size {size}")));
         }
-        Ok(Digest { hash, size: size as u64 })
+        Ok(Digest {
+            hash,
+            size: size as u64,
+        })
     }
 
     pub fn from_proto(d: &re::Digest) -> Result<Digest> {
@@ -78,7 +90,10 @@ impl Digest {
     }
 
     pub fn to_proto(&self) -> re::Digest {
-        re::Digest { hash: self.hex(), size_bytes: self.size as i64 }
+        re::Digest {
+            hash: self.hex(),
+            size_bytes: self.size as i64,
+        }
     }
 }
 
@@ -120,10 +135,25 @@ mod tests {
     fn rejects_malformed_hashes_and_sizes() {
         let good = "a".repeat(64);
         assert!(Digest::parse(&good, "3").is_ok());
-        assert!(matches!(Digest::parse(&"a".repeat(63), "3"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Digest::parse(&"g".repeat(64), "3"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Digest::parse(&"A".repeat(64), "3"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Digest::parse(&good, "-1"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Digest::parse(&good, "x"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            Digest::parse(&"a".repeat(63), "3"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Digest::parse(&"g".repeat(64), "3"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Digest::parse(&"A".repeat(64), "3"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Digest::parse(&good, "-1"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Digest::parse(&good, "x"),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -121,5 +121,9 @@ impl From<Error> for tonic::Status {
 }
 
 pub fn ok_rpc_status() -> bazel_remote_apis::google::rpc::Status {
-    bazel_remote_apis::google::rpc::Status { code: 0, message: String::new(), details: vec![] }
+    bazel_remote_apis::google::rpc::Status {
+        code: 0,
+        message: String::new(),
+        details: vec![],
+    }
 }

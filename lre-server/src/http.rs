@@ -34,7 +34,10 @@ pub fn router(cache: Arc<Cache>) -> Router {
 
 async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         cache.metrics.encode(),
     )
         .into_response()
@@ -44,7 +47,10 @@ fn error_response(e: Error) -> Response {
     let status = e.http_status();
     let mut resp = (status, format!("{e}\n")).into_response();
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"lre\""));
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"lre\""),
+        );
     }
     resp
 }
@@ -60,17 +66,33 @@ fn parse_path(path: &str) -> Result<(String, Kind, [u8; 32])> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let n = segs.len();
     if n < 2 {
-        return Err(Error::NotFound(format!("{path}: expected /[prefix/]ac/<sha256> or /[prefix/]cas/<sha256>")));
+        return Err(Error::NotFound(format!(
+            "{path}: expected /[prefix/]ac/<sha256> or /[prefix/]cas/<sha256>"
+        )));
     }
     let kind = match segs[n - 2] {
         "ac" => Kind::Ac,
         "cas" => Kind::Cas,
-        _ => return Err(Error::NotFound(format!("{path}: expected /[prefix/]ac/<sha256> or /[prefix/]cas/<sha256>"))),
+        _ => {
+            return Err(Error::NotFound(format!(
+                "{path}: expected /[prefix/]ac/<sha256> or /[prefix/]cas/<sha256>"
+            )))
+        }
     };
-    Ok((segs[..n - 2].join("/"), kind, Digest::parse_hash(segs[n - 1])?))
+    Ok((
+        segs[..n - 2].join("/"),
+        kind,
+        Digest::parse_hash(segs[n - 1])?,
+    ))
 }
 
-async fn blob(State(cache): State<Arc<Cache>>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+async fn blob(
+    State(cache): State<Arc<Cache>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let _t = cache.metrics.timer(match method {
         Method::PUT => "http_put",
         Method::HEAD => "http_head",
@@ -79,7 +101,10 @@ async fn blob(State(cache): State<Arc<Cache>>, method: Method, uri: Uri, headers
     match handle(&cache, &method, uri.path(), &headers, body).await {
         Ok(r) => r,
         Err(e) => {
-            if matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch(_) | Error::StorageFull(_)) {
+            if matches!(
+                e,
+                Error::DigestMismatch { .. } | Error::SizeMismatch(_) | Error::StorageFull(_)
+            ) {
                 tracing::info!(path = uri.path(), error = %e, "http upload rejected");
             }
             error_response(e)
@@ -87,7 +112,13 @@ async fn blob(State(cache): State<Arc<Cache>>, method: Method, uri: Uri, headers
     }
 }
 
-async fn handle(cache: &Cache, method: &Method, path: &str, headers: &HeaderMap, body: Body) -> Result<Response> {
+async fn handle(
+    cache: &Cache,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let access = match *method {
         Method::GET | Method::HEAD => Access::Read,
         Method::PUT => Access::Write,
@@ -96,9 +127,9 @@ async fn handle(cache: &Cache, method: &Method, path: &str, headers: &HeaderMap,
     let (instance, kind, hash) = parse_path(path)?;
     let cred = match headers.get(header::AUTHORIZATION) {
         None => None,
-        Some(v) => Some(parse_authorization(
-            v.to_str().map_err(|_| Error::Unauthenticated("authorization header is not ASCII".into()))?,
-        )?),
+        Some(v) => Some(parse_authorization(v.to_str().map_err(|_| {
+            Error::Unauthenticated("authorization header is not ASCII".into())
+        })?)?),
     };
     // Authorize before reading any of the body: a refused writer stores nothing.
     cache.authorize(cred, &instance, access)?;
@@ -112,25 +143,39 @@ async fn handle(cache: &Cache, method: &Method, path: &str, headers: &HeaderMap,
 
 fn with_length(status: StatusCode, len: u64, body: Body) -> Response {
     let mut r = (status, body).into_response();
-    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     r
 }
 
 async fn get_cas(cache: &Cache, hash: [u8; 32], head: bool) -> Result<Response> {
     let Some((size, reader)) = cache.open_cas_by_hash(hash).await? else {
-        return Err(Error::NotFound(format!("blob {} is not in the CAS", hex::encode(hash))));
+        return Err(Error::NotFound(format!(
+            "blob {} is not in the CAS",
+            hex::encode(hash)
+        )));
     };
     if head {
         return Ok(with_length(StatusCode::OK, size, Body::empty()));
     }
     cache.metrics.bytes_sent.inc_by(size);
-    Ok(with_length(StatusCode::OK, size, Body::from_stream(ReaderStream::with_capacity(reader, 256 * 1024))))
+    Ok(with_length(
+        StatusCode::OK,
+        size,
+        Body::from_stream(ReaderStream::with_capacity(reader, 256 * 1024)),
+    ))
 }
 
 async fn get_ac(cache: &Cache, instance: &str, hash: [u8; 32], head: bool) -> Result<Response> {
     let Some(hit) = cache.get_action_result(instance, hash).await? else {
-        return Err(Error::NotFound(format!("no complete action result for {}", hex::encode(hash))));
+        return Err(Error::NotFound(format!(
+            "no complete action result for {}",
+            hex::encode(hash)
+        )));
     };
     let len = hit.raw.len() as u64;
     if head {
@@ -140,16 +185,25 @@ async fn get_ac(cache: &Cache, instance: &str, hash: [u8; 32], head: bool) -> Re
     Ok(with_length(StatusCode::OK, len, Body::from(hit.raw)))
 }
 
-async fn put_cas(cache: &Cache, hash: [u8; 32], headers: &HeaderMap, body: Body) -> Result<Response> {
+async fn put_cas(
+    cache: &Cache,
+    hash: [u8; 32],
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.parse::<u64>().map_err(|_| Error::InvalidArgument(format!("bad Content-Length {v:?}"))))
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| Error::InvalidArgument(format!("bad Content-Length {v:?}")))
+        })
         .transpose()?;
     let mut upload = cache.upload(hash, declared).await?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Error::InvalidArgument(format!("upload body broke off: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| Error::InvalidArgument(format!("upload body broke off: {e}")))?;
         upload.write(&chunk).await?;
         cache.metrics.bytes_received.inc_by(chunk.len() as u64);
     }

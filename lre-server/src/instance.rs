@@ -3,8 +3,15 @@
 use crate::error::{Error, Result};
 
 /// Path segments REAPI reserves inside resource names; an instance name may not use them.
-const RESERVED: &[&str] =
-    &["blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"];
+const RESERVED: &[&str] = &[
+    "blobs",
+    "uploads",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+    "compressed-blobs",
+];
 
 pub fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() {
@@ -39,7 +46,9 @@ impl Instances {
     pub fn check(&self, name: &str) -> Result<()> {
         validate_name(name)?;
         match &self.allowed {
-            Some(list) if !list.iter().any(|n| n == name) => Err(Error::UnknownInstance(name.to_string())),
+            Some(list) if !list.iter().any(|n| n == name) => {
+                Err(Error::UnknownInstance(name.to_string()))
+            }
             _ => Ok(()),
         }
     }

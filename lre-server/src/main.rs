@@ -98,7 +98,8 @@ async fn terminate() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -112,7 +113,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::HashToken) => {
             let mut token = String::new();
-            std::io::stdin().read_to_string(&mut token).context("reading the token from stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut token)
+                .context("reading the token from stdin")?;
             let token = token.trim_end_matches(['\n', '\r']);
             anyhow::ensure!(!token.is_empty(), "no token on stdin");
             println!("{}", hex::encode(lre_server::auth::hash_token(token)));
@@ -132,9 +135,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let server = lre_server::start(config).await?;
     let mut ready = String::from("lre-server ready\n");
-    ready += &format!("  grpc: {}://{}\n", if server.tls { "grpcs" } else { "grpc" }, server.grpc_addr);
+    ready += &format!(
+        "  grpc: {}://{}\n",
+        if server.tls { "grpcs" } else { "grpc" },
+        server.grpc_addr
+    );
     if let Some(h) = server.http_addr {
-        ready += &format!("  http: {}://{}\n", if server.tls { "https" } else { "http" }, h);
+        ready += &format!(
+            "  http: {}://{}\n",
+            if server.tls { "https" } else { "http" },
+            h
+        );
     }
     ready += &format!("  bazel flags: {}\n", server.bazel_flags().join(" "));
     // Whoever started us may have stopped reading stdout; that must not stop the server.

@@ -61,16 +61,60 @@ impl Metrics {
         let request_seconds: Family<MethodLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
         let mut r = Registry::with_prefix("lre");
-        r.register("ac_lookups", "Action cache lookups by result", ac_lookups.clone());
-        r.register("cas_lookups", "CAS blob lookups by result", cas_lookups.clone());
-        r.register("received_bytes", "Blob bytes received from clients", bytes_received.clone());
-        r.register("sent_bytes", "Blob bytes sent to clients", bytes_sent.clone());
-        r.register("store_evictions", "Entries evicted to stay within the size limit", store.evictions.clone());
-        r.register("store_evicted_bytes", "Bytes evicted to stay within the size limit", store.evicted_bytes.clone());
-        r.register("store_size_bytes", "Bytes currently stored", store.size_bytes.clone());
-        r.register("store_entries", "Entries currently stored", store.entries.clone());
-        r.register("request_duration_seconds", "Request latency by method", request_seconds.clone());
-        Metrics { registry: r, store, ac_lookups, cas_lookups, bytes_received, bytes_sent, request_seconds }
+        r.register(
+            "ac_lookups",
+            "Action cache lookups by result",
+            ac_lookups.clone(),
+        );
+        r.register(
+            "cas_lookups",
+            "CAS blob lookups by result",
+            cas_lookups.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Blob bytes received from clients",
+            bytes_received.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Blob bytes sent to clients",
+            bytes_sent.clone(),
+        );
+        r.register(
+            "store_evictions",
+            "Entries evicted to stay within the size limit",
+            store.evictions.clone(),
+        );
+        r.register(
+            "store_evicted_bytes",
+            "Bytes evicted to stay within the size limit",
+            store.evicted_bytes.clone(),
+        );
+        r.register(
+            "store_size_bytes",
+            "Bytes currently stored",
+            store.size_bytes.clone(),
+        );
+        r.register(
+            "store_entries",
+            "Entries currently stored",
+            store.entries.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Request latency by method",
+            request_seconds.clone(),
+        );
+        Metrics {
+            registry: r,
+            store,
+            ac_lookups,
+            cas_lookups,
+            bytes_received,
+            bytes_sent,
+            request_seconds,
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -85,13 +129,21 @@ impl Metrics {
     }
 
     pub fn cas(&self, hits: u64, misses: u64) {
-        self.cas_lookups.get_or_create(&ResultLabel { result: "hit" }).inc_by(hits);
-        self.cas_lookups.get_or_create(&ResultLabel { result: "miss" }).inc_by(misses);
+        self.cas_lookups
+            .get_or_create(&ResultLabel { result: "hit" })
+            .inc_by(hits);
+        self.cas_lookups
+            .get_or_create(&ResultLabel { result: "miss" })
+            .inc_by(misses);
     }
 
     /// Records the request's latency when the returned guard drops.
     pub fn timer(&self, method: &'static str) -> Timer<'_> {
-        Timer { metrics: self, method, start: Instant::now() }
+        Timer {
+            metrics: self,
+            method,
+            start: Instant::now(),
+        }
     }
 }
 
@@ -105,7 +157,9 @@ impl Drop for Timer<'_> {
     fn drop(&mut self) {
         self.metrics
             .request_seconds
-            .get_or_create(&MethodLabel { method: self.method })
+            .get_or_create(&MethodLabel {
+                method: self.method,
+            })
             .observe(self.start.elapsed().as_secs_f64());
     }
 }

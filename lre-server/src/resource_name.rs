@@ -34,7 +34,11 @@ pub fn parse_write(name: &str) -> Result<BlobResource> {
 
 fn parse(name: &str, write: bool) -> Result<BlobResource> {
     let segs: Vec<&str> = name.split('/').collect();
-    let keywords: &[&str] = if write { &["uploads", "blobs", "compressed-blobs"] } else { &["blobs", "compressed-blobs"] };
+    let keywords: &[&str] = if write {
+        &["uploads", "blobs", "compressed-blobs"]
+    } else {
+        &["blobs", "compressed-blobs"]
+    };
     let start = segs
         .iter()
         .position(|s| keywords.contains(s))
@@ -45,7 +49,10 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
 
     let mut upload_id = None;
     if rest[0] == "uploads" {
-        let id = rest.get(1).filter(|s| !s.is_empty()).ok_or_else(|| bad(name, "`uploads/` needs an id"))?;
+        let id = rest
+            .get(1)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad(name, "`uploads/` needs an id"))?;
         upload_id = Some(id.to_string());
         rest = &rest[2..];
     }
@@ -58,19 +65,32 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
             let c = match rest.get(1) {
                 Some(&"zstd") => Compression::Zstd,
                 Some(&"identity") => Compression::Identity,
-                Some(other) => return Err(bad(name, &format!("compressor {other:?} is not supported; zstd is"))),
+                Some(other) => {
+                    return Err(bad(
+                        name,
+                        &format!("compressor {other:?} is not supported; zstd is"),
+                    ))
+                }
                 None => return Err(bad(name, "missing compressor")),
             };
             rest = &rest[2..];
             c
         }
-        _ => return Err(bad(name, "expected `blobs` or `compressed-blobs` after the upload id")),
+        _ => {
+            return Err(bad(
+                name,
+                "expected `blobs` or `compressed-blobs` after the upload id",
+            ))
+        }
     };
     // An optional digest-function segment; for SHA-256 the spec says to omit it.
     if let Some(f) = rest.first() {
         if f.len() != 64 && !f.chars().all(|c| c.is_ascii_digit()) {
             if *f != "sha256" {
-                return Err(bad(name, &format!("digest function {f:?} is not supported; this server uses SHA-256")));
+                return Err(bad(
+                    name,
+                    &format!("digest function {f:?} is not supported; this server uses SHA-256"),
+                ));
             }
             rest = &rest[1..];
         }
@@ -81,7 +101,12 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
         [h, s, ..] if write => (h, s),
         _ => return Err(bad(name, "expected `{hash}/{size}` at the end")),
     };
-    Ok(BlobResource { instance, upload_id, compression, digest: Digest::parse(hash, size)? })
+    Ok(BlobResource {
+        instance,
+        upload_id,
+        compression,
+        digest: Digest::parse(hash, size)?,
+    })
 }
 
 #[cfg(test)]

@@ -43,7 +43,10 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Store(crate::error::Error),
     #[error("gRPC server: {0}")]
@@ -85,10 +88,15 @@ impl RunningServer {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
-pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Arc<dyn BlobStore>, StartError> {
+pub async fn open_store(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Arc<dyn BlobStore>, StartError> {
     let capacity = config.store.max_size.0;
     Ok(match config.store.kind {
         StoreKind::Memory => Arc::new(MemStore::new(capacity, metrics.store.clone())),
@@ -104,7 +112,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     config.validate()?;
     let metrics = Arc::new(Metrics::new());
     let store = open_store(&config, &metrics).await?;
-    let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens).map_err(StartError::Store)?;
+    let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens)
+        .map_err(StartError::Store)?;
     let cache = Arc::new(Cache {
         store,
         metrics,
@@ -116,14 +125,20 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let (shutdown, rx) = watch::channel(false);
 
     let grpc_listener = bind(config.grpc_listen).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: config.grpc_listen, source })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
     let http_listener = match config.http_listen {
         Some(a) => Some(bind(a).await?),
         None => None,
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let max_msg = config.max_batch_total_size_bytes as usize * GRPC_DECODE_FACTOR + GRPC_MESSAGE_SLACK;
+    let max_msg =
+        config.max_batch_total_size_bytes as usize * GRPC_DECODE_FACTOR + GRPC_MESSAGE_SLACK;
     // HTTP/2's default 64 KiB window caps an upload at one window per round trip; blob
     // uploads need windows the size of their messages.
     let mut builder = tonic::transport::Server::builder()
@@ -133,14 +148,26 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         builder = builder.tls_config(crate::tls::tonic_config(tls)?)?;
     }
     let router = builder
-        .add_service(CapabilitiesServer::new(CapabilitiesService::new(cache.clone(), false)))
+        .add_service(CapabilitiesServer::new(CapabilitiesService::new(
+            cache.clone(),
+            false,
+        )))
         .add_service(
             ContentAddressableStorageServer::new(CasService::new(cache.clone()))
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
         )
-        .add_service(ActionCacheServer::new(ActionCacheService::new(cache.clone())).max_decoding_message_size(max_msg))
-        .add_service(ByteStreamServer::new(ByteStreamService::new(cache.clone(), Duration::from_secs(config.upload_ttl_seconds))).max_decoding_message_size(max_msg));
+        .add_service(
+            ActionCacheServer::new(ActionCacheService::new(cache.clone()))
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            ByteStreamServer::new(ByteStreamService::new(
+                cache.clone(),
+                Duration::from_secs(config.upload_ttl_seconds),
+            ))
+            .max_decoding_message_size(max_msg),
+        );
     let mut grpc_rx = rx.clone();
     let mut grace_rx = rx.clone();
     let stop_all = shutdown.clone();
@@ -166,7 +193,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
     if let Some(listener) = http_listener {
         let tls = match &config.tls {
-            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::rustls_config(t)?)),
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::rustls_config(
+                t,
+            )?)),
             None => None,
         };
         let app = crate::http::router(cache.clone());
@@ -178,7 +207,14 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         }));
     }
     tracing::info!(%grpc_addr, http_addr = ?http_addr, tls = config.tls.is_some(), "lre-server listening");
-    Ok(RunningServer { grpc_addr, http_addr, tls: config.tls.is_some(), cache, shutdown, tasks })
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        tls: config.tls.is_some(),
+        cache,
+        shutdown,
+        tasks,
+    })
 }
 
 /// Resolves once shutdown is signalled (or the sender is gone).
@@ -214,9 +250,17 @@ async fn serve_http(
         tokio::spawn(async move {
             let http = hyper::server::conn::http1::Builder::new();
             let result = match tls {
-                None => watcher.watch(http.serve_connection(TokioIo::new(tcp), svc)).await,
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(tcp), svc))
+                        .await
+                }
                 Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => watcher.watch(http.serve_connection(TokioIo::new(stream), svc)).await,
+                    Ok(stream) => {
+                        watcher
+                            .watch(http.serve_connection(TokioIo::new(stream), svc))
+                            .await
+                    }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
@@ -228,7 +272,10 @@ async fn serve_http(
             }
         });
     }
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("http connections still open after the grace period; closing them");
     }
 }

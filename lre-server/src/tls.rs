@@ -33,7 +33,8 @@ pub fn tonic_config(c: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, 
     let key = read(&c.key)?;
     // Parse here too, so a bad file fails at start with a message naming it.
     certs(&cert, "tls.cert")?;
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
+    let mut tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
     if let Some(ca) = &c.client_ca {
         let ca = read(ca)?;
         certs(&ca, "tls.client_ca")?;
@@ -48,9 +49,10 @@ pub fn tonic_config(c: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, 
 pub fn rustls_config(c: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(&read(&c.cert)?, "tls.cert")?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut BufReader::new(&read(&c.key)?[..]))
-        .map_err(|e| TlsError(format!("tls.key: {e}")))?
-        .ok_or_else(|| TlsError("tls.key: no PEM private key found".into()))?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut BufReader::new(&read(&c.key)?[..]))
+            .map_err(|e| TlsError(format!("tls.key: {e}")))?
+            .ok_or_else(|| TlsError("tls.key: no PEM private key found".into()))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?;
@@ -59,13 +61,18 @@ pub fn rustls_config(c: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsErro
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in certs(&read(ca)?, "tls.client_ca")? {
-                roots.add(cert).map_err(|e| TlsError(format!("tls.client_ca: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError(format!("tls.client_ca: {e}")))?;
             }
             let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             if !c.require_client_cert {
                 v = v.allow_unauthenticated();
             }
-            builder.with_client_cert_verifier(v.build().map_err(|e| TlsError(format!("tls.client_ca: {e}")))?)
+            builder.with_client_cert_verifier(
+                v.build()
+                    .map_err(|e| TlsError(format!("tls.client_ca: {e}")))?,
+            )
         }
     };
     let mut cfg = builder

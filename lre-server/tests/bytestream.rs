@@ -3,7 +3,9 @@
 
 mod common;
 
-use bazel_remote_apis::google::bytestream::{byte_stream_client::ByteStreamClient, QueryWriteStatusRequest, WriteRequest};
+use bazel_remote_apis::google::bytestream::{
+    byte_stream_client::ByteStreamClient, QueryWriteStatusRequest, WriteRequest,
+};
 use common::*;
 use tonic::Code;
 
@@ -13,22 +15,64 @@ async fn large_streaming_write_then_read_with_offsets() {
     let ch = channel(&s).await;
     let data = blob(20 << 20, 7);
     let name = upload_name("inst", "4d1b2c2e-0000-4000-8000-000000000001", &data);
-    let resp = bs_write(ch.clone(), write_requests(&name, &data, 64 * 1024, 0, true), None).await.unwrap();
+    let resp = bs_write(
+        ch.clone(),
+        write_requests(&name, &data, 64 * 1024, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.committed_size, data.len() as i64);
 
     let rn = read_name("inst", &data);
     assert_eq!(bs_read(ch.clone(), &rn, 0, 0, None).await.unwrap(), data);
-    assert_eq!(bs_read(ch.clone(), &rn, 1000, 0, None).await.unwrap(), &data[1000..]);
-    assert_eq!(bs_read(ch.clone(), &rn, 5, 10, None).await.unwrap(), &data[5..15]);
-    assert_eq!(bs_read(ch.clone(), &rn, data.len() as i64, 0, None).await.unwrap(), Vec::<u8>::new());
-    let err = bs_read(ch.clone(), &rn, data.len() as i64 + 1, 0, None).await.unwrap_err();
+    assert_eq!(
+        bs_read(ch.clone(), &rn, 1000, 0, None).await.unwrap(),
+        &data[1000..]
+    );
+    assert_eq!(
+        bs_read(ch.clone(), &rn, 5, 10, None).await.unwrap(),
+        &data[5..15]
+    );
+    assert_eq!(
+        bs_read(ch.clone(), &rn, data.len() as i64, 0, None)
+            .await
+            .unwrap(),
+        Vec::<u8>::new()
+    );
+    let err = bs_read(ch.clone(), &rn, data.len() as i64 + 1, 0, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
-    assert_eq!(bs_read(ch.clone(), &rn, -1, 0, None).await.unwrap_err().code(), Code::OutOfRange);
-    assert_eq!(bs_read(ch.clone(), &rn, 0, -1, None).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        bs_read(ch.clone(), &rn, -1, 0, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        bs_read(ch.clone(), &rn, 0, -1, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
     // Without an instance name too.
     let plain = b"no instance".to_vec();
-    bs_write(ch.clone(), write_requests(&upload_name("", "u1", &plain), &plain, 4, 0, true), None).await.unwrap();
-    assert_eq!(bs_read(ch.clone(), &read_name("", &plain), 0, 0, None).await.unwrap(), plain);
+    bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "u1", &plain), &plain, 4, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &plain), 0, 0, None)
+            .await
+            .unwrap(),
+        plain
+    );
     s.shutdown().await;
 }
 
@@ -38,7 +82,9 @@ async fn blobs_resource_name_without_uploads_prefix_is_accepted() {
     let ch = channel(&s).await;
     let data = b"direct".to_vec();
     let name = read_name("", &data);
-    bs_write(ch.clone(), write_requests(&name, &data, 3, 0, true), None).await.unwrap();
+    bs_write(ch.clone(), write_requests(&name, &data, 3, 0, true), None)
+        .await
+        .unwrap();
     assert_eq!(bs_read(ch.clone(), &name, 0, 0, None).await.unwrap(), data);
     s.shutdown().await;
 }
@@ -46,7 +92,9 @@ async fn blobs_resource_name_without_uploads_prefix_is_accepted() {
 #[tokio::test]
 async fn empty_blob_always_reads() {
     let s = start(memory_config()).await;
-    let got = bs_read(channel(&s).await, &read_name("", b""), 0, 0, None).await.unwrap();
+    let got = bs_read(channel(&s).await, &read_name("", b""), 0, 0, None)
+        .await
+        .unwrap();
     assert!(got.is_empty());
     s.shutdown().await;
 }
@@ -54,7 +102,9 @@ async fn empty_blob_always_reads() {
 #[tokio::test]
 async fn missing_blob_is_not_found() {
     let s = start(memory_config()).await;
-    let err = bs_read(channel(&s).await, &read_name("", b"absent"), 0, 0, None).await.unwrap_err();
+    let err = bs_read(channel(&s).await, &read_name("", b"absent"), 0, 0, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     s.shutdown().await;
 }
@@ -67,23 +117,50 @@ async fn interrupted_upload_resumes_after_query_write_status() {
     let name = upload_name("", "resume-1", &data);
     let half = data.len() / 2;
     // First stream: half the data, no finish_write, then the stream ends.
-    let err = bs_write(ch.clone(), write_requests(&name, &data[..half], 256 * 1024, 0, false), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &data[..half], 256 * 1024, 0, false),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     let status = ByteStreamClient::new(ch.clone())
-        .query_write_status(QueryWriteStatusRequest { resource_name: name.clone() })
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(status.committed_size, half as i64);
     assert!(!status.complete);
     // Not readable until finished.
-    assert_eq!(bs_read(ch.clone(), &read_name("", &data), 0, 0, None).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &data), 0, 0, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
 
-    let resp = bs_write(ch.clone(), write_requests(&name, &data, 256 * 1024, half, true), None).await.unwrap();
+    let resp = bs_write(
+        ch.clone(),
+        write_requests(&name, &data, 256 * 1024, half, true),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.committed_size, data.len() as i64);
-    assert_eq!(bs_read(ch.clone(), &read_name("", &data), 0, 0, None).await.unwrap(), data);
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &data), 0, 0, None)
+            .await
+            .unwrap(),
+        data
+    );
     let status = ByteStreamClient::new(ch.clone())
-        .query_write_status(QueryWriteStatusRequest { resource_name: name.clone() })
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -98,14 +175,25 @@ async fn write_at_the_wrong_offset_is_refused() {
     let ch = channel(&s).await;
     let data = blob(1000, 3);
     let name = upload_name("", "offset-1", &data);
-    let err = bs_write(ch.clone(), write_requests(&name, &data, 100, 500, true), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &data, 100, 500, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // A gap inside the stream.
     let mut reqs = write_requests(&name, &data, 100, 0, true);
     reqs[3].write_offset += 1;
     let err = bs_write(ch.clone(), reqs, None).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(find_missing(ch.clone(), "", vec![digest(&data)]).await.len() == 1);
+    assert!(
+        find_missing(ch.clone(), "", vec![digest(&data)])
+            .await
+            .len()
+            == 1
+    );
     s.shutdown().await;
 }
 
@@ -131,10 +219,25 @@ async fn content_that_does_not_match_its_digest_is_never_stored() {
     let mut actual = claimed.clone();
     actual[4000] ^= 0xff;
     let name = upload_name("", "evil", &claimed);
-    let err = bs_write(ch.clone(), write_requests(&name, &actual, 1000, 0, true), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &actual, 1000, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("digest mismatch"), "{}", err.message());
-    assert_eq!(find_missing(ch.clone(), "", vec![digest(&claimed), digest(&actual)]).await.len(), 2);
+    assert!(
+        err.message().contains("digest mismatch"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![digest(&claimed), digest(&actual)])
+            .await
+            .len(),
+        2
+    );
     s.shutdown().await;
 }
 
@@ -146,12 +249,16 @@ async fn size_mismatches_are_refused() {
     let d = digest(&data);
     // More bytes than declared.
     let name = format!("uploads/x/blobs/{}/{}", d.hash, 999);
-    let err = bs_write(ch.clone(), write_requests(&name, &data, 100, 0, true), None).await.unwrap_err();
+    let err = bs_write(ch.clone(), write_requests(&name, &data, 100, 0, true), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("size mismatch"), "{}", err.message());
     // Fewer bytes than declared, then finish_write: truncated.
     let name = format!("uploads/y/blobs/{}/{}", d.hash, 1001);
-    let err = bs_write(ch.clone(), write_requests(&name, &data, 100, 0, true), None).await.unwrap_err();
+    let err = bs_write(ch.clone(), write_requests(&name, &data, 100, 0, true), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("1000 of 1001"), "{}", err.message());
     assert_eq!(find_missing(ch.clone(), "", vec![d.clone()]).await, vec![d]);
@@ -176,7 +283,12 @@ async fn malformed_resource_names_are_invalid_arguments() {
     ] {
         let err = bs_read(ch.clone(), &name, 0, 0, None).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "read {name:?}: {err:?}");
-        let req = WriteRequest { resource_name: name.clone(), write_offset: 0, finish_write: true, data: b"x".to_vec().into() };
+        let req = WriteRequest {
+            resource_name: name.clone(),
+            write_offset: 0,
+            finish_write: true,
+            data: b"x".to_vec(),
+        };
         let err = bs_write(ch.clone(), vec![req], None).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "write {name:?}: {err:?}");
     }
@@ -190,11 +302,25 @@ async fn zstd_compressed_write_and_read() {
     let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
     let d = digest(&data);
     let compressed = zstd::bulk::compress(&data, 3).unwrap();
-    let name = format!("inst/uploads/z1/compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+    let name = format!(
+        "inst/uploads/z1/compressed-blobs/zstd/{}/{}",
+        d.hash, d.size_bytes
+    );
     // write_offset in compressed uploads counts compressed bytes after the first message.
-    let resp = bs_write(ch.clone(), write_requests(&name, &compressed, 7000, 0, true), None).await.unwrap();
+    let resp = bs_write(
+        ch.clone(),
+        write_requests(&name, &compressed, 7000, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.committed_size, compressed.len() as i64);
-    assert_eq!(bs_read(ch.clone(), &read_name("inst", &data), 0, 0, None).await.unwrap(), data);
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("inst", &data), 0, 0, None)
+            .await
+            .unwrap(),
+        data
+    );
 
     let rn = format!("inst/compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
     let got = bs_read(ch.clone(), &rn, 0, 0, None).await.unwrap();
@@ -202,11 +328,26 @@ async fn zstd_compressed_write_and_read() {
     assert_eq!(zstd::stream::decode_all(&got[..]).unwrap(), data);
     // read_offset refers to the uncompressed data.
     let got = bs_read(ch.clone(), &rn, 1_000_000, 0, None).await.unwrap();
-    assert_eq!(zstd::stream::decode_all(&got[..]).unwrap(), &data[1_000_000..]);
+    assert_eq!(
+        zstd::stream::decode_all(&got[..]).unwrap(),
+        &data[1_000_000..]
+    );
     // A read_limit on a compressed read is refused, as the spec demands.
-    assert_eq!(bs_read(ch.clone(), &rn, 0, 10, None).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        bs_read(ch.clone(), &rn, 0, 10, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
     // Uploading it again ends early with -1, the spec's answer for compressed uploads.
-    let resp = bs_write(ch.clone(), write_requests(&name, &compressed, 7000, 0, true), None).await.unwrap();
+    let resp = bs_write(
+        ch.clone(),
+        write_requests(&name, &compressed, 7000, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.committed_size, -1);
     s.shutdown().await;
 }
@@ -217,19 +358,43 @@ async fn corrupt_or_lying_zstd_uploads_store_nothing() {
     let ch = channel(&s).await;
     let data = b"hello hello hello hello".repeat(100);
     let d = digest(&data);
-    let name = format!("uploads/z2/compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+    let name = format!(
+        "uploads/z2/compressed-blobs/zstd/{}/{}",
+        d.hash, d.size_bytes
+    );
     let garbage = vec![0x28, 0xb5, 0x2f, 0xfd, 0xff, 0xff, 0xff, 0xff, 1, 2, 3];
-    let err = bs_write(ch.clone(), write_requests(&name, &garbage, 100, 0, true), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &garbage, 100, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // Valid zstd of other content under this digest.
     let other = zstd::bulk::compress(b"something else entirely", 1).unwrap();
-    let err = bs_write(ch.clone(), write_requests(&name, &other, 100, 0, true), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &other, 100, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // A decompression bomb claiming a small size is stopped at the declared size.
     let bomb = zstd::bulk::compress(&vec![0u8; 50 << 20], 19).unwrap();
     let small = digest(&[0u8; 10]);
-    let name = format!("uploads/z3/compressed-blobs/zstd/{}/{}", small.hash, small.size_bytes);
-    let err = bs_write(ch.clone(), write_requests(&name, &bomb, 64 * 1024, 0, true), None).await.unwrap_err();
+    let name = format!(
+        "uploads/z3/compressed-blobs/zstd/{}/{}",
+        small.hash, small.size_bytes
+    );
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &bomb, 64 * 1024, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(find_missing(ch.clone(), "", vec![d, small]).await.len(), 2);
     s.shutdown().await;

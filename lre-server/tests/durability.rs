@@ -21,7 +21,11 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn spawn(mut cmd: Command) -> ServerProcess {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn lre-server");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn lre-server");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut grpc = None;
         for line in lines.by_ref() {
@@ -33,17 +37,26 @@ impl ServerProcess {
         }
         // Keep draining so the server never writes into a closed pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        ServerProcess { child, grpc: grpc.expect("server printed its gRPC address") }
+        ServerProcess {
+            child,
+            grpc: grpc.expect("server printed its gRPC address"),
+        }
     }
 
     fn command(store: &Path, extra: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lre-server"));
-        cmd.args(["--grpc-listen", "127.0.0.1:0", "--no-http", "--store-dir"]).arg(store).args(extra);
+        cmd.args(["--grpc-listen", "127.0.0.1:0", "--no-http", "--store-dir"])
+            .arg(store)
+            .args(extra);
         cmd
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.grpc.clone()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     fn kill9(&mut self) {
@@ -60,7 +73,9 @@ impl Drop for ServerProcess {
 }
 
 fn tmp_files(store: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(store.join("tmp")).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default()
+    std::fs::read_dir(store.join("tmp"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -71,16 +86,40 @@ async fn restart_keeps_blobs_and_action_results() {
     {
         let s = start(fs_config(dir.path(), 1 << 30)).await;
         let ch = channel(&s).await;
-        batch_put(ch.clone(), "", &[&out, &stdout], None).await.unwrap();
-        bs_write(ch.clone(), write_requests(&upload_name("", "u", &big), &big, 65536, 0, true), None).await.unwrap();
-        update_ac(ch.clone(), "", &action, action_result(&out, &stdout), None).await.unwrap();
+        batch_put(ch.clone(), "", &[&out, &stdout], None)
+            .await
+            .unwrap();
+        bs_write(
+            ch.clone(),
+            write_requests(&upload_name("", "u", &big), &big, 65536, 0, true),
+            None,
+        )
+        .await
+        .unwrap();
+        update_ac(ch.clone(), "", &action, action_result(&out, &stdout), None)
+            .await
+            .unwrap();
         s.shutdown().await;
     }
     let s = start(fs_config(dir.path(), 1 << 30)).await;
     let ch = channel(&s).await;
-    assert!(find_missing(ch.clone(), "", vec![digest(&out), digest(&stdout), digest(&big)]).await.is_empty());
-    assert_eq!(bs_read(ch.clone(), &read_name("", &big), 0, 0, None).await.unwrap(), big);
-    assert_eq!(get_ac(ch.clone(), "", &action, None).await.unwrap(), action_result(&out, &stdout));
+    assert!(find_missing(
+        ch.clone(),
+        "",
+        vec![digest(&out), digest(&stdout), digest(&big)]
+    )
+    .await
+    .is_empty());
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &big), 0, 0, None)
+            .await
+            .unwrap(),
+        big
+    );
+    assert_eq!(
+        get_ac(ch.clone(), "", &action, None).await.unwrap(),
+        action_result(&out, &stdout)
+    );
     s.shutdown().await;
 }
 
@@ -92,39 +131,81 @@ async fn kill_9_mid_upload_leaves_a_consistent_store() {
     let partial = blob(8 << 20, 2);
     let mut p = ServerProcess::spawn(ServerProcess::command(&store, &[]));
     let ch = p.channel().await;
-    bs_write(ch.clone(), write_requests(&upload_name("", "done", &done), &done, 65536, 0, true), None).await.unwrap();
+    bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "done", &done), &done, 65536, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
 
     // Stream half of a blob and keep the stream open while the server is killed.
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let name = upload_name("", "partial", &partial);
     let mut client = ByteStreamClient::new(ch.clone());
-    let call = tokio::spawn(async move { client.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let call = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
     for r in write_requests(&name, &partial[..4 << 20], 65536, 0, false) {
         tx.send(r).await.unwrap();
     }
     // Wait until the server has spilled part of the upload to its temp directory.
     let mut spilled = false;
     for _ in 0..200 {
-        if tmp_files(&store).iter().any(|f| f.metadata().map(|m| m.len() > 0).unwrap_or(false)) {
+        if tmp_files(&store)
+            .iter()
+            .any(|f| f.metadata().map(|m| m.len() > 0).unwrap_or(false))
+        {
             spilled = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(spilled, "the upload never reached the server's temp directory");
+    assert!(
+        spilled,
+        "the upload never reached the server's temp directory"
+    );
     p.kill9();
     drop(tx);
     assert!(call.await.unwrap().is_err());
 
     let p = ServerProcess::spawn(ServerProcess::command(&store, &[]));
-    assert!(tmp_files(&store).is_empty(), "temp leftovers survived a restart");
+    assert!(
+        tmp_files(&store).is_empty(),
+        "temp leftovers survived a restart"
+    );
     let ch = p.channel().await;
-    assert!(find_missing(ch.clone(), "", vec![digest(&done)]).await.is_empty());
-    assert_eq!(bs_read(ch.clone(), &read_name("", &done), 0, 0, None).await.unwrap(), done);
-    assert_eq!(find_missing(ch.clone(), "", vec![digest(&partial)]).await.len(), 1);
+    assert!(find_missing(ch.clone(), "", vec![digest(&done)])
+        .await
+        .is_empty());
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &done), 0, 0, None)
+            .await
+            .unwrap(),
+        done
+    );
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![digest(&partial)])
+            .await
+            .len(),
+        1
+    );
     // And the interrupted blob can be uploaded from scratch.
-    bs_write(ch.clone(), write_requests(&name, &partial, 1 << 20, 0, true), None).await.unwrap();
-    assert_eq!(bs_read(ch.clone(), &read_name("", &partial), 0, 0, None).await.unwrap(), partial);
+    bs_write(
+        ch.clone(),
+        write_requests(&name, &partial, 1 << 20, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &partial), 0, 0, None)
+            .await
+            .unwrap(),
+        partial
+    );
 }
 
 #[tokio::test]
@@ -137,22 +218,38 @@ async fn lru_eviction_keeps_the_store_within_its_limit() {
         batch_put(ch.clone(), "", &[b], None).await.unwrap();
     }
     // Use blob 0 so blob 1 becomes the least recently used.
-    assert!(find_missing(ch.clone(), "", vec![digest(&blobs[0])]).await.is_empty());
+    assert!(find_missing(ch.clone(), "", vec![digest(&blobs[0])])
+        .await
+        .is_empty());
     batch_put(ch.clone(), "", &[&blobs[3]], None).await.unwrap();
-    let missing = find_missing(ch.clone(), "", blobs[..4].iter().map(|b| digest(b)).collect()).await;
+    let missing = find_missing(
+        ch.clone(),
+        "",
+        blobs[..4].iter().map(|b| digest(b)).collect(),
+    )
+    .await;
     assert_eq!(missing, vec![digest(&blobs[1])]);
     // That lookup refreshed 0, 2, 3 in that order, so 0 is now the oldest.
     batch_put(ch.clone(), "", &[&blobs[4]], None).await.unwrap();
     let missing = find_missing(ch.clone(), "", blobs.iter().map(|b| digest(b)).collect()).await;
     assert_eq!(missing, vec![digest(&blobs[0]), digest(&blobs[1])]);
     // Evicted means gone from disk too, not just from the index.
-    let on_disk: u64 = walk(&dir.path().join("cas")).iter().map(|p| p.metadata().unwrap().len()).sum();
+    let on_disk: u64 = walk(&dir.path().join("cas"))
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
     assert!(on_disk <= 100_000, "{on_disk} bytes on disk");
     let metrics = s.cache.metrics.encode();
     assert!(metrics.contains("lre_store_evictions_total 2"), "{metrics}");
     // A blob larger than the whole store is refused, not half-stored.
     let huge = blob(150_000, 99);
-    let err = bs_write(ch.clone(), write_requests(&upload_name("", "h", &huge), &huge, 65536, 0, true), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "h", &huge), &huge, 65536, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     s.shutdown().await;
 
@@ -161,7 +258,11 @@ async fn lru_eviction_keeps_the_store_within_its_limit() {
     let ch = channel(&s).await;
     let missing = find_missing(ch.clone(), "", blobs.iter().map(|b| digest(b)).collect()).await;
     assert_eq!(missing, vec![digest(&blobs[0]), digest(&blobs[1])]);
-    assert!(s.cache.metrics.encode().contains("lre_store_size_bytes 90000"));
+    assert!(s
+        .cache
+        .metrics
+        .encode()
+        .contains("lre_store_size_bytes 90000"));
     s.shutdown().await;
 }
 
@@ -189,7 +290,9 @@ async fn concurrent_writers_and_readers_of_one_digest() {
         let (ch, data) = (ch.clone(), data.clone());
         tasks.push(tokio::spawn(async move {
             let name = upload_name("", &format!("w{i}"), &data);
-            bs_write(ch, write_requests(&name, &data, 100_000, 0, true), None).await.map(|r| r.committed_size)
+            bs_write(ch, write_requests(&name, &data, 100_000, 0, true), None)
+                .await
+                .map(|r| r.committed_size)
         }));
     }
     for i in 0..8 {
@@ -209,7 +312,12 @@ async fn concurrent_writers_and_readers_of_one_digest() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(bs_read(ch.clone(), &read_name("", &data), 0, 0, None).await.unwrap(), data);
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &data), 0, 0, None)
+            .await
+            .unwrap(),
+        data
+    );
     assert_eq!(walk(&dir.path().join("cas")).len(), 1);
     assert!(tmp_files(dir.path()).is_empty());
     s.shutdown().await;
@@ -219,8 +327,14 @@ async fn concurrent_writers_and_readers_of_one_digest() {
 async fn a_second_server_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(fs_config(dir.path(), 1 << 20)).await;
-    let err = lre_server::start(fs_config(dir.path(), 1 << 20)).await.err().expect("second server must fail");
-    assert!(err.to_string().contains("in use by another lre-server"), "{err}");
+    let err = lre_server::start(fs_config(dir.path(), 1 << 20))
+        .await
+        .err()
+        .expect("second server must fail");
+    assert!(
+        err.to_string().contains("in use by another lre-server"),
+        "{err}"
+    );
     s.shutdown().await;
 }
 
@@ -239,26 +353,68 @@ async fn full_disk_is_resource_exhausted_and_corrupts_nothing() {
         ));
     let p = ServerProcess::spawn(cmd);
     // The server's own view of its store, through its mount namespace.
-    let store = PathBuf::from(format!("/proc/{}/root{}/store", p.child.id(), mnt.display()));
-    assert!(store.join("LOCK").exists(), "cannot see the server's tmpfs at {}", store.display());
+    let store = PathBuf::from(format!(
+        "/proc/{}/root{}/store",
+        p.child.id(),
+        mnt.display()
+    ));
+    assert!(
+        store.join("LOCK").exists(),
+        "cannot see the server's tmpfs at {}",
+        store.display()
+    );
     let ch = p.channel().await;
 
     let first = blob(4 << 20, 1);
-    bs_write(ch.clone(), write_requests(&upload_name("", "a", &first), &first, 1 << 20, 0, true), None).await.unwrap();
+    bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "a", &first), &first, 1 << 20, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
     let second = blob(4 << 20, 2);
-    let err = bs_write(ch.clone(), write_requests(&upload_name("", "b", &second), &second, 1 << 20, 0, true), None)
-        .await
-        .unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "b", &second), &second, 1 << 20, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("storage full"), "{}", err.message());
     // Nothing half-written is visible or left behind, and what was stored is intact.
-    assert_eq!(find_missing(ch.clone(), "", vec![digest(&second)]).await.len(), 1);
-    assert_eq!(bs_read(ch.clone(), &read_name("", &first), 0, 0, None).await.unwrap(), first);
-    assert!(tmp_files(&store).is_empty(), "temp file of the failed upload was left behind");
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![digest(&second)])
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &first), 0, 0, None)
+            .await
+            .unwrap(),
+        first
+    );
+    assert!(
+        tmp_files(&store).is_empty(),
+        "temp file of the failed upload was left behind"
+    );
     // Space came back: a small upload still works.
     let small = blob(100_000, 3);
-    bs_write(ch.clone(), write_requests(&upload_name("", "c", &small), &small, 65536, 0, true), None).await.unwrap();
-    assert_eq!(bs_read(ch.clone(), &read_name("", &small), 0, 0, None).await.unwrap(), small);
+    bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "c", &small), &small, 65536, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &small), 0, 0, None)
+            .await
+            .unwrap(),
+        small
+    );
     // The batch path reports the same per blob.
     let third = blob(3 << 20, 4);
     let codes = batch_put(ch.clone(), "", &[&third], None).await.unwrap();
@@ -274,15 +430,32 @@ async fn sigterm_shuts_down_cleanly_and_keeps_data() {
     let data = blob(300_000, 5);
     let mut p = ServerProcess::spawn(ServerProcess::command(&store, &[]));
     let ch = p.channel().await;
-    bs_write(ch.clone(), write_requests(&upload_name("", "t", &data), &data, 65536, 0, true), None).await.unwrap();
-    let status = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().unwrap();
+    bs_write(
+        ch.clone(),
+        write_requests(&upload_name("", "t", &data), &data, 65536, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     // The grace period bounds this wait; the server must exit by itself with success.
     let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
-    assert!(exit.success(), "lre-server exited with {exit:?} after SIGTERM");
+    assert!(
+        exit.success(),
+        "lre-server exited with {exit:?} after SIGTERM"
+    );
     drop(ch);
     let p = ServerProcess::spawn(ServerProcess::command(&store, &[]));
-    assert_eq!(bs_read(p.channel().await, &read_name("", &data), 0, 0, None).await.unwrap(), data);
+    assert_eq!(
+        bs_read(p.channel().await, &read_name("", &data), 0, 0, None)
+            .await
+            .unwrap(),
+        data
+    );
 }
 
 #[tokio::test]
@@ -294,9 +467,18 @@ async fn abandoned_uploads_are_dropped_after_their_ttl() {
     let ch = channel(&s).await;
     let data = blob(2 << 20, 8);
     let name = upload_name("", "abandoned", &data);
-    let err = bs_write(ch.clone(), write_requests(&name, &data[..1 << 20], 65536, 0, false), None).await.unwrap_err();
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name, &data[..1 << 20], 65536, 0, false),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
-    assert!(!tmp_files(dir.path()).is_empty(), "the partial upload should be held for resumption");
+    assert!(
+        !tmp_files(dir.path()).is_empty(),
+        "the partial upload should be held for resumption"
+    );
     // Poll (bounded) until the sweeper has dropped it; the point is that it goes, not when.
     let mut gone = false;
     for _ in 0..100 {
@@ -308,12 +490,21 @@ async fn abandoned_uploads_are_dropped_after_their_ttl() {
     }
     assert!(gone, "abandoned upload's temp file was never removed");
     let status = ByteStreamClient::new(ch.clone())
-        .query_write_status(bazel_remote_apis::google::bytestream::QueryWriteStatusRequest { resource_name: name.clone() })
+        .query_write_status(
+            bazel_remote_apis::google::bytestream::QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            },
+        )
         .await
         .unwrap()
         .into_inner();
     assert_eq!((status.committed_size, status.complete), (0, false));
-    assert_eq!(find_missing(ch.clone(), "", vec![digest(&data)]).await.len(), 1);
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![digest(&data)])
+            .await
+            .len(),
+        1
+    );
     s.shutdown().await;
 }
 
@@ -324,8 +515,12 @@ async fn an_action_cache_hit_refreshes_the_entry_and_its_blobs() {
     let ch = channel(&s).await;
     let (out, stdout) = (blob(40_000, 1), blob(40_000, 2));
     let action = digest(b"refresh me");
-    batch_put(ch.clone(), "", &[&out, &stdout], None).await.unwrap();
-    update_ac(ch.clone(), "", &action, action_result(&out, &stdout), None).await.unwrap();
+    batch_put(ch.clone(), "", &[&out, &stdout], None)
+        .await
+        .unwrap();
+    update_ac(ch.clone(), "", &action, action_result(&out, &stdout), None)
+        .await
+        .unwrap();
     // Capacity 200 kB: outputs (80 kB) + 2 fillers fit; each later filler forces one eviction.
     let fillers: Vec<Vec<u8>> = (0..4).map(|i| blob(40_000, 100 + i)).collect();
     for f in &fillers[..2] {
@@ -338,8 +533,20 @@ async fn an_action_cache_hit_refreshes_the_entry_and_its_blobs() {
     for f in &fillers[2..] {
         batch_put(ch.clone(), "", &[f], None).await.unwrap();
     }
-    assert_eq!(get_ac(ch.clone(), "", &action, None).await.unwrap(), action_result(&out, &stdout));
-    let missing = find_missing(ch.clone(), "", vec![digest(&fillers[0]), digest(&fillers[1])]).await;
-    assert_eq!(missing.len(), 2, "the older fillers should have been evicted instead");
+    assert_eq!(
+        get_ac(ch.clone(), "", &action, None).await.unwrap(),
+        action_result(&out, &stdout)
+    );
+    let missing = find_missing(
+        ch.clone(),
+        "",
+        vec![digest(&fillers[0]), digest(&fillers[1])],
+    )
+    .await;
+    assert_eq!(
+        missing.len(),
+        2,
+        "the older fillers should have been evicted instead"
+    );
     s.shutdown().await;
 }

@@ -11,18 +11,33 @@ use tonic::Code;
 async fn capabilities_advertise_what_is_served() {
     let s = start(memory_config()).await;
     let caps = CapabilitiesClient::new(channel(&s).await)
-        .get_capabilities(re::GetCapabilitiesRequest { instance_name: String::new() })
+        .get_capabilities(re::GetCapabilitiesRequest {
+            instance_name: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     let cache = caps.cache_capabilities.unwrap();
-    assert_eq!(cache.digest_functions, vec![re::digest_function::Value::Sha256 as i32]);
-    assert!(cache.supported_compressors.contains(&(re::compressor::Value::Zstd as i32)));
+    assert_eq!(
+        cache.digest_functions,
+        vec![re::digest_function::Value::Sha256 as i32]
+    );
+    assert!(cache
+        .supported_compressors
+        .contains(&(re::compressor::Value::Zstd as i32)));
     assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
-    assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
     // No execution service in this server: Bazel must not be told otherwise.
     assert!(!caps.execution_capabilities.unwrap().exec_enabled);
-    let (lo, hi) = (caps.low_api_version.unwrap(), caps.high_api_version.unwrap());
+    let (lo, hi) = (
+        caps.low_api_version.unwrap(),
+        caps.high_api_version.unwrap(),
+    );
     assert_eq!((lo.major, lo.minor), (2, 0));
     assert!(hi.major == 2 && hi.minor >= lo.minor);
     s.shutdown().await;
@@ -36,12 +51,20 @@ async fn batch_update_find_missing_and_read() {
     let missing = find_missing(ch.clone(), "", vec![digest(&a), digest(&b), digest(b"")]).await;
     // The empty blob always exists.
     assert_eq!(missing.len(), 2);
-    assert_eq!(batch_put(ch.clone(), "", &[&a, &b], None).await.unwrap(), vec![0, 0]);
-    assert!(find_missing(ch.clone(), "", vec![digest(&a), digest(&b)]).await.is_empty());
+    assert_eq!(
+        batch_put(ch.clone(), "", &[&a, &b], None).await.unwrap(),
+        vec![0, 0]
+    );
+    assert!(find_missing(ch.clone(), "", vec![digest(&a), digest(&b)])
+        .await
+        .is_empty());
     // Same hash, wrong size: a different digest, so missing.
     let mut wrong = digest(&a);
     wrong.size_bytes += 1;
-    assert_eq!(find_missing(ch.clone(), "", vec![wrong.clone()]).await, vec![wrong]);
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![wrong.clone()]).await,
+        vec![wrong]
+    );
 
     let resp = CasClient::new(ch.clone())
         .batch_read_blobs(re::BatchReadBlobsRequest {
@@ -54,7 +77,10 @@ async fn batch_update_find_missing_and_read() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.responses[0].data, a);
-    assert_eq!(resp.responses[1].status.as_ref().unwrap().code, Code::NotFound as i32);
+    assert_eq!(
+        resp.responses[1].status.as_ref().unwrap().code,
+        Code::NotFound as i32
+    );
     assert_eq!(resp.responses[2].status.as_ref().unwrap().code, 0);
     assert!(resp.responses[2].data.is_empty());
     s.shutdown().await;
@@ -71,7 +97,7 @@ async fn batch_compression_round_trips() {
             instance_name: String::new(),
             requests: vec![re::batch_update_blobs_request::Request {
                 digest: Some(digest(&data)),
-                data: zstd::bulk::compress(&data, 3).unwrap().into(),
+                data: zstd::bulk::compress(&data, 3).unwrap(),
                 compressor: z,
             }],
             digest_function: 0,
@@ -111,19 +137,52 @@ async fn batch_rejects_bad_entries_and_stores_nothing_for_them() {
         .batch_update_blobs(re::BatchUpdateBlobsRequest {
             instance_name: String::new(),
             requests: vec![
-                re::batch_update_blobs_request::Request { digest: Some(digest(&good)), data: good.clone().into(), compressor: 0 },
-                re::batch_update_blobs_request::Request { digest: Some(lie.clone()), data: evil.clone().into(), compressor: 0 },
-                re::batch_update_blobs_request::Request { digest: Some(short.clone()), data: good.clone().into(), compressor: 0 },
+                re::batch_update_blobs_request::Request {
+                    digest: Some(digest(&good)),
+                    data: good.clone(),
+                    compressor: 0,
+                },
+                re::batch_update_blobs_request::Request {
+                    digest: Some(lie.clone()),
+                    data: evil.clone(),
+                    compressor: 0,
+                },
+                re::batch_update_blobs_request::Request {
+                    digest: Some(short.clone()),
+                    data: good.clone(),
+                    compressor: 0,
+                },
             ],
             digest_function: 0,
         })
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = resp.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
-    assert_eq!(codes, vec![0, Code::InvalidArgument as i32, Code::InvalidArgument as i32]);
-    assert!(resp.responses[1].status.as_ref().unwrap().message.contains("digest mismatch"));
-    assert_eq!(find_missing(ch.clone(), "", vec![lie.clone(), short.clone()]).await.len(), 2);
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32
+        ]
+    );
+    assert!(resp.responses[1]
+        .status
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("digest mismatch"));
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![lie.clone(), short.clone()])
+            .await
+            .len(),
+        2
+    );
     s.shutdown().await;
 }
 
@@ -131,11 +190,19 @@ async fn batch_rejects_bad_entries_and_stores_nothing_for_them() {
 async fn malformed_digests_and_oversized_batches_are_invalid_arguments() {
     let s = start(memory_config()).await;
     let ch = channel(&s).await;
-    for (hash, size) in [("abc".to_string(), 1), ("z".repeat(64), 1), ("A".repeat(64), 1), ("a".repeat(64), -5)] {
+    for (hash, size) in [
+        ("abc".to_string(), 1),
+        ("z".repeat(64), 1),
+        ("A".repeat(64), 1),
+        ("a".repeat(64), -5),
+    ] {
         let err = CasClient::new(ch.clone())
             .find_missing_blobs(re::FindMissingBlobsRequest {
                 instance_name: String::new(),
-                blob_digests: vec![re::Digest { hash: hash.clone(), size_bytes: size }],
+                blob_digests: vec![re::Digest {
+                    hash: hash.clone(),
+                    size_bytes: size,
+                }],
                 digest_function: 0,
             })
             .await
@@ -147,8 +214,17 @@ async fn malformed_digests_and_oversized_batches_are_invalid_arguments() {
     let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
     let err = batch_put(ch.clone(), "", &refs, None).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("max_batch_total_size_bytes"), "{}", err.message());
-    assert_eq!(find_missing(ch.clone(), "", blobs.iter().map(|b| digest(b)).collect()).await.len(), 4);
+    assert!(
+        err.message().contains("max_batch_total_size_bytes"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        find_missing(ch.clone(), "", blobs.iter().map(|b| digest(b)).collect())
+            .await
+            .len(),
+        4
+    );
     // A SHA-1 request is refused rather than misread.
     let err = CasClient::new(ch.clone())
         .find_missing_blobs(re::FindMissingBlobsRequest {
@@ -167,20 +243,41 @@ async fn get_tree_pages_through_every_directory() {
     let s = start(memory_config()).await;
     let ch = channel(&s).await;
     // root -> {d0..d4}, each d_i -> shared leaf (listed once).
-    let leaf = re::Directory { files: vec![re::FileNode { name: "f".into(), digest: Some(digest(b"x")), ..Default::default() }], ..Default::default() };
+    let leaf = re::Directory {
+        files: vec![re::FileNode {
+            name: "f".into(),
+            digest: Some(digest(b"x")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     let leaf_raw = leaf.encode_to_vec();
     let mids: Vec<Vec<u8>> = (0..5)
         .map(|i| {
             re::Directory {
-                directories: vec![re::DirectoryNode { name: format!("leaf{i}"), digest: Some(digest(&leaf_raw)) }],
-                symlinks: vec![re::SymlinkNode { name: format!("s{i}"), target: "x".into(), ..Default::default() }],
+                directories: vec![re::DirectoryNode {
+                    name: format!("leaf{i}"),
+                    digest: Some(digest(&leaf_raw)),
+                }],
+                symlinks: vec![re::SymlinkNode {
+                    name: format!("s{i}"),
+                    target: "x".into(),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }
             .encode_to_vec()
         })
         .collect();
     let root = re::Directory {
-        directories: mids.iter().enumerate().map(|(i, m)| re::DirectoryNode { name: format!("d{i}"), digest: Some(digest(m)) }).collect(),
+        directories: mids
+            .iter()
+            .enumerate()
+            .map(|(i, m)| re::DirectoryNode {
+                name: format!("d{i}"),
+                digest: Some(digest(m)),
+            })
+            .collect(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -229,7 +326,11 @@ async fn action_results_are_returned_only_when_complete() {
     let inner_file = b"file inside tree".to_vec();
     let tree = re::Tree {
         root: Some(re::Directory {
-            files: vec![re::FileNode { name: "a".into(), digest: Some(digest(&inner_file)), ..Default::default() }],
+            files: vec![re::FileNode {
+                name: "a".into(),
+                digest: Some(digest(&inner_file)),
+                ..Default::default()
+            }],
             ..Default::default()
         }),
         children: vec![],
@@ -241,14 +342,32 @@ async fn action_results_are_returned_only_when_complete() {
         tree_digest: Some(digest(&tree)),
         ..Default::default()
     });
-    update_ac(ch.clone(), "", &action, result.clone(), None).await.unwrap();
+    update_ac(ch.clone(), "", &action, result.clone(), None)
+        .await
+        .unwrap();
 
     // Nothing referenced is present yet.
-    assert_eq!(get_ac(ch.clone(), "", &action, None).await.unwrap_err().code(), Code::NotFound);
-    batch_put(ch.clone(), "", &[&out, &stdout, &tree], None).await.unwrap();
+    assert_eq!(
+        get_ac(ch.clone(), "", &action, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    batch_put(ch.clone(), "", &[&out, &stdout, &tree], None)
+        .await
+        .unwrap();
     // The tree is there but a file inside it is not.
-    assert_eq!(get_ac(ch.clone(), "", &action, None).await.unwrap_err().code(), Code::NotFound);
-    batch_put(ch.clone(), "", &[&inner_file], None).await.unwrap();
+    assert_eq!(
+        get_ac(ch.clone(), "", &action, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    batch_put(ch.clone(), "", &[&inner_file], None)
+        .await
+        .unwrap();
     let got = get_ac(ch.clone(), "", &action, None).await.unwrap();
     assert_eq!(got, result);
     s.shutdown().await;
@@ -262,14 +381,34 @@ async fn instances_have_separate_action_caches() {
     let ch = channel(&s).await;
     let action = digest(b"shared action");
     let (out, stdout) = (b"o".to_vec(), b"s".to_vec());
-    batch_put(ch.clone(), "a", &[&out, &stdout], None).await.unwrap();
-    update_ac(ch.clone(), "a", &action, action_result(&out, &stdout), None).await.unwrap();
+    batch_put(ch.clone(), "a", &[&out, &stdout], None)
+        .await
+        .unwrap();
+    update_ac(ch.clone(), "a", &action, action_result(&out, &stdout), None)
+        .await
+        .unwrap();
     assert!(get_ac(ch.clone(), "a", &action, None).await.is_ok());
-    assert_eq!(get_ac(ch.clone(), "b/c", &action, None).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(get_ac(ch.clone(), "", &action, None).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get_ac(ch.clone(), "b/c", &action, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        get_ac(ch.clone(), "", &action, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
     let err = get_ac(ch.clone(), "nope", &action, None).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("unknown instance"), "{}", err.message());
+    assert!(
+        err.message().contains("unknown instance"),
+        "{}",
+        err.message()
+    );
     s.shutdown().await;
 }
 
@@ -279,11 +418,20 @@ async fn malformed_action_results_are_refused() {
     let ch = channel(&s).await;
     let action = digest(b"a");
     let mut bad = action_result(b"o", b"s");
-    bad.output_files[0].digest = Some(re::Digest { hash: "xyz".into(), size_bytes: 1 });
-    let err = update_ac(ch.clone(), "", &action, bad, None).await.unwrap_err();
+    bad.output_files[0].digest = Some(re::Digest {
+        hash: "xyz".into(),
+        size_bytes: 1,
+    });
+    let err = update_ac(ch.clone(), "", &action, bad, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = ActionCacheClient::new(ch.clone())
-        .get_action_result(re::GetActionResultRequest { instance_name: String::new(), action_digest: None, ..Default::default() })
+        .get_action_result(re::GetActionResultRequest {
+            instance_name: String::new(),
+            action_digest: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -333,7 +481,11 @@ impl tonic::codec::Codec for RawCodec {
 impl tonic::codec::Encoder for RawCodec {
     type Item = Vec<u8>;
     type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
         use bytes::BufMut;
         dst.put_slice(&item);
         Ok(())
@@ -343,7 +495,10 @@ impl tonic::codec::Encoder for RawCodec {
 impl tonic::codec::Decoder for RawCodec {
     type Item = Vec<u8>;
     type Error = tonic::Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
         use bytes::Buf;
         let mut v = vec![0; src.remaining()];
         src.copy_to_slice(&mut v);

@@ -45,7 +45,10 @@ struct Inner {
 impl Inner {
     fn path(&self, key: &Key) -> PathBuf {
         let h = key.hash();
-        self.root.join(key.kind()).join(hex::encode(&h[..1])).join(hex::encode(h))
+        self.root
+            .join(key.kind())
+            .join(hex::encode(&h[..1]))
+            .join(hex::encode(h))
     }
 
     fn index(&self) -> MutexGuard<'_, LruIndex<Instant>> {
@@ -75,9 +78,16 @@ impl FsStore {
     fn open_blocking(root: PathBuf, capacity: u64, metrics: StoreMetrics) -> Result<FsStore> {
         let started = Instant::now();
         fs::create_dir_all(&root).map_err(|e| {
-            Error::Internal(format!("cannot create store directory {}: {e}", root.display()))
+            Error::Internal(format!(
+                "cannot create store directory {}: {e}",
+                root.display()
+            ))
         })?;
-        let lock = File::options().create(true).truncate(false).write(true).open(root.join("LOCK"))?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("LOCK"))?;
         lock.try_lock().map_err(|_| {
             Error::Internal(format!(
                 "store directory {} is in use by another lre-server",
@@ -141,7 +151,9 @@ impl FsStore {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "filesystem store index rebuilt"
         );
-        Ok(FsStore { inner: Arc::new(inner) })
+        Ok(FsStore {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -278,19 +290,28 @@ impl BlobWriter for FsWriter {
                 self.inner.capacity
             )));
         }
-        let file = self.file.as_mut().ok_or_else(|| Error::Internal("write after commit".into()))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::Internal("write after commit".into()))?;
         file.write_all(data).await?;
         self.written += data.len() as u64;
         Ok(())
     }
 
     async fn commit(mut self: Box<Self>, key: Key) -> Result<()> {
-        let mut file = self.file.take().ok_or_else(|| Error::Internal("double commit".into()))?;
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::Internal("double commit".into()))?;
         file.flush().await?;
         let file = file.into_inner();
         file.sync_all().await?;
         drop(file);
-        let tmp = self.tmp.take().ok_or_else(|| Error::Internal("double commit".into()))?;
+        let tmp = self
+            .tmp
+            .take()
+            .ok_or_else(|| Error::Internal("double commit".into()))?;
         let inner = self.inner.clone();
         let size = self.written;
         tokio::task::spawn_blocking(move || {

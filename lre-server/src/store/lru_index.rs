@@ -19,7 +19,12 @@ pub(super) struct LruIndex<V> {
 
 impl<V> LruIndex<V> {
     pub fn new(capacity: u64, metrics: StoreMetrics) -> Self {
-        LruIndex { map: LruCache::unbounded(), used: 0, capacity, metrics }
+        LruIndex {
+            map: LruCache::unbounded(),
+            used: 0,
+            capacity,
+            metrics,
+        }
     }
 
     /// Looks up and marks as most recently used.

@@ -18,7 +18,10 @@ pub struct MemStore {
 
 impl MemStore {
     pub fn new(capacity: u64, metrics: StoreMetrics) -> MemStore {
-        MemStore { index: Arc::new(Mutex::new(LruIndex::new(capacity, metrics))), capacity }
+        MemStore {
+            index: Arc::new(Mutex::new(LruIndex::new(capacity, metrics))),
+            capacity,
+        }
     }
 
     fn index(&self) -> MutexGuard<'_, LruIndex<Bytes>> {
@@ -38,7 +41,9 @@ impl BlobStore for MemStore {
     }
 
     async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        let Some(data) = self.get(key).await? else { return Ok(None) };
+        let Some(data) = self.get(key).await? else {
+            return Ok(None);
+        };
         let size = data.len() as u64;
         let mut cursor = Cursor::new(data);
         cursor.set_position(offset.min(size));
@@ -48,7 +53,11 @@ impl BlobStore for MemStore {
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
         check_fits(size_hint, self.capacity)?;
         let cap = size_hint.unwrap_or(0).min(64 << 20) as usize;
-        Ok(Box::new(MemWriter { index: self.index.clone(), buf: Vec::with_capacity(cap), capacity: self.capacity }))
+        Ok(Box::new(MemWriter {
+            index: self.index.clone(),
+            buf: Vec::with_capacity(cap),
+            capacity: self.capacity,
+        }))
     }
 
     async fn remove(&self, key: &Key) -> Result<()> {

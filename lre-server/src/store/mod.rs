@@ -154,7 +154,10 @@ impl CasUpload {
                 actual: hex::encode(actual),
             });
         }
-        let digest = Digest { hash: actual, size: self.written };
+        let digest = Digest {
+            hash: actual,
+            size: self.written,
+        };
         self.inner.commit(Key::cas(&digest)).await?;
         Ok(digest)
     }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use bazel_remote_apis::google::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest, WriteResponse};
+use bazel_remote_apis::google::bytestream::{
+    byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest, WriteResponse,
+};
 use lre_server::auth::{hash_token, Scope, TokenConfig};
 use lre_server::config::{ByteSize, Config, StoreKind};
 use lre_server::RunningServer;
@@ -22,9 +24,11 @@ pub fn loopback0() -> SocketAddr {
 }
 
 pub fn memory_config() -> Config {
-    let mut c = Config::default();
-    c.grpc_listen = loopback0();
-    c.http_listen = Some(loopback0());
+    let mut c = Config {
+        grpc_listen: loopback0(),
+        http_listen: Some(loopback0()),
+        ..Config::default()
+    };
     c.store.kind = StoreKind::Memory;
     c.store.max_size = ByteSize(1 << 30);
     c
@@ -52,7 +56,11 @@ pub async fn start(config: Config) -> RunningServer {
 }
 
 pub async fn channel(s: &RunningServer) -> Channel {
-    Channel::from_shared(format!("http://{}", s.grpc_addr)).unwrap().connect().await.expect("connect")
+    Channel::from_shared(format!("http://{}", s.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect")
 }
 
 pub fn http_url(s: &RunningServer) -> String {
@@ -60,7 +68,10 @@ pub fn http_url(s: &RunningServer) -> String {
 }
 
 pub fn digest(data: &[u8]) -> re::Digest {
-    re::Digest { hash: hex::encode(Sha256::digest(data)), size_bytes: data.len() as i64 }
+    re::Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
 }
 
 pub fn hash_hex(data: &[u8]) -> String {
@@ -69,7 +80,10 @@ pub fn hash_hex(data: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes (incompressible enough to exercise zstd honestly).
 pub fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -83,35 +97,54 @@ pub fn blob(len: usize, seed: u64) -> Vec<u8> {
 pub fn authed<T>(msg: T, bearer: Option<&str>) -> Request<T> {
     let mut r = Request::new(msg);
     if let Some(t) = bearer {
-        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     r
 }
 
 pub fn upload_name(instance: &str, uuid: &str, data: &[u8]) -> String {
     let d = digest(data);
-    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
     format!("{prefix}uploads/{uuid}/blobs/{}/{}", d.hash, d.size_bytes)
 }
 
 pub fn read_name(instance: &str, data: &[u8]) -> String {
     let d = digest(data);
-    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
     format!("{prefix}blobs/{}/{}", d.hash, d.size_bytes)
 }
 
 /// Builds the write requests for `data` in `chunk`-sized messages starting at `offset`.
-pub fn write_requests(name: &str, data: &[u8], chunk: usize, offset: usize, finish: bool) -> Vec<WriteRequest> {
+pub fn write_requests(
+    name: &str,
+    data: &[u8],
+    chunk: usize,
+    offset: usize,
+    finish: bool,
+) -> Vec<WriteRequest> {
     let mut out = Vec::new();
     let mut pos = offset;
     loop {
         let end = (pos + chunk).min(data.len());
         let last = end == data.len();
         out.push(WriteRequest {
-            resource_name: if out.is_empty() { name.to_string() } else { String::new() },
+            resource_name: if out.is_empty() {
+                name.to_string()
+            } else {
+                String::new()
+            },
             write_offset: pos as i64,
             finish_write: last && finish,
-            data: data[pos..end].to_vec().into(),
+            data: data[pos..end].to_vec(),
         });
         pos = end;
         if last {
@@ -126,13 +159,28 @@ pub async fn bs_write(
     bearer: Option<&str>,
 ) -> Result<WriteResponse, Status> {
     let mut c = ByteStreamClient::new(ch).max_decoding_message_size(64 << 20);
-    c.write(authed(tokio_stream::iter(reqs), bearer)).await.map(|r| r.into_inner())
+    c.write(authed(tokio_stream::iter(reqs), bearer))
+        .await
+        .map(|r| r.into_inner())
 }
 
-pub async fn bs_read(ch: Channel, name: &str, offset: i64, limit: i64, bearer: Option<&str>) -> Result<Vec<u8>, Status> {
+pub async fn bs_read(
+    ch: Channel,
+    name: &str,
+    offset: i64,
+    limit: i64,
+    bearer: Option<&str>,
+) -> Result<Vec<u8>, Status> {
     let mut c = ByteStreamClient::new(ch).max_decoding_message_size(64 << 20);
     let mut s = c
-        .read(authed(ReadRequest { resource_name: name.into(), read_offset: offset, read_limit: limit }, bearer))
+        .read(authed(
+            ReadRequest {
+                resource_name: name.into(),
+                read_offset: offset,
+                read_limit: limit,
+            },
+            bearer,
+        ))
         .await?
         .into_inner();
     let mut out = Vec::new();
@@ -142,7 +190,11 @@ pub async fn bs_read(ch: Channel, name: &str, offset: i64, limit: i64, bearer: O
     Ok(out)
 }
 
-pub async fn find_missing(ch: Channel, instance: &str, digests: Vec<re::Digest>) -> Vec<re::Digest> {
+pub async fn find_missing(
+    ch: Channel,
+    instance: &str,
+    digests: Vec<re::Digest>,
+) -> Vec<re::Digest> {
     CasClient::new(ch)
         .find_missing_blobs(re::FindMissingBlobsRequest {
             instance_name: instance.into(),
@@ -155,21 +207,33 @@ pub async fn find_missing(ch: Channel, instance: &str, digests: Vec<re::Digest>)
         .missing_blob_digests
 }
 
-pub async fn batch_put(ch: Channel, instance: &str, blobs: &[&[u8]], bearer: Option<&str>) -> Result<Vec<i32>, Status> {
+pub async fn batch_put(
+    ch: Channel,
+    instance: &str,
+    blobs: &[&[u8]],
+    bearer: Option<&str>,
+) -> Result<Vec<i32>, Status> {
     let req = re::BatchUpdateBlobsRequest {
         instance_name: instance.into(),
         requests: blobs
             .iter()
             .map(|b| re::batch_update_blobs_request::Request {
                 digest: Some(digest(b)),
-                data: b.to_vec().into(),
+                data: b.to_vec(),
                 compressor: 0,
             })
             .collect(),
         digest_function: 0,
     };
-    let resp = CasClient::new(ch).batch_update_blobs(authed(req, bearer)).await?.into_inner();
-    Ok(resp.responses.iter().map(|r| r.status.as_ref().map(|s| s.code).unwrap_or(-1)).collect())
+    let resp = CasClient::new(ch)
+        .batch_update_blobs(authed(req, bearer))
+        .await?
+        .into_inner();
+    Ok(resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().map(|s| s.code).unwrap_or(-1))
+        .collect())
 }
 
 /// An ActionResult whose one output file and stdout are `out` and `stdout`.
@@ -187,7 +251,13 @@ pub fn action_result(out: &[u8], stdout: &[u8]) -> re::ActionResult {
     }
 }
 
-pub async fn update_ac(ch: Channel, instance: &str, action: &re::Digest, r: re::ActionResult, bearer: Option<&str>) -> Result<(), Status> {
+pub async fn update_ac(
+    ch: Channel,
+    instance: &str,
+    action: &re::Digest,
+    r: re::ActionResult,
+    bearer: Option<&str>,
+) -> Result<(), Status> {
     ActionCacheClient::new(ch)
         .update_action_result(authed(
             re::UpdateActionResultRequest {
@@ -203,7 +273,12 @@ pub async fn update_ac(ch: Channel, instance: &str, action: &re::Digest, r: re::
         .map(|_| ())
 }
 
-pub async fn get_ac(ch: Channel, instance: &str, action: &re::Digest, bearer: Option<&str>) -> Result<re::ActionResult, Status> {
+pub async fn get_ac(
+    ch: Channel,
+    instance: &str,
+    action: &re::Digest,
+    bearer: Option<&str>,
+) -> Result<re::ActionResult, Status> {
     ActionCacheClient::new(ch)
         .get_action_result(authed(
             re::GetActionResultRequest {
