@@ -55,6 +55,60 @@ pub struct Config {
     /// How long an interrupted ByteStream upload stays resumable before its data is dropped.
     #[serde(default = "default_upload_ttl")]
     pub upload_ttl_seconds: u64,
+    #[serde(default)]
+    pub execution: ExecutionConfig,
+}
+
+/// Remote execution: the scheduler and the endpoint workers connect to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionConfig {
+    /// Serve Execute/WaitExecution/Operations and the worker endpoint, and advertise
+    /// `exec_enabled` in Capabilities.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Timeout for actions that set none.
+    #[serde(default = "default_action_timeout")]
+    pub default_timeout_seconds: u64,
+    /// Actions asking for more are refused.
+    #[serde(default = "default_max_action_timeout")]
+    pub max_timeout_seconds: u64,
+    /// Workers lost under one action before it fails.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Workers send keepalives this often; one silent for three intervals is dropped.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_seconds: u64,
+    /// Platforms of workers that may not be connected yet: matching actions wait for them
+    /// instead of failing at once. Each entry maps property names to values.
+    #[serde(default)]
+    pub known_platforms: Vec<std::collections::BTreeMap<String, String>>,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            enabled: false,
+            default_timeout_seconds: default_action_timeout(),
+            max_timeout_seconds: default_max_action_timeout(),
+            max_attempts: default_max_attempts(),
+            keepalive_seconds: default_keepalive(),
+            known_platforms: vec![],
+        }
+    }
+}
+
+fn default_action_timeout() -> u64 {
+    900
+}
+fn default_max_action_timeout() -> u64 {
+    3 * 3600
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_keepalive() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -130,6 +184,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             shutdown_grace_seconds: default_grace(),
             upload_ttl_seconds: default_upload_ttl(),
+            execution: ExecutionConfig::default(),
         }
     }
 }
@@ -192,6 +247,19 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.store.max_size.0 == 0 {
             return Err(invalid("store.max_size", "must be greater than zero"));
+        }
+        let e = &self.execution;
+        if e.default_timeout_seconds == 0 || e.default_timeout_seconds > e.max_timeout_seconds {
+            return Err(invalid(
+                "execution.default_timeout_seconds",
+                "must be between 1 and execution.max_timeout_seconds",
+            ));
+        }
+        if e.max_attempts == 0 {
+            return Err(invalid("execution.max_attempts", "must be at least 1"));
+        }
+        if e.keepalive_seconds == 0 {
+            return Err(invalid("execution.keepalive_seconds", "must be at least 1"));
         }
         if self.upload_ttl_seconds == 0 {
             return Err(invalid("upload_ttl_seconds", "must be at least 1"));

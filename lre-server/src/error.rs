@@ -33,6 +33,9 @@ pub enum Error {
     #[error("out of range: {0}")]
     OutOfRange(String),
 
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+
     #[error("aborted: {0}")]
     Aborted(String),
 
@@ -79,6 +82,7 @@ impl Error {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::StorageFull(_) => Code::ResourceExhausted,
             Error::OutOfRange(_) => Code::OutOfRange,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Io(_) | Error::Internal(_) => Code::Internal,
@@ -95,7 +99,7 @@ impl Error {
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
-            Error::Aborted(_) => StatusCode::CONFLICT,
+            Error::Aborted(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Io(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -10,13 +10,17 @@ pub mod cas;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod execution;
 pub mod http;
 pub mod instance;
 pub mod metrics;
+pub mod operations;
 pub mod resource_name;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod worker_service;
 
 pub use config::Config;
 pub use server::{start, RunningServer, StartError};

@@ -17,6 +17,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use bazel_remote_apis::build::bazel::remote::execution::v2::execution_server::ExecutionServer;
+use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
+use lre_worker_protocol::v1::worker_service_server::WorkerServiceServer;
+
 use crate::action_cache::ActionCacheService;
 use crate::auth::Authenticator;
 use crate::bytestream::ByteStreamService;
@@ -24,9 +28,13 @@ use crate::cache::Cache;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::{Config, ConfigError, StoreKind};
+use crate::execution::{ExecScheduler, ExecutionService};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
+use crate::operations::OperationsService;
+use crate::scheduler::SchedulerConfig;
 use crate::store::{BlobStore, FsStore, MemStore};
+use crate::worker_service::WorkerEndpoint;
 
 /// gRPC messages may carry a full batch plus framing. The decoder accepts up to four times
 /// the batch limit so that an oversized batch reaches our own check and gets the spec's
@@ -58,6 +66,8 @@ pub struct RunningServer {
     pub http_addr: Option<SocketAddr>,
     pub tls: bool,
     pub cache: Arc<Cache>,
+    /// Present when execution is enabled; `lre up` registers its in-process workers here.
+    pub scheduler: Option<Arc<ExecScheduler>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -83,7 +93,12 @@ impl RunningServer {
     /// The Bazel flags that point a build at this server.
     pub fn bazel_flags(&self) -> Vec<String> {
         let scheme = if self.tls { "grpcs" } else { "grpc" };
-        vec![format!("--remote_cache={scheme}://{}", self.grpc_addr)]
+        let flag = if self.scheduler.is_some() {
+            "--remote_executor"
+        } else {
+            "--remote_cache"
+        };
+        vec![format!("{flag}={scheme}://{}", self.grpc_addr)]
     }
 }
 
@@ -147,10 +162,11 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(crate::tls::tonic_config(tls)?)?;
     }
-    let router = builder
+    let exec = &config.execution;
+    let mut router = builder
         .add_service(CapabilitiesServer::new(CapabilitiesService::new(
             cache.clone(),
-            false,
+            exec.enabled,
         )))
         .add_service(
             ContentAddressableStorageServer::new(CasService::new(cache.clone()))
@@ -168,6 +184,39 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             ))
             .max_decoding_message_size(max_msg),
         );
+    let scheduler = exec.enabled.then(|| {
+        Arc::new(ExecScheduler::new(SchedulerConfig {
+            max_attempts: exec.max_attempts,
+            known_platforms: exec
+                .known_platforms
+                .iter()
+                .map(|m| m.clone().into_iter().collect())
+                .collect(),
+            ..SchedulerConfig::default()
+        }))
+    });
+    if let Some(scheduler) = &scheduler {
+        let keepalive = Duration::from_secs(exec.keepalive_seconds);
+        router = router
+            .add_service(ExecutionServer::new(ExecutionService::new(
+                cache.clone(),
+                scheduler.clone(),
+                exec.clone(),
+            )))
+            .add_service(OperationsServer::new(OperationsService::new(
+                cache.clone(),
+                scheduler.clone(),
+            )))
+            .add_service(
+                WorkerServiceServer::new(WorkerEndpoint::new(
+                    cache.clone(),
+                    scheduler.clone(),
+                    keepalive,
+                ))
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg),
+            );
+    }
     let mut grpc_rx = rx.clone();
     let mut grace_rx = rx.clone();
     let stop_all = shutdown.clone();
@@ -212,6 +261,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         http_addr,
         tls: config.tls.is_some(),
         cache,
+        scheduler,
         shutdown,
         tasks,
     })

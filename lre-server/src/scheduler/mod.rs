@@ -1,0 +1,462 @@
+//! The execution scheduler's core: a priority queue of operations, workers with
+//! capacities and platform properties, in-flight deduplication, and requeueing when a
+//! worker is lost. It is generic over the job (`J`) sent to workers and the result (`R`)
+//! they return, so this logic is tested without gRPC; the Execution service and the worker
+//! connection (the remote-execution issue) sit on top.
+//!
+//! Everything happens under one mutex with no awaits inside, so the state machine is easy
+//! to reason about: each public method is one atomic transition.
+
+pub mod platform;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::digest::Digest;
+pub use platform::Properties;
+
+pub type OperationId = String;
+pub type WorkerId = String;
+
+/// What makes two executions the same for deduplication.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct ActionKey {
+    pub instance: String,
+    pub action: Digest,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: tonic::Code, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stage<R> {
+    Queued,
+    Executing { worker: WorkerId, attempt: u32 },
+    Completed(Result<R, Failure>),
+}
+
+#[derive(Debug)]
+pub enum WorkerCommand<J> {
+    Run {
+        operation: OperationId,
+        job: J,
+        attempt: u32,
+    },
+    Cancel {
+        operation: OperationId,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// How many workers may be lost under one action before it fails.
+    pub max_attempts: u32,
+    /// Platforms of workers that are expected but may not be connected right now; an
+    /// action matching one of them waits instead of failing.
+    pub known_platforms: Vec<Properties>,
+    /// How long a finished operation stays queryable (WaitExecution, GetOperation).
+    pub keep_finished: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_attempts: 3,
+            known_platforms: vec![],
+            keep_finished: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What `submit` hands back: the operation to watch, and whether it joined one in flight.
+pub struct Submitted<R> {
+    pub operation: OperationId,
+    pub stage: watch::Receiver<Stage<R>>,
+    pub deduplicated: bool,
+}
+
+struct Operation<J, R> {
+    key: ActionKey,
+    platform: Properties,
+    job: J,
+    /// (priority, sequence): the queue position, kept across requeues so a retried action
+    /// does not lose its place.
+    rank: (i32, u64),
+    attempts: u32,
+    worker: Option<WorkerId>,
+    stage: watch::Sender<Stage<R>>,
+    finished_at: Option<Instant>,
+}
+
+struct Worker<J> {
+    /// Distinguishes this connection from a later one under the same worker id.
+    session: u64,
+    properties: Properties,
+    capacity: usize,
+    running: HashSet<OperationId>,
+    tx: mpsc::UnboundedSender<WorkerCommand<J>>,
+}
+
+struct State<J, R> {
+    next_seq: u64,
+    operations: HashMap<OperationId, Operation<J, R>>,
+    in_flight: HashMap<ActionKey, OperationId>,
+    /// Lower priority values run first (REAPI), then first come, first served.
+    queue: BTreeMap<(i32, u64), OperationId>,
+    workers: HashMap<WorkerId, Worker<J>>,
+    finished: VecDeque<OperationId>,
+}
+
+pub struct Scheduler<J, R> {
+    state: Mutex<State<J, R>>,
+    config: SchedulerConfig,
+}
+
+impl<J: Clone, R: Clone> Scheduler<J, R> {
+    pub fn new(mut config: SchedulerConfig) -> Self {
+        config.known_platforms = config
+            .known_platforms
+            .into_iter()
+            .map(platform::normalize)
+            .collect();
+        Scheduler {
+            state: Mutex::new(State {
+                next_seq: 0,
+                operations: HashMap::new(),
+                in_flight: HashMap::new(),
+                queue: BTreeMap::new(),
+                workers: HashMap::new(),
+                finished: VecDeque::new(),
+            }),
+            config,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<J, R>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an action, or joins the identical one already queued or executing.
+    /// Fails at once with FAILED_PRECONDITION if no connected or configured worker could
+    /// ever run it.
+    pub fn submit(
+        &self,
+        key: ActionKey,
+        platform: Properties,
+        priority: i32,
+        job: J,
+    ) -> Result<Submitted<R>, Failure> {
+        let platform = platform::normalize(platform);
+        let mut st = self.state();
+        if let Some(id) = st.in_flight.get(&key) {
+            let op = &st.operations[id];
+            return Ok(Submitted {
+                operation: id.clone(),
+                stage: op.stage.subscribe(),
+                deduplicated: true,
+            });
+        }
+        if !self.matchable(&st, &platform) {
+            let candidates = st
+                .workers
+                .values()
+                .map(|w| &w.properties)
+                .chain(self.config.known_platforms.iter());
+            return Err(Failure::new(
+                tonic::Code::FailedPrecondition,
+                platform::explain_unmatchable(candidates, &platform),
+            ));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let rank = (priority, st.next_seq);
+        st.next_seq += 1;
+        let (tx, rx) = watch::channel(Stage::Queued);
+        st.operations.insert(
+            id.clone(),
+            Operation {
+                key: key.clone(),
+                platform,
+                job,
+                rank,
+                attempts: 0,
+                worker: None,
+                stage: tx,
+                finished_at: None,
+            },
+        );
+        st.in_flight.insert(key, id.clone());
+        st.queue.insert(rank, id.clone());
+        self.dispatch(&mut st);
+        Ok(Submitted {
+            operation: id,
+            stage: rx,
+            deduplicated: false,
+        })
+    }
+
+    fn matchable(&self, st: &State<J, R>, platform: &Properties) -> bool {
+        st.workers
+            .values()
+            .any(|w| platform::satisfies(&w.properties, platform))
+            || self
+                .config
+                .known_platforms
+                .iter()
+                .any(|k| platform::satisfies(k, platform))
+    }
+
+    /// The action an operation runs and its current stage.
+    pub fn snapshot(&self, operation: &str) -> Option<(ActionKey, Stage<R>)> {
+        let st = self.state();
+        st.operations
+            .get(operation)
+            .map(|op| (op.key.clone(), op.stage.borrow().clone()))
+    }
+
+    /// The job of an operation a worker holds, for turning its report into a result.
+    pub fn job_of(&self, worker: &str, operation: &str) -> Option<J> {
+        let st = self.state();
+        let held = st
+            .workers
+            .get(worker)
+            .is_some_and(|w| w.running.contains(operation));
+        held.then(|| st.operations.get(operation).map(|op| op.job.clone()))
+            .flatten()
+    }
+
+    pub fn watch(&self, operation: &str) -> Option<watch::Receiver<Stage<R>>> {
+        self.state()
+            .operations
+            .get(operation)
+            .map(|op| op.stage.subscribe())
+    }
+
+    /// Adds a worker; commands for it arrive on the returned channel. Re-registering an
+    /// id replaces the old connection (its running actions are requeued).
+    pub fn register_worker(
+        &self,
+        id: WorkerId,
+        properties: Properties,
+        capacity: usize,
+    ) -> mpsc::UnboundedReceiver<WorkerCommand<J>> {
+        self.connect_worker(id, properties, capacity).1
+    }
+
+    /// Like `register_worker`, also returning the session to pass to `disconnect`.
+    pub fn connect_worker(
+        &self,
+        id: WorkerId,
+        properties: Properties,
+        capacity: usize,
+    ) -> (u64, mpsc::UnboundedReceiver<WorkerCommand<J>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut st = self.state();
+        self.remove_worker(&mut st, &id);
+        let session = st.next_seq;
+        st.next_seq += 1;
+        st.workers.insert(
+            id,
+            Worker {
+                session,
+                properties: platform::normalize(properties),
+                capacity: capacity.max(1),
+                running: HashSet::new(),
+                tx,
+            },
+        );
+        self.dispatch(&mut st);
+        (session, rx)
+    }
+
+    /// A worker connection ended. A stale session (the worker already reconnected) is ignored.
+    pub fn disconnect(&self, id: &str, session: u64) {
+        let current = self.state().workers.get(id).map(|w| w.session);
+        if current == Some(session) {
+            self.worker_lost(id);
+        }
+    }
+
+    /// The worker disconnected or died: its actions go back to the queue (or fail once they
+    /// have used up their attempts), and queued actions nobody can run any more fail.
+    pub fn worker_lost(&self, id: &str) {
+        let mut st = self.state();
+        self.remove_worker(&mut st, id);
+        let stranded: Vec<OperationId> = st
+            .queue
+            .values()
+            .filter(|op| !self.matchable(&st, &st.operations[*op].platform))
+            .cloned()
+            .collect();
+        for op in stranded {
+            let platform = st.operations[&op].platform.clone();
+            let candidates = st
+                .workers
+                .values()
+                .map(|w| &w.properties)
+                .chain(self.config.known_platforms.iter());
+            let why = platform::explain_unmatchable(candidates, &platform);
+            self.finish(
+                &mut st,
+                &op,
+                Err(Failure::new(tonic::Code::FailedPrecondition, why)),
+            );
+        }
+        self.dispatch(&mut st);
+    }
+
+    fn remove_worker(&self, st: &mut State<J, R>, id: &str) {
+        let Some(worker) = st.workers.remove(id) else {
+            return;
+        };
+        for op in worker.running {
+            let Some(o) = st.operations.get_mut(&op) else {
+                continue;
+            };
+            o.worker = None;
+            if o.attempts >= self.config.max_attempts {
+                let msg = format!(
+                    "the action's worker was lost {} times; giving up",
+                    o.attempts
+                );
+                self.finish(st, &op, Err(Failure::new(tonic::Code::Unavailable, msg)));
+            } else {
+                tracing::warn!(operation = %op, worker = id, "worker lost; requeueing its action");
+                let rank = o.rank;
+                let _ = o.stage.send(Stage::Queued);
+                st.queue.insert(rank, op);
+            }
+        }
+    }
+
+    /// A worker reports an action's outcome. Reports for operations the worker no longer
+    /// holds (requeued, cancelled) are ignored.
+    pub fn complete(&self, worker: &str, operation: &str, result: Result<R, Failure>) {
+        let mut st = self.state();
+        let held = st
+            .workers
+            .get_mut(worker)
+            .is_some_and(|w| w.running.remove(operation));
+        if held {
+            self.finish(&mut st, operation, result);
+        }
+        self.dispatch(&mut st);
+    }
+
+    /// Cancels a queued or executing operation. Returns false if it is unknown or done.
+    pub fn cancel(&self, operation: &str) -> bool {
+        let mut st = self.state();
+        let Some(op) = st.operations.get(operation) else {
+            return false;
+        };
+        if op.finished_at.is_some() {
+            return false;
+        }
+        if let Some(w) = op.worker.clone() {
+            if let Some(worker) = st.workers.get_mut(&w) {
+                worker.running.remove(operation);
+                let _ = worker.tx.send(WorkerCommand::Cancel {
+                    operation: operation.to_string(),
+                });
+            }
+        }
+        self.finish(
+            &mut st,
+            operation,
+            Err(Failure::new(
+                tonic::Code::Cancelled,
+                "cancelled by CancelOperation",
+            )),
+        );
+        self.dispatch(&mut st);
+        true
+    }
+
+    fn finish(&self, st: &mut State<J, R>, id: &str, result: Result<R, Failure>) {
+        let Some(op) = st.operations.get_mut(id) else {
+            return;
+        };
+        st.queue.remove(&op.rank);
+        op.worker = None;
+        op.finished_at = Some(Instant::now());
+        let _ = op.stage.send(Stage::Completed(result));
+        let key = op.key.clone();
+        if st.in_flight.get(&key).is_some_and(|x| x == id) {
+            st.in_flight.remove(&key);
+        }
+        st.finished.push_back(id.to_string());
+        // Forget operations finished long ago; the list is in finishing order.
+        while let Some(old) = st.finished.front() {
+            match st.operations.get(old).and_then(|o| o.finished_at) {
+                Some(t) if t.elapsed() < self.config.keep_finished => break,
+                _ => {
+                    let old = st.finished.pop_front().unwrap_or_default();
+                    st.operations.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Gives every worker with free capacity the most urgent queued action it can run.
+    fn dispatch(&self, st: &mut State<J, R>) {
+        let worker_ids: Vec<WorkerId> = st.workers.keys().cloned().collect();
+        for wid in worker_ids {
+            loop {
+                let (props, free) = match st.workers.get(&wid) {
+                    Some(w) => (w.properties.clone(), w.running.len() < w.capacity),
+                    None => break,
+                };
+                if !free {
+                    break;
+                }
+                let next = st
+                    .queue
+                    .iter()
+                    .find(|(_, op)| platform::satisfies(&props, &st.operations[*op].platform))
+                    .map(|(rank, op)| (*rank, op.clone()));
+                let Some((rank, op_id)) = next else { break };
+                st.queue.remove(&rank);
+                let Some(op) = st.operations.get_mut(&op_id) else {
+                    continue;
+                };
+                op.attempts += 1;
+                op.worker = Some(wid.clone());
+                let cmd = WorkerCommand::Run {
+                    operation: op_id.clone(),
+                    job: op.job.clone(),
+                    attempt: op.attempts,
+                };
+                let _ = op.stage.send(Stage::Executing {
+                    worker: wid.clone(),
+                    attempt: op.attempts,
+                });
+                let Some(w) = st.workers.get_mut(&wid) else {
+                    break;
+                };
+                w.running.insert(op_id.clone());
+                if w.tx.send(cmd).is_err() {
+                    // The connection is gone but not yet reported: treat it as lost now.
+                    self.remove_worker(st, &wid);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

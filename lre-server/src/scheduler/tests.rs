@@ -1,0 +1,284 @@
+use super::*;
+
+type S = Scheduler<String, String>;
+
+fn key(n: u8) -> ActionKey {
+    ActionKey {
+        instance: String::new(),
+        action: Digest::of(&[n]),
+    }
+}
+
+fn props(pairs: &[(&str, &str)]) -> Properties {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+fn linux() -> Properties {
+    props(&[("OSFamily", "Linux")])
+}
+
+/// The job sent with the next Run command, or None if the channel is empty.
+fn next_run(
+    rx: &mut mpsc::UnboundedReceiver<WorkerCommand<String>>,
+) -> Option<(OperationId, String, u32)> {
+    match rx.try_recv() {
+        Ok(WorkerCommand::Run {
+            operation,
+            job,
+            attempt,
+        }) => Some((operation, job, attempt)),
+        Ok(WorkerCommand::Cancel { operation }) => panic!("unexpected cancel of {operation}"),
+        Err(_) => None,
+    }
+}
+
+fn completed(rx: &watch::Receiver<Stage<String>>) -> Option<Result<String, Failure>> {
+    match &*rx.borrow() {
+        Stage::Completed(r) => Some(r.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn runs_on_a_matching_worker_and_reports_the_result() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w = s.register_worker("w1".into(), linux(), 1);
+    let sub = s.submit(key(1), linux(), 0, "job-1".into()).unwrap();
+    assert!(!sub.deduplicated);
+    let (op, job, attempt) = next_run(&mut w).expect("dispatched");
+    assert_eq!(
+        (op.as_str(), job.as_str(), attempt),
+        (sub.operation.as_str(), "job-1", 1)
+    );
+    assert!(matches!(&*sub.stage.borrow(), Stage::Executing { worker, .. } if worker == "w1"));
+    s.complete("w1", &op, Ok("result".into()));
+    assert_eq!(completed(&sub.stage), Some(Ok("result".into())));
+    // Still queryable after completion.
+    assert!(s.watch(&op).is_some());
+}
+
+#[test]
+fn routes_by_platform_properties() {
+    let s = S::new(SchedulerConfig::default());
+    let mut a = s.register_worker(
+        "a".into(),
+        props(&[("OSFamily", "Linux"), ("pool", "a")]),
+        4,
+    );
+    let mut b = s.register_worker(
+        "b".into(),
+        props(&[("OSFamily", "Linux"), ("pool", "b")]),
+        4,
+    );
+    for i in 0..3 {
+        s.submit(key(i), props(&[("pool", "b")]), 0, format!("b{i}"))
+            .unwrap();
+    }
+    s.submit(key(10), props(&[("pool", "a")]), 0, "a0".into())
+        .unwrap();
+    let on_b: Vec<String> = std::iter::from_fn(|| next_run(&mut b))
+        .map(|r| r.1)
+        .collect();
+    let on_a: Vec<String> = std::iter::from_fn(|| next_run(&mut a))
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(on_b, vec!["b0", "b1", "b2"]);
+    assert_eq!(on_a, vec!["a0"]);
+}
+
+#[test]
+fn unmatchable_actions_fail_at_once_naming_the_property() {
+    let s = S::new(SchedulerConfig::default());
+    let _w = s.register_worker("w".into(), linux(), 1);
+    let err = s
+        .submit(
+            key(1),
+            props(&[("container-image", "docker://r/x@sha256:ab")]),
+            0,
+            "j".into(),
+        )
+        .err()
+        .expect("must fail");
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
+    assert!(
+        err.message
+            .contains("container-image=docker://r/x@sha256:ab"),
+        "{}",
+        err.message
+    );
+    // With no worker at all, the message says so.
+    let empty = S::new(SchedulerConfig::default());
+    let err = empty.submit(key(1), linux(), 0, "j".into()).err().unwrap();
+    assert!(err.message.contains("no worker"), "{}", err.message);
+}
+
+#[test]
+fn configured_platforms_let_actions_wait_for_their_workers() {
+    let s = S::new(SchedulerConfig {
+        known_platforms: vec![props(&[("pool", "gpu")])],
+        ..Default::default()
+    });
+    let sub = s
+        .submit(key(1), props(&[("pool", "gpu")]), 0, "j".into())
+        .unwrap();
+    assert_eq!(*sub.stage.borrow(), Stage::Queued);
+    let mut w = s.register_worker("gpu-1".into(), props(&[("pool", "gpu")]), 1);
+    assert_eq!(next_run(&mut w).unwrap().1, "j");
+}
+
+#[test]
+fn lower_priority_values_run_first_then_fifo() {
+    // Queue everything before the worker connects, so the order is the queue's alone.
+    let s = S::new(SchedulerConfig {
+        known_platforms: vec![linux()],
+        ..Default::default()
+    });
+    let p = |i: u8, prio: i32| {
+        s.submit(key(i), linux(), prio, format!("p{prio}-{i}"))
+            .unwrap()
+    };
+    let _ = (p(1, 5), p(2, 0), p(3, 5), p(4, -3), p(5, 0));
+    let mut w = s.register_worker("w".into(), linux(), 1);
+    let mut order = Vec::new();
+    while let Some((op, job, _)) = next_run(&mut w) {
+        order.push(job);
+        s.complete("w", &op, Ok(String::new()));
+    }
+    assert_eq!(order, vec!["p-3-4", "p0-2", "p0-5", "p5-1", "p5-3"]);
+}
+
+#[test]
+fn capacity_limits_concurrent_actions_per_worker() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w = s.register_worker("w".into(), linux(), 2);
+    for i in 0..5 {
+        s.submit(key(i), linux(), 0, format!("{i}")).unwrap();
+    }
+    let first: Vec<_> = std::iter::from_fn(|| next_run(&mut w)).collect();
+    assert_eq!(first.len(), 2);
+    s.complete("w", &first[0].0, Ok(String::new()));
+    let more: Vec<_> = std::iter::from_fn(|| next_run(&mut w)).collect();
+    assert_eq!(more.len(), 1, "one slot freed, one more action");
+}
+
+#[test]
+fn identical_actions_in_flight_run_once_and_all_waiters_get_the_result() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w = s.register_worker("w".into(), linux(), 4);
+    let a = s.submit(key(7), linux(), 0, "first".into()).unwrap();
+    let b = s.submit(key(7), linux(), 0, "second".into()).unwrap();
+    let c = s.submit(key(7), linux(), 0, "third".into()).unwrap();
+    assert!(b.deduplicated && c.deduplicated);
+    assert_eq!(a.operation, b.operation);
+    let runs: Vec<_> = std::iter::from_fn(|| next_run(&mut w)).collect();
+    assert_eq!(runs.len(), 1);
+    s.complete("w", &runs[0].0, Ok("shared".into()));
+    for sub in [&a, &b, &c] {
+        assert_eq!(completed(&sub.stage), Some(Ok("shared".into())));
+    }
+    // Once finished, the same action runs again rather than joining a finished operation.
+    let d = s.submit(key(7), linux(), 0, "again".into()).unwrap();
+    assert!(!d.deduplicated);
+    assert_eq!(next_run(&mut w).unwrap().1, "again");
+}
+
+#[test]
+fn a_lost_worker_s_actions_are_requeued_on_another() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w1 = s.register_worker("w1".into(), linux(), 1);
+    let sub = s.submit(key(1), linux(), 0, "j".into()).unwrap();
+    let (op, _, attempt) = next_run(&mut w1).unwrap();
+    assert_eq!(attempt, 1);
+    let mut w2 = s.register_worker("w2".into(), linux(), 1);
+    assert!(
+        next_run(&mut w2).is_none(),
+        "w2 idle while w1 holds the action"
+    );
+    s.worker_lost("w1");
+    let (op2, job, attempt) = next_run(&mut w2).expect("requeued onto w2");
+    assert_eq!((op2.as_str(), job.as_str(), attempt), (op.as_str(), "j", 2));
+    // A late report from the lost worker is ignored.
+    s.complete("w1", &op, Ok("stale".into()));
+    assert!(completed(&sub.stage).is_none());
+    s.complete("w2", &op, Ok("good".into()));
+    assert_eq!(completed(&sub.stage), Some(Ok("good".into())));
+}
+
+#[test]
+fn retries_are_bounded() {
+    let s = S::new(SchedulerConfig {
+        max_attempts: 2,
+        known_platforms: vec![linux()],
+        ..Default::default()
+    });
+    let sub = s.submit(key(1), linux(), 0, "j".into()).unwrap();
+    for i in 0..2 {
+        let mut w = s.register_worker(format!("w{i}"), linux(), 1);
+        assert!(next_run(&mut w).is_some());
+        s.worker_lost(&format!("w{i}"));
+    }
+    let err = completed(&sub.stage).expect("finished").unwrap_err();
+    assert_eq!(err.code, tonic::Code::Unavailable);
+    assert!(err.message.contains("lost 2 times"), "{}", err.message);
+}
+
+#[test]
+fn losing_the_only_capable_worker_fails_queued_actions_instead_of_hanging() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w = s.register_worker("w".into(), props(&[("pool", "x")]), 1);
+    let running = s
+        .submit(key(1), props(&[("pool", "x")]), 0, "a".into())
+        .unwrap();
+    let queued = s
+        .submit(key(2), props(&[("pool", "x")]), 0, "b".into())
+        .unwrap();
+    assert!(next_run(&mut w).is_some());
+    s.worker_lost("w");
+    for sub in [&running, &queued] {
+        let err = completed(&sub.stage).expect("must not hang").unwrap_err();
+        assert_eq!(err.code, tonic::Code::FailedPrecondition);
+        assert!(err.message.contains("pool=x"), "{}", err.message);
+    }
+}
+
+#[test]
+fn cancel_stops_queued_and_executing_operations() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w = s.register_worker("w".into(), linux(), 1);
+    let executing = s.submit(key(1), linux(), 0, "a".into()).unwrap();
+    let queued = s.submit(key(2), linux(), 0, "b".into()).unwrap();
+    let (op, _, _) = next_run(&mut w).unwrap();
+    assert!(s.cancel(&queued.operation));
+    assert_eq!(
+        completed(&queued.stage).unwrap().unwrap_err().code,
+        tonic::Code::Cancelled
+    );
+    assert!(s.cancel(&op));
+    assert!(matches!(w.try_recv(), Ok(WorkerCommand::Cancel { operation }) if operation == op));
+    assert_eq!(
+        completed(&executing.stage).unwrap().unwrap_err().code,
+        tonic::Code::Cancelled
+    );
+    assert!(!s.cancel(&op), "already finished");
+    assert!(!s.cancel("no-such-operation"));
+}
+
+#[test]
+fn a_dropped_worker_channel_counts_as_loss() {
+    let s = S::new(SchedulerConfig {
+        known_platforms: vec![linux()],
+        ..Default::default()
+    });
+    drop(s.register_worker("gone".into(), linux(), 1));
+    let sub = s.submit(key(1), linux(), 0, "j".into()).unwrap();
+    assert_eq!(
+        *sub.stage.borrow(),
+        Stage::Queued,
+        "requeued after the failed send"
+    );
+    let mut w = s.register_worker("alive".into(), linux(), 1);
+    assert_eq!(next_run(&mut w).unwrap().2, 2, "second attempt");
+}

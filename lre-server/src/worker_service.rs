@@ -1,0 +1,200 @@
+//! The endpoint lre-workers connect to (`lre.worker.v1.WorkerService/Attach`): it turns
+//! one bidirectional stream per worker into scheduler registrations, dispatches and results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, ExecuteResponse};
+use bazel_remote_apis::google::rpc;
+use lre_worker_protocol::v1::{
+    server_message, worker_message, worker_service_server::WorkerService, ActionFinished,
+    CancelAction, Registered, RunAction, ServerMessage, WorkerMessage,
+};
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Access;
+use crate::cache::Cache;
+use crate::error::Error;
+use crate::execution::ExecScheduler;
+use crate::scheduler::WorkerCommand;
+
+pub struct WorkerEndpoint {
+    cache: Arc<Cache>,
+    scheduler: Arc<ExecScheduler>,
+    keepalive: Duration,
+}
+
+impl WorkerEndpoint {
+    pub fn new(cache: Arc<Cache>, scheduler: Arc<ExecScheduler>, keepalive: Duration) -> Self {
+        WorkerEndpoint {
+            cache,
+            scheduler,
+            keepalive,
+        }
+    }
+}
+
+fn command_message(cmd: WorkerCommand<Arc<crate::execution::Job>>) -> ServerMessage {
+    let message = match cmd {
+        WorkerCommand::Run {
+            operation,
+            job,
+            attempt,
+        } => server_message::Message::Run(RunAction {
+            operation,
+            instance_name: job.key.instance.clone(),
+            action_digest: job.key.action.to_proto().encode_to_vec(),
+            action: job.action.to_vec(),
+            command: job.command.to_vec(),
+            timeout_ms: job.timeout.as_millis() as u64,
+            attempt,
+        }),
+        WorkerCommand::Cancel { operation } => {
+            server_message::Message::Cancel(CancelAction { operation })
+        }
+    };
+    ServerMessage {
+        message: Some(message),
+    }
+}
+
+/// Turns a worker's report into the operation's ExecuteResponse, storing successful
+/// results in the action cache first so a hit is possible the moment waiters see it.
+async fn finish(cache: &Cache, scheduler: &ExecScheduler, worker: &str, f: ActionFinished) {
+    let Some(job) = scheduler.job_of(worker, &f.operation) else {
+        tracing::debug!(worker, operation = %f.operation, "report for an operation this worker no longer holds");
+        return;
+    };
+    let result = if f.result.is_empty() {
+        None
+    } else {
+        match ActionResult::decode(&f.result[..]) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(worker, operation = %f.operation, error = %e, "worker sent an undecodable ActionResult");
+                let failure = Err(crate::scheduler::Failure {
+                    code: tonic::Code::Internal,
+                    message: format!("worker {worker} sent an undecodable result: {e}"),
+                });
+                scheduler.complete(worker, &f.operation, failure);
+                return;
+            }
+        }
+    };
+    let ok = f.status_code == tonic::Code::Ok as i32;
+    let mut status = rpc::Status {
+        code: f.status_code,
+        message: f.status_message.clone(),
+        details: vec![],
+    };
+    if let Some(r) = &result {
+        if ok && r.exit_code == 0 && !job.do_not_cache {
+            if let Err(e) = cache
+                .update_action_result(&job.key.instance, job.key.action.hash, r)
+                .await
+            {
+                tracing::warn!(operation = %f.operation, error = %e, "could not store the action result");
+                status = rpc::Status {
+                    code: tonic::Code::Ok as i32,
+                    message: format!("result not cached: {e}"),
+                    details: vec![],
+                };
+            }
+        }
+    }
+    let response = ExecuteResponse {
+        result,
+        cached_result: false,
+        status: Some(status),
+        ..Default::default()
+    };
+    scheduler.complete(worker, &f.operation, Ok(response));
+}
+
+type ServerStream = ReceiverStream<Result<ServerMessage, Status>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerEndpoint {
+    type AttachStream = ServerStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<ServerStream>, Status> {
+        // A worker writes action results everyone will trust: it needs write access.
+        self.cache.authorize_grpc(&request, "", Access::Write)?;
+        let mut inbound = request.into_inner();
+        let register = match inbound.message().await? {
+            Some(WorkerMessage {
+                message: Some(worker_message::Message::Register(r)),
+            }) => r,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a worker's first message must be Register".into(),
+                )
+                .into())
+            }
+        };
+        if register.worker_id.is_empty() {
+            return Err(Error::InvalidArgument("Register.worker_id is empty".into()).into());
+        }
+        let id = register.worker_id.clone();
+        let props = register
+            .properties
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect();
+        let (session, mut commands) =
+            self.scheduler
+                .connect_worker(id.clone(), props, register.capacity as usize);
+        tracing::info!(worker = %id, capacity = register.capacity, properties = ?register.properties, "worker connected");
+
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let registered = Registered {
+            keepalive_interval_ms: self.keepalive.as_millis() as u32,
+        };
+        let _ = tx
+            .send(Ok(ServerMessage {
+                message: Some(server_message::Message::Registered(registered)),
+            }))
+            .await;
+        let down = tx.clone();
+        tokio::spawn(async move {
+            while let Some(cmd) = commands.recv().await {
+                if down.send(Ok(command_message(cmd))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (cache, scheduler, silence) = (
+            self.cache.clone(),
+            self.scheduler.clone(),
+            self.keepalive * 3,
+        );
+        tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(silence, inbound.message()).await {
+                    Ok(Ok(Some(WorkerMessage {
+                        message: Some(worker_message::Message::Finished(f)),
+                    }))) => finish(&cache, &scheduler, &id, f).await,
+                    Ok(Ok(Some(_))) => {} // keepalive
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(worker = %id, error = %e, "worker stream broke");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(worker = %id, "worker silent for three keepalive intervals; dropping it");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(worker = %id, "worker disconnected");
+            scheduler.disconnect(&id, session);
+            drop(tx);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

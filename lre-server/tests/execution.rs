@@ -1,0 +1,223 @@
+//! The Execution service's decisions made before any worker is involved: cache hits,
+//! missing inputs, unmatchable platforms, timeout limits, and what Capabilities says.
+
+mod common;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::longrunning::{operation, Operation};
+use common::*;
+use prost::Message;
+use re::execution_client::ExecutionClient;
+use tonic::Code;
+
+fn exec_config() -> lre_server::Config {
+    let mut c = memory_config();
+    c.execution.enabled = true;
+    c.execution.max_timeout_seconds = 600;
+    c.execution.default_timeout_seconds = 60;
+    c
+}
+
+struct Fixture {
+    action: re::Digest,
+    blobs: Vec<Vec<u8>>,
+}
+
+/// An action whose input root holds one file, plus every blob it needs.
+fn fixture(platform: &[(&str, &str)], timeout_s: i64) -> Fixture {
+    let input = b"input file".to_vec();
+    let root = re::Directory {
+        files: vec![re::FileNode {
+            name: "in.txt".into(),
+            digest: Some(digest(&input)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command = re::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action = re::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(&root)),
+        timeout: (timeout_s > 0).then_some(bazel_remote_apis::google::protobuf::Duration {
+            seconds: timeout_s,
+            nanos: 0,
+        }),
+        platform: Some(re::Platform {
+            properties: platform
+                .iter()
+                .map(|(n, v)| re::platform::Property {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    Fixture {
+        action: digest(&action),
+        blobs: vec![action, command, root, input],
+    }
+}
+
+async fn execute(
+    ch: tonic::transport::Channel,
+    action: &re::Digest,
+) -> Result<Vec<Operation>, tonic::Status> {
+    let mut stream = ExecutionClient::new(ch)
+        .execute(re::ExecuteRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut ops = Vec::new();
+    while let Some(op) = stream.message().await? {
+        ops.push(op);
+    }
+    Ok(ops)
+}
+
+fn response(op: &Operation) -> re::ExecuteResponse {
+    match &op.result {
+        Some(operation::Result::Response(any)) => {
+            re::ExecuteResponse::decode(&any.value[..]).unwrap()
+        }
+        other => panic!("operation has no response: {other:?}"),
+    }
+}
+
+fn stage(op: &Operation) -> i32 {
+    re::ExecuteOperationMetadata::decode(&op.metadata.as_ref().unwrap().value[..])
+        .unwrap()
+        .stage
+}
+
+#[tokio::test]
+async fn capabilities_advertise_execution_only_when_enabled() {
+    let s = start(exec_config()).await;
+    let caps = CapabilitiesClient::new(channel(&s).await)
+        .get_capabilities(re::GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.execution_capabilities.unwrap().exec_enabled);
+    s.shutdown().await;
+    // And without execution the service is not even there.
+    let s = start(memory_config()).await;
+    let err = execute(channel(&s).await, &digest(b"x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cached_result_is_returned_without_running_anything() {
+    let s = start(exec_config()).await;
+    let ch = channel(&s).await;
+    let f = fixture(&[], 0);
+    let (out, stdout) = (b"out".to_vec(), b"stdout".to_vec());
+    batch_put(ch.clone(), "", &[&out, &stdout], None)
+        .await
+        .unwrap();
+    update_ac(
+        ch.clone(),
+        "",
+        &f.action,
+        action_result(&out, &stdout),
+        None,
+    )
+    .await
+    .unwrap();
+    // No worker is connected: only the cache can answer.
+    let ops = execute(ch.clone(), &f.action).await.unwrap();
+    assert_eq!(
+        stage(&ops[0]),
+        re::execution_stage::Value::CacheCheck as i32
+    );
+    let last = ops.last().unwrap();
+    assert!(last.done);
+    let resp = response(last);
+    assert!(resp.cached_result);
+    assert_eq!(resp.result.unwrap(), action_result(&out, &stdout));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_inputs_are_named_in_a_precondition_failure() {
+    let s = start(exec_config()).await;
+    let ch = channel(&s).await;
+    let f = fixture(&[], 0);
+    // Upload everything but the input file.
+    let refs: Vec<&[u8]> = f.blobs[..3].iter().map(|b| b.as_slice()).collect();
+    batch_put(ch.clone(), "", &refs, None).await.unwrap();
+    let ops = execute(ch.clone(), &f.action).await.unwrap();
+    let status = response(ops.last().unwrap()).status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    let any = &status.details[0];
+    assert_eq!(
+        any.type_url,
+        "type.googleapis.com/google.rpc.PreconditionFailure"
+    );
+    let failure = tonic_types::pb::PreconditionFailure::decode(&any.value[..]).unwrap();
+    let input = digest(b"input file");
+    assert_eq!(failure.violations.len(), 1);
+    assert_eq!(failure.violations[0].r#type, "MISSING");
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", input.hash, input.size_bytes)
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_action_no_worker_can_run_fails_at_once_naming_the_property() {
+    let s = start(exec_config()).await;
+    let ch = channel(&s).await;
+    let f = fixture(
+        &[("container-image", "docker://registry/lre@sha256:0123")],
+        0,
+    );
+    let refs: Vec<&[u8]> = f.blobs.iter().map(|b| b.as_slice()).collect();
+    batch_put(ch.clone(), "", &refs, None).await.unwrap();
+    let err = execute(ch.clone(), &f.action).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("container-image=docker://registry/lre@sha256:0123"),
+        "{}",
+        err.message()
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeouts_above_the_maximum_are_refused() {
+    let s = start(exec_config()).await;
+    let ch = channel(&s).await;
+    let f = fixture(&[], 601);
+    let refs: Vec<&[u8]> = f.blobs.iter().map(|b| b.as_slice()).collect();
+    batch_put(ch.clone(), "", &refs, None).await.unwrap();
+    let err = execute(ch.clone(), &f.action).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("exceeds this server's maximum"),
+        "{}",
+        err.message()
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn read_only_callers_cannot_execute() {
+    let mut c = exec_config();
+    c.auth.anonymous = lre_server::auth::Scope::Read;
+    let s = start(c).await;
+    let err = execute(channel(&s).await, &digest(b"x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    s.shutdown().await;
+}
