@@ -80,15 +80,6 @@ EOF
   fi
 }
 
-# new_scenario NAME: SCEN (its directory) and STORE (fresh, empty store dir).
-new_scenario() {
-  SCEN="$RUN_DIR/$1"
-  STORE="$SCEN/store"
-  mkdir -p "$SCEN" "$STORE"
-  SERVER_LOG="$SCEN/server.log"
-  echo "== scenario $1" >&2
-}
-
 # Conditions used by the checks (they read the last bazel_run's results).
 cold_upload_ok() {
   [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" -gt 0 ] && [ "$HITS" = 0 ] && [ "$REMOTE_WARNINGS" = 0 ]

@@ -25,6 +25,7 @@ SHIMS_DIR="$E2E_DIR/shims"
 WS_SRC="$E2E_DIR/workspaces/cpp"
 EXPECTED_OUTPUT="$(cat "$WS_SRC/expected_output.txt")"
 BAZEL_TARGETS=(//...)
+BAZEL_VERB="${BAZEL_VERB:-test}"   # bazel_run's command: test (default) or build
 SERVER_READY_TIMEOUT="${SERVER_READY_TIMEOUT:-30}"
 SERVER_STOP_TIMEOUT="${SERVER_STOP_TIMEOUT:-20}"
 
@@ -260,6 +261,15 @@ EOF
   ) >"$d/openssl.log" 2>&1
 }
 
+# new_scenario NAME: SCEN (its directory) and STORE (fresh, empty store dir).
+new_scenario() {
+  SCEN="$RUN_DIR/$1"
+  STORE="$SCEN/store"
+  mkdir -p "$SCEN" "$STORE"
+  SERVER_LOG="$SCEN/server.log"
+  echo "== scenario $1" >&2
+}
+
 # ---------------------------------------------------------------- workspaces
 # new_client SCENARIO_DIR NAME: copies the fixture workspace into a directory
 # unrelated to any other client's, with its own fresh output root. Sets CL_WS
@@ -330,7 +340,7 @@ bazel_run() {
   log "bazel test in ${ws#"$RUN_DIR"/} $(printf '%s\n' "$@" | sed -E 's/(Bearer|authorization=)[^ ]*/\1***/' | tr '\n' ' ')"
   (cd "$ws" && timeout --signal=TERM "$BAZEL_TIMEOUT" \
       "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$our" \
-      test "${BZ_COMMON[@]}" --execution_log_json_file="$BZ_EXECLOG" "$@" \
+      "$BAZEL_VERB" "${BZ_COMMON[@]}" --execution_log_json_file="$BZ_EXECLOG" "$@" \
       -- "${BAZEL_TARGETS[@]}") >"$BZ_LOG" 2>&1
   BZ_RC=$?
   bazel_shutdown "$ws" "$our"

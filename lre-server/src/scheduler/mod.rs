@@ -415,14 +415,11 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
     fn dispatch(&self, st: &mut State<J, R>) {
         let worker_ids: Vec<WorkerId> = st.workers.keys().cloned().collect();
         for wid in worker_ids {
-            loop {
-                let (props, free) = match st.workers.get(&wid) {
-                    Some(w) => (w.properties.clone(), w.running.len() < w.capacity),
-                    None => break,
-                };
-                if !free {
+            while let Some(w) = st.workers.get(&wid) {
+                if w.running.len() >= w.capacity {
                     break;
                 }
+                let props = w.properties.clone();
                 let next = st
                     .queue
                     .iter()

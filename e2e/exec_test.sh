@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# e2e/exec_test.sh [SCENARIO...]
+#
+# End-to-end remote execution: a real Bazel 4.2.3 with --remote_executor against lre's
+# scheduler and lre-worker (bubblewrap sandbox). Scenarios (default: all):
+#   1 up        `lre up` (cache + scheduler + 2 local workers in one process): every
+#               spawn of `bazel test //...` runs remotely, the cc_tests pass remotely,
+#               the binary prints the expected line, and its bytes equal a local build's
+#   2 kill      lre-server + two lre-worker processes; one worker is SIGKILLed while it
+#               runs an action; the build still succeeds (the action is requeued)
+#   3 routing   workers with pool=a and pool=b; genrules with exec_properties pool=b run
+#               only on the pool=b worker; pool=nope fails naming the property
+# Prints PASS/FAIL lines and, last, "N passed, M failed".
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+LRE="${LRE:-$REPO_ROOT/target/debug/lre}"
+LRE_WORKER="${LRE_WORKER:-$REPO_ROOT/target/debug/lre-worker}"
+
+# remote_count: the "N remote" figure of the last summary line.
+remote_count() { printf '%s\n' "$SUM_LINE" | grep -oE '[0-9]+ remote[,.]' | grep -oE '[0-9]+' || echo 0; }
+
+# start_bg NAME CMD...: starts a background process logging to $SCEN/NAME.log; sets BG_PID.
+start_bg() {
+  local name="$1"; shift
+  "$@" >>"$SCEN/$name.log" 2>&1 &
+  BG_PID=$!
+  E2E_SERVER_PIDS+=("$BG_PID")
+}
+
+# wait_healthy PORT: until /healthz on 127.0.0.1:PORT answers (30 s at most).
+wait_healthy() {
+  local deadline=$((SECONDS + 30))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$1/healthz" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+# wait_log FILE PATTERN COUNT: until FILE has COUNT lines matching PATTERN (30 s at most).
+wait_log() {
+  local deadline=$((SECONDS + 30))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    [ "$(grep -cE "$2" "$1" 2>/dev/null || echo 0)" -ge "$3" ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+alloc() { local p; p="$(free_ports 2)"; GRPC_PORT="${p%%$'\n'*}"; HTTP_PORT="${p##*$'\n'}"; }
+
+server_config() {
+  cat >"$SCEN/server.toml" <<EOT
+grpc_listen = "127.0.0.1:$GRPC_PORT"
+http_listen = "127.0.0.1:$HTTP_PORT"
+[store]
+path = "$SCEN/store"
+[execution]
+enabled = true
+keepalive_seconds = 2
+EOT
+}
+
+start_worker() { # NAME PROPERTY...
+  local name="$1"; shift
+  local -a props=()
+  local p; for p in "$@"; do props+=(--property "$p"); done
+  start_bg "$name" "$LRE_WORKER" --server "http://127.0.0.1:$GRPC_PORT" --id "$name" --capacity 1 \
+    --work-dir "$SCEN/$name" "${props[@]}"
+}
+
+# The fixture plus a package of genrules for these scenarios.
+exec_workspace() {
+  mkdir -p "$CL_WS/exec"
+  cat >"$CL_WS/exec/BUILD" <<'EOT'
+[genrule(
+    name = "slow_%d" % i,
+    outs = ["slow_%d.txt" % i],
+    cmd = "sleep 6; echo slow %d > $@" % i,
+) for i in range(4)]
+
+# pwd names the worker's exec root, which lives in that worker's --work-dir.
+[genrule(
+    name = "where_%d" % i,
+    outs = ["where_%d.txt" % i],
+    cmd = "echo %d $$(pwd) > $@" % i,
+    exec_properties = {"pool": "b"},
+) for i in range(3)]
+
+genrule(
+    name = "nowhere",
+    outs = ["nowhere.txt"],
+    cmd = "echo never > $@",
+    exec_properties = {"pool": "nope"},
+)
+EOT
+}
+
+scenario_up() {
+  local n="1 up"
+  new_scenario up
+  alloc
+  start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
+    --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --workers 2
+  local lre_pid="$BG_PID"
+  check "$n: lre up serves /healthz" "log up/lre.log" wait_healthy "$HTTP_PORT" || return 0
+  check "$n: lre up prints the --remote_executor flag" "" grep -q -- "--remote_executor=grpc://127.0.0.1:$GRPC_PORT" "$SCEN/lre.log"
+
+  new_client "$SCEN" R
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  local remote; remote="$(remote_count)"
+  check "$n: every spawn ran remotely, tests passed" \
+    "exit $BZ_RC; '$SUM_LINE'; $remote remote of $((SUM_TOTAL - SUM_INTERNAL)) spawns" \
+    all_remote "$remote"
+  BIN_OUT="$(run_binary "$CL_WS")"
+  check "$n: the remotely built binary prints the expected line" "got '$BIN_OUT'" output_is_expected
+  local remote_sum; remote_sum="$(sha256sum "$CL_WS/bazel-bin/app/hello" | cut -d' ' -f1)"
+
+  new_client "$SCEN" L
+  bazel_run "$CL_WS" "$CL_OUR"
+  local local_sum; local_sum="$(sha256sum "$CL_WS/bazel-bin/app/hello" 2>/dev/null | cut -d' ' -f1)"
+  check "$n: the binary is byte-identical to a local build's" "remote $remote_sum, local $local_sum" \
+    same_nonempty "$remote_sum" "$local_sum"
+  kill -TERM "$lre_pid" 2>/dev/null
+  local deadline=$((SECONDS + 20))
+  while pid_alive "$lre_pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+  check "$n: lre up exits on SIGTERM" "" not_alive "$lre_pid"
+  forget_pid "$lre_pid"
+}
+
+same_nonempty() { [ -n "$1" ] && [ "$1" = "$2" ]; }
+not_alive() { ! pid_alive "$1"; }
+all_remote() { [ "$BZ_RC" = 0 ] && [ "$1" -gt 0 ] && [ "$1" = $((SUM_TOTAL - SUM_INTERNAL)) ]; }
+output_is_expected() { [ "$BIN_OUT" = "$EXPECTED_OUTPUT" ]; }
+
+scenario_kill() {
+  local n="2 kill"
+  new_scenario kill
+  alloc
+  server_config
+  start_bg server "$LRE_SERVER" --config "$SCEN/server.toml"
+  check "$n: server up" "" wait_healthy "$HTTP_PORT" || return 0
+  start_worker wa; local wa="$BG_PID"
+  start_worker wb
+  check "$n: both workers registered" "" wait_log "$SCEN/server.log" "worker connected" 2 || return 0
+
+  new_client "$SCEN" K
+  exec_workspace
+  local -a saved=("${BAZEL_TARGETS[@]}")
+  BAZEL_TARGETS=(//exec:slow_0 //exec:slow_1 //exec:slow_2 //exec:slow_3)
+  BAZEL_VERB=build
+  # Kill worker wa with SIGKILL once it is running a sleep inside its sandbox.
+  (
+    deadline=$((SECONDS + 120))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+      for p in $(pgrep -x sleep); do
+        case "$(readlink "/proc/$p/cwd" 2>/dev/null)" in
+          "$SCEN/wa"/*) kill -KILL "$wa"; echo "killed worker wa (pid $wa) while it ran sleep pid $p" >>"$SCEN/kill.log"; exit 0 ;;
+        esac
+      done
+      sleep 0.1
+    done
+  ) &
+  local killer=$!
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  wait "$killer" 2>/dev/null
+  BAZEL_TARGETS=("${saved[@]}")
+  BAZEL_VERB=test
+  check "$n: worker wa was SIGKILLed mid-action" "$(cat "$SCEN/kill.log" 2>/dev/null)" [ -s "$SCEN/kill.log" ]
+  check "$n: the build still succeeds, all remotely" "exit $BZ_RC; '$SUM_LINE'" all_remote "$(remote_count)"
+  check "$n: the server requeued the lost worker's action" "" grep -q "worker lost; requeueing" "$SCEN/server.log"
+  forget_pid "$wa"
+}
+
+scenario_routing() {
+  local n="3 routing"
+  new_scenario routing
+  alloc
+  server_config
+  start_bg server "$LRE_SERVER" --config "$SCEN/server.toml"
+  check "$n: server up" "" wait_healthy "$HTTP_PORT" || return 0
+  start_worker wa pool=a
+  start_worker wb pool=b
+  check "$n: both workers registered" "" wait_log "$SCEN/server.log" "worker connected" 2 || return 0
+
+  new_client "$SCEN" P
+  exec_workspace
+  local -a saved=("${BAZEL_TARGETS[@]}")
+  BAZEL_TARGETS=(//exec:where_0 //exec:where_1 //exec:where_2)
+  BAZEL_VERB=build
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  local on_b=0 f
+  for f in "$CL_WS"/bazel-bin/exec/where_*.txt; do grep -q "$SCEN/wb/" "$f" && on_b=$((on_b + 1)); done
+  check "$n: all 3 pool=b actions ran on the pool=b worker" "exit $BZ_RC; $on_b of 3 on wb" same_nonempty "$BZ_RC:$on_b" "0:3"
+
+  BAZEL_TARGETS=(//exec:nowhere)
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  BAZEL_TARGETS=("${saved[@]}")
+  BAZEL_VERB=test
+  check "$n: an action no worker can run fails, naming pool=nope" "exit $BZ_RC" \
+    failed_naming "pool=nope"
+}
+
+failed_naming() { [ "$BZ_RC" != 0 ] && grep -q "$1" "$BZ_LOG"; }
+
+main() {
+  local -a want=("$@")
+  [ "${#want[@]}" = 0 ] && want=(up kill routing)
+  e2e_init
+  check "preflight: lre, lre-server, lre-worker, bwrap and bazel present" "" \
+    test -x "$LRE" -a -x "$LRE_SERVER" -a -x "$LRE_WORKER" -a -n "$(command -v bwrap)" -a -n "$(command -v "$BAZEL")"
+  local w
+  for w in "${want[@]}"; do
+    case "$w" in
+      1|up) scenario_up ;;
+      2|kill) scenario_kill ;;
+      3|routing) scenario_routing ;;
+      *) echo "unknown scenario $w" >&2; exit 2 ;;
+    esac
+  done
+  echo "$E2E_PASSED passed, $E2E_FAILED failed"
+  [ "$E2E_FAILED" = 0 ]
+}
+
+main "$@"

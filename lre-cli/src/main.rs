@@ -1,0 +1,165 @@
+//! `lre`: the user-facing command. `lre up` runs the whole local remote-execution stack in
+//! one process: the cache on its default store, the scheduler, and one worker per CPU.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lre_server::config::{ByteSize, Config, StoreKind};
+use lre_worker::{ConnectionConfig, SandboxConfig, WorkerOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "lre",
+    version,
+    about = "Local Remote Execution for Bazel, driven by Nix"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run cache, scheduler and local workers; print the Bazel flags to use.
+    Up(UpArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// lre-server config file (execution is switched on regardless).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    grpc_listen: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    http_listen: Option<std::net::SocketAddr>,
+    /// Filesystem store directory (default: ~/.cache/lre/cas).
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// Store size limit, e.g. 10GiB.
+    #[arg(long)]
+    max_size: Option<ByteSize>,
+    /// Local workers (default: the number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Where workers keep exec roots and their CAS caches (default: ~/.cache/lre/worker).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// A host path visible read-only inside the sandbox; repeatable (default: /nix/store,
+    /// /usr, /bin, /lib, /lib64).
+    #[arg(long = "ro-path")]
+    ro_paths: Vec<PathBuf>,
+    /// A platform property the local workers offer, NAME=VALUE; repeatable.
+    #[arg(long = "property", value_parser = parse_property, default_value = "OSFamily=Linux")]
+    properties: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+async fn terminate() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    config.execution.enabled = true;
+    if let Some(a) = args.grpc_listen {
+        config.grpc_listen = a;
+    }
+    if let Some(a) = args.http_listen {
+        config.http_listen = Some(a);
+    }
+    if let Some(d) = args.store_dir {
+        config.store.kind = StoreKind::Filesystem;
+        config.store.path = Some(d);
+    }
+    if let Some(s) = args.max_size {
+        config.store.max_size = s;
+    }
+    config.validate()?;
+    let server = lre_server::start(config)
+        .await
+        .context("starting the cache and scheduler")?;
+    let n = args
+        .workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    let work_dir = args.work_dir.unwrap_or_else(lre_worker::default_work_dir);
+    let ro_paths = if args.ro_paths.is_empty() {
+        lre_worker::default_ro_paths()
+    } else {
+        args.ro_paths
+    };
+    let scheme = if server.tls { "https" } else { "http" };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for i in 0..n {
+        let opts = WorkerOptions {
+            server: format!("{scheme}://{}", server.grpc_addr),
+            connection: ConnectionConfig {
+                worker_id: format!("local-{i}"),
+                capacity: 1,
+                properties: args.properties.clone(),
+                token: None,
+            },
+            work_dir: work_dir.join(format!("local-{i}")),
+            cache_bytes: 2 << 30,
+            sandbox: SandboxConfig {
+                bwrap: "bwrap".into(),
+                ro_paths: ro_paths.clone(),
+                network: false,
+            },
+        };
+        workers.push(tokio::spawn(lre_worker::run(opts, shutdown.clone())));
+    }
+    println!("lre up: cache, scheduler and {n} local worker(s) running");
+    println!("  grpc: grpc://{}", server.grpc_addr);
+    if let Some(h) = server.http_addr {
+        println!("  http: http://{h}  (/metrics, /healthz)");
+    }
+    println!("  bazel flags: {}", server.bazel_flags().join(" "));
+    terminate().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Up(args) => up(args).await,
+    }
+}

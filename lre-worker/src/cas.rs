@@ -1,0 +1,400 @@
+//! The worker's side of the CAS: a local, size-bounded cache of blobs on disk that input
+//! roots are hard-linked from, and uploads of outputs to the server.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::bytestream::{
+    byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
+};
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+use crate::error::{Result, WorkerError};
+
+/// Blobs up to this size travel in batch calls; larger ones over ByteStream.
+const BATCH_BLOB: i64 = 1 << 20;
+const BATCH_TOTAL: i64 = 3 << 20;
+const CHUNK: usize = 1 << 20;
+
+pub fn digest_of(data: &[u8]) -> re::Digest {
+    re::Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+fn valid(d: &re::Digest) -> Result<()> {
+    if d.hash.len() != 64 || !d.hash.bytes().all(|b| b.is_ascii_hexdigit()) || d.size_bytes < 0 {
+        return Err(WorkerError::InvalidInput(format!(
+            "malformed digest {}/{}",
+            d.hash, d.size_bytes
+        )));
+    }
+    Ok(())
+}
+
+pub struct LocalCas {
+    dir: PathBuf,
+    channel: Channel,
+    max_bytes: u64,
+    index: Mutex<CacheIndex>,
+}
+
+/// The LRU bookkeeping. Evicting a file that an exec root still links is safe: the link
+/// keeps the content.
+#[derive(Default)]
+struct CacheIndex {
+    /// path → (size, last use)
+    entries: HashMap<PathBuf, (u64, SystemTime)>,
+    total: u64,
+}
+
+impl LocalCas {
+    pub fn open(dir: PathBuf, channel: Channel, max_bytes: u64) -> Result<LocalCas> {
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let mut map = HashMap::new();
+        let mut total = 0;
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            if e.file_name() == "tmp" {
+                // Leftovers of fetches a previous run did not finish.
+                let _ = std::fs::remove_dir_all(e.path());
+                std::fs::create_dir_all(dir.join("tmp"))?;
+                continue;
+            }
+            let m = e.metadata()?;
+            if m.is_file() {
+                total += m.len();
+                map.insert(
+                    e.path(),
+                    (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
+                );
+            }
+        }
+        Ok(LocalCas {
+            dir,
+            channel,
+            max_bytes,
+            index: Mutex::new(CacheIndex {
+                entries: map,
+                total,
+            }),
+        })
+    }
+
+    /// Where a blob lives locally. Executable and plain copies are separate files, since
+    /// hard links share their mode.
+    pub fn path(&self, d: &re::Digest, executable: bool) -> PathBuf {
+        self.dir.join(format!(
+            "{}-{}{}",
+            d.hash,
+            d.size_bytes,
+            if executable { "-x" } else { "" }
+        ))
+    }
+
+    fn touch(&self, path: &Path, size: u64) {
+        let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if idx
+            .entries
+            .insert(path.to_path_buf(), (size, SystemTime::now()))
+            .is_none()
+        {
+            idx.total += size;
+        }
+    }
+
+    fn evict(&self) {
+        let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if idx.total <= self.max_bytes {
+            return;
+        }
+        let mut by_age: Vec<(SystemTime, PathBuf, u64)> = idx
+            .entries
+            .iter()
+            .map(|(p, (s, t))| (*t, p.clone(), *s))
+            .collect();
+        by_age.sort();
+        for (_, p, s) in by_age {
+            if idx.total <= self.max_bytes {
+                break;
+            }
+            let _ = std::fs::remove_file(&p);
+            idx.entries.remove(&p);
+            idx.total -= s;
+        }
+    }
+
+    /// Makes every (digest, executable) present locally, fetching what is missing.
+    pub async fn ensure(&self, instance: &str, wanted: &[(re::Digest, bool)]) -> Result<()> {
+        let mut missing: Vec<re::Digest> = Vec::new();
+        for (d, x) in wanted {
+            valid(d)?;
+            let p = self.path(d, *x);
+            if p.exists() {
+                self.touch(&p, d.size_bytes as u64);
+            } else if !missing.contains(d) {
+                missing.push(d.clone());
+            }
+        }
+        let mut small: Vec<re::Digest> = Vec::new();
+        let mut batch_size = 0;
+        for d in &missing {
+            if d.size_bytes > BATCH_BLOB {
+                let data = self.read_stream(instance, d).await?;
+                self.store(d, &data, wanted)?;
+                continue;
+            }
+            if batch_size + d.size_bytes > BATCH_TOTAL {
+                self.fetch_batch(instance, std::mem::take(&mut small), wanted)
+                    .await?;
+                batch_size = 0;
+            }
+            batch_size += d.size_bytes;
+            small.push(d.clone());
+        }
+        if !small.is_empty() {
+            self.fetch_batch(instance, small, wanted).await?;
+        }
+        self.evict();
+        Ok(())
+    }
+
+    async fn fetch_batch(
+        &self,
+        instance: &str,
+        digests: Vec<re::Digest>,
+        wanted: &[(re::Digest, bool)],
+    ) -> Result<()> {
+        let resp = ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                instance_name: instance.into(),
+                digests,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for r in resp.responses {
+            let d = r.digest.unwrap_or_default();
+            match r.status {
+                Some(s) if s.code != 0 => {
+                    return Err(WorkerError::MissingInput(format!(
+                        "input blob {}/{}: {}",
+                        d.hash, d.size_bytes, s.message
+                    )))
+                }
+                _ => self.store(&d, &r.data, wanted)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Large blobs are read whole here; the worker's inputs are bounded by its cache anyway.
+    async fn read_stream(&self, instance: &str, d: &re::Digest) -> Result<Vec<u8>> {
+        let name = format!(
+            "{}{}blobs/{}/{}",
+            instance,
+            if instance.is_empty() { "" } else { "/" },
+            d.hash,
+            d.size_bytes
+        );
+        let mut s = ByteStreamClient::new(self.channel.clone())
+            .read(ReadRequest {
+                resource_name: name,
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await
+            .map_err(|e| {
+                WorkerError::MissingInput(format!(
+                    "input blob {}/{}: {}",
+                    d.hash,
+                    d.size_bytes,
+                    e.message()
+                ))
+            })?
+            .into_inner();
+        let mut out = Vec::with_capacity(d.size_bytes as usize);
+        while let Some(m) = s.message().await? {
+            out.extend_from_slice(&m.data);
+        }
+        Ok(out)
+    }
+
+    /// Verifies and writes a fetched blob: temp file, then rename, so a crash never leaves
+    /// a wrong file under a digest's name.
+    fn store(&self, d: &re::Digest, data: &[u8], wanted: &[(re::Digest, bool)]) -> Result<()> {
+        if digest_of(data) != *d {
+            return Err(WorkerError::InvalidInput(format!(
+                "the CAS returned wrong content for {}/{}",
+                d.hash, d.size_bytes
+            )));
+        }
+        for x in [false, true] {
+            if !wanted.iter().any(|(w, wx)| w == d && *wx == x) {
+                continue;
+            }
+            let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
+            std::fs::write(&tmp, data)?;
+            // Read-only, so an action cannot scribble over a cached blob through its link
+            // (as long as it does not run as root outside a user namespace).
+            std::fs::set_permissions(
+                &tmp,
+                std::fs::Permissions::from_mode(if x { 0o555 } else { 0o444 }),
+            )?;
+            let dst = self.path(d, x);
+            std::fs::rename(&tmp, &dst)?;
+            self.touch(&dst, data.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Uploads the given (digest, file) pairs the server lacks.
+    pub async fn upload(&self, instance: &str, blobs: Vec<(re::Digest, Upload)>) -> Result<()> {
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        let mut cas = ContentAddressableStorageClient::new(self.channel.clone());
+        let missing = cas
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                instance_name: instance.into(),
+                blob_digests: blobs.iter().map(|(d, _)| d.clone()).collect(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .missing_blob_digests;
+        let mut batch = Vec::new();
+        let mut batch_size = 0;
+        let mut sent = std::collections::HashSet::new();
+        for (d, src) in blobs {
+            if !missing.contains(&d) || !sent.insert(d.hash.clone()) {
+                continue;
+            }
+            if d.size_bytes > BATCH_BLOB {
+                self.write_stream(instance, &d, &src).await?;
+                continue;
+            }
+            if batch_size + d.size_bytes > BATCH_TOTAL {
+                self.put_batch(instance, &mut cas, std::mem::take(&mut batch))
+                    .await?;
+                batch_size = 0;
+            }
+            batch_size += d.size_bytes;
+            batch.push(re::batch_update_blobs_request::Request {
+                data: src.read().await?,
+                digest: Some(d),
+                compressor: 0,
+            });
+        }
+        if !batch.is_empty() {
+            self.put_batch(instance, &mut cas, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn put_batch(
+        &self,
+        instance: &str,
+        cas: &mut ContentAddressableStorageClient<Channel>,
+        requests: Vec<re::batch_update_blobs_request::Request>,
+    ) -> Result<()> {
+        let resp = cas
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                instance_name: instance.into(),
+                requests,
+                digest_function: 0,
+            })
+            .await?
+            .into_inner();
+        for r in resp.responses {
+            if let Some(s) = r.status.filter(|s| s.code != 0) {
+                return Err(WorkerError::Upload(s.message));
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_stream(&self, instance: &str, d: &re::Digest, src: &Upload) -> Result<()> {
+        let Upload::File(path) = src else {
+            let data = src.read().await?;
+            return self
+                .write_chunks(instance, d, futures::stream::iter(vec![data]))
+                .await;
+        };
+        // Read lazily, one chunk per message: a large output never sits in memory whole.
+        // A read error ends the stream early; the server then refuses the short upload.
+        let f = tokio::fs::File::open(path).await?;
+        let chunks = futures::stream::unfold(f, |mut f| async move {
+            let mut buf = vec![0u8; CHUNK];
+            match f.read(&mut buf).await {
+                Ok(0) | Err(_) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((buf, f))
+                }
+            }
+        });
+        self.write_chunks(instance, d, chunks).await
+    }
+
+    async fn write_chunks(
+        &self,
+        instance: &str,
+        d: &re::Digest,
+        chunks: impl futures::Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let name = format!(
+            "{}{}uploads/{}/blobs/{}/{}",
+            instance,
+            if instance.is_empty() { "" } else { "/" },
+            uuid::Uuid::new_v4(),
+            d.hash,
+            d.size_bytes
+        );
+        let total = d.size_bytes;
+        let mut offset = 0i64;
+        let reqs = chunks.map(move |data| {
+            let req = WriteRequest {
+                resource_name: if offset == 0 {
+                    name.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: offset,
+                finish_write: offset + data.len() as i64 == total,
+                data,
+            };
+            offset += req.data.len() as i64;
+            req
+        });
+        ByteStreamClient::new(self.channel.clone())
+            .write(reqs)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Where an output's bytes come from.
+pub enum Upload {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+impl Upload {
+    async fn read(&self) -> Result<Vec<u8>> {
+        match self {
+            Upload::File(p) => Ok(tokio::fs::read(p).await?),
+            Upload::Bytes(b) => Ok(b.clone()),
+        }
+    }
+}

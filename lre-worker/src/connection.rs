@@ -1,0 +1,155 @@
+//! The worker's connection to the scheduler: register, keep alive, run what arrives, and
+//! reconnect with backoff whenever the stream breaks (a server restart, a network blip).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lre_worker_protocol::v1::{
+    server_message, worker_message, worker_service_client::WorkerServiceClient, Keepalive,
+    Property, Register, WorkerMessage,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::runner::Runner;
+
+#[derive(Clone, Debug)]
+pub struct ConnectionConfig {
+    pub worker_id: String,
+    pub capacity: u32,
+    pub properties: Vec<(String, String)>,
+    /// Bearer token with write access, when the server requires one.
+    pub token: Option<String>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    channel: Channel,
+    cfg: ConnectionConfig,
+    runner: Arc<Runner>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let outcome = tokio::select! {
+            r = session(channel.clone(), &cfg, runner.clone()) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(worker = %cfg.worker_id, "scheduler closed the stream; reconnecting");
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(worker = %cfg.worker_id, error = %e, retry_in = ?backoff, "scheduler connection failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn msg(m: worker_message::Message) -> WorkerMessage {
+    WorkerMessage { message: Some(m) }
+}
+
+async fn session(
+    channel: Channel,
+    cfg: &ConnectionConfig,
+    runner: Arc<Runner>,
+) -> Result<(), tonic::Status> {
+    let (tx, rx) = mpsc::channel(64);
+    let register = Register {
+        worker_id: cfg.worker_id.clone(),
+        properties: cfg
+            .properties
+            .iter()
+            .map(|(n, v)| Property {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        capacity: cfg.capacity,
+    };
+    let _ = tx
+        .send(msg(worker_message::Message::Register(register)))
+        .await;
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(t) = &cfg.token {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("token is not ASCII"))?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut inbound = WorkerServiceClient::new(channel)
+        .attach(req)
+        .await?
+        .into_inner();
+    let interval = match inbound.message().await?.and_then(|m| m.message) {
+        Some(server_message::Message::Registered(r)) => {
+            Duration::from_millis(r.keepalive_interval_ms.max(100) as u64)
+        }
+        _ => {
+            return Err(tonic::Status::internal(
+                "the scheduler did not acknowledge the registration",
+            ))
+        }
+    };
+    tracing::info!(worker = %cfg.worker_id, capacity = cfg.capacity, "registered with the scheduler");
+    let ka = tx.clone();
+    let keepalive = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            if ka
+                .send(msg(worker_message::Message::Keepalive(Keepalive {})))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let result = loop {
+        let m = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        running.retain(|_, h| !h.is_finished());
+        match m.message {
+            Some(server_message::Message::Run(run)) => {
+                tracing::debug!(operation = %run.operation, attempt = run.attempt, "running action");
+                let (runner, tx, op) = (runner.clone(), tx.clone(), run.operation.clone());
+                let task = tokio::spawn(async move {
+                    let finished = runner.run(&run).await;
+                    let _ = tx
+                        .send(msg(worker_message::Message::Finished(finished)))
+                        .await;
+                });
+                running.insert(op, task.abort_handle());
+            }
+            Some(server_message::Message::Cancel(c)) => {
+                // Aborting drops the sandbox's process handle, which kills it.
+                if let Some(h) = running.remove(&c.operation) {
+                    h.abort();
+                }
+            }
+            _ => {}
+        }
+    };
+    // The scheduler requeues whatever we were running; do not let it run twice.
+    for (_, h) in running {
+        h.abort();
+    }
+    keepalive.abort();
+    result
+}

@@ -1,0 +1,199 @@
+//! Runs one action: materialize inputs, run the command in the sandbox, upload outputs,
+//! and report an ActionResult. Every failure becomes a status, never a worker crash.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::protobuf::Timestamp;
+use lre_worker_protocol::v1::{ActionFinished, RunAction};
+use prost::Message;
+use tonic::transport::Channel;
+
+use crate::cas::{digest_of, LocalCas, Upload};
+use crate::error::{Result, WorkerError};
+use crate::materialize::materialize;
+use crate::outputs;
+use crate::sandbox::{self, SandboxConfig};
+
+pub struct Runner {
+    pub worker_id: String,
+    pub cas: Arc<LocalCas>,
+    pub channel: Channel,
+    pub work_dir: PathBuf,
+    pub sandbox: SandboxConfig,
+}
+
+fn ts(t: SystemTime) -> Option<Timestamp> {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Some(Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+/// Deletes an action directory even where the action left read-only directories.
+fn remove_tree(dir: &Path) {
+    fn writable(p: &Path) {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if m.is_dir() {
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+                if let Ok(rd) = std::fs::read_dir(p) {
+                    for e in rd.flatten() {
+                        writable(&e.path());
+                    }
+                }
+            }
+        }
+    }
+    writable(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not clean an action directory");
+    }
+}
+
+impl Runner {
+    pub async fn run(&self, run: &RunAction) -> ActionFinished {
+        let dir = self
+            .work_dir
+            .join("actions")
+            .join(uuid::Uuid::new_v4().to_string());
+        let outcome = self.run_in(run, &dir).await;
+        remove_tree(&dir);
+        match outcome {
+            Ok((result, status)) => ActionFinished {
+                operation: run.operation.clone(),
+                status_code: status.as_ref().map(|(c, _)| *c as i32).unwrap_or(0),
+                status_message: status.map(|(_, m)| m).unwrap_or_default(),
+                result: result.encode_to_vec(),
+            },
+            Err(e) => {
+                tracing::info!(operation = %run.operation, error = %e, "action failed before or after running");
+                ActionFinished {
+                    operation: run.operation.clone(),
+                    status_code: e.code() as i32,
+                    status_message: e.to_string(),
+                    result: vec![],
+                }
+            }
+        }
+    }
+
+    async fn run_in(
+        &self,
+        run: &RunAction,
+        dir: &Path,
+    ) -> Result<(re::ActionResult, Option<(tonic::Code, String)>)> {
+        let worker_start = SystemTime::now();
+        let action = re::Action::decode(&run.action[..])?;
+        let command = re::Command::decode(&run.command[..])?;
+        if command.arguments.is_empty() {
+            return Err(WorkerError::InvalidInput("command has no arguments".into()));
+        }
+        let exec_root = dir.join("root");
+        std::fs::create_dir_all(&exec_root)?;
+        let root = action
+            .input_root_digest
+            .clone()
+            .ok_or_else(|| WorkerError::InvalidInput("no input root".into()))?;
+        let fetch_start = SystemTime::now();
+        materialize(
+            &self.cas,
+            &self.channel,
+            &run.instance_name,
+            &root,
+            &exec_root,
+        )
+        .await?;
+        let fetch_done = SystemTime::now();
+
+        let wd = &command.working_directory;
+        if Path::new(wd).is_absolute() || wd.split('/').any(|c| c == "..") {
+            return Err(WorkerError::InvalidInput(format!(
+                "working_directory {wd:?} leaves the exec root"
+            )));
+        }
+        let workdir = exec_root.join(wd);
+        // REAPI: the worker creates the parent directories of declared outputs.
+        for p in outputs::declared(&command) {
+            if Path::new(&p).is_absolute() || p.split('/').any(|c| c == "..") {
+                return Err(WorkerError::Output(format!(
+                    "path {p:?} is absolute or climbs out with '..'"
+                )));
+            }
+            if let Some(parent) = workdir.join(&p).parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+        let env: Vec<(String, String)> = command
+            .environment_variables
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        sandbox::resolve_command(
+            &command.arguments[0],
+            &exec_root,
+            &workdir,
+            &env,
+            &self.sandbox,
+        )?;
+        let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
+        let timeout = Duration::from_millis(run.timeout_ms.max(1));
+        let exec_start = SystemTime::now();
+        let spawn = sandbox::Spawn {
+            exec_root: &exec_root,
+            workdir: &workdir,
+            argv: &command.arguments,
+            env: &env,
+            stdout: &stdout,
+            stderr: &stderr,
+            timeout,
+        };
+        let outcome = sandbox::run(&self.sandbox, &spawn).await?;
+        let exec_done = SystemTime::now();
+
+        let mut collected = outputs::collect(&exec_root, &workdir, &command)?;
+        let out_digest = digest_of(&std::fs::read(&stdout)?);
+        let err_digest = digest_of(&std::fs::read(&stderr)?);
+        collected
+            .uploads
+            .push((out_digest.clone(), Upload::File(stdout)));
+        collected
+            .uploads
+            .push((err_digest.clone(), Upload::File(stderr)));
+        let upload_start = SystemTime::now();
+        self.cas
+            .upload(&run.instance_name, std::mem::take(&mut collected.uploads))
+            .await?;
+        let result = re::ActionResult {
+            output_files: collected.files,
+            output_directories: collected.directories,
+            output_symlinks: collected.symlinks,
+            exit_code: outcome.exit_code,
+            stdout_digest: Some(out_digest),
+            stderr_digest: Some(err_digest),
+            execution_metadata: Some(re::ExecutedActionMetadata {
+                worker: self.worker_id.clone(),
+                worker_start_timestamp: ts(worker_start),
+                input_fetch_start_timestamp: ts(fetch_start),
+                input_fetch_completed_timestamp: ts(fetch_done),
+                execution_start_timestamp: ts(exec_start),
+                execution_completed_timestamp: ts(exec_done),
+                output_upload_start_timestamp: ts(upload_start),
+                output_upload_completed_timestamp: ts(SystemTime::now()),
+                worker_completed_timestamp: ts(SystemTime::now()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let status = outcome.timed_out.then(|| {
+            (
+                tonic::Code::DeadlineExceeded,
+                format!("action timed out after {timeout:?}; its process tree was killed"),
+            )
+        });
+        Ok((result, status))
+    }
+}
