@@ -115,13 +115,16 @@ scenario_up() {
     all_remote "$remote"
   BIN_OUT="$(run_binary "$CL_WS")"
   check "$n: the remotely built binary prints the expected line" "got '$BIN_OUT'" output_is_expected
-  local remote_sum; remote_sum="$(sha256sum "$CL_WS/bazel-bin/app/hello" | cut -d' ' -f1)"
+  local remote_sums="$SCEN/remote.sha256"
+  output_sums "$CL_WS" >"$remote_sums"
 
   new_client "$SCEN" L
   bazel_run "$CL_WS" "$CL_OUR"
-  local local_sum; local_sum="$(sha256sum "$CL_WS/bazel-bin/app/hello" 2>/dev/null | cut -d' ' -f1)"
-  check "$n: the binary is byte-identical to a local build's" "remote $remote_sum, local $local_sum" \
-    same_nonempty "$remote_sum" "$local_sum"
+  local local_sums="$SCEN/local.sha256"
+  output_sums "$CL_WS" >"$local_sums"
+  check "$n: every build output is byte-identical to a local build's" \
+    "$(wc -l <"$remote_sums") files (objects, archives, binaries, genrule outputs); diff: $(diff "$remote_sums" "$local_sums" | grep -c '^[<>]')" \
+    same_files "$remote_sums" "$local_sums"
   kill -TERM "$lre_pid" 2>/dev/null
   local deadline=$((SECONDS + 20))
   while pid_alive "$lre_pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
@@ -129,6 +132,12 @@ scenario_up() {
   forget_pid "$lre_pid"
 }
 
+# output_sums WS: sha256 of every build output except test logs and XML (which hold times).
+output_sums() {
+  (cd "$1/bazel-bin" && find -L . -type f \( -name '*.o' -o -name '*.a' -o -name '*.so' -o -perm -u+x -o -path './gen/*' \) \
+    ! -name '*.runfiles_manifest' ! -path '*.runfiles/*' ! -name '*.sh' -print0 | sort -z | xargs -0 sha256sum)
+}
+same_files() { [ -s "$1" ] && cmp -s "$1" "$2"; }
 same_nonempty() { [ -n "$1" ] && [ "$1" = "$2" ]; }
 not_alive() { ! pid_alive "$1"; }
 all_remote() { [ "$BZ_RC" = 0 ] && [ "$1" -gt 0 ] && [ "$1" = $((SUM_TOTAL - SUM_INTERNAL)) ]; }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lre_server::config::{ByteSize, Config, StoreKind};
-use lre_worker::{ConnectionConfig, SandboxConfig, WorkerOptions};
+use lre_worker::WorkerOptions;
 
 #[derive(Parser)]
 #[command(
@@ -115,22 +115,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     for i in 0..n {
-        let opts = WorkerOptions {
-            server: format!("{scheme}://{}", server.grpc_addr),
-            connection: ConnectionConfig {
-                worker_id: format!("local-{i}"),
-                capacity: 1,
-                properties: args.properties.clone(),
-                token: None,
-            },
-            work_dir: work_dir.join(format!("local-{i}")),
-            cache_bytes: 2 << 30,
-            sandbox: SandboxConfig {
-                bwrap: "bwrap".into(),
-                ro_paths: ro_paths.clone(),
-                network: false,
-            },
-        };
+        let mut opts = WorkerOptions::local(
+            format!("{scheme}://{}", server.grpc_addr),
+            format!("local-{i}"),
+            work_dir.join(format!("local-{i}")),
+            args.properties.clone(),
+        );
+        opts.sandbox.ro_paths = ro_paths.clone();
         workers.push(tokio::spawn(lre_worker::run(opts, shutdown.clone())));
     }
     println!("lre up: cache, scheduler and {n} local worker(s) running");

@@ -223,6 +223,18 @@ pub fn default_store_path() -> PathBuf {
 }
 
 impl Config {
+    /// A throwaway server: memory store, gRPC on a free loopback port, no HTTP port. For
+    /// tests, benchmarks and embedding.
+    pub fn ephemeral() -> Config {
+        let mut c = Config {
+            grpc_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: None,
+            ..Config::default()
+        };
+        c.store.kind = StoreKind::Memory;
+        c
+    }
+
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

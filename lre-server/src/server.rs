@@ -212,6 +212,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                     cache.clone(),
                     scheduler.clone(),
                     keepalive,
+                    rx.clone(),
                 ))
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),

@@ -24,14 +24,23 @@ pub struct WorkerEndpoint {
     cache: Arc<Cache>,
     scheduler: Arc<ExecScheduler>,
     keepalive: Duration,
+    /// Turns true when the server stops: every worker stream is then ended, so workers go
+    /// and reconnect (to the restarted server) instead of holding a dead session open.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl WorkerEndpoint {
-    pub fn new(cache: Arc<Cache>, scheduler: Arc<ExecScheduler>, keepalive: Duration) -> Self {
+    pub fn new(
+        cache: Arc<Cache>,
+        scheduler: Arc<ExecScheduler>,
+        keepalive: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         WorkerEndpoint {
             cache,
             scheduler,
             keepalive,
+            shutdown,
         }
     }
 }
@@ -173,9 +182,17 @@ impl WorkerService for WorkerEndpoint {
             self.scheduler.clone(),
             self.keepalive * 3,
         );
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
-                match tokio::time::timeout(silence, inbound.message()).await {
+                let next = tokio::select! {
+                    m = tokio::time::timeout(silence, inbound.message()) => m,
+                    _ = shutdown.wait_for(|s| *s) => {
+                        tracing::info!(worker = %id, "server stopping; ending the worker's stream");
+                        break;
+                    }
+                };
+                match next {
                     Ok(Ok(Some(WorkerMessage {
                         message: Some(worker_message::Message::Finished(f)),
                     }))) => finish(&cache, &scheduler, &id, f).await,

@@ -29,6 +29,33 @@ pub struct WorkerOptions {
     pub sandbox: SandboxConfig,
 }
 
+impl WorkerOptions {
+    /// A worker on this host with one slot, the default sandbox and a 2 GiB cache.
+    pub fn local(
+        server: String,
+        worker_id: String,
+        work_dir: PathBuf,
+        properties: Vec<(String, String)>,
+    ) -> Self {
+        WorkerOptions {
+            server,
+            connection: ConnectionConfig {
+                worker_id,
+                capacity: 1,
+                properties,
+                token: None,
+            },
+            work_dir,
+            cache_bytes: 2 << 30,
+            sandbox: SandboxConfig {
+                bwrap: "bwrap".into(),
+                ro_paths: default_ro_paths(),
+                network: false,
+            },
+        }
+    }
+}
+
 /// Host paths a local worker exposes read-only by default: the Nix store, plus the host
 /// toolchain directories that Bazel's autodetected C++ toolchain (/usr/bin/gcc) needs.
 pub fn default_ro_paths() -> Vec<PathBuf> {

@@ -220,6 +220,11 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 .any(|k| platform::satisfies(k, platform))
     }
 
+    /// How many workers are connected.
+    pub fn worker_count(&self) -> usize {
+        self.state().workers.len()
+    }
+
     /// The action an operation runs and its current stage.
     pub fn snapshot(&self, operation: &str) -> Option<(ActionKey, Stage<R>)> {
         let st = self.state();
