@@ -221,3 +221,80 @@ async fn read_only_callers_cannot_execute() {
     assert_eq!(err.code(), Code::PermissionDenied);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn wait_get_and_cancel_a_queued_operation() {
+    use bazel_remote_apis::google::longrunning::{
+        operations_client::OperationsClient, CancelOperationRequest, GetOperationRequest,
+    };
+    let mut c = exec_config();
+    // A platform no worker serves yet: the action waits in the queue instead of failing.
+    c.execution.known_platforms = vec![[("pool".to_string(), "later".to_string())]
+        .into_iter()
+        .collect()];
+    let s = start(c).await;
+    let ch = channel(&s).await;
+    let f = fixture(&[("pool", "later")], 0);
+    let refs: Vec<&[u8]> = f.blobs.iter().map(|b| b.as_slice()).collect();
+    batch_put(ch.clone(), "", &refs, None).await.unwrap();
+
+    let mut exec = ExecutionClient::new(ch.clone())
+        .execute(re::ExecuteRequest {
+            action_digest: Some(f.action.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stage(&exec.message().await.unwrap().unwrap()),
+        re::execution_stage::Value::CacheCheck as i32
+    );
+    let queued = exec.message().await.unwrap().unwrap();
+    assert_eq!(stage(&queued), re::execution_stage::Value::Queued as i32);
+    assert!(!queued.done);
+
+    // WaitExecution and GetOperation find the same operation by name.
+    let mut wait = ExecutionClient::new(ch.clone())
+        .wait_execution(re::WaitExecutionRequest {
+            name: queued.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stage(&wait.message().await.unwrap().unwrap()),
+        re::execution_stage::Value::Queued as i32
+    );
+    let got = OperationsClient::new(ch.clone())
+        .get_operation(GetOperationRequest {
+            name: queued.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.name.as_str(), got.done), (queued.name.as_str(), false));
+
+    OperationsClient::new(ch.clone())
+        .cancel_operation(CancelOperationRequest {
+            name: queued.name.clone(),
+        })
+        .await
+        .unwrap();
+    for stream in [&mut exec, &mut wait] {
+        let last = stream.message().await.unwrap().unwrap();
+        assert!(last.done);
+        match last.result {
+            Some(operation::Result::Error(st)) => assert_eq!(st.code, Code::Cancelled as i32),
+            other => panic!("expected a cancelled operation, got {other:?}"),
+        }
+    }
+    let err = ExecutionClient::new(ch.clone())
+        .wait_execution(re::WaitExecutionRequest {
+            name: "no-such-operation".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    s.shutdown().await;
+}
