@@ -51,14 +51,8 @@ struct UpArgs {
     #[arg(long = "ro-path")]
     ro_paths: Vec<PathBuf>,
     /// A platform property the local workers offer, NAME=VALUE; repeatable.
-    #[arg(long = "property", value_parser = parse_property, default_value = "OSFamily=Linux")]
+    #[arg(long = "property", value_parser = lre_worker::parse_property, default_value = "OSFamily=Linux")]
     properties: Vec<(String, String)>,
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(n, v)| (n.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
 }
 
 async fn terminate() {

@@ -56,6 +56,13 @@ impl WorkerOptions {
     }
 }
 
+/// Parses a `NAME=VALUE` platform property flag.
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
 /// Host paths a local worker exposes read-only by default: the Nix store, plus the host
 /// toolchain directories that Bazel's autodetected C++ toolchain (/usr/bin/gcc) needs.
 pub fn default_ro_paths() -> Vec<PathBuf> {

@@ -18,7 +18,7 @@ struct Cli {
     #[arg(long)]
     capacity: Option<u32>,
     /// A platform property this worker offers, NAME=VALUE; repeatable.
-    #[arg(long = "property", value_parser = parse_property, default_value = "OSFamily=Linux")]
+    #[arg(long = "property", value_parser = lre_worker::parse_property, default_value = "OSFamily=Linux")]
     properties: Vec<(String, String)>,
     /// A host path visible read-only inside the sandbox; repeatable (default: /nix/store,
     /// /usr, /bin, /lib, /lib64).
@@ -39,12 +39,6 @@ struct Cli {
     /// Bearer token with write access, if the server requires one.
     #[arg(long, env = "LRE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(n, v)| (n.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
 }
 
 #[tokio::main]
