@@ -132,6 +132,24 @@ impl LocalCas {
         }
     }
 
+    /// A fingerprint of a cached file that no process can forge: any write or chmod through
+    /// any of its hard links changes the inode's ctime.
+    pub fn fingerprint(path: &Path) -> Option<(i64, i64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.ctime(), m.ctime_nsec(), m.len()))
+    }
+
+    /// Drops a cached file whose content can no longer be trusted.
+    pub fn discard(&self, path: &Path) {
+        let _ = std::fs::remove_file(path);
+        let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((size, _)) = idx.entries.remove(path) {
+            idx.total -= size;
+        }
+    }
+
     /// Makes every (digest, executable) present locally, fetching what is missing.
     pub async fn ensure(&self, instance: &str, wanted: &[(re::Digest, bool)]) -> Result<()> {
         let mut missing: Vec<re::Digest> = Vec::new();

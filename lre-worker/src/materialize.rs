@@ -66,14 +66,19 @@ async fn fetch_tree(
     Ok(dirs)
 }
 
-/// Materializes the input root `root` into the (existing, empty) directory `dest`.
+/// A cache file linked into an exec root, with its fingerprint at link time.
+pub type Linked = Vec<(std::path::PathBuf, Option<(i64, i64, u64)>)>;
+
+/// Materializes the input root `root` into the (existing, empty) directory `dest`, and
+/// returns the cache files it linked so the caller can check the action left them alone.
 pub async fn materialize(
     cas: &LocalCas,
     channel: &Channel,
     instance: &str,
     root: &re::Digest,
     dest: &Path,
-) -> Result<()> {
+) -> Result<Linked> {
+    let mut linked = Linked::new();
     let dirs = fetch_tree(channel, instance, root).await?;
     // One pass to learn every file, so the cache fetches them in a few batches.
     let mut files = Vec::new();
@@ -95,7 +100,10 @@ pub async fn materialize(
         for f in &dir.files {
             check_name(&f.name)?;
             let digest = f.digest.clone().unwrap_or_default();
-            std::fs::hard_link(cas.path(&digest, f.is_executable), path.join(&f.name))?;
+            let cached = cas.path(&digest, f.is_executable);
+            std::fs::hard_link(&cached, path.join(&f.name))?;
+            let print = LocalCas::fingerprint(&cached);
+            linked.push((cached, print));
         }
         for s in &dir.symlinks {
             check_name(&s.name)?;
@@ -108,5 +116,5 @@ pub async fn materialize(
             queue.push_back((sub.digest.clone().unwrap_or_default().hash, p));
         }
     }
-    Ok(())
+    Ok(linked)
 }

@@ -99,7 +99,7 @@ impl Runner {
             .clone()
             .ok_or_else(|| WorkerError::InvalidInput("no input root".into()))?;
         let fetch_start = SystemTime::now();
-        materialize(
+        let linked = materialize(
             &self.cas,
             &self.channel,
             &run.instance_name,
@@ -153,6 +153,28 @@ impl Runner {
         };
         let outcome = sandbox::run(&self.sandbox, &spawn).await?;
         let exec_done = SystemTime::now();
+        // Inputs are hard links into the local cache: an action that wrote to or chmodded
+        // one changed the cached copy every later action would get. Drop those copies (they
+        // are fetched again, verified) and fail this non-hermetic action.
+        let mut tampered = Vec::new();
+        for (path, before) in &linked {
+            if LocalCas::fingerprint(path) != *before {
+                self.cas.discard(path);
+                tampered.push(
+                    path.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+        if !tampered.is_empty() {
+            tampered.dedup();
+            return Err(WorkerError::InvalidInput(format!(
+                "the action modified its input file(s) {}; inputs are read-only, and the worker's cached copies were discarded",
+                tampered.join(", ")
+            )));
+        }
 
         let mut collected = outputs::collect(&exec_root, &workdir, &command)?;
         let out_digest = digest_of(&std::fs::read(&stdout)?);

@@ -417,3 +417,40 @@ async fn failures_are_statuses_not_crashes() {
     );
     e.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_action_that_modifies_its_inputs_cannot_poison_the_cache() {
+    let e = env().await;
+    let data = b"pristine\n".to_vec();
+    e.put(std::slice::from_ref(&data)).await;
+    let root = re::Directory {
+        files: vec![file("in.txt", &data, false)],
+        ..Default::default()
+    };
+    let f = e
+        .run(
+            &root,
+            "chmod u+w in.txt && echo tampered >> in.txt",
+            &[],
+            60_000,
+        )
+        .await;
+    assert_eq!(
+        f.status_code,
+        Code::InvalidArgument as i32,
+        "{}",
+        f.status_message
+    );
+    assert!(
+        f.status_message.contains("modified its input file"),
+        "{}",
+        f.status_message
+    );
+    // The next action with the same input sees the original bytes, fetched afresh.
+    let r = result(&e.run(&root, "cat in.txt > out", &["out"], 60_000).await);
+    assert_eq!(
+        e.get(r.output_files[0].digest.as_ref().unwrap()).await,
+        data
+    );
+    e.server.shutdown().await;
+}
