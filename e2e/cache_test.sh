@@ -133,8 +133,11 @@ http_status() {
 }
 status_in() { local s="$1"; shift; local x; for x in "$@"; do [ "$s" = "$x" ] && return 0; done; return 1; }
 
+# server_up LABEL CONFIG [CA_CERT]: start first, so the detail names this server's pid.
 server_up() {
-  check "$1: server starts and answers /healthz" "pid ${SERVER_PID:-?}, log ${SERVER_LOG#"$RUN_DIR"/}" start_server "$2" "${3:-}"
+  local rc=0
+  start_server "$2" "${3:-}" || rc=1
+  check "$1: server starts and answers /healthz" "pid $SERVER_PID, log ${SERVER_LOG#"$RUN_DIR"/}" [ "$rc" = 0 ]
 }
 # stopped_cleanly NAME: SIGTERM the server and check it exited on its own.
 stopped_cleanly() {
@@ -312,7 +315,7 @@ scenario_restart() {
   new_client "$SCEN" A; build_a "$n" "$CL_WS" "$CL_OUR" "${remote[@]}"
   stopped_cleanly "$n: server exits on SIGTERM after A's upload"
   # Same config: same ports, same store directory.
-  check "$n: server restarts on the same store" "pid ${SERVER_PID:-?}" start_server "$SCEN/server.toml" || return 0
+  server_up "$n (restart on the same store)" "$SCEN/server.toml" || return 0
   new_client "$SCEN" B; build_b "$n (after restart)" "$CL_WS" "$CL_OUR" "${remote[@]}"
   server_down "$n"
 }

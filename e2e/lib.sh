@@ -38,7 +38,8 @@ E2E_FAILED_NAMES=()
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # ---------------------------------------------------------------- checks
-# check NAME DETAIL COMMAND...   PASS if COMMAND succeeds, else FAIL.
+# check NAME DETAIL COMMAND...   PASS if COMMAND succeeds, else FAIL (and return 1, so
+# callers can add diagnostics or stop with `check ... || ...`).
 check() {
   local name="$1" detail="$2"; shift 2
   if "$@"; then
@@ -48,6 +49,7 @@ check() {
     E2E_FAILED=$((E2E_FAILED + 1))
     E2E_FAILED_NAMES+=("$name")
     printf 'FAIL  %s%s\n' "$name" "${detail:+  ($detail)}"
+    return 1
   fi
 }
 
