@@ -339,7 +339,7 @@ bazel_run() {
   bazel_startup_flags
   bazel_common_flags
   E2E_BAZEL_ROOTS+=("$our|$ws")
-  log "bazel test in ${ws#"$RUN_DIR"/} $(printf '%s\n' "$@" | sed -E 's/(Bearer|authorization=)[^ ]*/\1***/' | tr '\n' ' ')"
+  log "bazel $BAZEL_VERB in ${ws#"$RUN_DIR"/} $(printf '%s\n' "$@" | sed -E 's/(Bearer|authorization=)[^ ]*/\1***/' | tr '\n' ' ')"
   (cd "$ws" && timeout --signal=TERM "$BAZEL_TIMEOUT" \
       "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$our" \
       "$BAZEL_VERB" "${BZ_COMMON[@]}" --execution_log_json_file="$BZ_EXECLOG" "$@" \
@@ -407,3 +407,48 @@ show_misses() {
 
 # run_binary WS: prints what WS/bazel-bin/app/hello prints.
 run_binary() { (cd "$1" && timeout 60 ./bazel-bin/app/hello) 2>&1; }
+
+# ---------------------------------------------------------------- shared by exec and toolchain tests
+# remote_count: the "N remote" figure of the last summary line.
+remote_count() { printf '%s\n' "$SUM_LINE" | grep -oE '[0-9]+ remote[,.]' | grep -oE '[0-9]+' || echo 0; }
+
+# start_bg NAME CMD...: starts a background process logging to $SCEN/NAME.log; sets BG_PID.
+start_bg() {
+  local name="$1"; shift
+  "$@" >>"$SCEN/$name.log" 2>&1 &
+  BG_PID=$!
+  E2E_SERVER_PIDS+=("$BG_PID")
+}
+
+# wait_healthy PORT: until /healthz on 127.0.0.1:PORT answers (30 s at most).
+wait_healthy() {
+  local deadline=$((SECONDS + 30))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$1/healthz" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+# wait_log FILE PATTERN COUNT: until FILE has COUNT lines matching PATTERN (30 s at most).
+wait_log() {
+  local deadline=$((SECONDS + 30))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    [ "$(grep -cE "$2" "$1" 2>/dev/null || echo 0)" -ge "$3" ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+alloc() { local p; p="$(free_ports 2)"; GRPC_PORT="${p%%$'\n'*}"; HTTP_PORT="${p##*$'\n'}"; }
+
+# output_sums WS: sha256 of every build output except test logs and XML (which hold times).
+output_sums() {
+  (cd "$1/bazel-bin" && find -L . -type f \( -name '*.o' -o -name '*.a' -o -name '*.so' -o -perm -u+x -o -path './gen/*' \) \
+    ! -name '*.runfiles_manifest' ! -path '*.runfiles/*' ! -name '*.sh' -print0 | sort -z | xargs -0 sha256sum)
+}
+
+same_files() { [ -s "$1" ] && cmp -s "$1" "$2"; }
+not_alive() { ! pid_alive "$1"; }
+all_remote() { [ "$BZ_RC" = 0 ] && [ "$1" -gt 0 ] && [ "$1" = $((SUM_TOTAL - SUM_INTERNAL)) ]; }
+output_is_expected() { [ "$BIN_OUT" = "$EXPECTED_OUTPUT" ]; }

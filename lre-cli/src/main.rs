@@ -1,19 +1,25 @@
-//! `lre`: the user-facing command. `lre up` runs the whole local remote-execution stack in
-//! one process: the cache on its default store, the scheduler, and one worker per CPU.
+//! `lre`: the user-facing command.
+
+mod bazel;
+mod command;
+mod doctor;
+mod env;
+mod error;
+mod execlog;
+mod explain;
+mod generate;
+mod nix;
+mod probe;
+mod render;
+mod toolchain;
+mod up;
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lre_server::config::{ByteSize, Config, StoreKind};
-use lre_worker::WorkerOptions;
 
 #[derive(Parser)]
-#[command(
-    name = "lre",
-    version,
-    about = "Local Remote Execution for Bazel, driven by Nix"
-)]
+#[command(name = "lre", version, about = "Local Remote Execution for Bazel, driven by Nix")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,129 +28,134 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run cache, scheduler and local workers; print the Bazel flags to use.
-    Up(UpArgs),
+    Up(up::UpArgs),
+    /// Write .bazelrc.lre and the @local-remote-execution toolchain repository.
+    Generate(GenerateArgs),
+    /// Check that the workspace, the store, the server and its workers fit together.
+    Doctor(doctor::DoctorArgs),
+    /// Say why two builds' actions got different cache keys, from their execution logs.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(clap::Args)]
-struct UpArgs {
-    /// lre-server config file (execution is switched on regardless).
+pub struct ToolchainArgs {
+    /// A toolchain environment entry NAME=VALUE (CC, PATH, JAVA_HOME, …); repeatable.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// The C/C++ toolchain: a flake installable (.#lre-cc), a .nix file or a store path.
     #[arg(long)]
-    config: Option<PathBuf>,
+    cc: Option<String>,
+    /// The Java runtime: a flake installable, a .nix file or a store path.
     #[arg(long)]
-    grpc_listen: Option<std::net::SocketAddr>,
+    java: Option<String>,
+    /// Accept tools, include directories and Env entries outside /nix/store.
     #[arg(long)]
-    http_listen: Option<std::net::SocketAddr>,
-    /// Filesystem store directory (default: ~/.cache/lre/cas).
-    #[arg(long)]
-    store_dir: Option<PathBuf>,
-    /// Store size limit, e.g. 10GiB.
-    #[arg(long)]
-    max_size: Option<ByteSize>,
-    /// Local workers (default: the number of CPUs).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Where workers keep exec roots and their CAS caches (default: ~/.cache/lre/worker).
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// A host path visible read-only inside the sandbox; repeatable (default: /nix/store,
-    /// /usr, /bin, /lib, /lib64).
-    #[arg(long = "ro-path")]
-    ro_paths: Vec<PathBuf>,
-    /// A platform property the local workers offer, NAME=VALUE; repeatable.
-    #[arg(long = "property", value_parser = lre_worker::parse_property, default_value = "OSFamily=Linux")]
-    properties: Vec<(String, String)>,
+    allow_host_path: bool,
 }
 
-async fn terminate() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+impl ToolchainArgs {
+    fn sources(&self) -> toolchain::Sources {
+        toolchain::Sources { env: self.env.clone(), cc: self.cc.clone(), java: self.java.clone() }
     }
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(p) => Config::from_file(p)?,
-        None => Config::default(),
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    toolchain: ToolchainArgs,
+    /// The Bazel workspace (default: the current directory).
+    #[arg(long, default_value = ".")]
+    workspace: PathBuf,
+    /// Write `build:PREFIX` lines, used with --config=PREFIX.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// The REAPI endpoint, e.g. grpc://127.0.0.1:8980 or grpcs://cache.example.com.
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long)]
+    instance_name: Option<String>,
+    /// The user may read the cache but not write it.
+    #[arg(long)]
+    read_only: bool,
+    /// The endpoint is a cache without execution.
+    #[arg(long)]
+    cache_only: bool,
+    /// Bazel version the files are for (default: .bazelversion, else `bazel --version`).
+    #[arg(long)]
+    bazel_version: Option<String>,
+    /// The worker image, REGISTRY/NAME@sha256:DIGEST, pinned in the platform.
+    #[arg(long)]
+    image: Option<String>,
+    /// The repository directory, relative to the workspace.
+    #[arg(long, default_value = generate::DEFAULT_REPO_DIR)]
+    repo_dir: String,
+    /// Overwrite files that were edited by hand.
+    #[arg(long)]
+    force: bool,
+    /// Write nothing; exit 1 if any file would change.
+    #[arg(long)]
+    check: bool,
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
+    let bazel = match &args.bazel_version {
+        Some(v) => v.parse()?,
+        None => bazel::detect(&args.workspace)?,
     };
-    config.execution.enabled = true;
-    if let Some(a) = args.grpc_listen {
-        config.grpc_listen = a;
+    if args.repo_dir.starts_with('/') || args.repo_dir.split('/').any(|c| c == "..") {
+        anyhow::bail!("--repo-dir must be a relative path inside the workspace, got {}", args.repo_dir);
     }
-    if let Some(a) = args.http_listen {
-        config.http_listen = Some(a);
+    let image = args.image.as_deref().map(image_property).transpose()?;
+    let endpoint = args.endpoint.map(|url| generate::Endpoint {
+        url,
+        instance_name: args.instance_name.clone(),
+        read_only: args.read_only,
+        cache_only: args.cache_only,
+    });
+    let toolchain = toolchain::Toolchain::resolve(&args.toolchain.sources(), args.toolchain.allow_host_path)?;
+    let settings = generate::Settings { bazel, prefix: args.prefix, endpoint, image, repo_dir: args.repo_dir.clone(), allow_host_path: args.toolchain.allow_host_path };
+    let files = generate::plan(&toolchain, &settings)?;
+    let outcome = generate::write(&args.workspace, &args.repo_dir, &files, args.force, args.check)?;
+    let verb = if args.check { "would write" } else { "wrote" };
+    for p in &outcome.written {
+        eprintln!("lre generate: {verb} {}", p.display());
     }
-    if let Some(d) = args.store_dir {
-        config.store.kind = StoreKind::Filesystem;
-        config.store.path = Some(d);
+    for p in &outcome.removed {
+        eprintln!("lre generate: {} {}", if args.check { "would remove" } else { "removed" }, p.display());
     }
-    if let Some(s) = args.max_size {
-        config.store.max_size = s;
+    eprintln!(
+        "lre generate: {} file(s) unchanged; toolchain {} ({} store paths)",
+        outcome.unchanged.len(),
+        settings.container_image(&toolchain),
+        toolchain.closure.len()
+    );
+    let changed = !outcome.written.is_empty() || !outcome.removed.is_empty();
+    Ok(if args.check && changed { std::process::ExitCode::from(1) } else { std::process::ExitCode::SUCCESS })
+}
+
+/// `REGISTRY/NAME@sha256:HEX` (or with `docker://` already) → the platform property value.
+fn image_property(image: &str) -> anyhow::Result<String> {
+    let bare = image.strip_prefix("docker://").unwrap_or(image);
+    let digest = bare.rsplit_once('@').map(|(_, d)| d);
+    match digest.and_then(|d| d.strip_prefix("sha256:")) {
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(format!("docker://{bare}")),
+        _ => anyhow::bail!("--image must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>; got {image}"),
     }
-    config.validate()?;
-    let server = lre_server::start(config)
-        .await
-        .context("starting the cache and scheduler")?;
-    let n = args
-        .workers
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1);
-    let work_dir = args.work_dir.unwrap_or_else(lre_worker::default_work_dir);
-    let ro_paths = if args.ro_paths.is_empty() {
-        lre_worker::default_ro_paths()
-    } else {
-        args.ro_paths
-    };
-    let scheme = if server.tls { "https" } else { "http" };
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let mut workers = Vec::new();
-    for i in 0..n {
-        let mut opts = WorkerOptions::local(
-            format!("{scheme}://{}", server.grpc_addr),
-            format!("local-{i}"),
-            work_dir.join(format!("local-{i}")),
-            args.properties.clone(),
-        );
-        opts.sandbox.ro_paths = ro_paths.clone();
-        workers.push(tokio::spawn(lre_worker::run(opts, shutdown.clone())));
-    }
-    println!("lre up: cache, scheduler and {n} local worker(s) running");
-    println!("  grpc: grpc://{}", server.grpc_addr);
-    if let Some(h) = server.http_addr {
-        println!("  http: http://{h}  (/metrics, /healthz)");
-    }
-    println!("  bazel flags: {}", server.bazel_flags().join(" "));
-    terminate().await;
-    tracing::info!("shutting down");
-    let _ = stop.send(true);
-    for w in workers {
-        let _ = w.await;
-    }
-    server.shutdown().await;
-    Ok(())
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Up(args) => up(args).await,
+        Command::Up(args) => up::up(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Generate(args) => tokio::task::block_in_place(|| generate(args)),
+        Command::Doctor(args) => doctor::doctor(args).await,
+        Command::Explain(args) => explain::explain(args),
     }
 }
