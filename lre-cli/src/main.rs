@@ -1,18 +1,6 @@
 //! `lre`: the user-facing command.
 
-mod bazel;
-mod command;
-mod doctor;
-mod env;
-mod error;
-mod execlog;
-mod explain;
-mod generate;
-mod nix;
-mod probe;
-mod render;
-mod toolchain;
-mod up;
+use lre_cli::{bazel, doctor, explain, generate, toolchain, up};
 
 use std::path::PathBuf;
 
