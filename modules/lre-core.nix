@@ -21,7 +21,9 @@ let
   opt = flag: v: if v == null then [ ] else [ flag (toString v) ];
   # A package's own Env (passthru.Env or meta.Env) travels as --env, so the shellHook needs
   # no evaluation; a package without one is passed as its store path.
-  envOf = p: p.passthru.Env or p.meta.Env or null;
+  # nixpkgs' JDKs carry their JAVA_HOME as `home`.
+  envOf = p: p.passthru.Env or p.meta.Env
+    or (if p ? home then [ "JAVA_HOME=${p.home}" "PATH=${p}/bin" ] else null);
   pkgArgs = flag: p:
     if p == null then [ ]
     else if envOf p != null then concatMap (e: [ "--env" e ]) (envOf p)
