@@ -109,6 +109,11 @@ scenario_generate() {
   (cd "$host" && "$LRE" generate --env CC=/usr/bin/gcc --env PATH=/usr/bin --bazel-version 4.2.3 --allow-host-path) >>"$SCEN/host.log" 2>&1
   check "$n: --allow-host-path accepts it" "" test -f "$host/.bazelrc.lre"
 
+  local sp="$SCEN/storepath"; mkdir -p "$sp"
+  (cd "$sp" && "$LRE" generate --cc "$CC1" --bazel-version 4.2.3) >"$SCEN/storepath.log" 2>&1
+  check "$n: a bare store path works as the toolchain (CC and PATH from its bin/)" "$(tail -n1 "$SCEN/storepath.log")" \
+    grep -q "^#   CC=$CC1/bin/cc\$" "$sp/.bazelrc.lre"
+
   installation_script "$n"
 }
 refused_and_kept() { [ "$1" != 0 ] && grep -q "edited by hand" "$SCEN/gen.log" && [ "$(sha256sum <"$2")" = "$3" ]; }
@@ -175,12 +180,30 @@ PYEOF
 )"
   check "$n: every compile, archive and link command runs a /nix/store tool, with no host path" "$summary" \
     [ $? = 0 ]
-  bazel_run "$CL_WS" "$CL_OUR" --config=lre --remote_executor=
-  BIN_OUT="$(run_binary "$CL_WS")"
+  local q="$CL_WS" q_our="$CL_OUR"
+  workspace_macro "$n" "$q"
+  bazel_run "$q" "$q_our" --config=lre --remote_executor=
+  BIN_OUT="$(run_binary "$q")"
   check "$n: the locally built binary runs and prints the expected line" "exit $BZ_RC; got '$BIN_OUT'" output_is_expected
   check "$n: it is a static musl binary from the zig toolchain" "" \
-    static_binary "$CL_WS/bazel-bin/app/hello"
+    static_binary "$q/bazel-bin/app/hello"
 }
+# The bazel/ module's WORKSPACE macro registers the same platform and toolchains, for
+# builds that don't use .bazelrc.lre: a checkout whose WORKSPACE calls lre_register().
+workspace_macro() {
+  local n="$1" src="$2"
+  new_client "$SCEN" W
+  (cd "$src" && tar --exclude='./bazel-*' -cf - WORKSPACE .lre) | (cd "$CL_WS" && tar -xf -)
+  printf '\nload("@local-remote-execution//:defs.bzl", "lre_register")\n\nlre_register(java = False)\n' >>"$CL_WS/WORKSPACE"
+  E2E_BAZEL_ROOTS+=("$CL_OUR|$CL_WS")
+  (cd "$CL_WS" && timeout "$BAZEL_TIMEOUT" "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$CL_OUR" aquery \
+    "${BZ_COMMON[@]}" --incompatible_enable_cc_toolchain_resolution --output=text 'mnemonic("CppCompile", //lib:text)') \
+    >"$SCEN/aquery-macro.txt" 2>"$SCEN/aquery-macro.log"
+  check "$n: without .bazelrc.lre, lre_register() in WORKSPACE selects the pinned toolchain" \
+    "$(grep -oE 'exec /nix/store/[^ ]*' "$SCEN/aquery-macro.txt" | head -n1)" \
+    grep -qE "exec /nix/store/[a-z0-9]{32}-lre-cc-zig/bin/cc" "$SCEN/aquery-macro.txt"
+}
+
 # An ELF executable with no program interpreter (statically linked, runs without host libc).
 static_binary() { [ -x "$1" ] && [ "$(python3 - "$1" <<'PYEOF'
 import struct, sys
@@ -231,7 +254,8 @@ scenario_cache() {
   check "$n: lre up checked the closure and offers its container-image" "" \
     grep -q "container-image" "$SCEN/lre.log"
 
-  bazel_run "$a" "$a_our" --config=lre --remote_executor= "--remote_cache=grpc://127.0.0.1:$GRPC_PORT"
+  bazel_run "$a" "$a_our" --config=lre --remote_executor= "--remote_cache=grpc://127.0.0.1:$GRPC_PORT" \
+    "--execution_log_binary_file=$SCEN/A.execlog.bin"
   A_EXECLOG="$BZ_EXECLOG"
   BIN_OUT="$(run_binary "$a")"
   check "$n: A builds locally with the pinned toolchain and uploads" "exit $BZ_RC; '$SUM_LINE'; got '$BIN_OUT'" \
@@ -295,13 +319,17 @@ scenario_change() {
   local e="$CL_WS"
   (cd "$e" && "$LRE" generate --cc "$TC_DIR/cc-variant.nix" --java "$TC_DIR/java.nix" --prefix lre \
     --bazel-version 4.2.3 --endpoint "grpc://127.0.0.1:$GRPC_PORT") >"$SCEN/gen-e.log" 2>&1
-  bazel_run "$e" "$CL_OUR" --config=lre --remote_executor= "--remote_cache=grpc://127.0.0.1:$GRPC_PORT"
+  bazel_run "$e" "$CL_OUR" --config=lre --remote_executor= "--remote_cache=grpc://127.0.0.1:$GRPC_PORT" \
+    "--execution_log_binary_file=$SCEN/E.execlog.bin"
   check "$n: every action gets a new key: 0 cache hits, and the build succeeds" \
     "exit $BZ_RC; $HITS/$CACHEABLE cacheable hits" no_hits
   "$LRE" explain "$A_EXECLOG" "$BZ_EXECLOG" >"$SCEN/explain-ae.txt" 2>&1; local rc=$?
   local old="${CC1##*/}" new="${cc2##*/}"
   check "$n: lre explain reports the differing actions and names the changed store path" \
     "exit $rc; $(head -n1 "$SCEN/explain-ae.txt")" explained "$rc" "$old" "$new"
+  "$LRE" explain "$SCEN/A.execlog.bin" "$SCEN/E.execlog.bin" >"$SCEN/explain-ae-bin.txt" 2>&1
+  check "$n: lre explain says the same from Bazel's binary execution logs" "" \
+    cmp -s "$SCEN/explain-ae.txt" "$SCEN/explain-ae-bin.txt"
 }
 no_hits() { [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" -gt 0 ] && [ "$HITS" = 0 ]; }
 explained() {

@@ -10,7 +10,10 @@ ZIGLANG_VERSION=${ZIGLANG_VERSION:-0.14.1}
 export NIX_CONFIG=${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group ='}
 
 if [[ ! -x $dir/src/ziglang/zig ]]; then
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+  # --target keeps it out of any Python environment, which is why Debian's guard against
+  # installing into the system Python does not apply.
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
+    --root-user-action=ignore --no-deps \
     --target "$dir/src" "ziglang==$ZIGLANG_VERSION"
   # pip's own files (bytecode, metadata) are not part of the compiler.
   rm -rf "$dir/src/ziglang/__pycache__" "$dir"/src/ziglang-*.dist-info
