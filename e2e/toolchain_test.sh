@@ -23,7 +23,7 @@ LRE="${LRE:-$REPO_ROOT/target/debug/lre}"
 OVERLAY="$E2E_DIR/workspaces/lre"
 # Kept between runs (and by CI within one run) so zig is downloaded once.
 TC_DIR="${E2E_TOOLCHAIN_DIR:-$E2E_DIR/.work/toolchain}"
-export NIX_CONFIG="${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group ='}"
+export NIX_CONFIG="${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group =\nsubstituters ='}"
 BAZEL_VERB=build
 
 # lre_client SCEN NAME: a fresh checkout of the fixture with the LRE overlay.
@@ -178,8 +178,9 @@ ok = actions and all(t.startswith("/nix/store/") for t in tools) and not host
 sys.exit(0 if ok else 1)
 PYEOF
 )"
+  local rc=$?
   check "$n: every compile, archive and link command runs a /nix/store tool, with no host path" "$summary" \
-    [ $? = 0 ]
+    [ "$rc" = 0 ]
   local q="$CL_WS" q_our="$CL_OUR"
   workspace_macro "$n" "$q"
   bazel_run "$q" "$q_our" --config=lre --remote_executor=

@@ -7,7 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dir=$(mkdir -p "$1" && cd "$1" && pwd)
 ZIGLANG_VERSION=${ZIGLANG_VERSION:-0.14.1}
-export NIX_CONFIG=${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group ='}
+export NIX_CONFIG=${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group =\nsubstituters ='}
 
 if [[ ! -x $dir/src/ziglang/zig ]]; then
   # --target keeps it out of any Python environment, which is why Debian's guard against

@@ -76,6 +76,7 @@ async fn local_baseline(n: usize, sandboxed: bool) -> f64 {
         bwrap: "bwrap".into(),
         ro_paths: lre_worker::default_ro_paths(),
         network: false,
+        host_proc: false,
     };
     let t = Instant::now();
     futures::stream::iter(0..n)

@@ -37,7 +37,11 @@ impl std::str::FromStr for BazelVersion {
                 "Bazel {major}.{minor} is too old: lre supports Bazel 4.2 and later"
             )));
         }
-        Ok(BazelVersion { major, minor, patch })
+        Ok(BazelVersion {
+            major,
+            minor,
+            patch,
+        })
     }
 }
 
@@ -48,8 +52,13 @@ pub fn detect(workspace: &Path) -> Result<BazelVersion> {
             return line.parse();
         }
     }
-    let (out, _) = run(Command::new("bazel").arg("--version").current_dir(workspace), b"")
-        .map_err(|e| Error::NoBazelVersion(e.to_string()))?;
+    let (out, _) = run(
+        Command::new("bazel")
+            .arg("--version")
+            .current_dir(workspace),
+        b"",
+    )
+    .map_err(|e| Error::NoBazelVersion(e.to_string()))?;
     out.trim()
         .parse()
         .map_err(|_| Error::NoBazelVersion(format!("`bazel --version` printed {:?}", out.trim())))
@@ -87,21 +96,64 @@ mod tests {
     #[test]
     fn versions_parse_from_the_forms_bazel_prints() {
         let v = |s: &str| s.parse::<BazelVersion>().unwrap();
-        assert_eq!(v("4.2.3"), BazelVersion { major: 4, minor: 2, patch: 3 });
-        assert_eq!(v("bazel 7.4.1"), BazelVersion { major: 7, minor: 4, patch: 1 });
-        assert_eq!(v("8.0.0rc1"), BazelVersion { major: 8, minor: 0, patch: 0 });
-        assert_eq!(v("4.2.3+ds-9"), BazelVersion { major: 4, minor: 2, patch: 3 });
-        assert_eq!(v("6.5"), BazelVersion { major: 6, minor: 5, patch: 0 });
+        assert_eq!(
+            v("4.2.3"),
+            BazelVersion {
+                major: 4,
+                minor: 2,
+                patch: 3
+            }
+        );
+        assert_eq!(
+            v("bazel 7.4.1"),
+            BazelVersion {
+                major: 7,
+                minor: 4,
+                patch: 1
+            }
+        );
+        assert_eq!(
+            v("8.0.0rc1"),
+            BazelVersion {
+                major: 8,
+                minor: 0,
+                patch: 0
+            }
+        );
+        assert_eq!(
+            v("4.2.3+ds-9"),
+            BazelVersion {
+                major: 4,
+                minor: 2,
+                patch: 3
+            }
+        );
+        assert_eq!(
+            v("6.5"),
+            BazelVersion {
+                major: 6,
+                minor: 5,
+                patch: 0
+            }
+        );
         assert!("no_version".parse::<BazelVersion>().is_err());
         assert!("bazel no_version".parse::<BazelVersion>().is_err());
-        assert!("3.7.2".parse::<BazelVersion>().unwrap_err().to_string().contains("too old"));
+        assert!("3.7.2"
+            .parse::<BazelVersion>()
+            .unwrap_err()
+            .to_string()
+            .contains("too old"));
     }
 
     #[test]
     fn forms_follow_the_version() {
         let f = |s: &str| s.parse::<BazelVersion>().unwrap().form();
-        assert!(f("4.2.3").needs_cc_toolchain_resolution_flag && !f("4.2.3").java_runtime_by_version);
-        assert!(!f("7.4.1").needs_cc_toolchain_resolution_flag && !f("7.4.1").cc_rules_from_rules_cc);
+        assert!(
+            f("4.2.3").needs_cc_toolchain_resolution_flag && !f("4.2.3").java_runtime_by_version
+        );
+        assert!(
+            !f("7.4.1").needs_cc_toolchain_resolution_flag && !f("7.4.1").cc_rules_from_rules_cc
+        );
         assert!(f("8.0.0").cc_rules_from_rules_cc && f("8.0.0").bzlmod);
     }
 }

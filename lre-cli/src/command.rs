@@ -21,9 +21,10 @@ pub fn run(cmd: &mut Command, stdin: &[u8]) -> Result<(String, String)> {
         // A program that exits without reading its input is not an error here.
         let _ = input.write_all(stdin);
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| Error::Spawn { program: display.clone(), source })?;
+    let out = child.wait_with_output().map_err(|source| Error::Spawn {
+        program: display.clone(),
+        source,
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
@@ -46,7 +47,10 @@ pub fn display(cmd: &Command) -> String {
 
 fn quote(arg: &OsStr) -> String {
     let s = arg.to_string_lossy();
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:@+,#".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@+,#".contains(c))
+    {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))

@@ -53,7 +53,11 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
 /// lre.json, or a workspace holding one): only when every store path of its closure is
 /// present and valid here.
 pub fn toolchain_properties(path: &Path) -> Result<Vec<(String, String)>> {
-    let manifest_path = if path.is_dir() { path.join(DEFAULT_REPO_DIR).join(MANIFEST) } else { path.to_owned() };
+    let manifest_path = if path.is_dir() {
+        path.join(DEFAULT_REPO_DIR).join(MANIFEST)
+    } else {
+        path.to_owned()
+    };
     let m = read_manifest(&manifest_path)?;
     let missing = missing_store_paths(&m.closure);
     if !missing.is_empty() {
@@ -64,7 +68,9 @@ pub fn toolchain_properties(path: &Path) -> Result<Vec<(String, String)>> {
             missing.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
         )));
     }
-    if !m.container_image.starts_with("docker://") && m.container_image != Toolchain::closure_identity(&m.closure) {
+    if !m.container_image.starts_with("docker://")
+        && m.container_image != Toolchain::closure_identity(&m.closure)
+    {
         return Err(Error::Invalid(format!(
             "{}: container-image {} does not name the closure listed beside it; run `lre generate` again",
             manifest_path.display(),
@@ -75,7 +81,11 @@ pub fn toolchain_properties(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 fn missing_store_paths(closure: &[String]) -> Vec<String> {
-    let mut missing: Vec<String> = closure.iter().filter(|p| !Path::new(p).exists()).cloned().collect();
+    let mut missing: Vec<String> = closure
+        .iter()
+        .filter(|p| !Path::new(p).exists())
+        .cloned()
+        .collect();
     if missing.is_empty() && !closure.is_empty() {
         // Present is not enough: a path Nix does not know as valid may be half-copied.
         let ok = std::process::Command::new("nix-store")
@@ -86,7 +96,10 @@ fn missing_store_paths(closure: &[String]) -> Vec<String> {
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            missing.push("(one or more paths exist but are not valid: `nix-store --check-validity` failed)".into());
+            missing.push(
+                "(one or more paths exist but are not valid: `nix-store --check-validity` failed)"
+                    .into(),
+            );
         }
     }
     missing
@@ -97,35 +110,59 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let ws = &args.workspace;
     let rc = ws.join(BAZELRC);
     match std::fs::read_to_string(&rc) {
-        Ok(text) if crate::render::checksum_intact(&text) == Some(true) => c.ok(&format!("{BAZELRC} exists")),
-        Ok(_) => c.fail(&format!("{BAZELRC} was edited by hand"), "run `lre generate --force` (or `nix develop`) to restore it"),
-        Err(_) => c.fail(&format!("{BAZELRC} is missing"), "run `lre generate` (or enter `nix develop`, whose shellHook runs it)"),
+        Ok(text) if crate::render::checksum_intact(&text) == Some(true) => {
+            c.ok(&format!("{BAZELRC} exists"))
+        }
+        Ok(_) => c.fail(
+            &format!("{BAZELRC} was edited by hand"),
+            "run `lre generate --force` (or `nix develop`) to restore it",
+        ),
+        Err(_) => c.fail(
+            &format!("{BAZELRC} is missing"),
+            "run `lre generate` (or enter `nix develop`, whose shellHook runs it)",
+        ),
     }
     let imported = std::fs::read_to_string(ws.join(".bazelrc"))
-        .map(|t| t.lines().any(|l| {
-            let l = l.trim();
-            (l.starts_with("try-import") || l.starts_with("import")) && l.ends_with("%workspace%/.bazelrc.lre")
-        }))
+        .map(|t| {
+            t.lines().any(|l| {
+                let l = l.trim();
+                (l.starts_with("try-import") || l.starts_with("import"))
+                    && l.ends_with("%workspace%/.bazelrc.lre")
+            })
+        })
         .unwrap_or(false);
     if imported {
         c.ok(".bazelrc imports .bazelrc.lre");
     } else {
-        c.fail(".bazelrc does not import .bazelrc.lre", "add the line `try-import %workspace%/.bazelrc.lre` to .bazelrc");
+        c.fail(
+            ".bazelrc does not import .bazelrc.lre",
+            "add the line `try-import %workspace%/.bazelrc.lre` to .bazelrc",
+        );
     }
     let manifest_path = ws.join(&args.repo_dir).join(MANIFEST);
     let manifest = match read_manifest(&manifest_path) {
         Ok(m) => m,
         Err(e) => {
-            c.fail(&format!("cannot read the toolchain record: {e}"), "run `lre generate`");
+            c.fail(
+                &format!("cannot read the toolchain record: {e}"),
+                "run `lre generate`",
+            );
             return Ok(finish(c));
         }
     };
     let missing = missing_store_paths(&manifest.closure);
     if missing.is_empty() {
-        c.ok(&format!("all {} pinned store paths are realised", manifest.closure.len()));
+        c.ok(&format!(
+            "all {} pinned store paths are realised",
+            manifest.closure.len()
+        ));
     } else {
         c.fail(
-            &format!("{} pinned store path(s) are missing, e.g. {}", missing.len(), missing[0]),
+            &format!(
+                "{} pinned store path(s) are missing, e.g. {}",
+                missing.len(),
+                missing[0]
+            ),
             "realise the toolchain (`nix build` its installable, or enter `nix develop`)",
         );
     }
@@ -133,18 +170,33 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     if manifest.container_image.starts_with("docker://") {
         c.skip("image pin: a registry image; compare its digest with `lre image build`");
     } else if manifest.container_image == Toolchain::closure_identity(&manifest.closure) {
-        c.ok(&format!("platform pin {} names this closure", manifest.container_image));
+        c.ok(&format!(
+            "platform pin {} names this closure",
+            manifest.container_image
+        ));
     } else {
-        c.fail("the platform's container-image does not name the recorded closure", "run `lre generate`");
+        c.fail(
+            "the platform's container-image does not name the recorded closure",
+            "run `lre generate`",
+        );
     }
-    let endpoint = args.endpoint.clone().or_else(|| manifest.settings.endpoint.as_ref().map(|e| e.url.clone()));
+    let endpoint = args
+        .endpoint
+        .clone()
+        .or_else(|| manifest.settings.endpoint.as_ref().map(|e| e.url.clone()));
     match endpoint {
         None => c.skip("server: no endpoint configured (pass --endpoint)"),
         Some(url) => {
             let instance = args
                 .instance_name
                 .clone()
-                .or_else(|| manifest.settings.endpoint.as_ref().and_then(|e| e.instance_name.clone()))
+                .or_else(|| {
+                    manifest
+                        .settings
+                        .endpoint
+                        .as_ref()
+                        .and_then(|e| e.instance_name.clone())
+                })
                 .unwrap_or_default();
             server_checks(&mut c, &url, &instance, &manifest).await;
         }
@@ -174,63 +226,114 @@ fn current(c: &mut Checks, ws: &Path, repo_dir: &str, m: &Manifest) {
         generate::write(ws, repo_dir, &files, false, true)
     });
     match result {
-        Ok(o) if o.written.is_empty() && o.removed.is_empty() => c.ok("generated files are current"),
+        Ok(o) if o.written.is_empty() && o.removed.is_empty() => {
+            c.ok("generated files are current")
+        }
         Ok(o) => c.fail(
-            &format!("generated files are out of date: {}", o.written.iter().chain(&o.removed).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+            &format!(
+                "generated files are out of date: {}",
+                o.written
+                    .iter()
+                    .chain(&o.removed)
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             "run `lre generate` (or re-enter `nix develop`)",
         ),
-        Err(e) => c.fail(&format!("cannot regenerate the files to compare: {e}"), "run `lre generate` and read its error"),
+        Err(e) => c.fail(
+            &format!("cannot regenerate the files to compare: {e}"),
+            "run `lre generate` and read its error",
+        ),
     }
 }
 
 fn digest(b: &[u8]) -> re::Digest {
-    re::Digest { hash: hex::encode(Sha256::digest(b)), size_bytes: b.len() as i64 }
+    re::Digest {
+        hash: hex::encode(Sha256::digest(b)),
+        size_bytes: b.len() as i64,
+    }
 }
 
 async fn server_checks(c: &mut Checks, url: &str, instance: &str, m: &Manifest) {
-    let uri = url.replacen("grpcs://", "https://", 1).replacen("grpc://", "http://", 1);
+    let uri = url
+        .replacen("grpcs://", "https://", 1)
+        .replacen("grpc://", "http://", 1);
     let channel = match tonic::transport::Endpoint::from_shared(uri.clone()) {
-        Ok(e) => e.connect_timeout(std::time::Duration::from_secs(5)).connect().await,
+        Ok(e) => {
+            e.connect_timeout(std::time::Duration::from_secs(5))
+                .connect()
+                .await
+        }
         Err(e) => {
-            c.fail(&format!("endpoint {url} is not a URL: {e}"), "use grpc://HOST:PORT or grpcs://HOST:PORT");
+            c.fail(
+                &format!("endpoint {url} is not a URL: {e}"),
+                "use grpc://HOST:PORT or grpcs://HOST:PORT",
+            );
             return;
         }
     };
     let channel = match channel {
         Ok(ch) => ch,
         Err(e) => {
-            c.fail(&format!("server {url} is unreachable: {e}"), "start it (`lre up`) or check the address");
+            c.fail(
+                &format!("server {url} is unreachable: {e}"),
+                "start it (`lre up`) or check the address",
+            );
             return;
         }
     };
     let caps = re::capabilities_client::CapabilitiesClient::new(channel.clone())
-        .get_capabilities(re::GetCapabilitiesRequest { instance_name: instance.to_owned() })
+        .get_capabilities(re::GetCapabilitiesRequest {
+            instance_name: instance.to_owned(),
+        })
         .await;
     let caps = match caps {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            c.fail(&format!("GetCapabilities on {url} failed: {}", s.message()), "check the endpoint, instance name and credentials");
+            c.fail(
+                &format!("GetCapabilities on {url} failed: {}", s.message()),
+                "check the endpoint, instance name and credentials",
+            );
             return;
         }
     };
     let cache = caps.cache_capabilities.unwrap_or_default();
-    if cache.digest_functions.contains(&(re::digest_function::Value::Sha256 as i32)) {
+    if cache
+        .digest_functions
+        .contains(&(re::digest_function::Value::Sha256 as i32))
+    {
         c.ok(&format!("server {url} is reachable and speaks SHA-256"));
     } else {
-        c.fail(&format!("server {url} does not offer SHA-256 digests"), "use an lre-server or another SHA-256 REAPI server");
+        c.fail(
+            &format!("server {url} does not offer SHA-256 digests"),
+            "use an lre-server or another SHA-256 REAPI server",
+        );
     }
     let read_only = m.settings.endpoint.as_ref().is_some_and(|e| e.read_only);
-    let update = cache.action_cache_update_capabilities.map(|u| u.update_enabled).unwrap_or(false);
+    let update = cache
+        .action_cache_update_capabilities
+        .map(|u| u.update_enabled)
+        .unwrap_or(false);
     if !update && !read_only {
-        c.fail("the server does not let this client write the cache", "regenerate with --read-only (lre.readOnly = true), or use a read-write token");
+        c.fail(
+            "the server does not let this client write the cache",
+            "regenerate with --read-only (lre.readOnly = true), or use a read-write token",
+        );
     }
-    let exec = caps.execution_capabilities.map(|e| e.exec_enabled).unwrap_or(false);
+    let exec = caps
+        .execution_capabilities
+        .map(|e| e.exec_enabled)
+        .unwrap_or(false);
     let cache_only = m.settings.endpoint.as_ref().is_some_and(|e| e.cache_only);
     if !exec {
         if cache_only {
             c.skip("workers: the endpoint is a cache");
         } else {
-            c.fail("the server does not execute actions", "enable execution in the server config, or regenerate with --cache-only");
+            c.fail(
+                "the server does not execute actions",
+                "enable execution in the server config, or regenerate with --cache-only",
+            );
         }
         return;
     }
@@ -245,18 +348,37 @@ async fn server_checks(c: &mut Checks, url: &str, instance: &str, m: &Manifest) 
 
 /// Executes `CC --version` (or `java -version`) with the generated platform: the scheduler
 /// refuses it at once when no connected worker offers the properties.
-async fn run_compiler(channel: tonic::transport::Channel, instance: &str, m: &Manifest) -> std::result::Result<String, String> {
+async fn run_compiler(
+    channel: tonic::transport::Channel,
+    instance: &str,
+    m: &Manifest,
+) -> std::result::Result<String, String> {
     let argv = match (m.env.get("CC"), m.env.get("JAVA_HOME")) {
         (Some(cc), _) => vec![cc.clone(), "--version".into()],
         (None, Some(j)) => vec![format!("{j}/bin/java"), "-version".into()],
         _ => return Err("the toolchain record has neither CC nor JAVA_HOME".into()),
     };
     let platform = re::Platform {
-        properties: m.exec_properties.iter().map(|(k, v)| re::platform::Property { name: k.clone(), value: v.clone() }).collect(),
+        properties: m
+            .exec_properties
+            .iter()
+            .map(|(k, v)| re::platform::Property {
+                name: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
     };
     let cmd = re::Command {
         arguments: argv,
-        environment_variables: m.env.get("PATH").map(|p| re::command::EnvironmentVariable { name: "PATH".into(), value: p.clone() }).into_iter().collect(),
+        environment_variables: m
+            .env
+            .get("PATH")
+            .map(|p| re::command::EnvironmentVariable {
+                name: "PATH".into(),
+                value: p.clone(),
+            })
+            .into_iter()
+            .collect(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -271,10 +393,18 @@ async fn run_compiler(channel: tonic::transport::Channel, instance: &str, m: &Ma
     .encode_to_vec();
     let requests = [&cmd, &root, &action]
         .iter()
-        .map(|b| re::batch_update_blobs_request::Request { digest: Some(digest(b)), data: b.to_vec(), compressor: 0 })
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(digest(b)),
+            data: b.to_vec(),
+            compressor: 0,
+        })
         .collect();
     re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel.clone())
-        .batch_update_blobs(re::BatchUpdateBlobsRequest { instance_name: instance.to_owned(), requests, ..Default::default() })
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            instance_name: instance.to_owned(),
+            requests,
+            ..Default::default()
+        })
         .await
         .map_err(|s| format!("uploading the probe action: {}", s.message()))?;
     let mut stream = re::execution_client::ExecutionClient::new(channel)
@@ -292,7 +422,9 @@ async fn run_compiler(channel: tonic::transport::Channel, instance: &str, m: &Ma
         last = Some(op);
     }
     let resp = match last.and_then(|o| o.result) {
-        Some(operation::Result::Response(a)) => re::ExecuteResponse::decode(&a.value[..]).map_err(|e| e.to_string())?,
+        Some(operation::Result::Response(a)) => {
+            re::ExecuteResponse::decode(&a.value[..]).map_err(|e| e.to_string())?
+        }
         Some(operation::Result::Error(s)) => return Err(s.message),
         None => return Err("the operation ended without a result".into()),
     };
@@ -301,10 +433,25 @@ async fn run_compiler(channel: tonic::transport::Channel, instance: &str, m: &Ma
     }
     let r = resp.result.ok_or("no action result")?;
     if r.exit_code != 0 {
-        return Err(format!("the toolchain exited with {} on the worker", r.exit_code));
+        return Err(format!(
+            "the toolchain exited with {} on the worker",
+            r.exit_code
+        ));
     }
-    let out = if r.stdout_raw.is_empty() { r.stderr_raw } else { r.stdout_raw };
-    let line = String::from_utf8_lossy(&out).lines().next().unwrap_or("").to_owned();
+    let out = if r.stdout_raw.is_empty() {
+        r.stderr_raw
+    } else {
+        r.stdout_raw
+    };
+    let line = String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
     // Servers may keep output out of line; the exit code is the answer either way.
-    Ok(if line.is_empty() { "exit 0".into() } else { line })
+    Ok(if line.is_empty() {
+        "exit 0".into()
+    } else {
+        line
+    })
 }

@@ -22,7 +22,9 @@ impl Env {
             {
                 Ok((name.to_owned(), value.to_owned()))
             }
-            _ => Err(Error::EnvEntry { entry: entry.to_owned() }),
+            _ => Err(Error::EnvEntry {
+                entry: entry.to_owned(),
+            }),
         }
     }
 
@@ -53,7 +55,11 @@ impl Env {
                 *old = parts.join(":");
             }
             Some(old) => {
-                return Err(Error::EnvConflict { name, first: old.clone(), second: value });
+                return Err(Error::EnvConflict {
+                    name,
+                    first: old.clone(),
+                    second: value,
+                });
             }
         }
         Ok(())
@@ -101,15 +107,22 @@ mod tests {
 
     #[test]
     fn search_paths_join_and_other_variables_must_agree() {
-        let mut a = Env::from_entries(&["PATH=/nix/store/a/bin", "CC=/nix/store/a/bin/cc"]).unwrap();
-        let b = Env::from_entries(&["PATH=/nix/store/b/bin:/nix/store/a/bin", "JAVA_HOME=/nix/store/j"])
-            .unwrap();
+        let mut a =
+            Env::from_entries(&["PATH=/nix/store/a/bin", "CC=/nix/store/a/bin/cc"]).unwrap();
+        let b = Env::from_entries(&[
+            "PATH=/nix/store/b/bin:/nix/store/a/bin",
+            "JAVA_HOME=/nix/store/j",
+        ])
+        .unwrap();
         a.merge(&b).unwrap();
         assert_eq!(a.get("PATH"), Some("/nix/store/a/bin:/nix/store/b/bin"));
         assert_eq!(a.get("JAVA_HOME"), Some("/nix/store/j"));
         let c = Env::from_entries(&["CC=/nix/store/other/bin/cc"]).unwrap();
         let err = a.merge(&c).unwrap_err().to_string();
-        assert!(err.contains("CC") && err.contains("/nix/store/other/bin/cc"), "{err}");
+        assert!(
+            err.contains("CC") && err.contains("/nix/store/other/bin/cc"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -117,6 +130,9 @@ mod tests {
         for bad in ["PATH", "=x", "A B=c", ""] {
             assert!(Env::parse_entry(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(Env::parse_entry("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(
+            Env::parse_entry("A=b=c").unwrap(),
+            ("A".into(), "b=c".into())
+        );
     }
 }

@@ -33,16 +33,23 @@ pub struct Spawn {
 impl Spawn {
     /// What identifies "the same action" in two builds: its first output.
     pub fn identity(&self) -> String {
-        self.outputs.first().cloned().unwrap_or_else(|| format!("{} {}", self.mnemonic, self.args.join(" ")))
+        self.outputs
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("{} {}", self.mnemonic, self.args.join(" ")))
     }
 }
 
 pub fn read(path: &Path) -> Result<Vec<Spawn>> {
     let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
-    let fail = |reason: String| Error::ExecLog { path: path.to_owned(), reason };
+    let fail = |reason: String| Error::ExecLog {
+        path: path.to_owned(),
+        reason,
+    };
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        let raw = zstd::decode_all(&bytes[..]).map_err(|e| fail(format!("not a zstd stream: {e}")))?;
+        let raw =
+            zstd::decode_all(&bytes[..]).map_err(|e| fail(format!("not a zstd stream: {e}")))?;
         compact(&raw).map_err(fail)
     } else if first == Some(&b'{') {
         json(&bytes).map_err(fail)
@@ -112,20 +119,42 @@ fn digest_str(hash: &str, size: i64) -> String {
 
 fn json(bytes: &[u8]) -> std::result::Result<Vec<Spawn>, String> {
     let mut out = Vec::new();
-    for (i, item) in serde_json::Deserializer::from_slice(bytes).into_iter::<JsonSpawn>().enumerate() {
+    for (i, item) in serde_json::Deserializer::from_slice(bytes)
+        .into_iter::<JsonSpawn>()
+        .enumerate()
+    {
         let s = item.map_err(|e| format!("spawn {}: {e}", i + 1))?;
         out.push(Spawn {
             mnemonic: s.mnemonic,
             target_label: s.target_label,
             args: s.command_args,
-            env: s.environment_variables.into_iter().map(|p| (p.name, p.value)).collect(),
+            env: s
+                .environment_variables
+                .into_iter()
+                .map(|p| (p.name, p.value))
+                .collect(),
             inputs: s
                 .inputs
                 .into_iter()
-                .map(|f| (f.path, f.digest.map(|d| digest_str(&d.hash, d.size_bytes)).unwrap_or_default()))
+                .map(|f| {
+                    (
+                        f.path,
+                        f.digest
+                            .map(|d| digest_str(&d.hash, d.size_bytes))
+                            .unwrap_or_default(),
+                    )
+                })
                 .collect(),
             outputs: sorted(s.listed_outputs),
-            platform: s.platform.map(|p| p.properties.into_iter().map(|p| (p.name, p.value)).collect()).unwrap_or_default(),
+            platform: s
+                .platform
+                .map(|p| {
+                    p.properties
+                        .into_iter()
+                        .map(|p| (p.name, p.value))
+                        .collect()
+                })
+                .unwrap_or_default(),
             digest: s.digest.map(|d| digest_str(&d.hash, d.size_bytes)),
             cache_hit: s.remote_cache_hit || s.cache_hit,
         });
@@ -199,7 +228,8 @@ fn pdigest(d: &Option<PDigest>) -> Option<String> {
 fn delimited<M: Message + Default>(mut buf: &[u8]) -> std::result::Result<Vec<M>, String> {
     let mut out = Vec::new();
     while !buf.is_empty() {
-        let m = M::decode_length_delimited(&mut buf).map_err(|e| format!("record {}: {e}", out.len() + 1))?;
+        let m = M::decode_length_delimited(&mut buf)
+            .map_err(|e| format!("record {}: {e}", out.len() + 1))?;
         out.push(m);
     }
     Ok(out)
@@ -213,7 +243,11 @@ fn binary(bytes: &[u8]) -> std::result::Result<Vec<Spawn>, String> {
             target_label: s.target_label,
             args: s.command_args,
             env: pairs(s.environment_variables),
-            inputs: s.inputs.iter().map(|f| (f.path.clone(), pdigest(&f.digest).unwrap_or_default())).collect(),
+            inputs: s
+                .inputs
+                .iter()
+                .map(|f| (f.path.clone(), pdigest(&f.digest).unwrap_or_default()))
+                .collect(),
             outputs: sorted(s.listed_outputs),
             platform: s.platform.map(|p| pairs(p.properties)).unwrap_or_default(),
             digest: pdigest(&s.digest),
@@ -325,7 +359,9 @@ fn compact_spawn(s: CSpawn, entries: &HashMap<u32, Payload>) -> std::result::Res
             continue;
         }
         let Some(Payload::InputSet(is)) = entries.get(&set) else {
-            return Err(format!("input set {set} is referenced before it is defined"));
+            return Err(format!(
+                "input set {set} is referenced before it is defined"
+            ));
         };
         stack.extend(&is.transitive_set_ids);
         for id in &is.input_ids {
@@ -335,7 +371,10 @@ fn compact_spawn(s: CSpawn, entries: &HashMap<u32, Payload>) -> std::result::Res
                 }
                 Some(Payload::Directory(d)) => {
                     for f in &d.files {
-                        inputs.insert(format!("{}/{}", d.path, f.path), pdigest(&f.digest).unwrap_or_default());
+                        inputs.insert(
+                            format!("{}/{}", d.path, f.path),
+                            pdigest(&f.digest).unwrap_or_default(),
+                        );
                     }
                 }
                 Some(Payload::Symlink(l)) => {
@@ -378,9 +417,23 @@ mod tests {
     fn spawn_exec(arg0: &str) -> SpawnExec {
         SpawnExec {
             command_args: vec![arg0.into(), "-c".into()],
-            environment_variables: vec![PPair { name: "PATH".into(), value: "/nix/store/a/bin".into() }],
-            platform: Some(PPlatform { properties: vec![PPair { name: "OSFamily".into(), value: "Linux".into() }] }),
-            inputs: vec![PFile { path: "a.cc".into(), digest: Some(PDigest { hash: "ab".into(), size_bytes: 3 }) }],
+            environment_variables: vec![PPair {
+                name: "PATH".into(),
+                value: "/nix/store/a/bin".into(),
+            }],
+            platform: Some(PPlatform {
+                properties: vec![PPair {
+                    name: "OSFamily".into(),
+                    value: "Linux".into(),
+                }],
+            }),
+            inputs: vec![PFile {
+                path: "a.cc".into(),
+                digest: Some(PDigest {
+                    hash: "ab".into(),
+                    size_bytes: 3,
+                }),
+            }],
             listed_outputs: vec!["bazel-out/a.o".into()],
             mnemonic: "CppCompile".into(),
             cache_hit: true,
@@ -421,19 +474,61 @@ mod tests {
     fn compact_logs_resolve_input_sets() {
         let mut raw = Vec::new();
         let entries = vec![
-            Entry { id: 1, payload: Some(Payload::File(PFile { path: "a.cc".into(), digest: Some(PDigest { hash: "ab".into(), size_bytes: 3 }) })) },
-            Entry { id: 2, payload: Some(Payload::Directory(CDirectory { path: "inc".into(), files: vec![PFile { path: "x.h".into(), digest: None }] })) },
-            Entry { id: 3, payload: Some(Payload::InputSet(CInputSet { input_ids: vec![2], transitive_set_ids: vec![] })) },
-            Entry { id: 4, payload: Some(Payload::InputSet(CInputSet { input_ids: vec![1], transitive_set_ids: vec![3] })) },
-            Entry { id: 5, payload: Some(Payload::File(PFile { path: "bazel-out/a.o".into(), digest: None })) },
+            Entry {
+                id: 1,
+                payload: Some(Payload::File(PFile {
+                    path: "a.cc".into(),
+                    digest: Some(PDigest {
+                        hash: "ab".into(),
+                        size_bytes: 3,
+                    }),
+                })),
+            },
+            Entry {
+                id: 2,
+                payload: Some(Payload::Directory(CDirectory {
+                    path: "inc".into(),
+                    files: vec![PFile {
+                        path: "x.h".into(),
+                        digest: None,
+                    }],
+                })),
+            },
+            Entry {
+                id: 3,
+                payload: Some(Payload::InputSet(CInputSet {
+                    input_ids: vec![2],
+                    transitive_set_ids: vec![],
+                })),
+            },
+            Entry {
+                id: 4,
+                payload: Some(Payload::InputSet(CInputSet {
+                    input_ids: vec![1],
+                    transitive_set_ids: vec![3],
+                })),
+            },
+            Entry {
+                id: 5,
+                payload: Some(Payload::File(PFile {
+                    path: "bazel-out/a.o".into(),
+                    digest: None,
+                })),
+            },
             Entry {
                 id: 0,
                 payload: Some(Payload::Spawn(CSpawn {
                     args: vec!["cc".into()],
                     input_set_id: 4,
-                    outputs: vec![COutput { output_id: 5, invalid_output_path: String::new() }],
+                    outputs: vec![COutput {
+                        output_id: 5,
+                        invalid_output_path: String::new(),
+                    }],
                     mnemonic: "CppCompile".into(),
-                    digest: Some(PDigest { hash: "k".into(), size_bytes: 9 }),
+                    digest: Some(PDigest {
+                        hash: "k".into(),
+                        size_bytes: 9,
+                    }),
                     ..Default::default()
                 })),
             },
@@ -444,7 +539,10 @@ mod tests {
         let spawns = compact(&raw).unwrap();
         assert_eq!(spawns.len(), 1);
         assert_eq!(spawns[0].outputs, vec!["bazel-out/a.o".to_string()]);
-        assert_eq!(spawns[0].inputs.keys().collect::<Vec<_>>(), vec!["a.cc", "inc/x.h"]);
+        assert_eq!(
+            spawns[0].inputs.keys().collect::<Vec<_>>(),
+            vec!["a.cc", "inc/x.h"]
+        );
         assert_eq!(spawns[0].digest.as_deref(), Some("k/9"));
     }
 
@@ -453,9 +551,15 @@ mod tests {
         assert!(json(b"{\"commandArgs\": [1]}").is_err());
         assert!(binary(&[0x05, 0x0a]).is_err());
         let mut raw = Vec::new();
-        Entry { id: 0, payload: Some(Payload::Spawn(CSpawn { input_set_id: 7, ..Default::default() })) }
-            .encode_length_delimited(&mut raw)
-            .unwrap();
+        Entry {
+            id: 0,
+            payload: Some(Payload::Spawn(CSpawn {
+                input_set_id: 7,
+                ..Default::default()
+            })),
+        }
+        .encode_length_delimited(&mut raw)
+        .unwrap();
         assert!(compact(&raw).unwrap_err().contains("input set 7"));
     }
 }

@@ -43,11 +43,20 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     );
     for (label, list) in [("only in A", &r.only_a), ("only in B", &r.only_b)] {
         if !list.is_empty() {
-            println!("{} actions {label}, e.g. {}", list.len(), list.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
+            println!(
+                "{} actions {label}, e.g. {}",
+                list.len(),
+                list.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            );
         }
     }
     for (spawn, diffs) in r.differing.iter().take(args.limit) {
-        println!("\n{} {} {}", spawn.target_label, spawn.mnemonic, spawn.identity());
+        println!(
+            "\n{} {} {}",
+            spawn.target_label,
+            spawn.mnemonic,
+            spawn.identity()
+        );
         for d in diffs {
             println!("  {d}");
         }
@@ -64,7 +73,11 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             println!("  + {p}  (B only)");
         }
     }
-    Ok(if r.differing.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.differing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 pub fn compare(a: &[Spawn], b: &[Spawn]) -> Report {
@@ -76,8 +89,16 @@ pub fn compare(a: &[Spawn], b: &[Spawn]) -> Report {
         total_a: a.len(),
         total_b: b.len(),
         common: 0,
-        only_a: ia.keys().filter(|k| !ib.contains_key(*k)).cloned().collect(),
-        only_b: ib.keys().filter(|k| !ia.contains_key(*k)).cloned().collect(),
+        only_a: ia
+            .keys()
+            .filter(|k| !ib.contains_key(*k))
+            .cloned()
+            .collect(),
+        only_b: ib
+            .keys()
+            .filter(|k| !ia.contains_key(*k))
+            .cloned()
+            .collect(),
         differing: Vec::new(),
         store_paths_a: BTreeSet::new(),
         store_paths_b: BTreeSet::new(),
@@ -111,10 +132,21 @@ pub fn differences(a: &Spawn, b: &Spawn) -> Vec<String> {
             }
         }
     } else {
-        d.push(format!("argument count: {} → {}", a.args.len(), b.args.len()));
-        let (sa, sb): (BTreeSet<_>, BTreeSet<_>) = (a.args.iter().collect(), b.args.iter().collect());
-        d.extend(sa.difference(&sb).map(|x| format!("argument only in A: {x:?}")));
-        d.extend(sb.difference(&sa).map(|x| format!("argument only in B: {x:?}")));
+        d.push(format!(
+            "argument count: {} → {}",
+            a.args.len(),
+            b.args.len()
+        ));
+        let (sa, sb): (BTreeSet<_>, BTreeSet<_>) =
+            (a.args.iter().collect(), b.args.iter().collect());
+        d.extend(
+            sa.difference(&sb)
+                .map(|x| format!("argument only in A: {x:?}")),
+        );
+        d.extend(
+            sb.difference(&sa)
+                .map(|x| format!("argument only in B: {x:?}")),
+        );
     }
     map_diff(&mut d, "environment variable", &a.env, &b.env);
     map_diff(&mut d, "input", &a.inputs, &b.inputs);
@@ -132,7 +164,12 @@ pub fn differences(a: &Spawn, b: &Spawn) -> Vec<String> {
     d
 }
 
-fn map_diff(out: &mut Vec<String>, what: &str, a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) {
+fn map_diff(
+    out: &mut Vec<String>,
+    what: &str,
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+) {
     for (k, va) in a {
         match b.get(k) {
             None => out.push(format!("{what} only in A: {k}={va}")),
@@ -149,7 +186,12 @@ fn map_diff(out: &mut Vec<String>, what: &str, a: &BTreeMap<String, String>, b: 
 
 /// The `/nix/store/<hash>-<name>` paths an action mentions anywhere in its key.
 fn store_paths(s: &Spawn) -> BTreeSet<String> {
-    let texts = s.args.iter().chain(s.env.values()).chain(s.platform.values()).chain(s.inputs.keys());
+    let texts = s
+        .args
+        .iter()
+        .chain(s.env.values())
+        .chain(s.platform.values())
+        .chain(s.inputs.keys());
     let mut out = BTreeSet::new();
     for t in texts {
         let mut rest = t.as_str();
@@ -188,7 +230,13 @@ mod tests {
 
     #[test]
     fn names_every_difference_and_the_changed_store_path() {
-        let a = vec![spawn("/nix/store/aaa-cc", "d1/1", "i1"), Spawn { outputs: vec!["x".into()], ..Default::default() }];
+        let a = vec![
+            spawn("/nix/store/aaa-cc", "d1/1", "i1"),
+            Spawn {
+                outputs: vec!["x".into()],
+                ..Default::default()
+            },
+        ];
         let b = vec![spawn("/nix/store/bbb-cc", "d2/1", "i2")];
         let r = compare(&a, &b);
         assert_eq!((r.common, r.only_a.len(), r.only_b.len()), (1, 1, 0));
@@ -199,10 +247,19 @@ mod tests {
             "input a.cc: \"d1/1\" → \"d2/1\"",
             "platform property container-image: \"i1\" → \"i2\"",
         ] {
-            assert!(diffs.iter().any(|d| d.starts_with(want)), "{want} not in {diffs:?}");
+            assert!(
+                diffs.iter().any(|d| d.starts_with(want)),
+                "{want} not in {diffs:?}"
+            );
         }
-        assert_eq!(r.store_paths_a, BTreeSet::from(["/nix/store/aaa-cc".to_string()]));
-        assert_eq!(r.store_paths_b, BTreeSet::from(["/nix/store/bbb-cc".to_string()]));
+        assert_eq!(
+            r.store_paths_a,
+            BTreeSet::from(["/nix/store/aaa-cc".to_string()])
+        );
+        assert_eq!(
+            r.store_paths_b,
+            BTreeSet::from(["/nix/store/bbb-cc".to_string()])
+        );
     }
 
     #[test]

@@ -87,7 +87,9 @@ impl SettingsRecord {
 
 impl Settings {
     pub fn container_image(&self, t: &Toolchain) -> String {
-        self.image.clone().unwrap_or_else(|| Toolchain::closure_identity(&t.closure))
+        self.image
+            .clone()
+            .unwrap_or_else(|| Toolchain::closure_identity(&t.closure))
     }
 }
 
@@ -104,7 +106,12 @@ fn cc_data(cc: &CcInfo) -> serde_json::Value {
     if !clang {
         unfiltered.push("-fno-canonical-system-headers".into());
     }
-    let mut compile = vec!["-U_FORTIFY_SOURCE", "-fstack-protector", "-Wall", "-fno-omit-frame-pointer"];
+    let mut compile = vec![
+        "-U_FORTIFY_SOURCE",
+        "-fstack-protector",
+        "-Wall",
+        "-fno-omit-frame-pointer",
+    ];
     if clang {
         compile.push("-Wthread-safety");
         compile.push("-Wself-assign");
@@ -112,7 +119,10 @@ fn cc_data(cc: &CcInfo) -> serde_json::Value {
         compile.push("-Wunused-but-set-parameter");
         compile.push("-Wno-free-nonheap-object");
     }
-    let mut link = vec!["-no-canonical-prefixes".to_owned(), "-Wl,-z,relro,-z,now".into()];
+    let mut link = vec![
+        "-no-canonical-prefixes".to_owned(),
+        "-Wl,-z,relro,-z,now".into(),
+    ];
     if !clang {
         link.push("-pass-exit-codes".into());
         if let Some(dir) = cc.tools.get("ld").and_then(|ld| Path::new(ld).parent()) {
@@ -147,9 +157,13 @@ fn cc_data(cc: &CcInfo) -> serde_json::Value {
 
 /// The flags of `.bazelrc.lre`, without the `build` in front.
 pub fn flags(t: &Toolchain, s: &Settings, form: &Form) -> Vec<String> {
-    let mut f = vec![format!("--extra_execution_platforms={REPO}//generated/config:platform")];
+    let mut f = vec![format!(
+        "--extra_execution_platforms={REPO}//generated/config:platform"
+    )];
     if let Some(cc) = &t.cc {
-        f.push(format!("--extra_toolchains={REPO}//generated/cc:cc-toolchain"));
+        f.push(format!(
+            "--extra_toolchains={REPO}//generated/cc:cc-toolchain"
+        ));
         if form.needs_cc_toolchain_resolution_flag {
             f.push("--incompatible_enable_cc_toolchain_resolution".into());
         }
@@ -161,6 +175,9 @@ pub fn flags(t: &Toolchain, s: &Settings, form: &Form) -> Vec<String> {
         }
     }
     f.push("--define=EXECUTOR=remote".into());
+    if let Some(sh) = &t.shell {
+        f.push(format!("--shell_executable={sh}"));
+    }
     if let Some(path) = t.env.get("PATH") {
         // Otherwise actions inherit the PATH of the user's shell, which differs between
         // machines and would split the cache.
@@ -169,7 +186,9 @@ pub fn flags(t: &Toolchain, s: &Settings, form: &Form) -> Vec<String> {
     }
     if t.java.is_some() {
         if form.java_runtime_by_version {
-            f.push(format!("--extra_toolchains={REPO}//generated/java:runtime-toolchain"));
+            f.push(format!(
+                "--extra_toolchains={REPO}//generated/java:runtime-toolchain"
+            ));
             f.push("--java_runtime_version=lre_jdk".into());
             f.push("--tool_java_runtime_version=lre_jdk".into());
         } else {
@@ -222,20 +241,40 @@ pub fn plan(t: &Toolchain, s: &Settings) -> Result<Vec<File>> {
         "parent_platform": parent,
     });
     let repo = PathBuf::from(&s.repo_dir);
-    let mut files = vec![File { path: BAZELRC.into(), content: renderer.render("bazelrc.lre", &data)? }];
-    let mut add = |rel: &str, content: String| files.push(File { path: repo.join(rel), content });
+    let mut files = vec![File {
+        path: BAZELRC.into(),
+        content: renderer.render("bazelrc.lre", &data)?,
+    }];
+    let mut add = |rel: &str, content: String| {
+        files.push(File {
+            path: repo.join(rel),
+            content,
+        })
+    };
     for (rel, content) in STATIC_FILES {
         add(rel, (*content).to_owned());
     }
     add("MODULE.bazel", renderer.render("MODULE.bazel", &data)?);
-    add("generated/config/BUILD.bazel", renderer.render("config.BUILD", &data)?);
+    add(
+        "generated/config/BUILD.bazel",
+        renderer.render("config.BUILD", &data)?,
+    );
     if t.cc.is_some() {
-        add("generated/cc/BUILD.bazel", renderer.render("cc.BUILD", &data)?);
+        add(
+            "generated/cc/BUILD.bazel",
+            renderer.render("cc.BUILD", &data)?,
+        );
     }
     if t.java.is_some() {
-        add("generated/java/BUILD.bazel", renderer.render("java.BUILD", &data)?);
+        add(
+            "generated/java/BUILD.bazel",
+            renderer.render("java.BUILD", &data)?,
+        );
     }
-    add(".gitignore", "# Generated per machine by `lre generate`; not for version control.\n*\n".into());
+    add(
+        ".gitignore",
+        "# Generated per machine by `lre generate`; not for version control.\n*\n".into(),
+    );
     for f in files.iter_mut() {
         f.content = with_checksum(&f.content);
     }
@@ -243,8 +282,13 @@ pub fn plan(t: &Toolchain, s: &Settings) -> Result<Vec<File>> {
         bazel_version: s.bazel.to_string(),
         container_image: image.clone(),
         closure: t.closure.clone(),
-        env: t.env.entries().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
-        exec_properties: serde_json::from_value(exec_properties).map_err(|e| Error::Invalid(e.to_string()))?,
+        env: t
+            .env
+            .entries()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        exec_properties: serde_json::from_value(exec_properties)
+            .map_err(|e| Error::Invalid(e.to_string()))?,
         settings: SettingsRecord {
             bazel_version: s.bazel.to_string(),
             prefix: s.prefix.clone(),
@@ -253,9 +297,13 @@ pub fn plan(t: &Toolchain, s: &Settings) -> Result<Vec<File>> {
             allow_host_path: s.allow_host_path,
         },
     };
-    let mut json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut json =
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     json.push('\n');
-    files.push(File { path: repo.join(MANIFEST), content: json });
+    files.push(File {
+        path: repo.join(MANIFEST),
+        content: json,
+    });
     Ok(files)
 }
 
@@ -272,7 +320,13 @@ pub struct Outcome {
 /// Writes `files` under `workspace`. An identical file is left alone (not even touched);
 /// a file whose checksum line is gone or wrong was edited by hand and is only overwritten
 /// with `force`. With `dry_run`, reports what would change and writes nothing.
-pub fn write(workspace: &Path, repo_dir: &str, files: &[File], force: bool, dry_run: bool) -> Result<Outcome> {
+pub fn write(
+    workspace: &Path,
+    repo_dir: &str,
+    files: &[File],
+    force: bool,
+    dry_run: bool,
+) -> Result<Outcome> {
     let mut out = Outcome::default();
     // Check everything before writing anything, so a refusal leaves no half-written state.
     let mut todo = Vec::new();
@@ -323,7 +377,9 @@ fn write_atomic(path: &Path, content: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = dir.join(format!(
         ".{}.lre-tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     std::fs::write(&tmp, content).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))

@@ -1,13 +1,17 @@
 //! `lre`: the user-facing command.
 
-use lre_cli::{bazel, doctor, explain, generate, toolchain, up};
+use lre_cli::{bazel, doctor, explain, generate, image, nix, registry, toolchain, up};
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lre", version, about = "Local Remote Execution for Bazel, driven by Nix")]
+#[command(
+    name = "lre",
+    version,
+    about = "Local Remote Execution for Bazel, driven by Nix"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,6 +27,162 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Say why two builds' actions got different cache keys, from their execution logs.
     Explain(explain::ExplainArgs),
+    /// Worker images of the toolchain closure.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write the toolchain closure and lre-worker as a reproducible OCI image layout.
+    Build(ImageBuildArgs),
+    /// Push an OCI image layout to a registry; print REGISTRY/NAME@sha256:DIGEST.
+    Push(ImagePushArgs),
+}
+
+#[derive(clap::Args)]
+struct ImagePushArgs {
+    /// REGISTRY/NAME[:TAG] to push to.
+    reference: String,
+    /// The OCI image layout `lre image build` wrote.
+    #[arg(long)]
+    layout: PathBuf,
+    #[arg(long, env = "LRE_REGISTRY_USERNAME")]
+    username: Option<String>,
+    #[arg(long, env = "LRE_REGISTRY_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Plain HTTP instead of HTTPS (a local registry without TLS).
+    #[arg(long)]
+    plain_http: bool,
+    /// Attempts per blob on transient errors.
+    #[arg(long, default_value_t = 4)]
+    attempts: u32,
+}
+
+async fn image_push(args: ImagePushArgs) -> anyhow::Result<std::process::ExitCode> {
+    let registry_host = args
+        .reference
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let auth = registry::credentials(&registry_host, args.username.clone(), args.password.clone())?;
+    let opts = registry::PushOptions {
+        reference: args.reference.clone(),
+        auth,
+        plain_http: args.plain_http,
+        attempts: args.attempts.max(1),
+    };
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:.bold} {wide_msg}")?;
+    let active =
+        std::sync::Mutex::new(std::collections::HashMap::<String, indicatif::ProgressBar>::new());
+    let report = registry::push(&args.layout, &opts, &|event| {
+        let short = |d: &str| {
+            d.trim_start_matches("sha256:")
+                .chars()
+                .take(12)
+                .collect::<String>()
+        };
+        let Ok(mut active) = active.lock() else {
+            return;
+        };
+        let mut bar_for = |d: &str| {
+            active
+                .entry(d.to_owned())
+                .or_insert_with(|| {
+                    let b = bars.add(indicatif::ProgressBar::new_spinner());
+                    b.set_style(style.clone());
+                    b.set_prefix(short(d));
+                    b
+                })
+                .clone()
+        };
+        match event {
+            registry::Event::Skipped(d, n) => {
+                bar_for(d).finish_with_message(format!("{n} bytes: already in the registry"))
+            }
+            registry::Event::Uploading(d, n) => {
+                bar_for(d).set_message(format!("{n} bytes: uploading"))
+            }
+            registry::Event::Uploaded(d, n) => {
+                bar_for(d).finish_with_message(format!("{n} bytes: uploaded"))
+            }
+            registry::Event::Retrying(d, k, e) => {
+                bar_for(d).set_message(format!("attempt {k} failed ({e}); retrying"))
+            }
+        }
+    })
+    .await?;
+    bars.clear().ok();
+    eprintln!(
+        "lre image push: {} blob(s) uploaded ({} bytes), {} already there ({} bytes)",
+        report.uploaded.len(),
+        report.bytes_sent(),
+        report.skipped.len(),
+        report.skipped.iter().map(|(_, n)| n).sum::<u64>()
+    );
+    println!("{}", report.pinned);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+struct ImageBuildArgs {
+    #[command(flatten)]
+    toolchain: ToolchainArgs,
+    /// The lre-worker executable the image runs: a path inside /nix/store.
+    #[arg(long)]
+    worker: String,
+    /// The OCI image layout directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The tag recorded in index.json.
+    #[arg(long, default_value = "latest")]
+    tag: String,
+    /// At most this many layers (each popular store path gets its own).
+    #[arg(long, default_value_t = image::DEFAULT_MAX_LAYERS)]
+    max_layers: usize,
+}
+
+fn image_build(args: ImageBuildArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.max_layers < 2 {
+        anyhow::bail!(
+            "--max-layers must be at least 2 (the store, and the worker's runtime files)"
+        );
+    }
+    let t =
+        toolchain::Toolchain::resolve(&args.toolchain.sources(), args.toolchain.allow_host_path)?;
+    let mut roots: Vec<&str> = t.closure.iter().map(String::as_str).collect();
+    if let Some(w) = nix::store_path_of(&args.worker) {
+        roots.push(w);
+    }
+    let closure = nix::closure(&roots)?;
+    let identity = toolchain::Toolchain::closure_identity(&t.closure);
+    let spec = image::ImageSpec {
+        env: t.env.entries().map(|(k, v)| format!("{k}={v}")).collect(),
+        closure,
+        worker: args.worker.clone(),
+        identity: identity.clone(),
+        max_layers: args.max_layers,
+        tag: args.tag.clone(),
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{spinner} {pos} layers written {wide_msg}",
+    )?);
+    let built = image::build(&spec, &args.out, &|what, size| {
+        bar.inc(1);
+        bar.set_message(format!("{size} bytes: {what}"));
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "lre image build: {} layers, {} bytes compressed, {} store paths; toolchain {identity}",
+        built.layers.len(),
+        built.total_bytes,
+        spec.closure.len()
+    );
+    println!("{}", built.manifest_digest);
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -43,7 +203,11 @@ pub struct ToolchainArgs {
 
 impl ToolchainArgs {
     fn sources(&self) -> toolchain::Sources {
-        toolchain::Sources { env: self.env.clone(), cc: self.cc.clone(), java: self.java.clone() }
+        toolchain::Sources {
+            env: self.env.clone(),
+            cc: self.cc.clone(),
+            java: self.java.clone(),
+        }
     }
 }
 
@@ -91,7 +255,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
         None => bazel::detect(&args.workspace)?,
     };
     if args.repo_dir.starts_with('/') || args.repo_dir.split('/').any(|c| c == "..") {
-        anyhow::bail!("--repo-dir must be a relative path inside the workspace, got {}", args.repo_dir);
+        anyhow::bail!(
+            "--repo-dir must be a relative path inside the workspace, got {}",
+            args.repo_dir
+        );
     }
     let image = args.image.as_deref().map(image_property).transpose()?;
     let endpoint = args.endpoint.map(|url| generate::Endpoint {
@@ -100,16 +267,38 @@ fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
         read_only: args.read_only,
         cache_only: args.cache_only,
     });
-    let toolchain = toolchain::Toolchain::resolve(&args.toolchain.sources(), args.toolchain.allow_host_path)?;
-    let settings = generate::Settings { bazel, prefix: args.prefix, endpoint, image, repo_dir: args.repo_dir.clone(), allow_host_path: args.toolchain.allow_host_path };
+    let toolchain =
+        toolchain::Toolchain::resolve(&args.toolchain.sources(), args.toolchain.allow_host_path)?;
+    let settings = generate::Settings {
+        bazel,
+        prefix: args.prefix,
+        endpoint,
+        image,
+        repo_dir: args.repo_dir.clone(),
+        allow_host_path: args.toolchain.allow_host_path,
+    };
     let files = generate::plan(&toolchain, &settings)?;
-    let outcome = generate::write(&args.workspace, &args.repo_dir, &files, args.force, args.check)?;
+    let outcome = generate::write(
+        &args.workspace,
+        &args.repo_dir,
+        &files,
+        args.force,
+        args.check,
+    )?;
     let verb = if args.check { "would write" } else { "wrote" };
     for p in &outcome.written {
         eprintln!("lre generate: {verb} {}", p.display());
     }
     for p in &outcome.removed {
-        eprintln!("lre generate: {} {}", if args.check { "would remove" } else { "removed" }, p.display());
+        eprintln!(
+            "lre generate: {} {}",
+            if args.check {
+                "would remove"
+            } else {
+                "removed"
+            },
+            p.display()
+        );
     }
     eprintln!(
         "lre generate: {} file(s) unchanged; toolchain {} ({} store paths)",
@@ -118,7 +307,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
         toolchain.closure.len()
     );
     let changed = !outcome.written.is_empty() || !outcome.removed.is_empty();
-    Ok(if args.check && changed { std::process::ExitCode::from(1) } else { std::process::ExitCode::SUCCESS })
+    Ok(if args.check && changed {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 /// `REGISTRY/NAME@sha256:HEX` (or with `docker://` already) → the platform property value.
@@ -126,15 +319,20 @@ fn image_property(image: &str) -> anyhow::Result<String> {
     let bare = image.strip_prefix("docker://").unwrap_or(image);
     let digest = bare.rsplit_once('@').map(|(_, d)| d);
     match digest.and_then(|d| d.strip_prefix("sha256:")) {
-        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(format!("docker://{bare}")),
-        _ => anyhow::bail!("--image must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>; got {image}"),
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(format!("docker://{bare}"))
+        }
+        _ => anyhow::bail!(
+            "--image must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>; got {image}"
+        ),
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -145,5 +343,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Generate(args) => tokio::task::block_in_place(|| generate(args)),
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Explain(args) => explain::explain(args),
+        Command::Image(ImageCommand::Build(args)) => {
+            tokio::task::block_in_place(|| image_build(args))
+        }
+        Command::Image(ImageCommand::Push(args)) => image_push(args).await,
     }
 }

@@ -90,12 +90,17 @@ fn build(args: &[&str]) -> Result<PathBuf> {
         .first()
         .and_then(|b| b.outputs.get("out").or_else(|| b.outputs.values().next()))
         .map(PathBuf::from)
-        .ok_or_else(|| Error::Output { command: display(&cmd), reason: "no output path".into() })
+        .ok_or_else(|| Error::Output {
+            command: display(&cmd),
+            reason: "no output path".into(),
+        })
 }
 
 fn eval_env(args: &[&str]) -> Result<Option<Vec<String>>> {
     let mut cmd = nix();
-    cmd.args(["eval", "--json"]).args(args).args(["--apply", ENV_OF]);
+    cmd.args(["eval", "--json"])
+        .args(args)
+        .args(["--apply", ENV_OF]);
     let (stdout, _) = run(&mut cmd, b"")?;
     serde_json::from_str(&stdout).map_err(|e| Error::Output {
         command: display(&cmd),
@@ -110,7 +115,10 @@ fn default_env(out: &Path, role: &str) -> Result<Env> {
     match role {
         "java" => entries.push(format!("JAVA_HOME={}", out.display())),
         _ => {
-            let cc = ["cc", "clang", "gcc"].iter().map(|n| bin.join(n)).find(|p| p.exists());
+            let cc = ["cc", "clang", "gcc"]
+                .iter()
+                .map(|n| bin.join(n))
+                .find(|p| p.exists());
             let cc = cc.ok_or_else(|| {
                 Error::Invalid(format!(
                     "{} has no Env in passthru/meta and no bin/cc, bin/clang or bin/gcc",
@@ -141,7 +149,10 @@ pub fn closure(paths: &[&str]) -> Result<Vec<PathInfo>> {
     let mut cmd = nix();
     cmd.args(["path-info", "--json", "--recursive"]).args(paths);
     let (stdout, _) = run(&mut cmd, b"")?;
-    parse_path_info(&stdout).map_err(|reason| Error::Output { command: display(&cmd), reason })
+    parse_path_info(&stdout).map_err(|reason| Error::Output {
+        command: display(&cmd),
+        reason,
+    })
 }
 
 /// `nix path-info --json` printed an array of objects with a `path` field up to Nix 2.18,
@@ -196,22 +207,36 @@ mod tests {
         assert_eq!(a, parse_path_info(new).unwrap());
         assert_eq!(a[0].path, "/nix/store/a-y");
         assert_eq!(a[1].references, vec!["/nix/store/a-y".to_string()]);
-        assert!(parse_path_info(r#"{"/nix/store/a-y":null}"#).unwrap_err().contains("not a valid"));
+        assert!(parse_path_info(r#"{"/nix/store/a-y":null}"#)
+            .unwrap_err()
+            .contains("not a valid"));
         assert!(parse_path_info(r#"[{"path":"/usr/bin"}]"#).is_err());
     }
 
     #[test]
     fn installables_are_told_apart() {
-        assert_eq!(classify("/nix/store/abc-cc"), Installable::StorePath("/nix/store/abc-cc"));
-        assert_eq!(classify("./toolchain.nix"), Installable::File("./toolchain.nix"));
+        assert_eq!(
+            classify("/nix/store/abc-cc"),
+            Installable::StorePath("/nix/store/abc-cc")
+        );
+        assert_eq!(
+            classify("./toolchain.nix"),
+            Installable::File("./toolchain.nix")
+        );
         assert_eq!(classify(".#lre-cc"), Installable::Flake(".#lre-cc"));
         assert_eq!(classify("github:o/r#x"), Installable::Flake("github:o/r#x"));
     }
 
     #[test]
     fn store_path_of_strips_the_inside() {
-        assert_eq!(store_path_of("/nix/store/abc-zig/lib/include"), Some("/nix/store/abc-zig"));
-        assert_eq!(store_path_of("/nix/store/abc-zig"), Some("/nix/store/abc-zig"));
+        assert_eq!(
+            store_path_of("/nix/store/abc-zig/lib/include"),
+            Some("/nix/store/abc-zig")
+        );
+        assert_eq!(
+            store_path_of("/nix/store/abc-zig"),
+            Some("/nix/store/abc-zig")
+        );
         assert_eq!(store_path_of("/usr/include"), None);
         assert_eq!(store_path_of("/nix/store/"), None);
     }

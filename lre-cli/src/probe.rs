@@ -79,7 +79,10 @@ pub fn probe(cc: &str, env: &Env) -> Result<CcInfo> {
     let (target, _) = run(compiler(cc, env).arg("-dumpmachine"), b"")?;
     let mut include_dirs = Vec::new();
     for lang in ["c", "c++"] {
-        let (_, stderr) = run(compiler(cc, env).args(["-E", "-x", lang, "-", "-v", "-o", "/dev/null"]), b"")?;
+        let (_, stderr) = run(
+            compiler(cc, env).args(["-E", "-x", lang, "-", "-v", "-o", "/dev/null"]),
+            b"",
+        )?;
         for dir in parse_include_dirs(&stderr) {
             if !include_dirs.contains(&dir) {
                 include_dirs.push(dir);
@@ -93,14 +96,23 @@ pub fn probe(cc: &str, env: &Env) -> Result<CcInfo> {
         });
     }
     let tools = find_tools(cc, env)?;
-    Ok(CcInfo { cc: cc.to_owned(), kind, version, target: target.trim().to_owned(), include_dirs, tools })
+    Ok(CcInfo {
+        cc: cc.to_owned(),
+        kind,
+        version,
+        target: target.trim().to_owned(),
+        include_dirs,
+        tools,
+    })
 }
 
 /// `clang version 19.1.7 (…)`, `gcc (GCC) 13.2.0`, `gcc (Debian 12.2.0-14) 12.2.0`.
 pub fn parse_version(out: &str) -> Option<(CompilerKind, String)> {
     let first = out.lines().next()?;
     if let Some(i) = first.find("clang version ") {
-        let v = first[i + "clang version ".len()..].split_whitespace().next()?;
+        let v = first[i + "clang version ".len()..]
+            .split_whitespace()
+            .next()?;
         return Some((CompilerKind::Clang, v.to_owned()));
     }
     let is_gcc = first.starts_with("gcc")
@@ -123,7 +135,11 @@ pub fn parse_include_dirs(stderr: &str) -> Vec<String> {
         .skip_while(|l| !l.starts_with("#include <...> search starts here:"))
         .skip(1)
         .take_while(|l| !l.starts_with("End of search list."))
-        .map(|l| l.trim().trim_end_matches(" (framework directory)").to_owned())
+        .map(|l| {
+            l.trim()
+                .trim_end_matches(" (framework directory)")
+                .to_owned()
+        })
         .filter(|l| !l.is_empty())
         .map(|l| normalize(Path::new(&l)))
         .collect()
@@ -148,10 +164,17 @@ fn normalize(path: &Path) -> String {
 
 fn find_tools(cc: &str, env: &Env) -> Result<BTreeMap<String, String>> {
     // The compiler's own directory first: a wrapper's siblings are its binutils.
-    let mut dirs: Vec<PathBuf> = Path::new(cc).parent().map(Path::to_path_buf).into_iter().collect();
+    let mut dirs: Vec<PathBuf> = Path::new(cc)
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
     dirs.extend(env.search_path().into_iter().map(PathBuf::from));
     let find = |name: &str| {
-        dirs.iter().map(|d| d.join(name)).find(|p| is_executable(p)).map(|p| p.display().to_string())
+        dirs.iter()
+            .map(|d| d.join(name))
+            .find(|p| is_executable(p))
+            .map(|p| p.display().to_string())
     };
     let mut tools = BTreeMap::new();
     let mut missing = Vec::new();
@@ -166,7 +189,11 @@ fn find_tools(cc: &str, env: &Env) -> Result<BTreeMap<String, String>> {
     if !missing.is_empty() {
         return Err(Error::MissingTools {
             missing,
-            path: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":"),
+            path: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":"),
         });
     }
     for name in OPTIONAL_TOOLS {
@@ -180,7 +207,9 @@ fn find_tools(cc: &str, env: &Env) -> Result<BTreeMap<String, String>> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -190,14 +219,19 @@ mod tests {
     #[test]
     fn versions_of_clang_and_gcc() {
         assert_eq!(
-            parse_version("clang version 19.1.7 (https://github.com/ziglang/zig-bootstrap abc)\nTarget: x"),
+            parse_version(
+                "clang version 19.1.7 (https://github.com/ziglang/zig-bootstrap abc)\nTarget: x"
+            ),
             Some((CompilerKind::Clang, "19.1.7".into()))
         );
         assert_eq!(
             parse_version("gcc (Debian 12.2.0-14+deb12u1) 12.2.0\nCopyright"),
             Some((CompilerKind::Gcc, "12.2.0".into()))
         );
-        assert_eq!(parse_version("g++ (GCC) 13.2.0"), Some((CompilerKind::Gcc, "13.2.0".into())));
+        assert_eq!(
+            parse_version("g++ (GCC) 13.2.0"),
+            Some((CompilerKind::Gcc, "13.2.0".into()))
+        );
         assert_eq!(parse_version("tcc version 0.9.27"), None);
     }
 
@@ -209,7 +243,11 @@ mod tests {
             /not/this\n";
         assert_eq!(
             parse_include_dirs(stderr),
-            vec!["/nix/store/a-gcc/include", "/nix/store/b-glibc/include", "/nix/store/c/Frameworks"]
+            vec![
+                "/nix/store/a-gcc/include",
+                "/nix/store/b-glibc/include",
+                "/nix/store/c/Frameworks"
+            ]
         );
     }
 }

@@ -8,11 +8,23 @@ use tera::{Context, Tera, Value};
 use crate::error::{Error, Result};
 
 const TEMPLATES: &[(&str, &str)] = &[
-    ("bazelrc.lre", include_str!("../../templates/bazelrc.lre.tera")),
+    (
+        "bazelrc.lre",
+        include_str!("../../templates/bazelrc.lre.tera"),
+    ),
     ("cc.BUILD", include_str!("../../templates/cc.BUILD.tera")),
-    ("java.BUILD", include_str!("../../templates/java.BUILD.tera")),
-    ("config.BUILD", include_str!("../../templates/config.BUILD.tera")),
-    ("MODULE.bazel", include_str!("../../templates/MODULE.bazel.tera")),
+    (
+        "java.BUILD",
+        include_str!("../../templates/java.BUILD.tera"),
+    ),
+    (
+        "config.BUILD",
+        include_str!("../../templates/config.BUILD.tera"),
+    ),
+    (
+        "MODULE.bazel",
+        include_str!("../../templates/MODULE.bazel.tera"),
+    ),
 ];
 
 /// The static half of @local-remote-execution, from `bazel/`.
@@ -20,7 +32,10 @@ pub const STATIC_FILES: &[(&str, &str)] = &[
     ("WORKSPACE", include_str!("../../bazel/WORKSPACE")),
     ("BUILD.bazel", include_str!("../../bazel/BUILD.bazel")),
     ("defs.bzl", include_str!("../../bazel/defs.bzl")),
-    ("platforms/BUILD.bazel", include_str!("../../bazel/platforms/BUILD.bazel")),
+    (
+        "platforms/BUILD.bazel",
+        include_str!("../../bazel/platforms/BUILD.bazel"),
+    ),
 ];
 
 pub struct Renderer {
@@ -31,14 +46,18 @@ impl Renderer {
     pub fn new() -> Result<Renderer> {
         let mut tera = Tera::default();
         tera.autoescape_on(vec![]);
-        tera.add_raw_templates(TEMPLATES.iter().copied()).map_err(|e| template_error("(all)", e))?;
+        tera.add_raw_templates(TEMPLATES.iter().copied())
+            .map_err(|e| template_error("(all)", e))?;
         tera.register_filter("starlark", starlark_filter);
         Ok(Renderer { tera })
     }
 
     pub fn render(&self, name: &str, data: &impl Serialize) -> Result<String> {
         let ctx = Context::from_serialize(data).map_err(|e| template_error(name, e))?;
-        let mut out = self.tera.render(name, &ctx).map_err(|e| template_error(name, e))?;
+        let mut out = self
+            .tera
+            .render(name, &ctx)
+            .map_err(|e| template_error(name, e))?;
         if !out.ends_with('\n') {
             out.push('\n');
         }
@@ -55,12 +74,18 @@ fn template_error(name: &str, e: tera::Error) -> Error {
         message.push_str(&s.to_string());
         source = s.source();
     }
-    Error::Template { name: name.to_owned(), message }
+    Error::Template {
+        name: name.to_owned(),
+        message,
+    }
 }
 
 /// `{{ x | starlark(indent=4) }}`: a string, list or dict as a Starlark literal, one item a
 /// line when there is more than one, indented for a rule attribute.
-fn starlark_filter(value: &Value, args: &std::collections::HashMap<String, Value>) -> tera::Result<Value> {
+fn starlark_filter(
+    value: &Value,
+    args: &std::collections::HashMap<String, Value>,
+) -> tera::Result<Value> {
     let indent = args.get("indent").and_then(Value::as_u64).unwrap_or(0) as usize;
     Ok(Value::String(starlark(value, indent)))
 }
@@ -88,7 +113,13 @@ pub fn starlark(value: &Value, indent: usize) -> String {
             _ => {
                 let body: String = map
                     .iter()
-                    .map(|(k, v)| format!("{pad}    {}: {},\n", starlark_string(k), starlark(v, indent + 4)))
+                    .map(|(k, v)| {
+                        format!(
+                            "{pad}    {}: {},\n",
+                            starlark_string(k),
+                            starlark(v, indent + 4)
+                        )
+                    })
                     .collect();
                 format!("{{\n{body}{pad}}}")
             }
@@ -118,7 +149,10 @@ fn starlark_string(s: &str) -> String {
 pub const CHECKSUM_PREFIX: &str = "# lre-checksum: sha256:";
 
 pub fn with_checksum(body: &str) -> String {
-    format!("{body}{CHECKSUM_PREFIX}{}\n", hex::encode(Sha256::digest(body.as_bytes())))
+    format!(
+        "{body}{CHECKSUM_PREFIX}{}\n",
+        hex::encode(Sha256::digest(body.as_bytes()))
+    )
 }
 
 /// Whether `content` is exactly what `with_checksum` wrote (`None`: it has no checksum line).
@@ -139,8 +173,14 @@ mod tests {
     fn starlark_literals() {
         assert_eq!(starlark(&json!("a\"b\\c"), 0), r#""a\"b\\c""#);
         assert_eq!(starlark(&json!(["x"]), 4), r#"["x"]"#);
-        assert_eq!(starlark(&json!(["x", "y"]), 4), "[\n        \"x\",\n        \"y\",\n    ]");
-        assert_eq!(starlark(&json!({"b": "1", "a": "2"}), 0), "{\n    \"a\": \"2\",\n    \"b\": \"1\",\n}");
+        assert_eq!(
+            starlark(&json!(["x", "y"]), 4),
+            "[\n        \"x\",\n        \"y\",\n    ]"
+        );
+        assert_eq!(
+            starlark(&json!({"b": "1", "a": "2"}), 0),
+            "{\n    \"a\": \"2\",\n    \"b\": \"1\",\n}"
+        );
         assert_eq!(starlark(&json!(true), 0), "True");
     }
 

@@ -24,6 +24,9 @@ pub struct Toolchain {
     pub java: Option<JavaInfo>,
     /// Every store path the toolchain needs, sorted.
     pub closure: Vec<String>,
+    /// A shell on the toolchain's PATH, for Bazel's `--shell_executable`: genrules then run
+    /// the pinned shell, not the host's /bin/bash, which a worker image does not have.
+    pub shell: Option<String>,
 }
 
 /// What the user named on the command line or in the flake module.
@@ -52,12 +55,30 @@ impl Toolchain {
         if cc.is_none() && java.is_none() {
             return Err(Error::NoToolchain);
         }
-        let mut toolchain = Toolchain { env, cc, java, closure: Vec::new() };
+        let shell = ["bash", "sh"].iter().find_map(|name| {
+            env.search_path()
+                .into_iter()
+                .map(|d| format!("{d}/{name}"))
+                .find(|p| in_store(p) && Path::new(p).is_file())
+        });
+        let mut toolchain = Toolchain {
+            env,
+            cc,
+            java,
+            closure: Vec::new(),
+            shell,
+        };
         let host = toolchain.host_paths();
         if !host.is_empty() && !allow_host_path {
             return Err(Error::HostPaths(host));
         }
-        roots.extend(toolchain.pinned_paths().iter().filter_map(|p| store_path_of(p)).map(str::to_owned));
+        roots.extend(
+            toolchain
+                .pinned_paths()
+                .iter()
+                .filter_map(|p| store_path_of(p))
+                .map(str::to_owned),
+        );
         roots.sort();
         roots.dedup();
         let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
@@ -71,7 +92,12 @@ impl Toolchain {
 
     /// Every path the generated files pin: Env values, tools, include directories, java_home.
     pub fn pinned_paths(&self) -> Vec<String> {
-        let mut paths: Vec<String> = self.env.mentioned_paths().into_iter().map(|(_, p)| p).collect();
+        let mut paths: Vec<String> = self
+            .env
+            .mentioned_paths()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
         if let Some(cc) = &self.cc {
             paths.extend(cc.tools.values().cloned());
             paths.extend(cc.include_dirs.iter().cloned());
@@ -132,7 +158,8 @@ impl Toolchain {
 }
 
 fn in_store(path: &str) -> bool {
-    path.strip_prefix(STORE_DIR).is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+    path.strip_prefix(STORE_DIR)
+        .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
         && !path.split('/').any(|c| c == "..")
 }
 
@@ -140,7 +167,9 @@ fn java_info(java_home: &str) -> Result<JavaInfo> {
     let home = Path::new(java_home);
     let java = home.join("bin/java");
     if !java.exists() {
-        return Err(Error::Invalid(format!("JAVA_HOME={java_home} has no bin/java")));
+        return Err(Error::Invalid(format!(
+            "JAVA_HOME={java_home} has no bin/java"
+        )));
     }
     let release = home.join("release");
     let version = if release.exists() {
@@ -149,7 +178,10 @@ fn java_info(java_home: &str) -> Result<JavaInfo> {
     } else {
         None
     };
-    Ok(JavaInfo { java_home: java_home.to_owned(), version })
+    Ok(JavaInfo {
+        java_home: java_home.to_owned(),
+        version,
+    })
 }
 
 /// `JAVA_VERSION="17.0.15"` → 17; `JAVA_VERSION="1.8.0_392"` → 8.
@@ -184,28 +216,43 @@ mod tests {
     #[test]
     fn every_host_path_is_listed_with_its_origin() {
         let t = Toolchain {
-            env: Env::from_entries(&["PATH=/nix/store/a-cc/bin:/usr/bin", "CPP=/usr/bin/cpp"]).unwrap(),
+            env: Env::from_entries(&["PATH=/nix/store/a-cc/bin:/usr/bin", "CPP=/usr/bin/cpp"])
+                .unwrap(),
             cc: Some(cc("/usr/bin/ar", "/usr/include")),
-            java: Some(JavaInfo { java_home: "/nix/store/../usr/lib/jvm".into(), version: None }),
+            java: Some(JavaInfo {
+                java_home: "/nix/store/../usr/lib/jvm".into(),
+                version: None,
+            }),
             closure: vec![],
+            shell: None,
         };
         let bad = t.host_paths();
-        for want in ["Env PATH: /usr/bin", "Env CPP: /usr/bin/cpp", "tool ar: /usr/bin/ar",
-                     "include directory: /usr/include", "java_home: /nix/store/../usr/lib/jvm"] {
+        for want in [
+            "Env PATH: /usr/bin",
+            "Env CPP: /usr/bin/cpp",
+            "tool ar: /usr/bin/ar",
+            "include directory: /usr/include",
+            "java_home: /nix/store/../usr/lib/jvm",
+        ] {
             assert!(bad.iter().any(|b| b == want), "{want} missing from {bad:?}");
         }
         assert_eq!(bad.len(), 5, "{bad:?}");
         let msg = Error::HostPaths(bad).to_string();
-        assert!(msg.contains("--allow-host-path") && msg.contains("  - tool ar: /usr/bin/ar"), "{msg}");
+        assert!(
+            msg.contains("--allow-host-path") && msg.contains("  - tool ar: /usr/bin/ar"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn a_store_toolchain_is_hermetic() {
         let t = Toolchain {
-            env: Env::from_entries(&["PATH=/nix/store/a-cc/bin", "CC=/nix/store/a-cc/bin/cc"]).unwrap(),
+            env: Env::from_entries(&["PATH=/nix/store/a-cc/bin", "CC=/nix/store/a-cc/bin/cc"])
+                .unwrap(),
             cc: Some(cc("/nix/store/a-cc/bin/ar", "/nix/store/b-libc/include")),
             java: None,
             closure: vec![],
+            shell: None,
         };
         assert!(t.host_paths().is_empty());
     }
@@ -220,7 +267,10 @@ mod tests {
 
     #[test]
     fn java_versions_from_release_files() {
-        assert_eq!(parse_java_release("IMPLEMENTOR=\"x\"\nJAVA_VERSION=\"17.0.15\"\n"), Some(17));
+        assert_eq!(
+            parse_java_release("IMPLEMENTOR=\"x\"\nJAVA_VERSION=\"17.0.15\"\n"),
+            Some(17)
+        );
         assert_eq!(parse_java_release("JAVA_VERSION=\"1.8.0_392\""), Some(8));
         assert_eq!(parse_java_release("JAVA_VERSION=\"21\""), Some(21));
         assert_eq!(parse_java_release("nothing"), None);

@@ -129,4 +129,3 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     server.shutdown().await;
     Ok(())
 }
-

@@ -14,7 +14,8 @@ use lre_cli::toolchain::{JavaInfo, Toolchain};
 const CC: &str = "/nix/store/8zy6k4qmvd0hjdwnba3xgzh0jps8xlyp-clang-wrapper-19.1.7";
 const BINTOOLS: &str = "/nix/store/4hbcp1r6w0kgjhrmhhgw2bmfdi0vv6r2-binutils-wrapper-2.43.1";
 const GLIBC: &str = "/nix/store/qbryq0pyr5rqfn9lsl6cjmkxjv8wz2bx-glibc-2.40-66-dev";
-const JDK: &str = "/nix/store/9m3b0cc2xpmz9ii2qkqc1yqqcbc7l8r9-openjdk-headless-21.0.5+11/lib/openjdk";
+const JDK: &str =
+    "/nix/store/9m3b0cc2xpmz9ii2qkqc1yqqcbc7l8r9-openjdk-headless-21.0.5+11/lib/openjdk";
 
 fn toolchain() -> Toolchain {
     let tools = ["ar", "ld", "nm", "objcopy", "objdump", "strip"]
@@ -40,8 +41,17 @@ fn toolchain() -> Toolchain {
             ],
             tools,
         }),
-        java: Some(JavaInfo { java_home: JDK.into(), version: Some(21) }),
-        closure: vec![CC.into(), BINTOOLS.into(), GLIBC.into(), JDK.trim_end_matches("/lib/openjdk").into()],
+        java: Some(JavaInfo {
+            java_home: JDK.into(),
+            version: Some(21),
+        }),
+        closure: vec![
+            CC.into(),
+            BINTOOLS.into(),
+            GLIBC.into(),
+            JDK.trim_end_matches("/lib/openjdk").into(),
+        ],
+        shell: Some(format!("{BINTOOLS}/bin/sh")),
     }
 }
 
@@ -63,7 +73,9 @@ fn settings(bazel: &str, endpoint: bool) -> Settings {
 
 fn check(case: &str, bazel: &str, endpoint: bool) {
     let files = generate::plan(&toolchain(), &settings(bazel, endpoint)).unwrap();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case);
     let bless = std::env::var_os("LRE_BLESS").is_some();
     let mut mismatched = Vec::new();
     for f in &files {
@@ -79,12 +91,19 @@ fn check(case: &str, bazel: &str, endpoint: bool) {
             mismatched.push(f.path.display().to_string());
         }
     }
-    assert!(mismatched.is_empty(), "{case}: differ from golden: {mismatched:?}");
+    assert!(
+        mismatched.is_empty(),
+        "{case}: differ from golden: {mismatched:?}"
+    );
     // Every golden file is produced: none is left over from an older form.
     let produced: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
     for entry in walk(&dir) {
         let rel = entry.strip_prefix(&dir).unwrap().to_path_buf();
-        assert!(produced.contains(&rel), "{case}: golden {} is no longer generated", rel.display());
+        assert!(
+            produced.contains(&rel),
+            "{case}: golden {} is no longer generated",
+            rel.display()
+        );
     }
 }
 
@@ -141,7 +160,10 @@ fn the_forms_differ_where_bazel_does() {
     assert!(cc8.contains("load(\"@rules_cc//cc/private/toolchain:unix_cc_toolchain_config.bzl\""));
     assert!(get("8.0.0", false, "MODULE.bazel").contains("bazel_dep(name = \"rules_cc\""));
     let java8 = get("8.0.0", false, "generated/java/BUILD.bazel");
-    assert!(java8.contains("load(\"@rules_java//java:defs.bzl\", \"java_runtime\")") && java8.contains("version = 21,"));
+    assert!(
+        java8.contains("load(\"@rules_java//java:defs.bzl\", \"java_runtime\")")
+            && java8.contains("version = 21,")
+    );
 }
 
 #[test]
@@ -159,12 +181,25 @@ fn write_compares_refuses_hand_edits_and_removes_stale_files() {
     let mut edited = std::fs::read_to_string(&rc).unwrap();
     edited.insert_str(0, "build --my-flag\n");
     std::fs::write(&rc, &edited).unwrap();
-    let err = generate::write(ws, repo, &files, false, false).unwrap_err().to_string();
-    assert!(err.contains("edited by hand") && err.contains(".bazelrc.lre"), "{err}");
-    assert_eq!(std::fs::read_to_string(&rc).unwrap(), edited, "the hand edit was lost");
+    let err = generate::write(ws, repo, &files, false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("edited by hand") && err.contains(".bazelrc.lre"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&rc).unwrap(),
+        edited,
+        "the hand edit was lost"
+    );
     let dry = generate::write(ws, repo, &files, true, true).unwrap();
     assert_eq!(dry.written, vec![PathBuf::from(".bazelrc.lre")]);
-    assert_eq!(std::fs::read_to_string(&rc).unwrap(), edited, "a dry run wrote");
+    assert_eq!(
+        std::fs::read_to_string(&rc).unwrap(),
+        edited,
+        "a dry run wrote"
+    );
     generate::write(ws, repo, &files, true, false).unwrap();
 
     // Without Java, the Java package a previous run wrote goes away.
@@ -172,6 +207,9 @@ fn write_compares_refuses_hand_edits_and_removes_stale_files() {
     no_java.java = None;
     let files = generate::plan(&no_java, &settings("4.2.3", false)).unwrap();
     let third = generate::write(ws, repo, &files, false, false).unwrap();
-    assert_eq!(third.removed, vec![Path::new(repo).join("generated/java/BUILD.bazel")]);
+    assert_eq!(
+        third.removed,
+        vec![Path::new(repo).join("generated/java/BUILD.bazel")]
+    );
     assert!(!ws.join(repo).join("generated/java/BUILD.bazel").exists());
 }

@@ -141,6 +141,38 @@ impl LocalCas {
             .map(|m| (m.ctime(), m.ctime_nsec(), m.len()))
     }
 
+    /// Whether a cached file still holds exactly what its name says, with its read-only mode.
+    /// Called when its fingerprint moved: another action hard-linking the same file (at
+    /// capacity > 1) changes the ctime too, and that must not count as tampering.
+    pub fn intact(path: &Path) -> bool {
+        use sha2::Digest as _;
+        use std::os::unix::fs::PermissionsExt;
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return false;
+        };
+        let (rest, executable) = match name.strip_suffix("-x") {
+            Some(r) => (r, true),
+            None => (name, false),
+        };
+        let Some((hash, size)) = rest.split_once('-') else {
+            return false;
+        };
+        let want_mode = if executable { 0o555 } else { 0o444 };
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return false;
+        };
+        if !meta.is_file()
+            || meta.permissions().mode() & 0o7777 != want_mode
+            || size.parse() != Ok(meta.len())
+        {
+            return false;
+        }
+        match std::fs::read(path) {
+            Ok(data) => hex::encode(sha2::Sha256::digest(&data)) == hash,
+            Err(_) => false,
+        }
+    }
+
     /// Drops a cached file whose content can no longer be trusted.
     pub fn discard(&self, path: &Path) {
         let _ = std::fs::remove_file(path);
@@ -414,5 +446,44 @@ impl Upload {
             Upload::File(p) => Ok(tokio::fs::read(p).await?),
             Upload::Bytes(b) => Ok(b.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod intact_tests {
+    use super::LocalCas;
+    use sha2::Digest as _;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_hard_link_is_not_tampering_but_a_write_or_chmod_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"int x;\n";
+        let name = format!(
+            "{}-{}-x",
+            hex::encode(sha2::Sha256::digest(data)),
+            data.len()
+        );
+        let path = dir.path().join(&name);
+        std::fs::write(&path, data).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let before = LocalCas::fingerprint(&path);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::hard_link(&path, dir.path().join("another-action-input")).unwrap();
+        assert_ne!(
+            LocalCas::fingerprint(&path),
+            before,
+            "a new link moves the ctime"
+        );
+        assert!(
+            LocalCas::intact(&path),
+            "…but the content and mode are as cached"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!LocalCas::intact(&path), "chmod is tampering");
+        std::fs::write(&path, b"int y;\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        assert!(!LocalCas::intact(&path), "new content is tampering");
+        assert!(!LocalCas::intact(&dir.path().join("not-a-cache-name")));
     }
 }

@@ -9,7 +9,7 @@ pub mod outputs;
 pub mod runner;
 pub mod sandbox;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -51,6 +51,7 @@ impl WorkerOptions {
                 bwrap: "bwrap".into(),
                 ro_paths: default_ro_paths(),
                 network: false,
+                host_proc: false,
             },
         }
     }
@@ -106,4 +107,89 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error:
     });
     connection::serve(channel, opts.connection, runner, shutdown).await;
     Ok(())
+}
+
+/// Where a worker image lists the store paths of its toolchain closure, one a line.
+pub const IMAGE_CLOSURE_FILE: &str = "/etc/lre/closure";
+
+/// The `container-image` property for a worker running in `image` (pinned by digest),
+/// after checking that every path `closure_file` lists exists here.
+pub fn image_property(image: &str, closure_file: &Path) -> Result<(String, String), String> {
+    let bare = image.strip_prefix("docker://").unwrap_or(image);
+    let pinned = bare.rsplit_once("@sha256:").is_some_and(|(name, hex)| {
+        !name.is_empty() && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if !pinned {
+        return Err(format!(
+            "--image {image}: must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>"
+        ));
+    }
+    let list = std::fs::read_to_string(closure_file).map_err(|e| {
+        format!(
+            "--image {image}: cannot read the image's closure list {}: {e}",
+            closure_file.display()
+        )
+    })?;
+    let missing: Vec<&str> = list
+        .lines()
+        .filter(|l| !l.is_empty() && !Path::new(l).exists())
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "--image {image}: {} store path(s) of the image's toolchain are missing here, e.g. {}; this is not that image",
+            missing.len(),
+            missing[0]
+        ));
+    }
+    Ok(("container-image".to_owned(), format!("docker://{bare}")))
+}
+
+/// `bwrap` from PATH, else the one beside this executable (a worker image carries its own).
+pub fn find_bwrap(configured: PathBuf) -> PathBuf {
+    let on_path = configured.components().count() > 1
+        || std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(&configured).is_file()));
+    if on_path {
+        return configured;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("bwrap")))
+        .filter(|p| p.is_file())
+        .unwrap_or(configured)
+}
+
+#[cfg(test)]
+mod image_tests {
+    use super::*;
+
+    #[test]
+    fn the_image_property_needs_a_digest_and_the_whole_closure() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("closure");
+        let present = dir.path().join("present");
+        std::fs::create_dir(&present).unwrap();
+        std::fs::write(&list, format!("{}\n", present.display())).unwrap();
+        let digest = "a".repeat(64);
+        assert_eq!(
+            image_property(&format!("reg:5000/lre/worker@sha256:{digest}"), &list).unwrap(),
+            (
+                "container-image".to_string(),
+                format!("docker://reg:5000/lre/worker@sha256:{digest}")
+            )
+        );
+        assert!(image_property("reg:5000/lre/worker:latest", &list)
+            .unwrap_err()
+            .contains("pinned by digest"));
+        std::fs::write(
+            &list,
+            format!("{}\n/nix/store/absent-x\n", present.display()),
+        )
+        .unwrap();
+        let err = image_property(&format!("r/w@sha256:{digest}"), &list).unwrap_err();
+        assert!(
+            err.contains("1 store path(s)") && err.contains("/nix/store/absent-x"),
+            "{err}"
+        );
+    }
 }

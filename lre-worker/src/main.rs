@@ -24,6 +24,10 @@ struct Cli {
     /// /usr, /bin, /lib, /lib64).
     #[arg(long = "ro-path")]
     ro_paths: Vec<PathBuf>,
+    /// Bind this worker's /proc into the sandbox instead of a fresh procfs: needed when the
+    /// worker itself runs in a container (its image under Kubernetes, or bubblewrap).
+    #[arg(long)]
+    host_proc: bool,
     /// Let actions use the network.
     #[arg(long)]
     network: bool,
@@ -36,6 +40,12 @@ struct Cli {
     /// The bubblewrap binary.
     #[arg(long, default_value = "bwrap")]
     bwrap: PathBuf,
+    /// The worker image this worker runs in, pinned by digest (REGISTRY/NAME@sha256:…): the
+    /// worker checks the image's toolchain closure (/etc/lre/closure) is all present and
+    /// offers `container-image=docker://REGISTRY/NAME@sha256:…`. An image cannot hold its
+    /// own digest, so the deployment passes the same reference it runs.
+    #[arg(long, env = "LRE_IMAGE")]
+    image: Option<String>,
     /// Bearer token with write access, if the server requires one.
     #[arg(long, env = "LRE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -60,24 +70,33 @@ async fn main() -> anyhow::Result<()> {
             .map(|n| n.get() as u32)
             .unwrap_or(1)
     });
+    let mut properties = cli.properties;
+    if let Some(image) = &cli.image {
+        let (name, value) =
+            lre_worker::image_property(image, std::path::Path::new(lre_worker::IMAGE_CLOSURE_FILE))
+                .map_err(anyhow::Error::msg)?;
+        properties.retain(|(n, _)| *n != name);
+        properties.push((name, value));
+    }
     let opts = WorkerOptions {
         server: cli.server,
         connection: ConnectionConfig {
             worker_id: id,
             capacity,
-            properties: cli.properties,
+            properties,
             token: cli.token,
         },
         work_dir: cli.work_dir.unwrap_or_else(lre_worker::default_work_dir),
         cache_bytes: cli.cache_mib << 20,
         sandbox: SandboxConfig {
-            bwrap: cli.bwrap,
+            bwrap: lre_worker::find_bwrap(cli.bwrap),
             ro_paths: if cli.ro_paths.is_empty() {
                 lre_worker::default_ro_paths()
             } else {
                 cli.ro_paths
             },
             network: cli.network,
+            host_proc: cli.host_proc,
         },
     };
     let (stop, shutdown) = tokio::sync::watch::channel(false);

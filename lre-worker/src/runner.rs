@@ -155,10 +155,11 @@ impl Runner {
         let exec_done = SystemTime::now();
         // Inputs are hard links into the local cache: an action that wrote to or chmodded
         // one changed the cached copy every later action would get. Drop those copies (they
-        // are fetched again, verified) and fail this non-hermetic action.
+        // are fetched again, verified) and fail this non-hermetic action. A moved fingerprint
+        // alone may be a concurrent action's hard link, so the content and mode decide.
         let mut tampered = Vec::new();
         for (path, before) in &linked {
-            if LocalCas::fingerprint(path) != *before {
+            if LocalCas::fingerprint(path) != *before && !LocalCas::intact(path) {
                 self.cas.discard(path);
                 tampered.push(
                     path.file_name()

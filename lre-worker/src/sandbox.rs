@@ -18,6 +18,11 @@ pub struct SandboxConfig {
     /// Host paths visible read-only at the same place inside (e.g. /nix/store).
     pub ro_paths: Vec<PathBuf>,
     pub network: bool,
+    /// Bind the worker's own /proc instead of mounting a fresh one. A fresh procfs cannot be
+    /// mounted where the container runtime covers parts of /proc (Docker, Kubernetes and
+    /// bubblewrap all do), so a worker running in its image needs this; actions then see
+    /// the container's processes, though they still run in their own PID namespace.
+    pub host_proc: bool,
 }
 
 pub struct Outcome {
@@ -103,11 +108,14 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
         "--new-session",
         "--dev",
         "/dev",
-        "--proc",
-        "/proc",
         "--tmpfs",
         "/tmp",
     ]);
+    if cfg.host_proc {
+        cmd.args(["--ro-bind", "/proc", "/proc"]);
+    } else {
+        cmd.args(["--proc", "/proc"]);
+    }
     for p in &cfg.ro_paths {
         if p.exists() {
             cmd.arg("--ro-bind").arg(p).arg(p);

@@ -41,6 +41,7 @@ async fn env() -> Env {
             bwrap: "bwrap".into(),
             ro_paths: lre_worker::default_ro_paths(),
             network: false,
+            host_proc: false,
         },
     };
     Env {
