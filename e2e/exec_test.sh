@@ -17,18 +17,6 @@ set -uo pipefail
 LRE="${LRE:-$REPO_ROOT/target/debug/lre}"
 LRE_WORKER="${LRE_WORKER:-$REPO_ROOT/target/debug/lre-worker}"
 
-server_config() {
-  cat >"$SCEN/server.toml" <<EOT
-grpc_listen = "127.0.0.1:$GRPC_PORT"
-http_listen = "127.0.0.1:$HTTP_PORT"
-[store]
-path = "$SCEN/store"
-[execution]
-enabled = true
-keepalive_seconds = 2
-EOT
-}
-
 start_worker() { # NAME PROPERTY...
   local name="$1"; shift
   local -a props=()

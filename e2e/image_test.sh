@@ -129,15 +129,7 @@ scenario_run() {
   check "$n: umoci unpacks the image" "" test -x "$rootfs/bin/lre-worker" || return 0
   check "$n: the image has no host files: only bin, etc, nix, tmp" "$(ls "$rootfs" | tr '\n' ' ')" \
     [ "$(ls "$rootfs" | tr '\n' ' ')" = "bin etc nix tmp " ]
-  cat >"$SCEN/server.toml" <<EOT
-grpc_listen = "127.0.0.1:$GRPC_PORT"
-http_listen = "127.0.0.1:$HTTP_PORT"
-[store]
-path = "$SCEN/store"
-[execution]
-enabled = true
-keepalive_seconds = 2
-EOT
+  server_config
   start_bg server "$LRE_SERVER" --config "$SCEN/server.toml"
   check "$n: lre-server up" "" wait_healthy "$HTTP_PORT" || return 0
   mkdir -p "$SCEN/worker-work"

@@ -452,3 +452,16 @@ same_files() { [ -s "$1" ] && cmp -s "$1" "$2"; }
 not_alive() { ! pid_alive "$1"; }
 all_remote() { [ "$BZ_RC" = 0 ] && [ "$1" -gt 0 ] && [ "$1" = $((SUM_TOTAL - SUM_INTERNAL)) ]; }
 output_is_expected() { [ "$BIN_OUT" = "$EXPECTED_OUTPUT" ]; }
+
+# server_config: $SCEN/server.toml for an execution-enabled lre-server on GRPC_PORT/HTTP_PORT.
+server_config() {
+  cat >"$SCEN/server.toml" <<EOT
+grpc_listen = "127.0.0.1:$GRPC_PORT"
+http_listen = "127.0.0.1:$HTTP_PORT"
+[store]
+path = "$SCEN/store"
+[execution]
+enabled = true
+keepalive_seconds = 2
+EOT
+}

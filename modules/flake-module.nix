@@ -53,6 +53,12 @@ in
         default = null;
         description = "The REAPI instance name.";
       };
+      image = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "registry.example.com/lre/worker@sha256:…";
+        description = "The worker image `lre image push` printed; pinned as the platform's container-image.";
+      };
       readOnly = mkOption {
         type = types.bool;
         default = false;
@@ -67,7 +73,7 @@ in
     config.lre.installationScript = lib.optionalString config.lre.enable
       (import ./lre-core.nix {
         lre = config.lre.package;
-        inherit (config.lre) Env prefix cc java endpoint instanceName readOnly;
+        inherit (config.lre) Env prefix cc java endpoint instanceName readOnly image;
       }).installationScript;
   });
 }

@@ -121,7 +121,9 @@ fn write_layer(
     blobs: &Path,
     fill: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<()>,
 ) -> Result<(Descriptor, String)> {
-    let tmp = blobs.join(".layer.tmp");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = blobs.join(format!(".layer-{}-{n}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     // The gzip stream owns the compressed-side hasher, and hands it back on finish.
     let gz = flate2::GzBuilder::new().mtime(0).write(
@@ -289,22 +291,46 @@ pub fn check(spec: &ImageSpec) -> Result<()> {
 }
 
 /// Writes the OCI image layout into `out` (created; blobs already there are kept).
-pub fn build(spec: &ImageSpec, out: &Path, progress: &dyn Fn(&str, u64)) -> Result<Built> {
+pub fn build(spec: &ImageSpec, out: &Path, progress: &(dyn Fn(&str, u64) + Sync)) -> Result<Built> {
     check(spec)?;
     let blobs = out.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
+    // Compression dominates, so layers are written on every core; the order of the result
+    // (and so the digest) does not depend on which finishes first.
+    let groups = group_layers(&spec.closure, spec.max_layers);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<Result<(Descriptor, String)>>>> =
+        std::sync::Mutex::new((0..groups.len()).map(|_| None).collect());
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(groups.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(group) = groups.get(i) else { break };
+                let r = write_layer(&blobs, |b| {
+                    add_dir(b, "nix", 0o555)?;
+                    add_dir(b, "nix/store", 0o555)?;
+                    for p in group {
+                        add_tree(b, Path::new(p))?;
+                    }
+                    Ok(())
+                });
+                if let Ok((desc, _)) = &r {
+                    progress(&group.join(" "), desc.size());
+                }
+                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            });
+        }
+    });
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
-    for group in group_layers(&spec.closure, spec.max_layers) {
-        let (desc, diff_id) = write_layer(&blobs, |b| {
-            add_dir(b, "nix", 0o555)?;
-            add_dir(b, "nix/store", 0o555)?;
-            for p in &group {
-                add_tree(b, Path::new(p))?;
-            }
-            Ok(())
-        })?;
-        progress(&group.join(" "), desc.size());
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (group, r) in groups.into_iter().zip(results) {
+        let (desc, diff_id) =
+            r.ok_or_else(|| Error::Invalid("a layer was not written".into()))??;
         diff_ids.push(diff_id);
         layers.push((group, desc));
     }

@@ -62,10 +62,14 @@ struct ImagePushArgs {
 async fn image_push(args: ImagePushArgs) -> anyhow::Result<std::process::ExitCode> {
     let registry_host = args
         .reference
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+        .parse::<oci_client::Reference>()
+        .map(|r| r.resolve_registry().to_owned())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not an image reference REGISTRY/NAME[:TAG]: {e}",
+                args.reference
+            )
+        })?;
     let auth = registry::credentials(&registry_host, args.username.clone(), args.password.clone())?;
     let opts = registry::PushOptions {
         reference: args.reference.clone(),
