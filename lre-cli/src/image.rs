@@ -17,7 +17,7 @@ use oci_spec::image::{
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{io, Error, Result};
-use crate::nix::{PathInfo, STORE_DIR};
+use crate::nix::PathInfo;
 
 /// Every tar entry's mtime: 1, as Nix itself uses in the store.
 const MTIME: u64 = 1;
@@ -272,7 +272,7 @@ pub fn check(spec: &ImageSpec) -> Result<()> {
     let mut bad = Vec::new();
     let paths: BTreeSet<&str> = spec.closure.iter().map(|p| p.path.as_str()).collect();
     for p in &paths {
-        if !p.starts_with(STORE_DIR) || p.split('/').any(|c| c == "..") {
+        if !crate::toolchain::in_store(p) {
             bad.push(format!("closure path {p}"));
         }
     }

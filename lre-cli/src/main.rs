@@ -264,7 +264,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
             args.repo_dir
         );
     }
-    let image = args.image.as_deref().map(image_property).transpose()?;
+    let image = args
+        .image
+        .as_deref()
+        .map(lre_worker::pinned_image)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let endpoint = args.endpoint.map(|url| generate::Endpoint {
         url,
         instance_name: args.instance_name.clone(),
@@ -316,20 +321,6 @@ fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         std::process::ExitCode::SUCCESS
     })
-}
-
-/// `REGISTRY/NAME@sha256:HEX` (or with `docker://` already) → the platform property value.
-fn image_property(image: &str) -> anyhow::Result<String> {
-    let bare = image.strip_prefix("docker://").unwrap_or(image);
-    let digest = bare.rsplit_once('@').map(|(_, d)| d);
-    match digest.and_then(|d| d.strip_prefix("sha256:")) {
-        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Ok(format!("docker://{bare}"))
-        }
-        _ => anyhow::bail!(
-            "--image must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>; got {image}"
-        ),
-    }
 }
 
 #[tokio::main]

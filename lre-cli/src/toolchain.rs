@@ -157,7 +157,8 @@ impl Toolchain {
     }
 }
 
-fn in_store(path: &str) -> bool {
+/// A path strictly inside /nix/store, with no `..` to climb out of it.
+pub fn in_store(path: &str) -> bool {
     path.strip_prefix(STORE_DIR)
         .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
         && !path.split('/').any(|c| c == "..")

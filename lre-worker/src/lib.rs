@@ -115,15 +115,7 @@ pub const IMAGE_CLOSURE_FILE: &str = "/etc/lre/closure";
 /// The `container-image` property for a worker running in `image` (pinned by digest),
 /// after checking that every path `closure_file` lists exists here.
 pub fn image_property(image: &str, closure_file: &Path) -> Result<(String, String), String> {
-    let bare = image.strip_prefix("docker://").unwrap_or(image);
-    let pinned = bare.rsplit_once("@sha256:").is_some_and(|(name, hex)| {
-        !name.is_empty() && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
-    });
-    if !pinned {
-        return Err(format!(
-            "--image {image}: must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>"
-        ));
-    }
+    let value = pinned_image(image)?;
     let list = std::fs::read_to_string(closure_file).map_err(|e| {
         format!(
             "--image {image}: cannot read the image's closure list {}: {e}",
@@ -141,7 +133,22 @@ pub fn image_property(image: &str, closure_file: &Path) -> Result<(String, Strin
             missing[0]
         ));
     }
-    Ok(("container-image".to_owned(), format!("docker://{bare}")))
+    Ok(("container-image".to_owned(), value))
+}
+
+/// `REGISTRY/NAME@sha256:<64 hex>` (with or without `docker://`) as the `container-image`
+/// value `docker://REGISTRY/NAME@sha256:…`; anything not pinned by digest is refused.
+pub fn pinned_image(image: &str) -> Result<String, String> {
+    let bare = image.strip_prefix("docker://").unwrap_or(image);
+    let pinned = bare.rsplit_once("@sha256:").is_some_and(|(name, hex)| {
+        !name.is_empty() && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if !pinned {
+        return Err(format!(
+            "--image {image}: must be pinned by digest, REGISTRY/NAME@sha256:<64 hex digits>"
+        ));
+    }
+    Ok(format!("docker://{bare}"))
 }
 
 /// `bwrap` from PATH, else the one beside this executable (a worker image carries its own).
