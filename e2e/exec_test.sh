@@ -10,6 +10,9 @@
 #               runs an action; the build still succeeds (the action is requeued)
 #   3 routing   workers with pool=a and pool=b; genrules with exec_properties pool=b run
 #               only on the pool=b worker; pool=nope fails naming the property
+#   4 hosttools `lre up` with no flags beyond ports on a second, ordinary workspace whose
+#               genrules run awk, cc and java through Debian's /etc/alternatives, and a
+#               cc_binary on the host toolchain; the sandbox shows no host secrets
 # Prints PASS/FAIL lines and, last, "N passed, M failed".
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -22,7 +25,7 @@ start_worker() { # NAME PROPERTY...
   local -a props=()
   local p; for p in "$@"; do props+=(--property "$p"); done
   start_bg "$name" "$LRE_WORKER" --server "http://127.0.0.1:$GRPC_PORT" --id "$name" --capacity 1 \
-    --work-dir "$SCEN/$name" "${props[@]}"
+    --token-file "$SCEN/worker.token" --work-dir "$SCEN/$name" "${props[@]}"
 }
 
 # The fixture plus a package of genrules for these scenarios.
@@ -57,7 +60,7 @@ scenario_up() {
   new_scenario up
   alloc
   start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
-    --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --workers 2
+    --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --capacity 2
   local lre_pid="$BG_PID"
   check "$n: lre up serves /healthz" "log up/lre.log" wait_healthy "$HTTP_PORT" || return 0
   check "$n: lre up prints the --remote_executor flag" "" grep -q -- "--remote_executor=grpc://127.0.0.1:$GRPC_PORT" "$SCEN/lre.log"
@@ -157,11 +160,53 @@ scenario_routing() {
     failed_naming "pool=nope"
 }
 
+scenario_hosttools() {
+  local n="4 hosttools"
+  new_scenario hosttools
+  alloc
+  start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
+    --store-dir "$SCEN/store" --work-dir "$SCEN/worker"
+  local lre_pid="$BG_PID"
+  check "$n: lre up serves /healthz" "" wait_healthy "$HTTP_PORT" || return 0
+  check "$n: lre up runs one worker with a slot per CPU" "$(grep 'lre up:' "$SCEN/lre.log")" \
+    grep -q "a local worker with $(nproc) slot(s)" "$SCEN/lre.log"
+  check "$n: the sandbox shows /etc/alternatives but not /etc" "$(grep 'sandbox shows' "$SCEN/lre.log")" \
+    shows_alternatives_not_etc "$SCEN/lre.log"
+  local saved_ws="$WS_SRC"
+  WS_SRC="$E2E_DIR/workspaces/hosttools"
+  new_client "$SCEN" H
+  WS_SRC="$saved_ws"
+  local -a saved=("${BAZEL_TARGETS[@]}")
+  BAZEL_TARGETS=(//:awk //:cc_version //:java_version //:secrets //:hello)
+  BAZEL_VERB=build
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  BAZEL_TARGETS=("${saved[@]}")
+  BAZEL_VERB=test
+  local out="$CL_WS/bazel-bin"
+  check "$n: every spawn ran remotely" "exit $BZ_RC; '$SUM_LINE'" all_remote "$(remote_count)" || show_misses
+  check "$n: awk (via /etc/alternatives) ran" "$(cat "$out/awk.txt" 2>/dev/null)" [ "$(cat "$out/awk.txt" 2>/dev/null)" = two ]
+  check "$n: cc (via /etc/alternatives) ran" "$(cat "$out/cc.txt" 2>/dev/null)" grep -qE '^(cc|gcc) ' "$out/cc.txt"
+  check "$n: java (via /etc/alternatives and /etc/java-*) ran" "$(head -n1 "$out/java.txt" 2>/dev/null)" \
+    grep -qi 'openjdk' "$out/java.txt"
+  check "$n: no host secret or home is visible to actions" "$(tr '\n' ' ' <"$out/secrets.txt" 2>/dev/null)" \
+    no_visible "$out/secrets.txt"
+  check "$n: the host-toolchain binary runs" "" grep -qx 'hello from the host toolchain' <(cd "$CL_WS" && ./bazel-bin/hello)
+  kill -TERM "$lre_pid" 2>/dev/null
+  local deadline=$((SECONDS + 20))
+  while pid_alive "$lre_pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+  forget_pid "$lre_pid"
+}
+shows_alternatives_not_etc() {
+  local line; line="$(grep 'sandbox shows' "$1")"
+  [[ " $line " == *" /etc/alternatives "* ]] && [[ " $line " != *" /etc "* ]]
+}
+no_visible() { [ -s "$1" ] && ! grep -q '^visible' "$1"; }
+
 failed_naming() { [ "$BZ_RC" != 0 ] && grep -q "$1" "$BZ_LOG"; }
 
 main() {
   local -a want=("$@")
-  [ "${#want[@]}" = 0 ] && want=(up kill routing)
+  [ "${#want[@]}" = 0 ] && want=(up kill routing hosttools)
   e2e_init
   check "preflight: lre, lre-server, lre-worker, bwrap and bazel present" "" \
     test -x "$LRE" -a -x "$LRE_SERVER" -a -x "$LRE_WORKER" -a -n "$(command -v bwrap)" -a -n "$(command -v "$BAZEL")"
@@ -171,6 +216,7 @@ main() {
       1|up) scenario_up ;;
       2|kill) scenario_kill ;;
       3|routing) scenario_routing ;;
+      4|hosttools) scenario_hosttools ;;
       *) echo "unknown scenario $w" >&2; exit 2 ;;
     esac
   done

@@ -135,9 +135,10 @@ scenario_run() {
   mkdir -p "$SCEN/worker-work"
   # The image is the whole root: the host's /usr, /bin and /lib are not there.
   start_bg worker bwrap --unshare-all --share-net --die-with-parent --bind "$rootfs" / --dev /dev --proc /proc \
-    --tmpfs /tmp --bind "$SCEN/worker-work" /work --clearenv --setenv PATH /bin \
+    --tmpfs /tmp --ro-bind "$SCEN/worker.token" /tmp/lre-worker.token --bind "$SCEN/worker-work" /work \
+    --clearenv --setenv PATH /bin \
     -- /bin/lre-worker --server "http://127.0.0.1:$GRPC_PORT" --id image-worker --capacity 2 \
-    --work-dir /work --host-proc --image "$REG/lre/worker@$IMG_A"
+    --token-file /tmp/lre-worker.token --work-dir /work --host-proc --image "$REG/lre/worker@$IMG_A"
   check "$n: the worker in the image connects, offering its pinned image" "" \
     wait_log "$SCEN/server.log" "worker connected" 1 || { tail -n 5 "$SCEN/worker.log" >&2; return 0; }
 

@@ -453,8 +453,15 @@ not_alive() { ! pid_alive "$1"; }
 all_remote() { [ "$BZ_RC" = 0 ] && [ "$1" -gt 0 ] && [ "$1" = $((SUM_TOTAL - SUM_INTERNAL)) ]; }
 output_is_expected() { [ "$BIN_OUT" = "$EXPECTED_OUTPUT" ]; }
 
-# server_config: $SCEN/server.toml for an execution-enabled lre-server on GRPC_PORT/HTTP_PORT.
+# sha256_hex STRING: what `lre-server hash-token` prints for STRING.
+sha256_hex() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+
+# server_config: $SCEN/server.toml for an execution-enabled lre-server on GRPC_PORT/HTTP_PORT,
+# with a worker token (scope "worker") in $SCEN/worker.token for the workers' --token-file.
 server_config() {
+  local wt; wt="$(random_hex 32)"
+  printf '%s\n' "$wt" >"$SCEN/worker.token"
+  chmod 600 "$SCEN/worker.token"
   cat >"$SCEN/server.toml" <<EOT
 grpc_listen = "127.0.0.1:$GRPC_PORT"
 http_listen = "127.0.0.1:$HTTP_PORT"
@@ -463,5 +470,9 @@ path = "$SCEN/store"
 [execution]
 enabled = true
 keepalive_seconds = 2
+[[auth.tokens]]
+name = "e2e-worker"
+sha256 = "$(sha256_hex "$wt")"
+scope = "worker"
 EOT
 }

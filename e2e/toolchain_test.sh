@@ -220,7 +220,7 @@ PYEOF
 # start_up WS: `lre up` on GRPC_PORT/HTTP_PORT with WS's toolchain platform; sets UP_PID.
 start_up() {
   start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
-    --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --workers 2 \
+    --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --capacity 2 \
     --toolchain "$1/.lre/local-remote-execution/lre.json"
   UP_PID="$BG_PID"
   wait_healthy "$HTTP_PORT"

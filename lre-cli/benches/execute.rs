@@ -159,16 +159,25 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = lre_server::Config::ephemeral();
     c.execution.enabled = true;
+    let secret = "bench-worker-secret";
+    c.auth
+        .tokens
+        .push(lre_server::auth::TokenConfig::for_secret(
+            "bench",
+            secret,
+            lre_server::auth::Scope::Worker,
+        ));
     let server = lre_server::start(c).await.unwrap();
     let url = format!("http://{}", server.grpc_addr);
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     for i in 0..WORKERS {
-        let opts = lre_worker::WorkerOptions::local(
+        let mut opts = lre_worker::WorkerOptions::local(
             url.clone(),
             format!("bench-{i}"),
             dir.path().join(format!("w{i}")),
             vec![],
         );
+        opts.credential = lre_worker::Credential::bearer(secret).unwrap();
         tokio::spawn(lre_worker::run(opts, shutdown.clone()));
     }
     let ch = Channel::from_shared(url).unwrap().connect().await.unwrap();

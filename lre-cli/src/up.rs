@@ -1,11 +1,13 @@
 //! `lre up`: the whole local remote-execution stack in one process: the cache on its
-//! default store, the scheduler, and one worker per CPU.
+//! default store, the scheduler, and one worker with a slot per CPU and one CAS cache.
+//! The worker authenticates like any other, with a worker token made for this run.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use lre_server::config::{ByteSize, Config, StoreKind};
-use lre_worker::WorkerOptions;
+use lre_server::auth::{Scope, TokenConfig};
+use lre_server::config::{ByteSize, Config, StoreKind, TlsConfig};
+use lre_worker::{ClientTls, Credential, WorkerOptions};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -22,16 +24,31 @@ pub struct UpArgs {
     /// Store size limit, e.g. 10GiB.
     #[arg(long)]
     max_size: Option<ByteSize>,
-    /// Local workers (default: the number of CPUs).
+    /// Actions the local worker runs at once (default: the number of CPUs).
     #[arg(long)]
-    workers: Option<usize>,
-    /// Where workers keep exec roots and their CAS caches (default: ~/.cache/lre/worker).
+    capacity: Option<u32>,
+    /// Where the worker keeps exec roots and its CAS cache (default: ~/.cache/lre/worker).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// A host path visible read-only inside the sandbox; repeatable (default: /nix/store,
-    /// /usr, /bin, /lib, /lib64).
+    /// The worker's CAS cache limit in MiB.
+    #[arg(long, default_value_t = 10 * 1024)]
+    cache_mib: u64,
+    /// A host path visible read-only inside the sandbox; repeatable (default: the Nix store,
+    /// the system's program and library directories, and what their links reach in /etc).
     #[arg(long = "ro-path")]
     ro_paths: Vec<PathBuf>,
+    /// Serve TLS with this certificate (PEM) on both ports; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA that signed --tls-cert, which the worker (and Bazel) verify the server
+    /// against (default: --tls-cert itself, for a self-signed certificate).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// The name in --tls-cert that clients dial (default: localhost).
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
     /// A platform property the local workers offer, NAME=VALUE; repeatable.
     #[arg(long = "property", value_parser = lre_worker::parse_property, default_value = "OSFamily=Linux")]
     properties: Vec<(String, String)>,
@@ -55,6 +72,14 @@ async fn terminate() {
     }
 }
 
+/// A secret for this run's worker: 256 bits from the OS's generator (uuid v4 draws its
+/// 122 random bits from getrandom), never written anywhere.
+fn worker_secret() -> String {
+    (0..3)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect()
+}
+
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(p) => Config::from_file(p)?,
@@ -74,6 +99,24 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(s) = args.max_size {
         config.store.max_size = s;
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+            require_client_cert: false,
+        });
+    }
+    let secret = worker_secret();
+    let worker_token = "lre-up-worker";
+    if config.auth.tokens.iter().any(|t| t.name == worker_token) {
+        anyhow::bail!("the config already has a token named {worker_token:?}, which lre up makes for its worker");
+    }
+    config.auth.tokens.push(TokenConfig::for_secret(
+        worker_token,
+        &secret,
+        Scope::Worker,
+    ));
     config.validate()?;
     let mut properties = args.properties.clone();
     if let Some(t) = &args.toolchain {
@@ -82,50 +125,84 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             properties.push((name, value));
         }
     }
+    let ro_paths = if args.ro_paths.is_empty() {
+        tokio::task::spawn_blocking(lre_worker::default_ro_paths).await?
+    } else {
+        args.ro_paths
+    };
     let server = lre_server::start(config)
         .await
         .context("starting the cache and scheduler")?;
-    let n = args
-        .workers
+    let capacity = args
+        .capacity
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
-                .map(|n| n.get())
+                .map(|n| n.get() as u32)
                 .unwrap_or(1)
         })
         .max(1);
     let work_dir = args.work_dir.unwrap_or_else(lre_worker::default_work_dir);
-    let ro_paths = if args.ro_paths.is_empty() {
-        lre_worker::default_ro_paths()
-    } else {
-        args.ro_paths
+    let port = server.grpc_addr.port();
+    let (worker_url, bazel_url, tls) = match &args.tls_cert {
+        Some(cert) => {
+            let ca = args.tls_ca.clone().unwrap_or_else(|| cert.clone());
+            let tls = ClientTls {
+                ca: Some(ca),
+                server_name: Some(args.tls_server_name.clone()),
+                ..ClientTls::default()
+            };
+            (
+                format!("https://{}", server.grpc_addr),
+                format!("grpcs://{}:{port}", args.tls_server_name),
+                tls,
+            )
+        }
+        None => (
+            format!("http://{}", server.grpc_addr),
+            format!("grpc://{}", server.grpc_addr),
+            ClientTls::default(),
+        ),
     };
-    let scheme = if server.tls { "https" } else { "http" };
+    let mut opts = WorkerOptions::local(worker_url, "local".into(), work_dir, properties.clone());
+    opts.credential = Credential::bearer(&secret)?;
+    opts.tls = tls;
+    opts.connection.capacity = capacity;
+    opts.cache_bytes = args.cache_mib << 20;
+    opts.sandbox.ro_paths = ro_paths.clone();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let mut workers = Vec::new();
-    for i in 0..n {
-        let mut opts = WorkerOptions::local(
-            format!("{scheme}://{}", server.grpc_addr),
-            format!("local-{i}"),
-            work_dir.join(format!("local-{i}")),
-            properties.clone(),
-        );
-        opts.sandbox.ro_paths = ro_paths.clone();
-        workers.push(tokio::spawn(lre_worker::run(opts, shutdown.clone())));
-    }
-    println!("lre up: cache, scheduler and {n} local worker(s) running");
-    println!("  grpc: grpc://{}", server.grpc_addr);
+    let mut worker = tokio::spawn(lre_worker::run(opts, shutdown));
+    println!("lre up: cache, scheduler and a local worker with {capacity} slot(s) running");
+    println!("  grpc: {bazel_url}");
     if let Some(h) = server.http_addr {
-        println!("  http: http://{h}  (/metrics, /healthz)");
+        let scheme = if server.tls { "https" } else { "http" };
+        println!("  http: {scheme}://{h}  (/metrics, /healthz)");
     }
-    println!("  bazel flags: {}", server.bazel_flags().join(" "));
+    let mut flags = vec![format!("--remote_executor={bazel_url}")];
+    if let Some(cert) = &args.tls_cert {
+        let ca = args.tls_ca.as_ref().unwrap_or(cert);
+        flags.push(format!("--tls_certificate={}", ca.display()));
+    }
+    println!("  bazel flags: {}", flags.join(" "));
     let offered: Vec<String> = properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("  workers offer: {}", offered.join(" "));
-    terminate().await;
+    let shown: Vec<String> = ro_paths.iter().map(|p| p.display().to_string()).collect();
+    println!("  sandbox shows (read-only): {}", shown.join(" "));
+    // The worker only returns on shutdown or when it cannot start (a bad TLS file, say):
+    // then there is nothing to serve executions with, so stop too.
+    let early = tokio::select! {
+        _ = terminate() => None,
+        r = &mut worker => Some(r),
+    };
     tracing::info!("shutting down");
     let _ = stop.send(true);
-    for w in workers {
-        let _ = w.await;
-    }
+    let outcome = match early {
+        Some(r) => r,
+        None => worker.await,
+    };
     server.shutdown().await;
-    Ok(())
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("the local worker failed")),
+        Err(e) => Err(anyhow::anyhow!("the local worker panicked: {e}")),
+    }
 }

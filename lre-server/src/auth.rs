@@ -1,5 +1,15 @@
-//! Who may read and who may write. A cache writer can poison every reader, so every
-//! write path asks `authorize(.., Access::Write)` before touching the store.
+//! Who may do what. A cache writer can poison every reader, so every write path asks
+//! `authorize` before touching the store, and each scope grants only what its holder needs:
+//!
+//! | scope        | read | upload blobs | write action results | Execute | attach as worker |
+//! |--------------|------|--------------|----------------------|---------|------------------|
+//! | `read`       | yes  |              |                      |         |                  |
+//! | `read-write` | yes  | yes          | yes                  | yes     |                  |
+//! | `worker`     | yes  | yes          |                      |         | yes              |
+//!
+//! A worker uploads outputs (content-verified, so harmless) and reports results to the
+//! scheduler, which writes them to the action cache of the job's instance only: a worker
+//! never writes the action cache itself, and a client token never receives jobs.
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -14,20 +24,33 @@ pub enum Scope {
     None,
     Read,
     ReadWrite,
+    /// Remote-execution workers: see the module's table.
+    Worker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// CAS, action cache, capabilities, operations.
     Read,
+    /// CAS uploads: verified against their digest, so they cannot poison anyone.
+    Upload,
+    /// Action-cache writes: trusted by every reader of the instance.
     Write,
+    /// Execute and cancelling operations: results land in the action cache.
+    Execute,
+    /// Attach to the scheduler as a worker.
+    Work,
 }
 
 impl Scope {
     fn allows(self, access: Access) -> bool {
-        matches!(
-            (self, access),
-            (Scope::ReadWrite, _) | (Scope::Read, Access::Read)
-        )
+        use Access::*;
+        match self {
+            Scope::None => false,
+            Scope::Read => access == Read,
+            Scope::ReadWrite => matches!(access, Read | Upload | Write | Execute),
+            Scope::Worker => matches!(access, Read | Upload | Work),
+        }
     }
 }
 
@@ -38,7 +61,10 @@ impl std::str::FromStr for Scope {
             "none" => Ok(Scope::None),
             "read" => Ok(Scope::Read),
             "read-write" => Ok(Scope::ReadWrite),
-            _ => Err(format!("{s:?} is not one of none, read, read-write")),
+            "worker" => Ok(Scope::Worker),
+            _ => Err(format!(
+                "{s:?} is not one of none, read, read-write, worker"
+            )),
         }
     }
 }
@@ -55,9 +81,31 @@ pub struct TokenConfig {
     /// Instances this token is limited to; absent means all.
     #[serde(default)]
     pub instances: Option<Vec<String>>,
+    /// When the token stops working: an RFC 3339 time such as "2027-01-31T00:00:00Z".
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// Parses a token's `expires` value.
+pub fn parse_expiry(s: &str) -> std::result::Result<std::time::SystemTime, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(std::time::SystemTime::from)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2027-01-31T00:00:00Z: {e}"))
 }
 
 impl TokenConfig {
+    /// A token entry for `secret`, valid for every instance and never expiring: what an
+    /// embedding program (`lre up`, tests) configures for a secret it just made.
+    pub fn for_secret(name: &str, secret: &str, scope: Scope) -> TokenConfig {
+        TokenConfig {
+            name: name.into(),
+            sha256: hex::encode(hash_token(secret)),
+            scope,
+            instances: None,
+            expires: None,
+        }
+    }
+
     /// On failure returns the offending field and why.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         if self.name.is_empty() || self.name.contains(':') {
@@ -72,8 +120,11 @@ impl TokenConfig {
         if self.scope == Scope::None {
             return Err((
                 "scope",
-                "a token must grant \"read\" or \"read-write\"".into(),
+                "a token must grant \"read\", \"read-write\" or \"worker\"".into(),
             ));
+        }
+        if let Some(e) = &self.expires {
+            parse_expiry(e).map_err(|m| ("expires", m))?;
         }
         Ok(())
     }
@@ -84,6 +135,7 @@ struct Token {
     hash: [u8; 32],
     scope: Scope,
     instances: Option<Vec<String>>,
+    expires: Option<std::time::SystemTime>,
 }
 
 /// Credentials as a request presents them.
@@ -102,6 +154,11 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The instances this caller is limited to; `None` is all.
+    pub fn instances(&self) -> Option<&[String]> {
+        self.instances.as_deref()
+    }
+
     pub fn may(&self, instance: &str, access: Access) -> bool {
         self.scope.allows(access)
             && self
@@ -136,11 +193,20 @@ impl Authenticator {
                 hex::decode_to_slice(t.sha256.to_ascii_lowercase(), &mut hash).map_err(|e| {
                     Error::InvalidArgument(format!("token {:?}: sha256: {e}", t.name))
                 })?;
+                let expires = t
+                    .expires
+                    .as_deref()
+                    .map(parse_expiry)
+                    .transpose()
+                    .map_err(|e| {
+                        Error::InvalidArgument(format!("token {:?}: expires: {e}", t.name))
+                    })?;
                 Ok(Token {
                     name: t.name.clone(),
                     hash,
                     scope: t.scope,
                     instances: t.instances.clone(),
+                    expires,
                 })
             })
             .collect::<Result<_>>()?;
@@ -177,6 +243,12 @@ impl Authenticator {
             }
         }
         match found {
+            Some(t) if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) => {
+                Err(Error::Unauthenticated(format!(
+                    "token {:?} has expired; ask for a new one",
+                    t.name
+                )))
+            }
             Some(t) if presented_user.as_deref().is_none_or(|u| u == t.name) => Ok(Principal {
                 name: Some(t.name.clone()),
                 scope: t.scope,
@@ -194,15 +266,25 @@ impl Authenticator {
         }
         let what = match access {
             Access::Read => "read from",
-            Access::Write => "write to",
+            Access::Upload => "upload blobs to",
+            Access::Write => "write action results to",
+            Access::Execute => "execute actions in",
+            Access::Work => "attach as a worker for",
         };
         if p.name.is_none() && self.anonymous == Scope::None {
             return Err(Error::Unauthenticated(format!(
                 "this server requires a token to {what} the cache (pass --remote_header=authorization=Bearer TOKEN)"
             )));
         }
+        let why = match (p.scope, access) {
+            (Scope::Worker, Access::Write | Access::Execute) => {
+                " (a worker token only runs actions; use a read-write token)"
+            }
+            (_, Access::Work) => " (workers need a token with scope = \"worker\")",
+            _ => "",
+        };
         Err(Error::PermissionDenied(format!(
-            "{} may not {what} instance {instance:?}",
+            "{} may not {what} instance {instance:?}{why}",
             p.who()
         )))
     }
@@ -258,7 +340,79 @@ mod tests {
             sha256: hex::encode(hash_token(token)),
             scope,
             instances: inst.map(|v| v.into_iter().map(String::from).collect()),
+            expires: None,
         }
+    }
+
+    #[test]
+    fn each_scope_grants_only_its_column() {
+        use Access::*;
+        let table = [
+            (Scope::Read, [true, false, false, false, false]),
+            (Scope::ReadWrite, [true, true, true, true, false]),
+            (Scope::Worker, [true, true, false, false, true]),
+            (Scope::None, [false; 5]),
+        ];
+        for (scope, row) in table {
+            for (access, want) in [Read, Upload, Write, Execute, Work].into_iter().zip(row) {
+                assert_eq!(scope.allows(access), want, "{scope:?} {access:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_by_name() {
+        let mut old = cfg("old", "s1", Scope::ReadWrite, None);
+        old.expires = Some("2020-01-01T00:00:00Z".into());
+        let mut fresh = cfg("fresh", "s2", Scope::ReadWrite, None);
+        fresh.expires = Some("2999-01-01T00:00:00+02:00".into());
+        let a = Authenticator::new(Scope::None, &[old, fresh]).unwrap();
+        match a.authenticate(Some(Credential::Bearer("s1".into()))) {
+            Err(Error::Unauthenticated(m)) => assert!(m.contains("\"old\" has expired"), "{m}"),
+            other => panic!("expired token accepted: {other:?}"),
+        }
+        assert!(a
+            .authenticate(Some(Credential::Bearer("s2".into())))
+            .is_ok());
+        let mut bad = cfg("bad", "s3", Scope::Read, None);
+        bad.expires = Some("tomorrow".into());
+        assert_eq!(bad.validate().unwrap_err().0, "expires");
+    }
+
+    #[test]
+    fn a_worker_token_cannot_write_results_and_a_client_token_cannot_attach() {
+        let a = Authenticator::new(
+            Scope::ReadWrite,
+            &[
+                cfg("w", "worker-secret", Scope::Worker, Some(vec!["x"])),
+                cfg("ci", "rw-secret", Scope::ReadWrite, None),
+            ],
+        )
+        .unwrap();
+        let w = a
+            .authenticate(Some(Credential::Bearer("worker-secret".into())))
+            .unwrap();
+        assert!(a.authorize(&w, "x", Access::Work).is_ok());
+        assert!(a.authorize(&w, "x", Access::Upload).is_ok());
+        assert!(matches!(
+            a.authorize(&w, "x", Access::Write),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            a.authorize(&w, "y", Access::Read),
+            Err(Error::PermissionDenied(_))
+        ));
+        let ci = a
+            .authenticate(Some(Credential::Bearer("rw-secret".into())))
+            .unwrap();
+        let e = a.authorize(&ci, "", Access::Work).unwrap_err();
+        assert!(
+            matches!(&e, Error::PermissionDenied(m) if m.contains("scope = \"worker\"")),
+            "{e:?}"
+        );
+        // Not even anonymous read-write may attach.
+        let anon = a.authenticate(None).unwrap();
+        assert!(a.authorize(&anon, "", Access::Work).is_err());
     }
 
     #[test]

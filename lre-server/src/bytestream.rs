@@ -366,7 +366,7 @@ impl ByteStream for ByteStreamService {
             .await?
             .ok_or_else(|| Error::InvalidArgument("empty write stream".into()))?;
         let res = parse_write(&first.resource_name)?;
-        self.cache.authorize(cred, &res.instance, Access::Write)?;
+        self.cache.authorize(cred, &res.instance, Access::Upload)?;
         if self.already_stored(&res).await? {
             // The spec lets us end early: the client need not send what we have.
             return Ok(Response::new(WriteResponse {
@@ -390,7 +390,7 @@ impl ByteStream for ByteStreamService {
         let name = &request.get_ref().resource_name;
         let res = parse_write(name)?;
         self.cache
-            .authorize_grpc(&request, &res.instance, Access::Write)?;
+            .authorize_grpc(&request, &res.instance, Access::Upload)?;
         if self.already_stored(&res).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: Self::complete_size(&res),

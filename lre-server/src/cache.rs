@@ -43,6 +43,19 @@ impl Cache {
         Ok(p)
     }
 
+    /// Authenticates a worker's Attach: not tied to one instance (the allow-list of
+    /// `instances` does not apply), but to the worker scope.
+    pub fn authorize_worker<T>(&self, req: &tonic::Request<T>) -> Result<Principal> {
+        let p = self.auth.authenticate(crate::auth::grpc_credential(req)?)?;
+        let instance = p
+            .instances()
+            .and_then(|l| l.first())
+            .cloned()
+            .unwrap_or_default();
+        self.auth.authorize(&p, &instance, Access::Work)?;
+        Ok(p)
+    }
+
     pub fn authorize_grpc<T>(
         &self,
         req: &tonic::Request<T>,

@@ -114,7 +114,7 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let _t = self.cache.metrics.timer("BatchUpdateBlobs");
         self.cache
-            .authorize_grpc(&request, &request.get_ref().instance_name, Access::Write)?;
+            .authorize_grpc(&request, &request.get_ref().instance_name, Access::Upload)?;
         let req = request.into_inner();
         check_digest_function(req.digest_function)?;
         // Validate the whole request before storing anything, so a bad batch stores nothing.

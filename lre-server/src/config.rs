@@ -319,11 +319,33 @@ impl Config {
                 ));
             }
         }
+        if self.auth.anonymous == Scope::Worker {
+            return Err(invalid(
+                "auth.anonymous",
+                "cannot be \"worker\": workers authenticate with a token of scope \"worker\"",
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");
             t.validate()
                 .map_err(|(field, message)| invalid(format!("{key}.{field}"), message))?;
+            if let Some(list) = &t.instances {
+                if list.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.instances"),
+                        "is empty, so the token could do nothing; omit it to allow every instance",
+                    ));
+                }
+                if let Some(allowed) = &self.instances {
+                    if let Some(bad) = list.iter().find(|i| !allowed.contains(i)) {
+                        return Err(invalid(
+                            format!("{key}.instances"),
+                            format!("{bad:?} is not in the top-level `instances` list"),
+                        ));
+                    }
+                }
+            }
             if !seen.insert(t.name.clone()) {
                 return Err(invalid(
                     format!("{key}.name"),
@@ -409,6 +431,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("admin"), "{err}");
+    }
+
+    #[test]
+    fn worker_scope_rules_name_the_key() {
+        let sha = "0".repeat(64);
+        let c = Config::from_toml("[auth]\nanonymous = \"worker\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auth.anonymous"));
+        let c = Config::from_toml(&format!(
+            "instances = [\"main\"]\n[[auth.tokens]]\nname = \"w\"\nsha256 = \"{sha}\"\nscope = \"worker\"\ninstances = [\"prod\"]\n"
+        ))
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("auth.tokens[0].instances") && e.contains("prod"),
+            "{e}"
+        );
+        let c = Config::from_toml(&format!(
+            "instances = [\"main\"]\n[[auth.tokens]]\nname = \"w\"\nsha256 = \"{sha}\"\nscope = \"worker\"\ninstances = [\"main\"]\nexpires = \"2030-01-01T00:00:00Z\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl ExecutionService {
     async fn execute_inner(&self, request: Request<ExecuteRequest>) -> Result<OpStream> {
         let req = request.get_ref();
         self.cache
-            .authorize_grpc(&request, &req.instance_name, Access::Write)?;
+            .authorize_grpc(&request, &req.instance_name, Access::Execute)?;
         check_digest_function(req.digest_function)?;
         let action_digest = Digest::from_opt_proto(&req.action_digest)?
             .ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))?;

@@ -119,12 +119,17 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let access = match *method {
-        Method::GET | Method::HEAD => Access::Read,
-        Method::PUT => Access::Write,
+    let write = match *method {
+        Method::GET | Method::HEAD => false,
+        Method::PUT => true,
         _ => return Ok(StatusCode::METHOD_NOT_ALLOWED.into_response()),
     };
     let (instance, kind, hash) = parse_path(path)?;
+    let access = match (kind, write) {
+        (_, false) => Access::Read,
+        (Kind::Cas, true) => Access::Upload,
+        (Kind::Ac, true) => Access::Write,
+    };
     let cred = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(v) => Some(parse_authorization(v.to_str().map_err(|_| {
@@ -136,8 +141,8 @@ async fn handle(
     match (kind, access) {
         (Kind::Cas, Access::Read) => get_cas(cache, hash, *method == Method::HEAD).await,
         (Kind::Ac, Access::Read) => get_ac(cache, &instance, hash, *method == Method::HEAD).await,
-        (Kind::Cas, Access::Write) => put_cas(cache, hash, headers, body).await,
-        (Kind::Ac, Access::Write) => put_ac(cache, &instance, hash, body).await,
+        (Kind::Cas, _) => put_cas(cache, hash, headers, body).await,
+        (Kind::Ac, _) => put_ac(cache, &instance, hash, body).await,
     }
 }
 

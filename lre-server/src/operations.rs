@@ -61,8 +61,8 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
         let name = request.get_ref().name.clone();
-        // Cancelling stops work others may be waiting on, so it takes write access.
-        self.current(&request, &name, Access::Write)?;
+        // Cancelling stops work others may be waiting on, so it takes execute access.
+        self.current(&request, &name, Access::Execute)?;
         self.scheduler.cancel(&name);
         Ok(Response::new(Empty {}))
     }

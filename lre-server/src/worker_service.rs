@@ -14,11 +14,30 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::Access;
 use crate::cache::Cache;
 use crate::error::Error;
 use crate::execution::ExecScheduler;
-use crate::scheduler::WorkerCommand;
+use crate::scheduler::{WorkerCommand, WorkerSpec};
+
+/// More slots than any machine has cores: a bound on what one Register can claim.
+const MAX_CAPACITY: u32 = 4096;
+
+/// Worker ids appear in logs and operation metadata: short, printable, no separators that
+/// could pass for another credential's namespace.
+fn check_worker_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "Register.worker_id must be 1 to 128 characters of A-Z a-z 0-9 - _ . :".into(),
+        ))
+    }
+}
 
 pub struct WorkerEndpoint {
     cache: Arc<Cache>,
@@ -132,8 +151,9 @@ impl WorkerService for WorkerEndpoint {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
-        // A worker writes action results everyone will trust: it needs write access.
-        self.cache.authorize_grpc(&request, "", Access::Write)?;
+        // A worker's reports become action results everyone trusts: it needs a credential
+        // meant for workers (scope "worker"), and runs only its credential's instances.
+        let principal = self.cache.authorize_worker(&request)?;
         let mut inbound = request.into_inner();
         let register = match inbound.message().await? {
             Some(WorkerMessage {
@@ -146,19 +166,26 @@ impl WorkerService for WorkerEndpoint {
                 .into())
             }
         };
-        if register.worker_id.is_empty() {
-            return Err(Error::InvalidArgument("Register.worker_id is empty".into()).into());
-        }
-        let id = register.worker_id.clone();
-        let props = register
-            .properties
-            .iter()
-            .map(|p| (p.name.clone(), p.value.clone()))
-            .collect();
-        let (session, mut commands) =
-            self.scheduler
-                .connect_worker(id.clone(), props, register.capacity as usize);
-        tracing::info!(worker = %id, capacity = register.capacity, properties = ?register.properties, "worker connected");
+        check_worker_id(&register.worker_id)?;
+        // The id is bound to the credential: another token cannot take this worker's place.
+        let id = match &principal.name {
+            Some(name) => format!("{name}/{}", register.worker_id),
+            None => register.worker_id.clone(),
+        };
+        let spec = WorkerSpec {
+            properties: register
+                .properties
+                .iter()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect(),
+            capacity: register.capacity.clamp(1, MAX_CAPACITY) as usize,
+            instances: principal.instances().map(<[String]>::to_vec),
+        };
+        let (session, mut commands) = self
+            .scheduler
+            .connect_worker(id.clone(), spec)
+            .map_err(|f| Status::new(f.code, f.message))?;
+        tracing::info!(worker = %id, capacity = register.capacity, properties = ?register.properties, instances = ?principal.instances(), "worker connected");
 
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let registered = Registered {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use crate::client::ServerChannel;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::bytestream::{
     byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
@@ -14,7 +15,6 @@ use bazel_remote_apis::google::bytestream::{
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
 
 use crate::error::{Result, WorkerError};
 
@@ -42,7 +42,7 @@ fn valid(d: &re::Digest) -> Result<()> {
 
 pub struct LocalCas {
     dir: PathBuf,
-    channel: Channel,
+    channel: ServerChannel,
     max_bytes: u64,
     index: Mutex<CacheIndex>,
 }
@@ -57,7 +57,7 @@ struct CacheIndex {
 }
 
 impl LocalCas {
-    pub fn open(dir: PathBuf, channel: Channel, max_bytes: u64) -> Result<LocalCas> {
+    pub fn open(dir: PathBuf, channel: ServerChannel, max_bytes: u64) -> Result<LocalCas> {
         std::fs::create_dir_all(dir.join("tmp"))?;
         let mut map = HashMap::new();
         let mut total = 0;
@@ -354,7 +354,7 @@ impl LocalCas {
     async fn put_batch(
         &self,
         instance: &str,
-        cas: &mut ContentAddressableStorageClient<Channel>,
+        cas: &mut ContentAddressableStorageClient<ServerChannel>,
         requests: Vec<re::batch_update_blobs_request::Request>,
     ) -> Result<()> {
         let resp = cas

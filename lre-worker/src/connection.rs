@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::ServerChannel;
 use lre_worker_protocol::v1::{
     server_message, worker_message, worker_service_client::WorkerServiceClient, Keepalive,
     Property, Register, WorkerMessage,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::runner::Runner;
 
@@ -20,20 +20,20 @@ pub struct ConnectionConfig {
     pub worker_id: String,
     pub capacity: u32,
     pub properties: Vec<(String, String)>,
-    /// Bearer token with write access, when the server requires one.
-    pub token: Option<String>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Serves until `shutdown` turns true.
 pub async fn serve(
-    channel: Channel,
+    channel: ServerChannel,
     cfg: ConnectionConfig,
     runner: Arc<Runner>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    // A refused credential is said once, clearly, not at every retry.
+    let mut refused_said = false;
     loop {
         let outcome = tokio::select! {
             r = session(channel.clone(), &cfg, runner.clone()) => r,
@@ -43,8 +43,21 @@ pub async fn serve(
             Ok(()) => {
                 tracing::info!(worker = %cfg.worker_id, "scheduler closed the stream; reconnecting");
                 backoff = Duration::from_millis(100);
+                refused_said = false;
+            }
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                if !refused_said {
+                    tracing::error!(worker = %cfg.worker_id, code = ?e.code(), "the server refused this worker's credential: {}; retrying with backoff (up to {MAX_BACKOFF:?})", e.message());
+                    refused_said = true;
+                }
             }
             Err(e) => {
+                refused_said = false;
                 tracing::warn!(worker = %cfg.worker_id, error = %e, retry_in = ?backoff, "scheduler connection failed")
             }
         }
@@ -61,7 +74,7 @@ fn msg(m: worker_message::Message) -> WorkerMessage {
 }
 
 async fn session(
-    channel: Channel,
+    channel: ServerChannel,
     cfg: &ConnectionConfig,
     runner: Arc<Runner>,
 ) -> Result<(), tonic::Status> {
@@ -81,13 +94,7 @@ async fn session(
     let _ = tx
         .send(msg(worker_message::Message::Register(register)))
         .await;
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(t) = &cfg.token {
-        let v = format!("Bearer {t}")
-            .parse()
-            .map_err(|_| tonic::Status::invalid_argument("token is not ASCII"))?;
-        req.metadata_mut().insert("authorization", v);
-    }
+    let req = tonic::Request::new(ReceiverStream::new(rx));
     let mut inbound = WorkerServiceClient::new(channel)
         .attach(req)
         .await?

@@ -2,8 +2,10 @@
 //! fresh exec root hard-linked from a local CAS cache, inside a bubblewrap sandbox.
 
 pub mod cas;
+pub mod client;
 pub mod connection;
 pub mod error;
+pub mod host_view;
 pub mod materialize;
 pub mod outputs;
 pub mod runner;
@@ -13,16 +15,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
 
+pub use client::{ClientTls, Credential};
 pub use connection::ConnectionConfig;
 pub use sandbox::SandboxConfig;
 
 /// Everything one worker needs; `lre-worker`'s flags and `lre up` both fill it in.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
-    /// The scheduler's gRPC address, e.g. http://127.0.0.1:8980.
+    /// The scheduler's gRPC address, e.g. http://127.0.0.1:8980 or https://lre:8980.
     pub server: String,
+    /// Sent with every call to the server; a token of scope "worker".
+    pub credential: Credential,
+    pub tls: ClientTls,
     pub connection: ConnectionConfig,
     pub work_dir: PathBuf,
     pub cache_bytes: u64,
@@ -30,7 +35,7 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
-    /// A worker on this host with one slot, the default sandbox and a 2 GiB cache.
+    /// An anonymous worker on this host with one slot, the default sandbox and a 2 GiB cache.
     pub fn local(
         server: String,
         worker_id: String,
@@ -39,11 +44,12 @@ impl WorkerOptions {
     ) -> Self {
         WorkerOptions {
             server,
+            credential: Credential::none(),
+            tls: ClientTls::default(),
             connection: ConnectionConfig {
                 worker_id,
                 capacity: 1,
                 properties,
-                token: None,
             },
             work_dir,
             cache_bytes: 2 << 30,
@@ -64,14 +70,7 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
 }
 
-/// Host paths a local worker exposes read-only by default: the Nix store, plus the host
-/// toolchain directories that Bazel's autodetected C++ toolchain (/usr/bin/gcc) needs.
-pub fn default_ro_paths() -> Vec<PathBuf> {
-    ["/nix/store", "/usr", "/bin", "/lib", "/lib64"]
-        .iter()
-        .map(PathBuf::from)
-        .collect()
-}
+pub use host_view::default_ro_paths;
 
 pub fn default_work_dir() -> PathBuf {
     dirs::cache_dir()
@@ -82,11 +81,7 @@ pub fn default_work_dir() -> PathBuf {
 
 /// Runs a worker until `shutdown` turns true, reconnecting as needed.
 pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error::Result<()> {
-    let channel = Endpoint::from_shared(opts.server.clone())
-        .map_err(|e| {
-            error::WorkerError::InvalidInput(format!("server address {:?}: {e}", opts.server))
-        })?
-        .connect_lazy();
+    let channel = client::connect(&opts.server, opts.credential.clone(), &opts.tls)?;
     let actions = opts.work_dir.join("actions");
     if actions.exists() {
         // Exec roots of a previous run that was killed mid-action.

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use lre_worker::{ConnectionConfig, SandboxConfig, WorkerOptions};
+use lre_worker::{ClientTls, ConnectionConfig, SandboxConfig, WorkerOptions};
 
 /// Runs Bazel remote-execution actions for lre-server.
 #[derive(Parser)]
@@ -46,14 +46,55 @@ struct Cli {
     /// own digest, so the deployment passes the same reference it runs.
     #[arg(long, env = "LRE_IMAGE")]
     image: Option<String>,
-    /// Bearer token with write access, if the server requires one.
-    #[arg(long, env = "LRE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// A file whose first line is this worker's token (scope "worker"), sent with every
+    /// call. Or set LRE_WORKER_TOKEN. Never a flag: command lines are public in /proc.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA bundle for an https:// server (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mTLS; needs --tls-key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Verify the server's certificate against this name instead of the address's host.
+    #[arg(long)]
+    tls_server_name: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+const TOKEN_ENV: &str = "LRE_WORKER_TOKEN";
+
+/// Reads the secret and hides it before any other thread exists: the environment entry
+/// is removed (children never inherit it), and the process is made non-dumpable so that
+/// actions — which may see this /proc with --host-proc — cannot read its environment,
+/// memory or root directory through /proc/<pid>.
+fn take_credential(cli: &Cli) -> anyhow::Result<lre_worker::Credential> {
+    let from_env = std::env::var(TOKEN_ENV).ok();
+    std::env::remove_var(TOKEN_ENV);
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .context("prctl(PR_SET_DUMPABLE, 0)")?;
+    Ok(match (&cli.token_file, from_env) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give the token in --token-file or {TOKEN_ENV}, not both")
+        }
+        (Some(f), None) => lre_worker::Credential::from_file(f)?,
+        (None, Some(t)) => lre_worker::Credential::bearer(&t)?,
+        (None, None) => lre_worker::Credential::none(),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let credential = take_credential(&cli)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(cli, credential))
+}
+
+async fn serve(cli: Cli, credential: lre_worker::Credential) -> anyhow::Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
@@ -80,18 +121,24 @@ async fn main() -> anyhow::Result<()> {
     }
     let opts = WorkerOptions {
         server: cli.server,
+        credential,
+        tls: ClientTls {
+            ca: cli.tls_ca,
+            cert: cli.tls_cert,
+            key: cli.tls_key,
+            server_name: cli.tls_server_name,
+        },
         connection: ConnectionConfig {
             worker_id: id,
             capacity,
             properties,
-            token: cli.token,
         },
         work_dir: cli.work_dir.unwrap_or_else(lre_worker::default_work_dir),
         cache_bytes: cli.cache_mib << 20,
         sandbox: SandboxConfig {
             bwrap: lre_worker::find_bwrap(cli.bwrap),
             ro_paths: if cli.ro_paths.is_empty() {
-                lre_worker::default_ro_paths()
+                tokio::task::spawn_blocking(lre_worker::default_ro_paths).await?
             } else {
                 cli.ro_paths
             },

@@ -4,10 +4,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
+use crate::client::ServerChannel;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use prost::Message;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
-use tonic::transport::Channel;
 
 use crate::cas::{digest_of, LocalCas};
 use crate::error::{Result, WorkerError};
@@ -25,7 +25,7 @@ pub fn check_name(name: &str) -> Result<()> {
 
 /// Fetches every Directory of the tree under `root`, keyed by digest hash.
 async fn fetch_tree(
-    channel: &Channel,
+    channel: &ServerChannel,
     instance: &str,
     root: &re::Digest,
 ) -> Result<HashMap<String, re::Directory>> {
@@ -73,7 +73,7 @@ pub type Linked = Vec<(std::path::PathBuf, Option<(i64, i64, u64)>)>;
 /// returns the cache files it linked so the caller can check the action left them alone.
 pub async fn materialize(
     cas: &LocalCas,
-    channel: &Channel,
+    channel: &ServerChannel,
     instance: &str,
     root: &re::Digest,
     dest: &Path,

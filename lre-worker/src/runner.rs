@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::client::ServerChannel;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::protobuf::Timestamp;
 use lre_worker_protocol::v1::{ActionFinished, RunAction};
 use prost::Message;
-use tonic::transport::Channel;
 
 use crate::cas::{digest_of, LocalCas, Upload};
 use crate::error::{Result, WorkerError};
@@ -21,7 +21,7 @@ use crate::sandbox::{self, SandboxConfig};
 pub struct Runner {
     pub worker_id: String,
     pub cas: Arc<LocalCas>,
-    pub channel: Channel,
+    pub channel: ServerChannel,
     pub work_dir: PathBuf,
     pub sandbox: SandboxConfig,
 }

@@ -11,12 +11,21 @@ use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use re::execution_client::ExecutionClient;
 use tonic::transport::Channel;
 
+const WORKER_SECRET: &str = "reconnect-test-worker-secret";
+
 async fn server(addr: std::net::SocketAddr) -> lre_server::RunningServer {
     let mut c = lre_server::Config {
         grpc_listen: addr,
         ..lre_server::Config::ephemeral()
     };
     c.execution.enabled = true;
+    c.auth
+        .tokens
+        .push(lre_server::auth::TokenConfig::for_secret(
+            "w",
+            WORKER_SECRET,
+            lre_server::auth::Scope::Worker,
+        ));
     c.execution.keepalive_seconds = 1;
     c.shutdown_grace_seconds = 1;
     lre_server::start(c).await.unwrap()
@@ -97,12 +106,13 @@ async fn the_worker_reconnects_after_a_server_restart() {
     let addr = first.grpc_addr;
     let work = tempfile::tempdir().unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let opts = lre_worker::WorkerOptions::local(
+    let mut opts = lre_worker::WorkerOptions::local(
         format!("http://{addr}"),
         "w".into(),
         work.path().to_path_buf(),
         vec![],
     );
+    opts.credential = lre_worker::Credential::bearer(WORKER_SECRET).unwrap();
     let worker = tokio::spawn(lre_worker::run(opts, shutdown));
     assert!(wait_workers(&first, 1).await, "worker never registered");
     assert_eq!(run_true(&first).await, 0);

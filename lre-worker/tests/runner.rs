@@ -31,11 +31,18 @@ async fn env() -> Env {
         .await
         .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let cas = Arc::new(LocalCas::open(work.path().join("cas"), channel.clone(), 1 << 30).unwrap());
+    let worker_channel = lre_worker::client::connect(
+        &format!("http://{}", server.grpc_addr),
+        lre_worker::Credential::none(),
+        &lre_worker::ClientTls::default(),
+    )
+    .unwrap();
+    let cas =
+        Arc::new(LocalCas::open(work.path().join("cas"), worker_channel.clone(), 1 << 30).unwrap());
     let runner = Runner {
         worker_id: "test-worker".into(),
         cas,
-        channel: channel.clone(),
+        channel: worker_channel,
         work_dir: work.path().to_path_buf(),
         sandbox: SandboxConfig {
             bwrap: "bwrap".into(),

@@ -103,11 +103,28 @@ struct Operation<J, R> {
     finished_at: Option<Instant>,
 }
 
+/// What a worker offers when it connects.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSpec {
+    pub properties: Properties,
+    pub capacity: usize,
+    /// The instances whose actions this worker may run (its credential's); `None` is all.
+    /// A worker trusted for one instance must never see, or write results for, another's.
+    pub instances: Option<Vec<String>>,
+}
+
+impl WorkerSpec {
+    fn serves(&self, instance: &str) -> bool {
+        self.instances
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|i| i == instance))
+    }
+}
+
 struct Worker<J> {
     /// Distinguishes this connection from a later one under the same worker id.
     session: u64,
-    properties: Properties,
-    capacity: usize,
+    spec: WorkerSpec,
     running: HashSet<OperationId>,
     tx: mpsc::UnboundedSender<WorkerCommand<J>>,
 }
@@ -171,15 +188,10 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 deduplicated: true,
             });
         }
-        if !self.matchable(&st, &platform) {
-            let candidates = st
-                .workers
-                .values()
-                .map(|w| &w.properties)
-                .chain(self.config.known_platforms.iter());
+        if !self.matchable(&st, &key.instance, &platform) {
             return Err(Failure::new(
                 tonic::Code::FailedPrecondition,
-                platform::explain_unmatchable(candidates, &platform),
+                self.explain_unmatchable(&st, &key.instance, &platform),
             ));
         }
         let id = uuid::Uuid::new_v4().to_string();
@@ -209,15 +221,38 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         })
     }
 
-    fn matchable(&self, st: &State<J, R>, platform: &Properties) -> bool {
+    fn matchable(&self, st: &State<J, R>, instance: &str, platform: &Properties) -> bool {
         st.workers
             .values()
-            .any(|w| platform::satisfies(&w.properties, platform))
+            .any(|w| w.spec.serves(instance) && platform::satisfies(&w.spec.properties, platform))
             || self
                 .config
                 .known_platforms
                 .iter()
                 .any(|k| platform::satisfies(k, platform))
+    }
+
+    /// Why no worker can run an action of `instance` on `platform`, for the user.
+    fn explain_unmatchable(
+        &self,
+        st: &State<J, R>,
+        instance: &str,
+        platform: &Properties,
+    ) -> String {
+        let serving = st.workers.values().filter(|w| w.spec.serves(instance));
+        let candidates = serving
+            .map(|w| &w.spec.properties)
+            .chain(self.config.known_platforms.iter());
+        let elsewhere = st
+            .workers
+            .values()
+            .any(|w| platform::satisfies(&w.spec.properties, platform));
+        if elsewhere {
+            return format!(
+                "no connected worker may run actions of instance {instance:?} (workers offering the platform are limited to other instances)"
+            );
+        }
+        platform::explain_unmatchable(candidates, platform)
     }
 
     /// How many workers are connected.
@@ -251,41 +286,57 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             .map(|op| op.stage.subscribe())
     }
 
-    /// Adds a worker; commands for it arrive on the returned channel. Re-registering an
-    /// id replaces the old connection (its running actions are requeued).
+    /// Adds a worker with one slot per `capacity`, serving every instance (for tests).
+    #[cfg(test)]
     pub fn register_worker(
         &self,
         id: WorkerId,
         properties: Properties,
         capacity: usize,
     ) -> mpsc::UnboundedReceiver<WorkerCommand<J>> {
-        self.connect_worker(id, properties, capacity).1
+        let spec = WorkerSpec {
+            properties,
+            capacity,
+            instances: None,
+        };
+        match self.connect_worker(id, spec) {
+            Ok((_, rx)) => rx,
+            Err(f) => panic!("{}", f.message),
+        }
     }
 
-    /// Like `register_worker`, also returning the session to pass to `disconnect`.
+    /// Adds a worker; commands for it arrive on the returned channel, and the session
+    /// is what to pass to `disconnect`. An id that is connected already is refused: a
+    /// newcomer must not push a live worker off (its stream ends when it dies, and a
+    /// silent one is dropped after three keepalive intervals, so a restart gets through).
     pub fn connect_worker(
         &self,
         id: WorkerId,
-        properties: Properties,
-        capacity: usize,
-    ) -> (u64, mpsc::UnboundedReceiver<WorkerCommand<J>>) {
+        mut spec: WorkerSpec,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<WorkerCommand<J>>), Failure> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut st = self.state();
-        self.remove_worker(&mut st, &id);
+        if st.workers.contains_key(&id) {
+            return Err(Failure::new(
+                tonic::Code::AlreadyExists,
+                format!("worker id {id:?} is connected already; give each worker its own --id"),
+            ));
+        }
         let session = st.next_seq;
         st.next_seq += 1;
+        spec.properties = platform::normalize(spec.properties);
+        spec.capacity = spec.capacity.max(1);
         st.workers.insert(
             id,
             Worker {
                 session,
-                properties: platform::normalize(properties),
-                capacity: capacity.max(1),
+                spec,
                 running: HashSet::new(),
                 tx,
             },
         );
         self.dispatch(&mut st);
-        (session, rx)
+        Ok((session, rx))
     }
 
     /// A worker connection ended. A stale session (the worker already reconnected) is ignored.
@@ -304,17 +355,15 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         let stranded: Vec<OperationId> = st
             .queue
             .values()
-            .filter(|op| !self.matchable(&st, &st.operations[*op].platform))
+            .filter(|op| {
+                let o = &st.operations[*op];
+                !self.matchable(&st, &o.key.instance, &o.platform)
+            })
             .cloned()
             .collect();
         for op in stranded {
-            let platform = st.operations[&op].platform.clone();
-            let candidates = st
-                .workers
-                .values()
-                .map(|w| &w.properties)
-                .chain(self.config.known_platforms.iter());
-            let why = platform::explain_unmatchable(candidates, &platform);
+            let o = &st.operations[&op];
+            let why = self.explain_unmatchable(&st, &o.key.instance, &o.platform);
             self.finish(
                 &mut st,
                 &op,
@@ -421,14 +470,18 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         let worker_ids: Vec<WorkerId> = st.workers.keys().cloned().collect();
         for wid in worker_ids {
             while let Some(w) = st.workers.get(&wid) {
-                if w.running.len() >= w.capacity {
+                if w.running.len() >= w.spec.capacity {
                     break;
                 }
-                let props = w.properties.clone();
+                let spec = &w.spec;
                 let next = st
                     .queue
                     .iter()
-                    .find(|(_, op)| platform::satisfies(&props, &st.operations[*op].platform))
+                    .find(|(_, op)| {
+                        let o = &st.operations[*op];
+                        spec.serves(&o.key.instance)
+                            && platform::satisfies(&spec.properties, &o.platform)
+                    })
                     .map(|(rank, op)| (*rank, op.clone()));
                 let Some((rank, op_id)) = next else { break };
                 st.queue.remove(&rank);

@@ -282,3 +282,88 @@ fn a_dropped_worker_channel_counts_as_loss() {
     let mut w = s.register_worker("alive".into(), linux(), 1);
     assert_eq!(next_run(&mut w).unwrap().2, 2, "second attempt");
 }
+
+fn key_in(instance: &str, n: u8) -> ActionKey {
+    ActionKey {
+        instance: instance.into(),
+        action: Digest::of(&[n]),
+    }
+}
+
+fn connect(
+    s: &S,
+    id: &str,
+    instances: Option<&[&str]>,
+) -> mpsc::UnboundedReceiver<WorkerCommand<String>> {
+    let spec = WorkerSpec {
+        properties: linux(),
+        capacity: 4,
+        instances: instances.map(|l| l.iter().map(|i| i.to_string()).collect()),
+    };
+    s.connect_worker(id.into(), spec).unwrap().1
+}
+
+#[test]
+fn a_worker_limited_to_an_instance_never_receives_another_instances_jobs() {
+    let s = S::new(SchedulerConfig::default());
+    let mut x = connect(&s, "x", Some(&["x"]));
+    // Only the "x" worker is connected: a "y" action has nowhere to go and says why.
+    let err = s
+        .submit(key_in("y", 1), linux(), 0, "y-1".into())
+        .err()
+        .expect("refused");
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
+    assert!(err.message.contains("instance \"y\""), "{}", err.message);
+    assert!(next_run(&mut x).is_none());
+
+    let mut y = connect(&s, "y", Some(&["y"]));
+    let sub_y = s.submit(key_in("y", 2), linux(), 0, "y-2".into()).unwrap();
+    let sub_x = s.submit(key_in("x", 3), linux(), 0, "x-3".into()).unwrap();
+    assert_eq!(next_run(&mut x).map(|r| r.1), Some("x-3".to_string()));
+    assert!(next_run(&mut x).is_none(), "the x worker got a y job");
+    assert_eq!(next_run(&mut y).map(|r| r.1), Some("y-2".to_string()));
+    assert!(next_run(&mut y).is_none());
+
+    // When the only "y" worker goes, a queued "y" action fails instead of moving to "x".
+    let (op_y, _) = (sub_y.operation.clone(), ());
+    let sub_y2 = s.submit(key_in("y", 4), linux(), 0, "y-4".into()).unwrap();
+    assert_eq!(next_run(&mut y).map(|r| r.1), Some("y-4".to_string()));
+    drop(y);
+    s.worker_lost("y");
+    // Requeued (attempt 1 of 3), but no worker serves "y" any more: both fail.
+    for sub in [&sub_y, &sub_y2] {
+        match completed(&sub.stage) {
+            Some(Err(f)) => assert_eq!(
+                f.code,
+                tonic::Code::FailedPrecondition,
+                "{op_y}: {}",
+                f.message
+            ),
+            other => panic!("y action not failed: {other:?}"),
+        }
+    }
+    assert!(next_run(&mut x).is_none(), "a y job moved to the x worker");
+    assert!(completed(&sub_x.stage).is_none());
+}
+
+#[test]
+fn a_connected_worker_id_cannot_be_taken_over() {
+    let s = S::new(SchedulerConfig::default());
+    let mut first = connect(&s, "w", None);
+    let spec = WorkerSpec {
+        properties: linux(),
+        capacity: 1,
+        instances: None,
+    };
+    let err = s
+        .connect_worker("w".into(), spec.clone())
+        .err()
+        .expect("refused");
+    assert_eq!(err.code, tonic::Code::AlreadyExists);
+    // The first worker still gets work.
+    s.submit(key(9), linux(), 0, "j".into()).unwrap();
+    assert!(next_run(&mut first).is_some());
+    // Once it is gone, the id is free again.
+    s.worker_lost("w");
+    assert!(s.connect_worker("w".into(), spec).is_ok());
+}

@@ -8,7 +8,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::bytestream::{
     byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest, WriteResponse,
 };
-use lre_server::auth::{hash_token, Scope, TokenConfig};
+use lre_server::auth::{Scope, TokenConfig};
 use lre_server::config::{ByteSize, Config, StoreKind};
 use lre_server::RunningServer;
 use sha2::{Digest as _, Sha256};
@@ -44,10 +44,8 @@ pub fn fs_config(dir: &Path, max: u64) -> Config {
 
 pub fn token(name: &str, secret: &str, scope: Scope, instances: Option<Vec<&str>>) -> TokenConfig {
     TokenConfig {
-        name: name.into(),
-        sha256: hex::encode(hash_token(secret)),
-        scope,
         instances: instances.map(|v| v.into_iter().map(String::from).collect()),
+        ..TokenConfig::for_secret(name, secret, scope)
     }
 }
 

@@ -1,0 +1,527 @@
+//! Workers authenticate as workers: every call they make carries their credential (over
+//! TLS and mTLS too), only a worker token may attach, a worker runs only its token's
+//! instances, a connected worker's id cannot be taken over, and an action cannot read the
+//! worker's secret.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::longrunning::operation;
+use lre_server::auth::{Scope, TokenConfig};
+use lre_server::config::TlsConfig;
+use lre_worker::cas::digest_of;
+use lre_worker::{ClientTls, Credential};
+use lre_worker_protocol::v1::{
+    worker_message, worker_service_client::WorkerServiceClient, Register, WorkerMessage,
+};
+use prost::Message;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use re::execution_client::ExecutionClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const CI: &str = "ci-secret-read-write-000000000001";
+const WX: &str = "worker-x-secret-000000000000000002";
+const WY: &str = "worker-y-secret-000000000000000003";
+const OLD: &str = "worker-expired-secret-00000000004";
+
+fn token(name: &str, secret: &str, scope: Scope, instances: Option<&[&str]>) -> TokenConfig {
+    TokenConfig {
+        instances: instances.map(|l| l.iter().map(|i| i.to_string()).collect()),
+        ..TokenConfig::for_secret(name, secret, scope)
+    }
+}
+
+fn exec_config() -> lre_server::Config {
+    let mut c = lre_server::Config::ephemeral();
+    c.execution.enabled = true;
+    c.execution.keepalive_seconds = 1;
+    c.shutdown_grace_seconds = 1;
+    c
+}
+
+fn bearer<T>(msg: T, secret: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    r
+}
+
+/// Uploads `cmd` (run in an input root holding `in.txt`) and executes it on `instance`.
+async fn execute(ch: &Channel, instance: &str, argv: &[&str], input: &[u8]) -> re::ExecuteResponse {
+    let cmd = re::Command {
+        arguments: argv.iter().map(|a| a.to_string()).collect(),
+        environment_variables: vec![re::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/usr/bin:/bin".into(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = re::Directory {
+        files: vec![re::FileNode {
+            name: "in.txt".into(),
+            digest: Some(digest_of(input)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let act = re::Action {
+        command_digest: Some(digest_of(&cmd)),
+        input_root_digest: Some(digest_of(&root)),
+        do_not_cache: true,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let requests = [cmd, root, act.clone(), input.to_vec()]
+        .into_iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(digest_of(&b)),
+            data: b,
+            compressor: 0,
+        })
+        .collect();
+    ContentAddressableStorageClient::new(ch.clone())
+        .batch_update_blobs(bearer(
+            re::BatchUpdateBlobsRequest {
+                instance_name: instance.into(),
+                requests,
+                ..Default::default()
+            },
+            CI,
+        ))
+        .await
+        .unwrap();
+    let mut ops = ExecutionClient::new(ch.clone())
+        .execute(bearer(
+            re::ExecuteRequest {
+                instance_name: instance.into(),
+                action_digest: Some(digest_of(&act)),
+                skip_cache_lookup: true,
+                ..Default::default()
+            },
+            CI,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = ops.message().await.unwrap() {
+        last = Some(op);
+    }
+    match last.and_then(|o| o.result) {
+        Some(operation::Result::Response(a)) => re::ExecuteResponse::decode(&a.value[..]).unwrap(),
+        other => panic!("no response: {other:?}"),
+    }
+}
+
+async fn stdout_of(ch: &Channel, instance: &str, r: &re::ExecuteResponse) -> String {
+    let res = r.result.as_ref().expect("a result");
+    assert_eq!(res.exit_code, 0, "status {:?}, result {res:?}", r.status);
+    if !res.stdout_raw.is_empty() {
+        return String::from_utf8_lossy(&res.stdout_raw).into_owned();
+    }
+    let d = res.stdout_digest.clone().expect("stdout digest");
+    let got = ContentAddressableStorageClient::new(ch.clone())
+        .batch_read_blobs(bearer(
+            re::BatchReadBlobsRequest {
+                instance_name: instance.into(),
+                digests: vec![d],
+                ..Default::default()
+            },
+            CI,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    String::from_utf8_lossy(&got.responses[0].data).into_owned()
+}
+
+async fn wait_workers(s: &lre_server::RunningServer, n: usize) -> bool {
+    let sched = s.scheduler.clone().unwrap();
+    for _ in 0..300 {
+        if sched.worker_count() == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn worker(
+    url: &str,
+    id: &str,
+    dir: &Path,
+    secret: &str,
+    tls: ClientTls,
+) -> lre_worker::WorkerOptions {
+    let mut o = lre_worker::WorkerOptions::local(url.into(), id.into(), dir.into(), vec![]);
+    o.credential = Credential::bearer(secret).unwrap();
+    o.tls = tls;
+    o.connection.capacity = 2;
+    o
+}
+
+/// Attaches by hand with `secret` (or anonymously) and returns the status the server ends with.
+async fn attach_status(ch: &Channel, secret: Option<&str>, id: &str) -> tonic::Code {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WorkerMessage {
+        message: Some(worker_message::Message::Register(Register {
+            worker_id: id.into(),
+            properties: vec![],
+            capacity: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let req = match secret {
+        Some(s) => bearer(stream, s),
+        None => tonic::Request::new(stream),
+    };
+    let code = match WorkerServiceClient::new(ch.clone()).attach(req).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    };
+    drop(tx);
+    code
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        ca.distinguished_name
+            .push(DnType::CommonName, "lre worker test CA");
+        std::fs::write(
+            dir.path().join("ca.crt"),
+            ca.self_signed(&ca_key).unwrap().pem(),
+        )
+        .unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        for (name, san, eku) in [
+            ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
+            (
+                "client",
+                "worker.lre.test",
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec![san.to_string()]).unwrap();
+            p.extended_key_usages = vec![eku];
+            let cert = p.signed_by(&key, &issuer).unwrap().pem();
+            std::fs::write(dir.path().join(format!("{name}.crt")), cert).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, f: &str) -> std::path::PathBuf {
+        self.dir.path().join(f)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_fetches_inputs_and_uploads_outputs_with_its_token_over_mtls() {
+    let pki = Pki::new();
+    let mut c = exec_config();
+    c.auth.anonymous = Scope::None;
+    c.instances = Some(vec!["main".into()]);
+    c.auth.tokens = vec![
+        token("ci", CI, Scope::ReadWrite, None),
+        token("wx", WX, Scope::Worker, Some(&["main"])),
+    ];
+    c.tls = Some(TlsConfig {
+        cert: pki.path("server.crt"),
+        key: pki.path("server.key"),
+        client_ca: Some(pki.path("ca.crt")),
+        require_client_cert: true,
+    });
+    let s = lre_server::start(c).await.unwrap();
+    let url = format!("https://localhost:{}", s.grpc_addr.port());
+    let work = tempfile::tempdir().unwrap();
+    let tls = ClientTls {
+        ca: Some(pki.path("ca.crt")),
+        cert: Some(pki.path("client.crt")),
+        key: Some(pki.path("client.key")),
+        server_name: None,
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let w = tokio::spawn(lre_worker::run(
+        worker(&url, "w", work.path(), WX, tls),
+        shutdown,
+    ));
+    assert!(
+        wait_workers(&s, 1).await,
+        "the worker did not attach over mTLS with its token"
+    );
+
+    let client_tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(pki.path("ca.crt")).unwrap(),
+        ))
+        .identity(Identity::from_pem(
+            std::fs::read(pki.path("client.crt")).unwrap(),
+            std::fs::read(pki.path("client.key")).unwrap(),
+        ));
+    let ch = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(client_tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // The input must be fetched (anonymous reads are off) and stdout uploaded.
+    let r = execute(
+        &ch,
+        "main",
+        &["cat", "in.txt"],
+        b"fetched with the worker's token\n",
+    )
+    .await;
+    assert_eq!(
+        stdout_of(&ch, "main", &r).await,
+        "fetched with the worker's token\n"
+    );
+    let _ = stop.send(true);
+    w.await.unwrap().unwrap();
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_worker_tokens_attach_and_each_runs_only_its_instances() {
+    let mut c = exec_config();
+    // Even anonymous read-write may not attach, nor may a read-write token.
+    c.auth.anonymous = Scope::ReadWrite;
+    let mut old = token("old", OLD, Scope::Worker, None);
+    old.expires = Some("2021-06-01T00:00:00Z".into());
+    c.auth.tokens = vec![
+        token("ci", CI, Scope::ReadWrite, None),
+        token("wx", WX, Scope::Worker, Some(&["x"])),
+        token("wy", WY, Scope::Worker, Some(&["y"])),
+        old,
+    ];
+    let s = lre_server::start(c).await.unwrap();
+    let url = format!("http://{}", s.grpc_addr);
+    let ch = Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        attach_status(&ch, None, "anon").await,
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        attach_status(&ch, Some(CI), "ci").await,
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        attach_status(&ch, Some(OLD), "old").await,
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        attach_status(&ch, Some("no-such-token"), "x").await,
+        tonic::Code::Unauthenticated
+    );
+    assert!(wait_workers(&s, 0).await);
+
+    // Two workers with the same id but different credentials: neither displaces the other.
+    let (dx, dy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let wx = tokio::spawn(lre_worker::run(
+        worker(&url, "w", dx.path(), WX, ClientTls::default()),
+        shutdown.clone(),
+    ));
+    let wy = tokio::spawn(lre_worker::run(
+        worker(&url, "w", dy.path(), WY, ClientTls::default()),
+        shutdown,
+    ));
+    assert!(wait_workers(&s, 2).await, "both workers attach");
+    // The same credential and id again is refused while the first is connected.
+    assert_eq!(
+        attach_status(&ch, Some(WX), "w").await,
+        tonic::Code::AlreadyExists
+    );
+    assert!(wait_workers(&s, 2).await);
+
+    for i in 0..4 {
+        for (instance, dir) in [("x", dx.path()), ("y", dy.path())] {
+            let input = format!("{instance}{i}\n");
+            let r = execute(
+                &ch,
+                instance,
+                &["/bin/sh", "-c", "pwd; cat in.txt"],
+                input.as_bytes(),
+            )
+            .await;
+            let out = stdout_of(&ch, instance, &r).await;
+            let canonical = dir.canonicalize().unwrap();
+            assert!(
+                out.starts_with(&*canonical.to_string_lossy()) && out.ends_with(&input),
+                "an action of instance {instance} ran outside its worker: {out:?}"
+            );
+        }
+    }
+    // An instance no worker may serve fails at once, naming it.
+    let cmd_ch = ch.clone();
+    let err = tokio::time::timeout(Duration::from_secs(30), async move {
+        let cmd = re::Command {
+            arguments: vec!["true".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let act = re::Action {
+            command_digest: Some(digest_of(&cmd)),
+            input_root_digest: Some(digest_of(&re::Directory::default().encode_to_vec())),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let reqs = [cmd, re::Directory::default().encode_to_vec(), act.clone()]
+            .into_iter()
+            .map(|b| re::batch_update_blobs_request::Request {
+                digest: Some(digest_of(&b)),
+                data: b,
+                compressor: 0,
+            })
+            .collect();
+        ContentAddressableStorageClient::new(cmd_ch.clone())
+            .batch_update_blobs(bearer(
+                re::BatchUpdateBlobsRequest {
+                    instance_name: "z".into(),
+                    requests: reqs,
+                    ..Default::default()
+                },
+                CI,
+            ))
+            .await
+            .unwrap();
+        ExecutionClient::new(cmd_ch)
+            .execute(bearer(
+                re::ExecuteRequest {
+                    instance_name: "z".into(),
+                    action_digest: Some(digest_of(&act)),
+                    ..Default::default()
+                },
+                CI,
+            ))
+            .await
+    })
+    .await
+    .expect("Execute answered");
+    let status = match err {
+        Err(e) => e,
+        Ok(mut stream) => {
+            let mut last = None;
+            while let Ok(Some(op)) = stream.get_mut().message().await {
+                last = Some(op);
+            }
+            match last.and_then(|o| o.result) {
+                Some(operation::Result::Error(e)) => tonic::Status::new(e.code.into(), e.message),
+                Some(operation::Result::Response(a)) => {
+                    let r = re::ExecuteResponse::decode(&a.value[..]).unwrap();
+                    let st = r.status.unwrap_or_default();
+                    tonic::Status::new(st.code.into(), st.message)
+                }
+                None => panic!("no result for instance z"),
+            }
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("instance \"z\""), "{status:?}");
+
+    let _ = stop.send(true);
+    wx.await.unwrap().unwrap();
+    wy.await.unwrap().unwrap();
+    s.shutdown().await;
+}
+
+/// The real binary, with its token in a file or in the environment and the host's /proc
+/// bound into the sandbox (as in a container): an action searching every process's command
+/// line, environment and root directory finds no trace of the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_cannot_read_the_workers_token_even_with_the_host_proc() {
+    for via_env in [false, true] {
+        let secret = format!(
+            "worker-secret-never-visible-{}",
+            if via_env { "env" } else { "file" }
+        );
+        let mut c = exec_config();
+        c.auth.tokens = vec![
+            token("ci", CI, Scope::ReadWrite, None),
+            token("w", &secret, Scope::Worker, None),
+        ];
+        let s = lre_server::start(c).await.unwrap();
+        let url = format!("http://{}", s.grpc_addr);
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lre-worker"));
+        cmd.args([
+            "--server",
+            &url,
+            "--id",
+            "leak-test",
+            "--capacity",
+            "1",
+            "--host-proc",
+        ])
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if via_env {
+            cmd.env("LRE_WORKER_TOKEN", &secret);
+        } else {
+            std::fs::write(&token_file, format!("{secret}\n")).unwrap();
+            cmd.arg("--token-file").arg(&token_file);
+        }
+        let mut child = cmd.spawn().unwrap();
+        assert!(
+            wait_workers(&s, 1).await,
+            "the worker binary did not attach"
+        );
+        let ch = Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        // The needle travels in an input file, so the probe's own command line lacks it.
+        let probe = format!(
+            "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ $p/root{f} $p/cwd{f} 2>/dev/null; done | tr '\\0' '\\n' | grep -c -F -f in.txt; true",
+            f = token_file.display(),
+        );
+        let r = execute(&ch, "", &["/bin/sh", "-c", &probe], secret.as_bytes()).await;
+        let out = stdout_of(&ch, "", &r).await;
+        assert_eq!(
+            out.trim(),
+            "0",
+            "the secret is visible to actions (via env: {via_env})"
+        );
+        // And the probe really could read other processes: its own command line shows up.
+        let r = execute(&ch, "", &["/bin/sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c -- --host-proc; true"], b"").await;
+        let seen: u32 = stdout_of(&ch, "", &r).await.trim().parse().unwrap();
+        assert!(
+            seen >= 1,
+            "the probe did not see the worker's process at all"
+        );
+        child.kill().await.unwrap();
+        s.shutdown().await;
+    }
+}
