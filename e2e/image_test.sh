@@ -245,6 +245,84 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
   check "$n: the server config in the ConfigMap passes lre-server check-config" "$(head -c 200 "$SCEN/k8s-check.log")" [ "$rc" = 0 ]
   check "$n: the worker Deployment runs the image by digest and passes the same digest as LRE_IMAGE" "" \
     same_pinned_image "$dir/lre-worker.yaml"
+  # Worker credentials: a file from a Secret, never a flag or an environment variable.
+  check "$n: the worker passes --token-file and no token in args or env (--token, LRE_WORKER_TOKEN, LRE_TOKEN)" \
+    "" k8s_worker_token "$py" "$dir/lre-worker.yaml" flags
+  check "$n: the worker's --token-file is on a read-only Secret volume (defaultMode 0400)" \
+    "" k8s_worker_token "$py" "$dir/lre-worker.yaml" volume
+  sed 's|            - --host-proc|&\n            - --token=plain-text|' "$dir/lre-worker.yaml" >"$SCEN/k8s-token-arg.yaml"
+  sed 's|          env:|&\n            - name: LRE_WORKER_TOKEN\n              valueFrom: {secretKeyRef: {name: lre-worker-token, key: token}}|' \
+    "$dir/lre-worker.yaml" >"$SCEN/k8s-token-env.yaml"
+  check "$n: a worker token given as --token or in LRE_WORKER_TOKEN fails that check" "" \
+    k8s_worker_tokens_refused "$py" "$SCEN/k8s-token-arg.yaml" "$SCEN/k8s-token-env.yaml"
+  check "$n: the server config allows no anonymous write and has a token of scope \"worker\"" \
+    "$(grep -E '^\s*(anonymous|scope) *=' "$SCEN/k8s-server.toml" | tr -s ' \n' ' ')" k8s_server_auth "$SCEN/k8s-server.toml"
+  sed 's/anonymous = "read"/anonymous = "read-write"/' "$SCEN/k8s-server.toml" >"$SCEN/k8s-server-rw.toml"
+  grep -v '^\s*anonymous *=' "$SCEN/k8s-server.toml" >"$SCEN/k8s-server-noanon.toml"
+  check "$n: anonymous = \"read-write\", or no anonymous line (read-write by default), fails that check" "" \
+    k8s_server_auths_refused "$SCEN/k8s-server-rw.toml" "$SCEN/k8s-server-noanon.toml"
+}
+# k8s_worker_token PYDEPS MANIFEST flags|volume: every Deployment container's token is
+# --token-file (flags: and no --token flag, no token env var or envFrom secret), and that
+# file lies on a readOnly mount of a Secret volume with mode 0400 (volume).
+k8s_worker_token() {
+  PYTHONPATH="$1" python3 - "$2" "$3" <<'PYEOF'
+import sys, yaml
+deps = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "Deployment"]
+mode, ok = sys.argv[2], bool(deps)
+for d in deps:
+    spec = d["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    for c in spec["containers"]:
+        args = [str(a) for a in c.get("command", []) + c.get("args", [])]
+        path = next((a.split("=", 1)[1] for a in args if a.startswith("--token-file=")), None)
+        if path is None and "--token-file" in args and args.index("--token-file") + 1 < len(args):
+            path = args[args.index("--token-file") + 1]
+        if path is None:
+            ok = False; continue
+        if mode == "flags":
+            if any(a == "--token" or a.startswith(("--token=", "--token ")) for a in args):
+                ok = False
+            if any(e.get("name") in ("LRE_WORKER_TOKEN", "LRE_TOKEN") for e in c.get("env", [])):
+                ok = False
+            if any("secretRef" in e for e in c.get("envFrom", [])):
+                ok = False
+        else:
+            mounts = [m for m in c.get("volumeMounts", [])
+                      if path.startswith(m["mountPath"].rstrip("/") + "/")]
+            m = max(mounts, key=lambda m: len(m["mountPath"]), default=None)
+            v = vols.get(m["name"], {}).get("secret") if m else None
+            if not (m and m.get("readOnly") is True and v and v.get("secretName")):
+                ok = False; continue
+            item = next((i for i in v.get("items", [])
+                         if m["mountPath"].rstrip("/") + "/" + i["path"] == path), None)
+            if v.get("items") and item is None:
+                ok = False
+            if (item or {}).get("mode", v.get("defaultMode")) != 0o400:
+                ok = False
+sys.exit(0 if ok else 1)
+PYEOF
+}
+# k8s_worker_tokens_refused PYDEPS MANIFEST...: k8s_worker_token ... flags fails on each.
+k8s_worker_tokens_refused() {
+  local py="$1" f; shift
+  for f in "$@"; do ! k8s_worker_token "$py" "$f" flags || return 1; done
+}
+# k8s_server_auths_refused CONFIG...: k8s_server_auth fails on each.
+k8s_server_auths_refused() {
+  local f
+  for f in "$@"; do ! k8s_server_auth "$f" || return 1; done
+}
+# k8s_server_auth CONFIG.toml: auth.anonymous is "read" or "none" (absent means read-write)
+# and some [[auth.tokens]] entry has scope = "worker".
+k8s_server_auth() {
+  python3 - "$1" <<'PYEOF'
+import sys, tomllib
+auth = tomllib.load(open(sys.argv[1], "rb")).get("auth", {})
+ok = auth.get("anonymous", "read-write") in ("read", "none") and \
+    any(t.get("scope") == "worker" for t in auth.get("tokens", []))
+sys.exit(0 if ok else 1)
+PYEOF
 }
 same_pinned_image() {
   local image env

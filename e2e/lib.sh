@@ -30,6 +30,8 @@ SERVER_READY_TIMEOUT="${SERVER_READY_TIMEOUT:-30}"
 SERVER_STOP_TIMEOUT="${SERVER_STOP_TIMEOUT:-20}"
 
 E2E_SERVER_PIDS=()     # servers we started and have not stopped yet
+E2E_CLEANUP_HOOKS=()   # commands e2e_cleanup runs first (e.g. removing network namespaces)
+E2E_NETNS="${E2E_NETNS:-}"  # when set, Bazel runs inside this network namespace
 E2E_BAZEL_ROOTS=()     # "OUTPUT_ROOT|WORKSPACE" pairs whose Bazel server may be up
 E2E_PASSED=0
 E2E_FAILED=0
@@ -67,11 +69,14 @@ e2e_init() {
 
 e2e_cleanup() {
   local rc=$? pid e
-  for pid in "${E2E_SERVER_PIDS[@]}"; do
-    stop_server "$pid" >/dev/null 2>&1 || true
-  done
   for e in "${E2E_BAZEL_ROOTS[@]}"; do
     bazel_shutdown "${e#*|}" "${e%%|*}"
+  done
+  for e in "${E2E_CLEANUP_HOOKS[@]}"; do
+    eval "$e" >/dev/null 2>&1 || true
+  done
+  for pid in "${E2E_SERVER_PIDS[@]}"; do
+    stop_server "$pid" >/dev/null 2>&1 || true
   done
   if [ -n "${RUN_DIR:-}" ] && [ -d "$RUN_DIR" ]; then
     if [ "${KEEP:-0}" = 1 ]; then
@@ -298,6 +303,8 @@ bazel_startup_flags() {
   fi
   # shellcheck disable=SC2206
   BZ_STARTUP+=(${BAZEL_STARTUP_FLAGS:-})
+  BZ_PREFIX=()
+  [ -n "$E2E_NETNS" ] && BZ_PREFIX=(ip netns exec "$E2E_NETNS")
 }
 
 bazel_common_flags() {
@@ -318,7 +325,7 @@ bazel_shutdown() {
   local ws="$1" our="$2"
   [ -d "$ws" ] && [ -d "$our" ] || return 0
   bazel_startup_flags
-  (cd "$ws" && timeout 60 "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$our" shutdown) >/dev/null 2>&1 || true
+  (cd "$ws" && timeout 60 "${BZ_PREFIX[@]}" "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$our" shutdown) >/dev/null 2>&1 || true
 }
 
 # bazel_run DIR OUTPUT_ROOT FLAGS...
@@ -339,9 +346,9 @@ bazel_run() {
   bazel_startup_flags
   bazel_common_flags
   E2E_BAZEL_ROOTS+=("$our|$ws")
-  log "bazel $BAZEL_VERB in ${ws#"$RUN_DIR"/} $(printf '%s\n' "$@" | sed -E 's/(Bearer|authorization=)[^ ]*/\1***/' | tr '\n' ' ')"
+  log "bazel $BAZEL_VERB in ${ws#"$RUN_DIR"/} $(printf '%s\n' "$@" | sed -E 's/(authorization=|Bearer ).*$/\1***/' | tr '\n' ' ')"
   (cd "$ws" && timeout --signal=TERM "$BAZEL_TIMEOUT" \
-      "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$our" \
+      "${BZ_PREFIX[@]}" "$BAZEL" "${BZ_STARTUP[@]}" --output_user_root="$our" \
       "$BAZEL_VERB" "${BZ_COMMON[@]}" --execution_log_json_file="$BZ_EXECLOG" "$@" \
       -- "${BAZEL_TARGETS[@]}") >"$BZ_LOG" 2>&1
   BZ_RC=$?
@@ -407,6 +414,18 @@ show_misses() {
 
 # run_binary WS: prints what WS/bazel-bin/app/hello prints.
 run_binary() { (cd "$1" && timeout 60 ./bazel-bin/app/hello) 2>&1; }
+
+# ---------------------------------------------------------------- the LRE (Nix) toolchain
+OVERLAY="$E2E_DIR/workspaces/lre"
+# Kept between runs (and by CI within one run) so zig is downloaded once.
+TC_DIR="${E2E_TOOLCHAIN_DIR:-$E2E_DIR/.work/toolchain}"
+export NIX_CONFIG="${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group =\nsubstituters ='}"
+
+# lre_client SCEN NAME: a fresh checkout of the fixture with the LRE overlay.
+lre_client() {
+  new_client "$1" "$2"
+  (cd "$OVERLAY" && tar --exclude=README.md -cf - .) | (cd "$CL_WS" && tar -xf -)
+}
 
 # ---------------------------------------------------------------- shared by exec and toolchain tests
 # remote_count: the "N remote" figure of the last summary line.

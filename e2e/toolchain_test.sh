@@ -20,17 +20,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 LRE="${LRE:-$REPO_ROOT/target/debug/lre}"
-OVERLAY="$E2E_DIR/workspaces/lre"
-# Kept between runs (and by CI within one run) so zig is downloaded once.
-TC_DIR="${E2E_TOOLCHAIN_DIR:-$E2E_DIR/.work/toolchain}"
-export NIX_CONFIG="${NIX_CONFIG:-$'experimental-features = nix-command flakes\nsandbox = false\nbuild-users-group =\nsubstituters ='}"
 BAZEL_VERB=build
-
-# lre_client SCEN NAME: a fresh checkout of the fixture with the LRE overlay.
-lre_client() {
-  new_client "$1" "$2"
-  (cd "$OVERLAY" && tar --exclude=README.md -cf - .) | (cd "$CL_WS" && tar -xf -)
-}
 
 # gen WS [ARGS...]: lre generate for the test toolchains, as the e2e clients use it.
 gen() {

@@ -153,7 +153,10 @@ impl WorkerService for WorkerEndpoint {
     ) -> Result<Response<ServerStream>, Status> {
         // A worker's reports become action results everyone trusts: it needs a credential
         // meant for workers (scope "worker"), and runs only its credential's instances.
-        let principal = self.cache.authorize_worker(&request)?;
+        let principal = self.cache.authorize_worker(&request).inspect_err(|e| {
+            // Said here too, so an operator sees why a worker never shows up.
+            tracing::info!(error = %e, "refused a worker's Attach");
+        })?;
         let mut inbound = request.into_inner();
         let register = match inbound.message().await? {
             Some(WorkerMessage {

@@ -465,49 +465,61 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         }
     }
 
-    /// Gives every worker with free capacity the most urgent queued action it can run.
+    /// Hands queued actions, most urgent first, each to the eligible worker with the most
+    /// free slots (ties: the smallest id), so work spreads over the workers instead of
+    /// filling whichever comes first, and a worker host lost takes fewer actions with it.
     fn dispatch(&self, st: &mut State<J, R>) {
-        let worker_ids: Vec<WorkerId> = st.workers.keys().cloned().collect();
-        for wid in worker_ids {
-            while let Some(w) = st.workers.get(&wid) {
-                if w.running.len() >= w.spec.capacity {
-                    break;
-                }
-                let spec = &w.spec;
-                let next = st
-                    .queue
-                    .iter()
-                    .find(|(_, op)| {
-                        let o = &st.operations[*op];
-                        spec.serves(&o.key.instance)
-                            && platform::satisfies(&spec.properties, &o.platform)
-                    })
-                    .map(|(rank, op)| (*rank, op.clone()));
-                let Some((rank, op_id)) = next else { break };
-                st.queue.remove(&rank);
-                let Some(op) = st.operations.get_mut(&op_id) else {
-                    continue;
-                };
-                op.attempts += 1;
-                op.worker = Some(wid.clone());
-                let cmd = WorkerCommand::Run {
-                    operation: op_id.clone(),
-                    job: op.job.clone(),
-                    attempt: op.attempts,
-                };
-                let _ = op.stage.send(Stage::Executing {
-                    worker: wid.clone(),
-                    attempt: op.attempts,
-                });
-                let Some(w) = st.workers.get_mut(&wid) else {
-                    break;
-                };
-                w.running.insert(op_id.clone());
-                if w.tx.send(cmd).is_err() {
-                    // The connection is gone but not yet reported: treat it as lost now.
-                    self.remove_worker(st, &wid);
-                    break;
-                }
+        let free = |st: &State<J, R>| {
+            st.workers
+                .values()
+                .any(|w| w.running.len() < w.spec.capacity)
+        };
+        if !free(st) {
+            return;
+        }
+        let queued: Vec<((i32, u64), OperationId)> =
+            st.queue.iter().map(|(r, o)| (*r, o.clone())).collect();
+        for (rank, op_id) in queued {
+            if !free(st) {
+                break;
+            }
+            let Some(op) = st.operations.get(&op_id) else {
+                continue;
+            };
+            let best = st
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    w.running.len() < w.spec.capacity
+                        && w.spec.serves(&op.key.instance)
+                        && platform::satisfies(&w.spec.properties, &op.platform)
+                })
+                .max_by_key(|(id, w)| (w.spec.capacity - w.running.len(), std::cmp::Reverse(*id)))
+                .map(|(id, _)| id.clone());
+            let Some(wid) = best else { continue };
+            st.queue.remove(&rank);
+            let Some(op) = st.operations.get_mut(&op_id) else {
+                continue;
+            };
+            op.attempts += 1;
+            op.worker = Some(wid.clone());
+            let cmd = WorkerCommand::Run {
+                operation: op_id.clone(),
+                job: op.job.clone(),
+                attempt: op.attempts,
+            };
+            let _ = op.stage.send(Stage::Executing {
+                worker: wid.clone(),
+                attempt: op.attempts,
+            });
+            let Some(w) = st.workers.get_mut(&wid) else {
+                continue;
+            };
+            w.running.insert(op_id.clone());
+            if w.tx.send(cmd).is_err() {
+                // The connection is gone but not yet reported: treat it as lost now, which
+                // requeues this action for the next pass.
+                self.remove_worker(st, &wid);
             }
         }
     }

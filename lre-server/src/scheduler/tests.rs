@@ -367,3 +367,21 @@ fn a_connected_worker_id_cannot_be_taken_over() {
     s.worker_lost("w");
     assert!(s.connect_worker("w".into(), spec).is_ok());
 }
+
+#[test]
+fn work_spreads_over_workers_by_free_slots() {
+    let s = S::new(SchedulerConfig::default());
+    let mut a = s.register_worker("a".into(), linux(), 2);
+    let mut b = s.register_worker("b".into(), linux(), 2);
+    for i in 0..4 {
+        s.submit(key(40 + i), linux(), 0, format!("j{i}")).unwrap();
+    }
+    let count = |rx: &mut mpsc::UnboundedReceiver<WorkerCommand<String>>| {
+        std::iter::from_fn(|| next_run(rx)).count()
+    };
+    assert_eq!(
+        (count(&mut a), count(&mut b)),
+        (2, 2),
+        "both workers get half"
+    );
+}
