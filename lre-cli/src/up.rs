@@ -37,13 +37,15 @@ pub struct UpArgs {
     /// the system's program and library directories, and what their links reach in /etc).
     #[arg(long = "ro-path")]
     ro_paths: Vec<PathBuf>,
-    /// Serve TLS with this certificate (PEM) on both ports; needs --tls-key.
-    #[arg(long, requires = "tls_key")]
+    /// Serve TLS with this certificate (PEM) on both ports; needs --tls-key and --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// The CA that signed --tls-cert, which the worker (and Bazel) verify the server
-    /// against (default: --tls-cert itself, for a self-signed certificate).
+    /// The CA that signed --tls-cert, which the worker (and Bazel, --tls_certificate)
+    /// verify the server against. A self-signed certificate cannot serve as its own CA
+    /// (rustls refuses a CA certificate as a server's), so make a CA and a leaf (mkcert,
+    /// or openssl as in the README).
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
     /// The name in --tls-cert that clients dial (default: localhost).
@@ -144,10 +146,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let work_dir = args.work_dir.unwrap_or_else(lre_worker::default_work_dir);
     let port = server.grpc_addr.port();
     let (worker_url, bazel_url, tls) = match &args.tls_cert {
-        Some(cert) => {
-            let ca = args.tls_ca.clone().unwrap_or_else(|| cert.clone());
+        Some(_) => {
             let tls = ClientTls {
-                ca: Some(ca),
+                ca: args.tls_ca.clone(),
                 server_name: Some(args.tls_server_name.clone()),
                 ..ClientTls::default()
             };
@@ -178,8 +179,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  http: {scheme}://{h}  (/metrics, /healthz)");
     }
     let mut flags = vec![format!("--remote_executor={bazel_url}")];
-    if let Some(cert) = &args.tls_cert {
-        let ca = args.tls_ca.as_ref().unwrap_or(cert);
+    if let Some(ca) = &args.tls_ca {
         flags.push(format!("--tls_certificate={}", ca.display()));
     }
     println!("  bazel flags: {}", flags.join(" "));
