@@ -20,7 +20,11 @@ fn digest(b: &[u8]) -> re::Digest {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Writes ca.crt, server.crt and server.key (for "localhost") into `dir`.
@@ -28,8 +32,12 @@ fn pki(dir: &std::path::Path) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    ca.distinguished_name.push(DnType::CommonName, "lre up test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.distinguished_name
+        .push(DnType::CommonName, "lre up test CA");
     std::fs::write(dir.join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
@@ -75,14 +83,26 @@ async fn lre_up_with_tls_runs_actions_on_its_worker() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let _up = Up(child);
-    let banner: Vec<String> = BufReader::new(stdout).lines().take(4).map(|l| l.unwrap()).collect();
+    let banner: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .take(4)
+        .map(|l| l.unwrap())
+        .collect();
     let banner = banner.join("\n");
-    assert!(banner.contains(&format!("grpc: grpcs://localhost:{grpc}")), "{banner}");
-    assert!(banner.contains(&format!("--remote_executor=grpcs://localhost:{grpc}")), "{banner}");
+    assert!(
+        banner.contains(&format!("grpc: grpcs://localhost:{grpc}")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!("--remote_executor=grpcs://localhost:{grpc}")),
+        "{banner}"
+    );
     assert!(banner.contains("--tls_certificate="), "{banner}");
 
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(dir.path().join("ca.crt")).unwrap()))
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(dir.path().join("ca.crt")).unwrap(),
+        ))
         .domain_name("localhost");
     let ch = Channel::from_shared(format!("https://127.0.0.1:{grpc}"))
         .unwrap()
@@ -112,7 +132,10 @@ async fn lre_up_with_tls_runs_actions_on_its_worker() {
         })
         .collect();
     re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch.clone())
-        .batch_update_blobs(re::BatchUpdateBlobsRequest { requests, ..Default::default() })
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests,
+            ..Default::default()
+        })
         .await
         .unwrap();
     // The worker may still be connecting: Execute waits for it (the platform is known

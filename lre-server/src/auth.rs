@@ -260,6 +260,23 @@ impl Authenticator {
         }
     }
 
+    /// Attaching as a worker is not an access to one instance: it takes the worker scope,
+    /// and the token's `instances` then limit which jobs the worker receives.
+    pub fn authorize_work(&self, p: &Principal) -> Result<()> {
+        if p.scope.allows(Access::Work) {
+            return Ok(());
+        }
+        if p.name.is_none() && self.anonymous == Scope::None {
+            return Err(Error::Unauthenticated(
+                "this server requires a worker token (scope = \"worker\") to attach".into(),
+            ));
+        }
+        Err(Error::PermissionDenied(format!(
+            "{} may not attach as a worker (workers need a token with scope = \"worker\")",
+            p.who()
+        )))
+    }
+
     pub fn authorize(&self, p: &Principal, instance: &str, access: Access) -> Result<()> {
         if p.may(instance, access) {
             return Ok(());
@@ -280,7 +297,6 @@ impl Authenticator {
             (Scope::Worker, Access::Write | Access::Execute) => {
                 " (a worker token only runs actions; use a read-write token)"
             }
-            (_, Access::Work) => " (workers need a token with scope = \"worker\")",
             _ => "",
         };
         Err(Error::PermissionDenied(format!(
@@ -392,7 +408,7 @@ mod tests {
         let w = a
             .authenticate(Some(Credential::Bearer("worker-secret".into())))
             .unwrap();
-        assert!(a.authorize(&w, "x", Access::Work).is_ok());
+        assert!(a.authorize_work(&w).is_ok());
         assert!(a.authorize(&w, "x", Access::Upload).is_ok());
         assert!(matches!(
             a.authorize(&w, "x", Access::Write),
@@ -405,14 +421,14 @@ mod tests {
         let ci = a
             .authenticate(Some(Credential::Bearer("rw-secret".into())))
             .unwrap();
-        let e = a.authorize(&ci, "", Access::Work).unwrap_err();
+        let e = a.authorize_work(&ci).unwrap_err();
         assert!(
             matches!(&e, Error::PermissionDenied(m) if m.contains("scope = \"worker\"")),
             "{e:?}"
         );
         // Not even anonymous read-write may attach.
         let anon = a.authenticate(None).unwrap();
-        assert!(a.authorize(&anon, "", Access::Work).is_err());
+        assert!(a.authorize_work(&anon).is_err());
     }
 
     #[test]

@@ -47,12 +47,7 @@ impl Cache {
     /// `instances` does not apply), but to the worker scope.
     pub fn authorize_worker<T>(&self, req: &tonic::Request<T>) -> Result<Principal> {
         let p = self.auth.authenticate(crate::auth::grpc_credential(req)?)?;
-        let instance = p
-            .instances()
-            .and_then(|l| l.first())
-            .cloned()
-            .unwrap_or_default();
-        self.auth.authorize(&p, &instance, Access::Work)?;
+        self.auth.authorize_work(&p)?;
         Ok(p)
     }
 

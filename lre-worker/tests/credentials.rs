@@ -3,25 +3,23 @@
 //! instances, a connected worker's id cannot be taken over, and an action cannot read the
 //! worker's secret.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use bazel_remote_apis::google::longrunning::operation;
+use common::{authed, execute, stdout_of, wait_workers, Exec};
 use lre_server::auth::{Scope, TokenConfig};
 use lre_server::config::TlsConfig;
-use lre_worker::cas::digest_of;
 use lre_worker::{ClientTls, Credential};
 use lre_worker_protocol::v1::{
     worker_message, worker_service_client::WorkerServiceClient, Register, WorkerMessage,
 };
-use prost::Message;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use re::content_addressable_storage_client::ContentAddressableStorageClient;
-use re::execution_client::ExecutionClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const CI: &str = "ci-secret-read-write-000000000001";
@@ -44,113 +42,19 @@ fn exec_config() -> lre_server::Config {
     c
 }
 
-fn bearer<T>(msg: T, secret: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
-    r
+/// Runs `argv` on `instance` as CI (read-write), uncached.
+async fn run(ch: &Channel, instance: &str, argv: &[&str], input: &[u8]) -> re::ExecuteResponse {
+    let e = Exec {
+        instance,
+        argv,
+        input,
+        secret: Some(CI),
+    };
+    execute(ch, e).await.unwrap()
 }
 
-/// Uploads `cmd` (run in an input root holding `in.txt`) and executes it on `instance`.
-async fn execute(ch: &Channel, instance: &str, argv: &[&str], input: &[u8]) -> re::ExecuteResponse {
-    let cmd = re::Command {
-        arguments: argv.iter().map(|a| a.to_string()).collect(),
-        environment_variables: vec![re::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/usr/bin:/bin".into(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let root = re::Directory {
-        files: vec![re::FileNode {
-            name: "in.txt".into(),
-            digest: Some(digest_of(input)),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let act = re::Action {
-        command_digest: Some(digest_of(&cmd)),
-        input_root_digest: Some(digest_of(&root)),
-        do_not_cache: true,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let requests = [cmd, root, act.clone(), input.to_vec()]
-        .into_iter()
-        .map(|b| re::batch_update_blobs_request::Request {
-            digest: Some(digest_of(&b)),
-            data: b,
-            compressor: 0,
-        })
-        .collect();
-    ContentAddressableStorageClient::new(ch.clone())
-        .batch_update_blobs(bearer(
-            re::BatchUpdateBlobsRequest {
-                instance_name: instance.into(),
-                requests,
-                ..Default::default()
-            },
-            CI,
-        ))
-        .await
-        .unwrap();
-    let mut ops = ExecutionClient::new(ch.clone())
-        .execute(bearer(
-            re::ExecuteRequest {
-                instance_name: instance.into(),
-                action_digest: Some(digest_of(&act)),
-                skip_cache_lookup: true,
-                ..Default::default()
-            },
-            CI,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut last = None;
-    while let Some(op) = ops.message().await.unwrap() {
-        last = Some(op);
-    }
-    match last.and_then(|o| o.result) {
-        Some(operation::Result::Response(a)) => re::ExecuteResponse::decode(&a.value[..]).unwrap(),
-        other => panic!("no response: {other:?}"),
-    }
-}
-
-async fn stdout_of(ch: &Channel, instance: &str, r: &re::ExecuteResponse) -> String {
-    let res = r.result.as_ref().expect("a result");
-    assert_eq!(res.exit_code, 0, "status {:?}, result {res:?}", r.status);
-    if !res.stdout_raw.is_empty() {
-        return String::from_utf8_lossy(&res.stdout_raw).into_owned();
-    }
-    let d = res.stdout_digest.clone().expect("stdout digest");
-    let got = ContentAddressableStorageClient::new(ch.clone())
-        .batch_read_blobs(bearer(
-            re::BatchReadBlobsRequest {
-                instance_name: instance.into(),
-                digests: vec![d],
-                ..Default::default()
-            },
-            CI,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    String::from_utf8_lossy(&got.responses[0].data).into_owned()
-}
-
-async fn wait_workers(s: &lre_server::RunningServer, n: usize) -> bool {
-    let sched = s.scheduler.clone().unwrap();
-    for _ in 0..300 {
-        if sched.worker_count() == n {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+async fn stdout(ch: &Channel, instance: &str, r: &re::ExecuteResponse) -> String {
+    stdout_of(ch, instance, Some(CI), r).await
 }
 
 fn worker(
@@ -180,10 +84,7 @@ async fn attach_status(ch: &Channel, secret: Option<&str>, id: &str) -> tonic::C
     .await
     .unwrap();
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let req = match secret {
-        Some(s) => bearer(stream, s),
-        None => tonic::Request::new(stream),
-    };
+    let req = authed(stream, secret);
     let code = match WorkerServiceClient::new(ch.clone()).attach(req).await {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
@@ -288,7 +189,7 @@ async fn a_worker_fetches_inputs_and_uploads_outputs_with_its_token_over_mtls() 
         .await
         .unwrap();
     // The input must be fetched (anonymous reads are off) and stdout uploaded.
-    let r = execute(
+    let r = run(
         &ch,
         "main",
         &["cat", "in.txt"],
@@ -296,7 +197,7 @@ async fn a_worker_fetches_inputs_and_uploads_outputs_with_its_token_over_mtls() 
     )
     .await;
     assert_eq!(
-        stdout_of(&ch, "main", &r).await,
+        stdout(&ch, "main", &r).await,
         "fetched with the worker's token\n"
     );
     let _ = stop.send(true);
@@ -364,14 +265,14 @@ async fn only_worker_tokens_attach_and_each_runs_only_its_instances() {
     for i in 0..4 {
         for (instance, dir) in [("x", dx.path()), ("y", dy.path())] {
             let input = format!("{instance}{i}\n");
-            let r = execute(
+            let r = run(
                 &ch,
                 instance,
                 &["/bin/sh", "-c", "pwd; cat in.txt"],
                 input.as_bytes(),
             )
             .await;
-            let out = stdout_of(&ch, instance, &r).await;
+            let out = stdout(&ch, instance, &r).await;
             let canonical = dir.canonicalize().unwrap();
             assert!(
                 out.starts_with(&*canonical.to_string_lossy()) && out.ends_with(&input),
@@ -380,69 +281,16 @@ async fn only_worker_tokens_attach_and_each_runs_only_its_instances() {
         }
     }
     // An instance no worker may serve fails at once, naming it.
-    let cmd_ch = ch.clone();
-    let err = tokio::time::timeout(Duration::from_secs(30), async move {
-        let cmd = re::Command {
-            arguments: vec!["true".into()],
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let act = re::Action {
-            command_digest: Some(digest_of(&cmd)),
-            input_root_digest: Some(digest_of(&re::Directory::default().encode_to_vec())),
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let reqs = [cmd, re::Directory::default().encode_to_vec(), act.clone()]
-            .into_iter()
-            .map(|b| re::batch_update_blobs_request::Request {
-                digest: Some(digest_of(&b)),
-                data: b,
-                compressor: 0,
-            })
-            .collect();
-        ContentAddressableStorageClient::new(cmd_ch.clone())
-            .batch_update_blobs(bearer(
-                re::BatchUpdateBlobsRequest {
-                    instance_name: "z".into(),
-                    requests: reqs,
-                    ..Default::default()
-                },
-                CI,
-            ))
-            .await
-            .unwrap();
-        ExecutionClient::new(cmd_ch)
-            .execute(bearer(
-                re::ExecuteRequest {
-                    instance_name: "z".into(),
-                    action_digest: Some(digest_of(&act)),
-                    ..Default::default()
-                },
-                CI,
-            ))
-            .await
-    })
-    .await
-    .expect("Execute answered");
-    let status = match err {
-        Err(e) => e,
-        Ok(mut stream) => {
-            let mut last = None;
-            while let Ok(Some(op)) = stream.get_mut().message().await {
-                last = Some(op);
-            }
-            match last.and_then(|o| o.result) {
-                Some(operation::Result::Error(e)) => tonic::Status::new(e.code.into(), e.message),
-                Some(operation::Result::Response(a)) => {
-                    let r = re::ExecuteResponse::decode(&a.value[..]).unwrap();
-                    let st = r.status.unwrap_or_default();
-                    tonic::Status::new(st.code.into(), st.message)
-                }
-                None => panic!("no result for instance z"),
-            }
-        }
+    let e = Exec {
+        instance: "z",
+        argv: &["true"],
+        input: b"",
+        secret: Some(CI),
     };
+    let status = tokio::time::timeout(Duration::from_secs(30), execute(&ch, e))
+        .await
+        .expect("Execute answered")
+        .expect_err("no worker serves instance z");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("instance \"z\""), "{status:?}");
 
@@ -507,16 +355,16 @@ async fn actions_cannot_read_the_workers_token_even_with_the_host_proc() {
             "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ $p/root{f} $p/cwd{f} 2>/dev/null; done | tr '\\0' '\\n' | grep -c -F -f in.txt; true",
             f = token_file.display(),
         );
-        let r = execute(&ch, "", &["/bin/sh", "-c", &probe], secret.as_bytes()).await;
-        let out = stdout_of(&ch, "", &r).await;
+        let r = run(&ch, "", &["/bin/sh", "-c", &probe], secret.as_bytes()).await;
+        let out = stdout(&ch, "", &r).await;
         assert_eq!(
             out.trim(),
             "0",
             "the secret is visible to actions (via env: {via_env})"
         );
         // And the probe really could read other processes: its own command line shows up.
-        let r = execute(&ch, "", &["/bin/sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c -- --host-proc; true"], b"").await;
-        let seen: u32 = stdout_of(&ch, "", &r).await.trim().parse().unwrap();
+        let r = run(&ch, "", &["/bin/sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c -- --host-proc; true"], b"").await;
+        let seen: u32 = stdout(&ch, "", &r).await.trim().parse().unwrap();
         assert!(
             seen >= 1,
             "the probe did not see the worker's process at all"

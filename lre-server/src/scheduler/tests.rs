@@ -357,8 +357,7 @@ fn a_connected_worker_id_cannot_be_taken_over() {
     };
     let err = s
         .connect_worker("w".into(), spec.clone())
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(err.code, tonic::Code::AlreadyExists);
     // The first worker still gets work.
     s.submit(key(9), linux(), 0, "j".into()).unwrap();

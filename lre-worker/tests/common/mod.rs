@@ -1,0 +1,145 @@
+//! What the worker's integration tests share: a client that uploads an action and
+//! executes it, and a bounded wait for workers to attach.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::longrunning::operation;
+use lre_worker::cas::digest_of;
+use prost::Message;
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use re::execution_client::ExecutionClient;
+use tonic::transport::Channel;
+
+/// `msg` with `authorization: Bearer SECRET`, or anonymous for `None`.
+pub fn authed<T>(msg: T, secret: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(s) = secret {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {s}").parse().unwrap());
+    }
+    r
+}
+
+/// Polls (bounded) until the server's scheduler has `n` workers.
+pub async fn wait_workers(s: &lre_server::RunningServer, n: usize) -> bool {
+    let sched = s.scheduler.clone().unwrap();
+    for _ in 0..300 {
+        if sched.worker_count() == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// One action to run: `argv` with PATH=/usr/bin:/bin in an input root holding `in.txt`.
+pub struct Exec<'a> {
+    pub instance: &'a str,
+    pub argv: &'a [&'a str],
+    pub input: &'a [u8],
+    pub secret: Option<&'a str>,
+}
+
+/// Uploads the action and executes it uncached; the final ExecuteResponse, or the status
+/// the call or the operation ended with.
+pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, tonic::Status> {
+    let cmd = re::Command {
+        arguments: e.argv.iter().map(|a| a.to_string()).collect(),
+        environment_variables: vec![re::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/usr/bin:/bin".into(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = re::Directory {
+        files: vec![re::FileNode {
+            name: "in.txt".into(),
+            digest: Some(digest_of(e.input)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let act = re::Action {
+        command_digest: Some(digest_of(&cmd)),
+        input_root_digest: Some(digest_of(&root)),
+        do_not_cache: true,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let requests = [cmd, root, act.clone(), e.input.to_vec()]
+        .into_iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(digest_of(&b)),
+            data: b,
+            compressor: 0,
+        })
+        .collect();
+    ContentAddressableStorageClient::new(ch.clone())
+        .batch_update_blobs(authed(
+            re::BatchUpdateBlobsRequest {
+                instance_name: e.instance.into(),
+                requests,
+                ..Default::default()
+            },
+            e.secret,
+        ))
+        .await?;
+    let mut ops = ExecutionClient::new(ch.clone())
+        .execute(authed(
+            re::ExecuteRequest {
+                instance_name: e.instance.into(),
+                action_digest: Some(digest_of(&act)),
+                skip_cache_lookup: true,
+                ..Default::default()
+            },
+            e.secret,
+        ))
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = ops.message().await? {
+        last = Some(op);
+    }
+    match last.and_then(|o| o.result) {
+        Some(operation::Result::Response(a)) => re::ExecuteResponse::decode(&a.value[..])
+            .map_err(|err| tonic::Status::internal(err.to_string())),
+        Some(operation::Result::Error(s)) => Err(tonic::Status::new(s.code.into(), s.message)),
+        None => Err(tonic::Status::internal(
+            "the operation ended without a result",
+        )),
+    }
+}
+
+/// The action's stdout, after checking it exited 0.
+pub async fn stdout_of(
+    ch: &Channel,
+    instance: &str,
+    secret: Option<&str>,
+    r: &re::ExecuteResponse,
+) -> String {
+    let res = r.result.as_ref().expect("a result");
+    assert_eq!(res.exit_code, 0, "status {:?}, result {res:?}", r.status);
+    if !res.stdout_raw.is_empty() {
+        return String::from_utf8_lossy(&res.stdout_raw).into_owned();
+    }
+    let Some(d) = res.stdout_digest.clone() else {
+        return String::new();
+    };
+    let got = ContentAddressableStorageClient::new(ch.clone())
+        .batch_read_blobs(authed(
+            re::BatchReadBlobsRequest {
+                instance_name: instance.into(),
+                digests: vec![d],
+                ..Default::default()
+            },
+            secret,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    String::from_utf8_lossy(&got.responses[0].data).into_owned()
+}
