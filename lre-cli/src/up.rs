@@ -46,7 +46,7 @@ pub struct UpArgs {
     /// verify the server against. A self-signed certificate cannot serve as its own CA
     /// (rustls refuses a CA certificate as a server's), so make a CA and a leaf (mkcert,
     /// or openssl as in the README).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long)]
     tls_ca: Option<PathBuf>,
     /// The name in --tls-cert that clients dial (default: localhost).
     #[arg(long, default_value = "localhost")]
@@ -102,12 +102,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         config.store.max_size = s;
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        // Replace the certificate, keep the rest of a configured [tls] (its client CA).
+        let old = config.tls.take();
         config.tls = Some(TlsConfig {
             cert: cert.clone(),
             key: key.clone(),
-            client_ca: None,
-            require_client_cert: false,
+            client_ca: old.as_ref().and_then(|t| t.client_ca.clone()),
+            require_client_cert: old.is_some_and(|t| t.require_client_cert),
         });
+    }
+    if let Some(tls) = &config.tls {
+        if tls.require_client_cert {
+            anyhow::bail!("tls.require_client_cert: lre up's own worker has no client certificate to present; turn it off for lre up");
+        }
+        if args.tls_ca.is_none() {
+            anyhow::bail!("the config serves TLS: pass --tls-ca (the CA that signed tls.cert) so that lre up's worker can verify it");
+        }
     }
     let secret = worker_secret();
     let worker_token = "lre-up-worker";
@@ -145,8 +155,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .max(1);
     let work_dir = args.work_dir.unwrap_or_else(lre_worker::default_work_dir);
     let port = server.grpc_addr.port();
-    let (worker_url, bazel_url, tls) = match &args.tls_cert {
-        Some(_) => {
+    let (worker_url, bazel_url, tls) = match server.tls {
+        true => {
             let tls = ClientTls {
                 ca: args.tls_ca.clone(),
                 server_name: Some(args.tls_server_name.clone()),
@@ -158,7 +168,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 tls,
             )
         }
-        None => (
+        false => (
             format!("http://{}", server.grpc_addr),
             format!("grpc://{}", server.grpc_addr),
             ClientTls::default(),
@@ -185,7 +195,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  bazel flags: {}", flags.join(" "));
     let offered: Vec<String> = properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("  workers offer: {}", offered.join(" "));
-    let shown: Vec<String> = ro_paths.iter().map(|p| p.display().to_string()).collect();
+    // The single files under /etc that tools link to are many and dull: count them.
+    let (etc_files, shown): (Vec<_>, Vec<_>) = ro_paths
+        .iter()
+        .partition(|p| p.starts_with("/etc") && p.is_file() && !p.starts_with("/etc/ld.so.cache"));
+    let mut shown: Vec<String> = shown.iter().map(|p| p.display().to_string()).collect();
+    if !etc_files.is_empty() {
+        shown.push(format!(
+            "and {} file(s) under /etc that tools link to",
+            etc_files.len()
+        ));
+    }
+    tracing::debug!(files = ?etc_files, "single /etc files the sandbox shows");
     println!("  sandbox shows (read-only): {}", shown.join(" "));
     // The worker only returns on shutdown or when it cannot start (a bad TLS file, say):
     // then there is nothing to serve executions with, so stop too.

@@ -151,9 +151,15 @@ pub struct Principal {
     pub name: Option<String>,
     scope: Scope,
     instances: Option<Vec<String>>,
+    expires: Option<std::time::SystemTime>,
 }
 
 impl Principal {
+    /// When the credential stops working, for sessions that outlive one request.
+    pub fn expires(&self) -> Option<std::time::SystemTime> {
+        self.expires
+    }
+
     /// The instances this caller is limited to; `None` is all.
     pub fn instances(&self) -> Option<&[String]> {
         self.instances.as_deref()
@@ -229,6 +235,7 @@ impl Authenticator {
                     name: None,
                     scope: self.anonymous,
                     instances: None,
+                    expires: None,
                 })
             }
             Some(Credential::Bearer(t)) => (None, t),
@@ -253,6 +260,7 @@ impl Authenticator {
                 name: Some(t.name.clone()),
                 scope: t.scope,
                 instances: t.instances.clone(),
+                expires: t.expires,
             }),
             _ => Err(Error::Unauthenticated(
                 "the presented token is not valid for this server".into(),
@@ -263,7 +271,8 @@ impl Authenticator {
     /// Attaching as a worker is not an access to one instance: it takes the worker scope,
     /// and the token's `instances` then limit which jobs the worker receives.
     pub fn authorize_work(&self, p: &Principal) -> Result<()> {
-        if p.scope.allows(Access::Work) {
+        // A named token, always: the worker's id is bound to it.
+        if p.name.is_some() && p.scope.allows(Access::Work) {
             return Ok(());
         }
         if p.name.is_none() && self.anonymous == Scope::None {

@@ -158,7 +158,15 @@ impl WorkerService for WorkerEndpoint {
             tracing::info!(error = %e, "refused a worker's Attach");
         })?;
         let mut inbound = request.into_inner();
-        let register = match inbound.message().await? {
+        // A connection that never registers must not hold a task forever.
+        let first = tokio::time::timeout(self.keepalive * 3, inbound.message())
+            .await
+            .map_err(|_| {
+                Error::InvalidArgument(
+                    "no Register message within three keepalive intervals".into(),
+                )
+            })?;
+        let register = match first? {
             Some(WorkerMessage {
                 message: Some(worker_message::Message::Register(r)),
             }) => r,
@@ -213,12 +221,31 @@ impl WorkerService for WorkerEndpoint {
             self.keepalive * 3,
         );
         let mut shutdown = self.shutdown.clone();
+        // The session ends when its token expires: a worker is trusted only as long as
+        // its credential is (it reconnects, and is refused, like any new caller).
+        let expiry = principal.expires().map(|t| {
+            let left = t
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
         tokio::spawn(async move {
+            let expired = async {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 let next = tokio::select! {
                     m = tokio::time::timeout(silence, inbound.message()) => m,
                     _ = shutdown.wait_for(|s| *s) => {
                         tracing::info!(worker = %id, "server stopping; ending the worker's stream");
+                        break;
+                    }
+                    _ = &mut expired => {
+                        tracing::warn!(worker = %id, "the worker's token expired; ending its stream");
                         break;
                     }
                 };

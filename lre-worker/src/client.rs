@@ -103,6 +103,12 @@ pub fn connect(server: &str, credential: Credential, tls: &ClientTls) -> Result<
     if tls_asked && !https {
         return Err(bad(&"TLS options need an https:// address"));
     }
+    if credential.is_some() && !https {
+        tracing::warn!(
+            server,
+            "sending the worker token without TLS; use https:// between machines"
+        );
+    }
     if https {
         let mut c = ClientTlsConfig::new();
         c = match &tls.ca {

@@ -6,9 +6,12 @@
 //! `cc`, `c++`, `java`, `pager`…), and OpenJDK links its configuration into
 //! `/etc/java-N-openjdk` and its CA store into `/etc/ssl/certs/java`. Rather than a fixed
 //! list that is wrong on the next distribution, the worker follows the symlinks in the
-//! program directories and the JVM directory and shows each directory under `/etc` they
-//! point into, unless its path names something secret. NixOS puts programs in
-//! `/run/current-system/sw`, which is shown when it exists.
+//! program directories and the JVM directory and shows exactly the files under `/etc`
+//! they reach — not the directories around them, where an administrator may keep a
+//! password file (`/etc/java-17-openjdk/management/jmxremote.password`) — unless the
+//! file's real path (symlinked directories resolved) names something secret.
+//! `/etc/alternatives` holds only dpkg's links and is shown whole. NixOS puts programs
+//! in `/run/current-system/sw`, which is shown when it exists.
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -45,6 +48,16 @@ const SCANNED: &[&str] = &[
 
 /// A path under /etc with one of these components is never shown, even if a link leads
 /// there: keys, password databases, credentials.
+const SECRET_WORDS: &[&str] = &[
+    "private",
+    "secret",
+    "password",
+    "passwd",
+    "shadow",
+    "token",
+    "credential",
+    "credstore",
+];
 const SECRET: &[&str] = &[
     "private",
     "shadow",
@@ -62,6 +75,10 @@ const SECRET: &[&str] = &[
     "krb5.keytab",
     "NetworkManager",
     "polkit-1",
+    "letsencrypt",
+    "mysql",
+    "openvpn",
+    "keys",
 ];
 
 /// Bounds on the scan, so a huge or looping tree cannot stall the worker's start.
@@ -101,10 +118,8 @@ fn scan(root: &Path, depth0: usize, budget: &mut usize, out: &mut BTreeSet<PathB
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_symlink() {
                 for hop in etc_hops(&e.path()) {
-                    if let Some(dir) = hop.parent() {
-                        if shareable(dir) {
-                            out.insert(dir.to_path_buf());
-                        }
+                    if let Some(p) = shown_hop(&hop) {
+                        out.insert(p);
                     }
                 }
             } else if ft.is_dir() && depth + 1 < MAX_DEPTH {
@@ -149,12 +164,26 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-fn shareable(dir: &Path) -> bool {
-    dir != Path::new("/etc")
-        && dir.starts_with("/etc")
-        && !dir
-            .components()
-            .any(|c| SECRET.iter().any(|s| c.as_os_str() == *s))
+/// What to show for one step of a link chain that lands under /etc: the step itself, if
+/// it exists and neither it nor what it really is (every symlink resolved, as bubblewrap
+/// will when it binds it) is secret or /etc as a whole.
+fn shown_hop(hop: &Path) -> Option<PathBuf> {
+    if hop.starts_with("/etc/alternatives") {
+        return None; // shown whole from BASE
+    }
+    let real = std::fs::canonicalize(hop).ok()?;
+    let real_ok = shareable(&real) || !real.starts_with("/etc");
+    (shareable(hop) && real_ok).then(|| hop.to_path_buf())
+}
+
+fn shareable(path: &Path) -> bool {
+    path != Path::new("/etc")
+        && path.starts_with("/etc")
+        && !path.components().any(|c| {
+            let c = c.as_os_str().to_string_lossy().to_ascii_lowercase();
+            SECRET.iter().any(|s| c == s.to_ascii_lowercase())
+                || SECRET_WORDS.iter().any(|w| c.contains(w))
+        })
 }
 
 #[cfg(test)]
@@ -173,6 +202,9 @@ mod tests {
             "/etc/lre",
             "/usr/lib",
             "/etc/x/shadow",
+            "/etc/java-17-openjdk/management/jmxremote.password",
+            "/etc/letsencrypt/live/x/privkey.pem",
+            "/etc/app/Secrets.d/x",
         ] {
             assert!(!shareable(Path::new(bad)), "{bad}");
         }
@@ -200,6 +232,25 @@ mod tests {
     }
 
     #[test]
+    fn a_hop_through_a_symlinked_directory_is_judged_by_its_real_path() {
+        // /etc/ssh exists on most hosts; whatever a link names, a path whose real location
+        // is secret is never shown, and neither is a missing one.
+        assert_eq!(shown_hop(Path::new("/etc/ssh/sshd_config")), None);
+        assert_eq!(shown_hop(Path::new("/etc/lre-no-such-file")), None);
+        assert_eq!(
+            shown_hop(Path::new("/etc/alternatives/awk")),
+            None,
+            "shown whole instead"
+        );
+        if Path::new("/etc/ld.so.conf").is_file() {
+            assert_eq!(
+                shown_hop(Path::new("/etc/ld.so.conf")),
+                Some(PathBuf::from("/etc/ld.so.conf"))
+            );
+        }
+    }
+
+    #[test]
     fn the_default_view_covers_this_hosts_tools_and_hides_etc() {
         let paths = default_ro_paths();
         assert!(paths.contains(&PathBuf::from("/usr")), "{paths:?}");
@@ -208,11 +259,21 @@ mod tests {
             !paths.iter().any(|p| !shareable(p) && p.starts_with("/etc")),
             "{paths:?}"
         );
+        // Only files (and /etc/alternatives) of /etc, never the directories around them.
+        for p in paths.iter().filter(|p| p.starts_with("/etc")) {
+            assert!(
+                p.starts_with("/etc/alternatives")
+                    || p.starts_with("/etc/ld.so.conf.d")
+                    || !p.is_dir(),
+                "{} is a directory",
+                p.display()
+            );
+        }
         // Every link in /usr/bin that goes through /etc resolves inside the view.
         for e in std::fs::read_dir("/usr/bin").unwrap().flatten() {
             for hop in etc_hops(&e.path()) {
                 assert!(
-                    paths.iter().any(|p| hop.starts_with(p)) || !shareable(hop.parent().unwrap()),
+                    paths.iter().any(|p| hop.starts_with(p)) || shown_hop(&hop).is_none(),
                     "{} goes through {} which is not shown",
                     e.path().display(),
                     hop.display()

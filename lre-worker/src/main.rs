@@ -54,9 +54,9 @@ struct Cli {
     #[arg(long)]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for a server that requires mTLS; needs --tls-key.
-    #[arg(long)]
+    #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Verify the server's certificate against this name instead of the address's host.
     #[arg(long)]

@@ -300,6 +300,38 @@ async fn only_worker_tokens_attach_and_each_runs_only_its_instances() {
     s.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_dropped_when_its_token_expires() {
+    let mut c = exec_config();
+    let mut t = token("soon", WX, Scope::Worker, None);
+    let at = std::time::SystemTime::now() + Duration::from_secs(3);
+    t.expires = Some(chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339());
+    c.auth.tokens = vec![t];
+    let s = lre_server::start(c).await.unwrap();
+    let url = format!("http://{}", s.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let w = tokio::spawn(lre_worker::run(
+        worker(&url, "w", dir.path(), WX, ClientTls::default()),
+        shutdown,
+    ));
+    assert!(
+        wait_workers(&s, 1).await,
+        "attached while the token is valid"
+    );
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(4)).await;
+    assert!(
+        wait_workers(&s, 0).await,
+        "still attached after its token expired"
+    );
+    // And it stays out: its retries are refused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.scheduler.clone().unwrap().worker_count(), 0);
+    let _ = stop.send(true);
+    w.await.unwrap().unwrap();
+    s.shutdown().await;
+}
+
 /// The real binary, with its token in a file or in the environment and the host's /proc
 /// bound into the sandbox (as in a container): an action searching every process's command
 /// line, environment and root directory finds no trace of the secret.

@@ -352,25 +352,30 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
     pub fn worker_lost(&self, id: &str) {
         let mut st = self.state();
         self.remove_worker(&mut st, id);
+        self.fail_stranded(&mut st);
+        self.dispatch(&mut st);
+    }
+
+    /// Fails the queued actions that no remaining worker (or configured platform) can run.
+    fn fail_stranded(&self, st: &mut State<J, R>) {
         let stranded: Vec<OperationId> = st
             .queue
             .values()
             .filter(|op| {
                 let o = &st.operations[*op];
-                !self.matchable(&st, &o.key.instance, &o.platform)
+                !self.matchable(st, &o.key.instance, &o.platform)
             })
             .cloned()
             .collect();
         for op in stranded {
             let o = &st.operations[&op];
-            let why = self.explain_unmatchable(&st, &o.key.instance, &o.platform);
+            let why = self.explain_unmatchable(st, &o.key.instance, &o.platform);
             self.finish(
-                &mut st,
+                st,
                 &op,
                 Err(Failure::new(tonic::Code::FailedPrecondition, why)),
             );
         }
-        self.dispatch(&mut st);
     }
 
     fn remove_worker(&self, st: &mut State<J, R>, id: &str) {
@@ -479,6 +484,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         }
         let queued: Vec<((i32, u64), OperationId)> =
             st.queue.iter().map(|(r, o)| (*r, o.clone())).collect();
+        let mut lost = false;
         for (rank, op_id) in queued {
             if !free(st) {
                 break;
@@ -517,10 +523,14 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             };
             w.running.insert(op_id.clone());
             if w.tx.send(cmd).is_err() {
-                // The connection is gone but not yet reported: treat it as lost now, which
-                // requeues this action for the next pass.
+                // The connection is gone but not yet reported: treat it as lost now (its
+                // later disconnect finds nothing), requeueing this action.
                 self.remove_worker(st, &wid);
+                lost = true;
             }
+        }
+        if lost {
+            self.fail_stranded(st);
         }
     }
 }

@@ -384,3 +384,20 @@ fn work_spreads_over_workers_by_free_slots() {
         "both workers get half"
     );
 }
+
+#[test]
+fn a_worker_whose_channel_died_unnoticed_does_not_strand_its_actions() {
+    let s = S::new(SchedulerConfig::default());
+    // The connection's receiver is gone before the scheduler hears of it.
+    drop(s.register_worker("gone".into(), props(&[("pool", "only")]), 1));
+    let sub = s
+        .submit(key(77), props(&[("pool", "only")]), 0, "j".into())
+        .unwrap();
+    // Dispatching found the channel closed, dropped the worker, and with no other worker
+    // for that platform the action fails instead of waiting forever.
+    match completed(&sub.stage) {
+        Some(Err(f)) => assert_eq!(f.code, tonic::Code::FailedPrecondition, "{}", f.message),
+        other => panic!("stranded: {other:?}"),
+    }
+    assert_eq!(s.worker_count(), 0);
+}
