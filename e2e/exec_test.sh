@@ -198,7 +198,9 @@ scenario_hosttools() {
 }
 shows_alternatives_not_etc() {
   local line; line="$(grep 'sandbox shows' "$1")"
-  [[ " $line " == *" /etc/alternatives "* ]] && [[ " $line " != *" /etc "* ]]
+  line="${line#*: }"        # the list of paths
+  line="${line%% and *}"    # without the count of single files
+  [[ " $line " == *" /etc/alternatives "* ]] && [[ " $line " != *" /etc "* ]] && [[ " $line " == *" /usr "* ]]
 }
 no_visible() { [ -s "$1" ] && ! grep -q '^visible' "$1"; }
 

@@ -202,7 +202,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut shown: Vec<String> = shown.iter().map(|p| p.display().to_string()).collect();
     if !etc_files.is_empty() {
         shown.push(format!(
-            "and {} file(s) under /etc that tools link to",
+            "and {} linked file(s) inside /etc/",
             etc_files.len()
         ));
     }
