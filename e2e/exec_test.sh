@@ -177,7 +177,7 @@ scenario_hosttools() {
   new_client "$SCEN" H
   WS_SRC="$saved_ws"
   local -a saved=("${BAZEL_TARGETS[@]}")
-  BAZEL_TARGETS=(//:awk //:cc_version //:java_version //:secrets //:hello)
+  BAZEL_TARGETS=(//:awk //:sed_python //:cc_version //:java_version //:secrets //:hello)
   BAZEL_VERB=build
   bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
   BAZEL_TARGETS=("${saved[@]}")
@@ -185,6 +185,8 @@ scenario_hosttools() {
   local out="$CL_WS/bazel-bin"
   check "$n: every spawn ran remotely" "exit $BZ_RC; '$SUM_LINE'" all_remote "$(remote_count)" || show_misses
   check "$n: awk (via /etc/alternatives) ran" "$(cat "$out/awk.txt" 2>/dev/null)" [ "$(cat "$out/awk.txt" 2>/dev/null)" = two ]
+  check "$n: sed piped into python3 ran" "$(cat "$out/sed_python.txt" 2>/dev/null)" \
+    [ "$(cat "$out/sed_python.txt" 2>/dev/null)" = "HELLO LRE" ]
   check "$n: cc (via /etc/alternatives) ran" "$(cat "$out/cc.txt" 2>/dev/null)" grep -qE '^(cc|gcc) ' "$out/cc.txt"
   check "$n: java (via /etc/alternatives and /etc/java-*) ran" "$(head -n1 "$out/java.txt" 2>/dev/null)" \
     grep -qi 'openjdk' "$out/java.txt"

@@ -103,7 +103,13 @@ pub fn connect(server: &str, credential: Credential, tls: &ClientTls) -> Result<
     if tls_asked && !https {
         return Err(bad(&"TLS options need an https:// address"));
     }
-    if credential.is_some() && !https {
+    let loopback = endpoint.uri().host().is_some_and(|h| {
+        h == "localhost"
+            || h.trim_matches(|c| c == '[' || c == ']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    if credential.is_some() && !https && !loopback {
         tracing::warn!(
             server,
             "sending the worker token without TLS; use https:// between machines"
