@@ -62,7 +62,7 @@ scenario_up() {
   start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
     --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --capacity 2
   local lre_pid="$BG_PID"
-  check "$n: lre up serves /healthz" "log up/lre.log" wait_healthy "$HTTP_PORT" || return 0
+  check "$n: lre up serves /healthz" "log up/lre.log" wait_up "$HTTP_PORT" "$SCEN/lre.log" || return 0
   check "$n: lre up prints the --remote_executor flag" "" grep -q -- "--remote_executor=grpc://127.0.0.1:$GRPC_PORT" "$SCEN/lre.log"
 
   new_client "$SCEN" R
@@ -167,7 +167,7 @@ scenario_hosttools() {
   start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
     --store-dir "$SCEN/store" --work-dir "$SCEN/worker"
   local lre_pid="$BG_PID"
-  check "$n: lre up serves /healthz" "" wait_healthy "$HTTP_PORT" || return 0
+  check "$n: lre up serves /healthz" "" wait_up "$HTTP_PORT" "$SCEN/lre.log" || return 0
   check "$n: lre up runs one worker with a slot per CPU" "$(grep 'lre up:' "$SCEN/lre.log")" \
     grep -q "a local worker with $(nproc) slot(s)" "$SCEN/lre.log"
   check "$n: the sandbox shows /etc/alternatives but not /etc" "$(grep 'sandbox shows' "$SCEN/lre.log")" \

@@ -449,6 +449,12 @@ wait_healthy() {
   return 1
 }
 
+# wait_up HTTP_PORT LOG: lre up is healthy and has printed its whole banner. Health comes
+# before the banner's last line, so a check that reads the banner waits for both.
+wait_up() {
+  wait_healthy "$1" && wait_log "$2" "sandbox shows" 1
+}
+
 # wait_log FILE PATTERN COUNT: until FILE has COUNT lines matching PATTERN (30 s at most).
 wait_log() {
   local deadline=$((SECONDS + 30))

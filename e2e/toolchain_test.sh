@@ -213,7 +213,7 @@ start_up() {
     --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --capacity 2 \
     --toolchain "$1/.lre/local-remote-execution/lre.json"
   UP_PID="$BG_PID"
-  wait_healthy "$HTTP_PORT"
+  wait_up "$HTTP_PORT" "$SCEN/lre.log"
 }
 stop_up() { stop_server "$UP_PID"; }
 

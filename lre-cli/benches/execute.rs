@@ -170,12 +170,14 @@ async fn main() {
     let server = lre_server::start(c).await.unwrap();
     let url = format!("http://{}", server.grpc_addr);
     let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let ro_paths = lre_worker::default_ro_paths();
     for i in 0..WORKERS {
         let mut opts = lre_worker::WorkerOptions::local(
             url.clone(),
             format!("bench-{i}"),
             dir.path().join(format!("w{i}")),
             vec![],
+            ro_paths.clone(),
         );
         opts.credential = lre_worker::Credential::bearer(secret).unwrap();
         tokio::spawn(lre_worker::run(opts, shutdown.clone()));

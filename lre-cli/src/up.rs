@@ -174,12 +174,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             ClientTls::default(),
         ),
     };
-    let mut opts = WorkerOptions::local(worker_url, "local".into(), work_dir, properties.clone());
+    let mut opts = WorkerOptions::local(
+        worker_url,
+        "local".into(),
+        work_dir,
+        properties.clone(),
+        ro_paths.clone(),
+    );
     opts.credential = Credential::bearer(&secret)?;
     opts.tls = tls;
     opts.connection.capacity = capacity;
     opts.cache_bytes = args.cache_mib << 20;
-    opts.sandbox.ro_paths = ro_paths.clone();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut worker = tokio::spawn(lre_worker::run(opts, shutdown));
     println!("lre up: cache, scheduler and a local worker with {capacity} slot(s) running");

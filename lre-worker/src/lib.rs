@@ -35,12 +35,14 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
-    /// An anonymous worker on this host with one slot, the default sandbox and a 2 GiB cache.
+    /// An anonymous worker on this host with one slot and a 2 GiB cache, whose sandbox
+    /// shows `ro_paths` (the caller computes [`default_ro_paths`] once: it scans the host).
     pub fn local(
         server: String,
         worker_id: String,
         work_dir: PathBuf,
         properties: Vec<(String, String)>,
+        ro_paths: Vec<PathBuf>,
     ) -> Self {
         WorkerOptions {
             server,
@@ -55,7 +57,7 @@ impl WorkerOptions {
             cache_bytes: 2 << 30,
             sandbox: SandboxConfig {
                 bwrap: "bwrap".into(),
-                ro_paths: default_ro_paths(),
+                ro_paths,
                 network: false,
                 host_proc: false,
             },

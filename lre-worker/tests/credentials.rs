@@ -64,7 +64,13 @@ fn worker(
     secret: &str,
     tls: ClientTls,
 ) -> lre_worker::WorkerOptions {
-    let mut o = lre_worker::WorkerOptions::local(url.into(), id.into(), dir.into(), vec![]);
+    let mut o = lre_worker::WorkerOptions::local(
+        url.into(),
+        id.into(),
+        dir.into(),
+        vec![],
+        lre_worker::default_ro_paths(),
+    );
     o.credential = Credential::bearer(secret).unwrap();
     o.tls = tls;
     o.connection.capacity = 2;

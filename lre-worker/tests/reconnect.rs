@@ -52,6 +52,7 @@ async fn the_worker_reconnects_after_a_server_restart() {
         "w".into(),
         work.path().to_path_buf(),
         vec![],
+        lre_worker::default_ro_paths(),
     );
     opts.credential = lre_worker::Credential::bearer(WORKER_SECRET).unwrap();
     let worker = tokio::spawn(lre_worker::run(opts, shutdown));
