@@ -13,6 +13,9 @@
 #   4 hosttools `lre up` with no flags beyond ports on a second, ordinary workspace whose
 #               genrules run awk, cc and java through Debian's /etc/alternatives, and a
 #               cc_binary on the host toolchain; the sandbox shows no host secrets
+#   5 status    `lre up` and headless Chromium on its status page during and after remote
+#               builds: workers listed, a non-zero hit rate after a second checkout's
+#               build, a failed action's stderr one click away; `lre status --json` agrees
 # Prints PASS/FAIL lines and, last, "N passed, M failed".
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -208,9 +211,104 @@ no_visible() { [ -s "$1" ] && ! grep -q '^visible' "$1"; }
 
 failed_naming() { [ "$BZ_RC" != 0 ] && grep -q "$1" "$BZ_LOG"; }
 
+# dom_has FILE PATTERN...: the saved DOM matches every extended regex.
+dom_has() {
+  local f="$1" p; shift
+  for p in "$@"; do grep -qE -- "$p" "$f" || return 1; done
+}
+browse_has() { local url="$1" out="$2"; shift 2; browse "$url" "$out" && dom_has "$out" "$@"; }
+built_with_hits() { [ "$BZ_RC" = 0 ] && [ "$SUM_HITS" -gt 0 ]; }
+hit_rate_of() { grep -oE 'id="hit-rate">[0-9.]+%' "$1" | grep -oE '[0-9.]+' || echo 0; }
+nonzero() { python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)' "$1"; }
+stderr_href() { grep -oE '<tr class="action failed">.*' "$1" | grep -oE 'href="/api/actions/[0-9]+/stderr"' | head -n1 | cut -d'"' -f2; }
+
+scenario_status() {
+  local n="5 status"
+  new_scenario status
+  alloc
+  start_bg lre "$LRE" up --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
+    --store-dir "$SCEN/store" --work-dir "$SCEN/workers" --capacity 2
+  local lre_pid="$BG_PID" page="http://127.0.0.1:$HTTP_PORT/"
+  check "$n: lre up serves /healthz" "" wait_up "$HTTP_PORT" "$SCEN/lre.log" || return 0
+  check "$n: before any build the page loads in Chromium and lists the worker" "" \
+    browse_has "$page" "$SCEN/before.html" '<tr class="worker"><td class="worker-id">lre-up-worker/local</td>'
+
+  # While the first build runs, load the page until it shows an action a worker executed.
+  new_client "$SCEN" S1
+  rm -f "$SCEN/build-done"
+  (
+    deadline=$((SECONDS + 300))
+    while [ "$SECONDS" -lt "$deadline" ] && [ ! -e "$SCEN/build-done" ]; do
+      if browse "$page" "$SCEN/during.tmp" && grep -q '<tr class="action executed">' "$SCEN/during.tmp"; then
+        # Only a page captured before Bazel returned counts as "during".
+        [ -e "$SCEN/build-done" ] || mv "$SCEN/during.tmp" "$SCEN/during.html"
+        exit 0
+      fi
+      sleep 1
+    done
+  ) &
+  local watcher=$!
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  touch "$SCEN/build-done"
+  wait "$watcher" 2>/dev/null
+  check "$n: the first checkout builds and tests everything remotely" "exit $BZ_RC; '$SUM_LINE'" \
+    all_remote "$(remote_count)"
+  check "$n: during that build the page showed the worker and actions it had executed" \
+    "$(grep -c '<tr class="action executed">' "$SCEN/during.html" 2>/dev/null) executed rows" \
+    dom_has "$SCEN/during.html" 'class="worker-id">lre-up-worker/local<' '<tr class="action executed">'
+
+  new_client "$SCEN" S2
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  check "$n: a second checkout with a fresh output root hits the cache" "exit $BZ_RC; '$SUM_LINE'" \
+    built_with_hits
+
+  mkdir -p "$CL_WS/broken"
+  cat >"$CL_WS/broken/BUILD" <<'EOT'
+genrule(
+    name = "broken",
+    outs = ["broken.txt"],
+    cmd = "echo lre-e2e-broken-action-says-why >&2; exit 3",
+)
+EOT
+  local -a saved=("${BAZEL_TARGETS[@]}")
+  BAZEL_TARGETS=(//broken:broken)
+  BAZEL_VERB=build
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$GRPC_PORT"
+  BAZEL_TARGETS=("${saved[@]}")
+  BAZEL_VERB=test
+  check "$n: a failing action fails the build" "exit $BZ_RC" [ "$BZ_RC" != 0 ]
+
+  browse "$page" "$SCEN/after.html" "$SCEN/status.png"
+  local rate; rate="$(hit_rate_of "$SCEN/after.html")"
+  check "$n: after the second build the page's hit rate is non-zero" "hit rate $rate%" nonzero "$rate"
+  check "$n: the page lists the worker and the invocations" \
+    "$(grep -c '<tr class="invocation">' "$SCEN/after.html") invocations" \
+    dom_has "$SCEN/after.html" 'class="worker-id">lre-up-worker/local<' '<tr class="invocation">.*<td>bazel( [^<]*)?</td>'
+  local href; href="$(stderr_href "$SCEN/after.html")"
+  browse "http://127.0.0.1:$HTTP_PORT$href" "$SCEN/stderr.html"
+  check "$n: the failed action's row links to its stderr, which says why" "link '${href:-none}'" \
+    dom_has "$SCEN/stderr.html" 'lre-e2e-broken-action-says-why'
+  check "$n: a screenshot of the page was saved" "$SCEN/status.png ($(stat -c %s "$SCEN/status.png" 2>/dev/null) bytes)" \
+    test -s "$SCEN/status.png"
+  "$LRE" status --server "http://127.0.0.1:$HTTP_PORT" --json >"$SCEN/status.json" 2>"$SCEN/status.err"
+  check "$n: lre status --json reports the worker, the hit rate and the failed action" "$(head -c 300 "$SCEN/status.err")" \
+    python3 - "$SCEN/status.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["status"]
+workers = [w["id"] for w in s["execution"]["workers"]]
+failed = [r for r in s["recent"] if r["outcome"] == "failed"]
+ok = "lre-up-worker/local" in workers and (s["hit_rate_percent"] or 0) > 0 and failed and failed[0]["exit_code"] == 3
+sys.exit(0 if ok else 1)
+PY
+  kill -TERM "$lre_pid" 2>/dev/null
+  local deadline=$((SECONDS + 20))
+  while pid_alive "$lre_pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+  forget_pid "$lre_pid"
+}
+
 main() {
   local -a want=("$@")
-  [ "${#want[@]}" = 0 ] && want=(up kill routing hosttools)
+  [ "${#want[@]}" = 0 ] && want=(up kill routing hosttools status)
   e2e_init
   check "preflight: lre, lre-server, lre-worker, bwrap and bazel present" "" \
     test -x "$LRE" -a -x "$LRE_SERVER" -a -x "$LRE_WORKER" -a -n "$(command -v bwrap)" -a -n "$(command -v "$BAZEL")"
@@ -221,6 +319,7 @@ main() {
       2|kill) scenario_kill ;;
       3|routing) scenario_routing ;;
       4|hosttools) scenario_hosttools ;;
+      5|status) scenario_status ;;
       *) echo "unknown scenario $w" >&2; exit 2 ;;
     esac
   done

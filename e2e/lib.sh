@@ -455,6 +455,16 @@ wait_up() {
   wait_healthy "$1" && wait_log "$2" "sandbox shows" 1
 }
 
+# browse URL OUT [SCREENSHOT]: the DOM headless Chromium builds from URL (and, with a
+# third argument, a screenshot of the page). Runs as root, hence --no-sandbox.
+browse() {
+  local -a flags=(--headless --no-sandbox --disable-gpu --user-data-dir="$SCEN/chromium-profile")
+  timeout 60 chromium "${flags[@]}" --dump-dom "$1" >"$2" 2>>"$SCEN/chromium.log" || return 1
+  if [ -n "${3:-}" ]; then
+    timeout 60 chromium "${flags[@]}" --window-size=1280,2200 --screenshot="$3" "$1" >>"$SCEN/chromium.log" 2>&1
+  fi
+}
+
 # wait_log FILE PATTERN COUNT: until FILE has COUNT lines matching PATTERN (30 s at most).
 wait_log() {
   local deadline=$((SECONDS + 30))

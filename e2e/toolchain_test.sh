@@ -321,6 +321,38 @@ scenario_change() {
   "$LRE" explain "$SCEN/A.execlog.bin" "$SCEN/E.execlog.bin" >"$SCEN/explain-ae-bin.txt" 2>&1
   check "$n: lre explain says the same from Bazel's binary execution logs" "" \
     cmp -s "$SCEN/explain-ae.txt" "$SCEN/explain-ae-bin.txt"
+
+  # The server's own history explains E's misses (against B, the invocation before it):
+  # no execution log involved.
+  "$LRE" status --server "http://127.0.0.1:$HTTP_PORT" --json >"$SCEN/status-e.json" 2>"$SCEN/status-e.err"
+  check "$n: lre status --json names the changed store path for E's missed actions" \
+    "$(server_explained "$SCEN/status-e.json" "$old" "$new" 2>&1 | tail -n1)" \
+    server_explained_quietly "$SCEN/status-e.json" "$old" "$new"
+  curl -fsS "http://127.0.0.1:$HTTP_PORT/explain" >"$SCEN/explain-e.html" 2>"$SCEN/explain-e.err"
+  check "$n: the status page's explanation names the old and the new store path" \
+    "$(grep -c 'class="difference"' "$SCEN/explain-e.html") differences listed" \
+    page_explained "$SCEN/explain-e.html" "$old" "$new"
+}
+server_explained() {
+  python3 - "$@" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1])); old, new = sys.argv[2], sys.argv[3]
+e = doc.get("explanation") or {}
+diff = e.get("differing", [])
+print(f"{len(diff)} differing of {e.get('missed')} missed; new paths {e.get('store_paths_new')}; "
+      f"not compared {len(e.get('unexplained', []))}; inputs not compared {e.get('inputs_not_compared')}; "
+      f"error {doc.get('explanation_error')}")
+ok = (diff and any(p.endswith("/" + new) for p in e.get("store_paths_new", []))
+      and any(p.endswith("/" + old) for p in e.get("store_paths_base", []))
+      and any(f'argument 0: "/nix/store/{old}' in d for x in diff for d in x["differences"]))
+sys.exit(0 if ok else 1)
+PY
+}
+server_explained_quietly() { server_explained "$@" >/dev/null; }
+page_explained() {
+  grep -q "<li class=\"store-path base\">− <code>/nix/store/$2</code>" "$1" &&
+    grep -q "<li class=\"store-path new\">+ <code>/nix/store/$3</code>" "$1" &&
+    grep -q 'class="difference"' "$1"
 }
 no_hits() { [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" -gt 0 ] && [ "$HITS" = 0 ]; }
 explained() {

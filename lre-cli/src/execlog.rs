@@ -14,31 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// One spawn, in the shape `lre explain` compares.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Spawn {
-    pub mnemonic: String,
-    pub target_label: String,
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    /// Input path → `hash/size` (empty for a directory or runfiles tree without digest).
-    pub inputs: BTreeMap<String, String>,
-    pub outputs: Vec<String>,
-    pub platform: BTreeMap<String, String>,
-    /// The action key, when Bazel logged one.
-    pub digest: Option<String>,
-    pub cache_hit: bool,
-}
-
-impl Spawn {
-    /// What identifies "the same action" in two builds: its first output.
-    pub fn identity(&self) -> String {
-        self.outputs
-            .first()
-            .cloned()
-            .unwrap_or_else(|| format!("{} {}", self.mnemonic, self.args.join(" ")))
-    }
-}
+pub use lre_action_diff::Spawn;
 
 pub fn read(path: &Path) -> Result<Vec<Spawn>> {
     let bytes = std::fs::read(path).map_err(crate::error::io(path))?;

@@ -299,7 +299,9 @@ pub fn build(spec: &ImageSpec, out: &Path, progress: &(dyn Fn(&str, u64) + Sync)
     // (and so the digest) does not depend on which finishes first.
     let groups = group_layers(&spec.closure, spec.max_layers);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<Option<Result<(Descriptor, String)>>>> =
+    // One slot per layer: its descriptor and diff id, once written.
+    type Slots = Vec<Option<Result<(Descriptor, String)>>>;
+    let results: std::sync::Mutex<Slots> =
         std::sync::Mutex::new((0..groups.len()).map(|_| None).collect());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())

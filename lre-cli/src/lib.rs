@@ -15,5 +15,6 @@ pub mod nix;
 pub mod probe;
 pub mod registry;
 pub mod render;
+pub mod status;
 pub mod toolchain;
 pub mod up;

@@ -1,6 +1,6 @@
 //! `lre`: the user-facing command.
 
-use lre_cli::{bazel, doctor, explain, generate, image, nix, registry, toolchain, up};
+use lre_cli::{bazel, doctor, explain, generate, image, nix, registry, status, toolchain, up};
 
 use std::path::PathBuf;
 
@@ -27,6 +27,9 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Say why two builds' actions got different cache keys, from their execution logs.
     Explain(explain::ExplainArgs),
+    /// What a server is doing: store, workers, queue, recent actions, and why the newest
+    /// invocation missed (from the server's history; no execution log needed).
+    Status(status::StatusArgs),
     /// Worker images of the toolchain closure.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -338,6 +341,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Generate(args) => tokio::task::block_in_place(|| generate(args)),
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Explain(args) => explain::explain(args),
+        Command::Status(args) => status::status(args).await,
         Command::Image(ImageCommand::Build(args)) => {
             tokio::task::block_in_place(|| image_build(args))
         }

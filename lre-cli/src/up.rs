@@ -191,7 +191,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  grpc: {bazel_url}");
     if let Some(h) = server.http_addr {
         let scheme = if server.tls { "https" } else { "http" };
-        println!("  http: {scheme}://{h}  (/metrics, /healthz)");
+        println!("  status page: {scheme}://{h}/  (also /api/status, /metrics, /healthz)");
     }
     let mut flags = vec![format!("--remote_executor={bazel_url}")];
     if let Some(ca) = &args.tls_ca {

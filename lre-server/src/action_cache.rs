@@ -12,6 +12,7 @@ use crate::auth::Access;
 use crate::cache::Cache;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::Error;
+use crate::status::RequestMeta;
 
 pub struct ActionCacheService {
     cache: Arc<Cache>,
@@ -42,11 +43,15 @@ impl ActionCache for ActionCacheService {
             .authorize_grpc(&request, &req.instance_name, Access::Read)?;
         check_digest_function(req.digest_function)?;
         let action = required_digest(&req.action_digest)?;
-        match self
+        let found = self
             .cache
             .get_action_result(&req.instance_name, action.hash)
-            .await?
-        {
+            .await?;
+        let meta = RequestMeta::of(&request);
+        self.cache
+            .activity
+            .lookup(&req.instance_name, meta.as_ref(), action, found.is_some());
+        match found {
             Some(hit) => Ok(Response::new(hit.result)),
             None => Err(Error::NotFound(format!("no complete action result for {action}")).into()),
         }

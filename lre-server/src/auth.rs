@@ -286,6 +286,23 @@ impl Authenticator {
         )))
     }
 
+    /// The status page and its API: any caller that may read some instance. Each view is
+    /// then filtered to the instances the caller may read.
+    pub fn authorize_status(&self, p: &Principal) -> Result<()> {
+        if p.scope.allows(Access::Read) {
+            return Ok(());
+        }
+        if p.name.is_none() && self.anonymous == Scope::None {
+            return Err(Error::Unauthenticated(
+                "this server requires a token (scope read or more) to show its status".into(),
+            ));
+        }
+        Err(Error::PermissionDenied(format!(
+            "{} may not see the server's status",
+            p.who()
+        )))
+    }
+
     pub fn authorize(&self, p: &Principal, instance: &str, access: Access) -> Result<()> {
         if p.may(instance, access) {
             return Ok(());

@@ -21,6 +21,8 @@ pub struct Cache {
     pub instances: Instances,
     pub auth: Authenticator,
     pub max_batch_total_size_bytes: u64,
+    /// What the status page shows: recent actions, invocations, the last hour.
+    pub activity: crate::status::Activity,
 }
 
 /// An action-cache hit: the decoded result and the exact bytes stored.

@@ -57,6 +57,12 @@ pub struct Config {
     pub upload_ttl_seconds: u64,
     #[serde(default)]
     pub execution: ExecutionConfig,
+    /// The Remote Asset API (Fetch/Push) and its downloader's limits.
+    #[serde(default)]
+    pub asset: crate::asset::AssetConfig,
+    /// The status page's history bounds, and whether `/metrics` needs a token.
+    #[serde(default)]
+    pub status: crate::status::StatusConfig,
 }
 
 /// Remote execution: the scheduler and the endpoint workers connect to.
@@ -185,6 +191,8 @@ impl Default for Config {
             shutdown_grace_seconds: default_grace(),
             upload_ttl_seconds: default_upload_ttl(),
             execution: ExecutionConfig::default(),
+            asset: crate::asset::AssetConfig::default(),
+            status: crate::status::StatusConfig::default(),
         }
     }
 }
@@ -273,6 +281,10 @@ impl Config {
         if e.keepalive_seconds == 0 {
             return Err(invalid("execution.keepalive_seconds", "must be at least 1"));
         }
+        self.status.validate().map_err(|(k, m)| invalid(k, m))?;
+        self.asset
+            .validate(self.store.max_size.0)
+            .map_err(|(k, m)| invalid(k, m))?;
         if self.upload_ttl_seconds == 0 {
             return Err(invalid("upload_ttl_seconds", "must be at least 1"));
         }

@@ -42,6 +42,13 @@ pub enum Error {
     #[error("unimplemented: {0}")]
     Unimplemented(String),
 
+    /// An upstream (Remote Asset downloads) could not be reached; worth retrying.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+
     #[error("I/O error: {0}")]
     Io(io::Error),
 
@@ -85,6 +92,8 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Io(_) | Error::Internal(_) => Code::Internal,
         }
     }
@@ -101,6 +110,8 @@ impl Error {
             Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Aborted(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Unavailable(_) => StatusCode::BAD_GATEWAY,
+            Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Io(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

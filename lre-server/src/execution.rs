@@ -26,6 +26,7 @@ use crate::config::ExecutionConfig;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::{Error, Result};
 use crate::scheduler::{ActionKey, Properties, Scheduler, Stage};
+use crate::status::RequestMeta;
 
 /// What a worker needs to run one action; shared by every waiter of a deduplicated action.
 #[derive(Debug)]
@@ -35,6 +36,9 @@ pub struct Job {
     pub command: Bytes,
     pub timeout: Duration,
     pub do_not_cache: bool,
+    /// What the client said about the action, for the status page.
+    pub meta: Option<RequestMeta>,
+    pub first_output: String,
 }
 
 pub type ExecScheduler = Scheduler<Arc<Job>, ExecuteResponse>;
@@ -271,12 +275,17 @@ impl ExecutionService {
             ])) as OpStream)
         };
 
+        let meta = RequestMeta::of(&request);
         if !req.skip_cache_lookup {
             if let Some(hit) = self
                 .cache
                 .get_action_result(&req.instance_name, action_digest.hash)
                 .await?
             {
+                // Only hits count here: Bazel looked the key up (and missed) just before.
+                self.cache
+                    .activity
+                    .lookup(&req.instance_name, meta.as_ref(), action_digest, true);
                 return done_now(ExecuteResponse {
                     result: Some(hit.result),
                     cached_result: true,
@@ -319,6 +328,8 @@ impl ExecutionService {
             command: command_raw,
             timeout: self.timeout(&action)?,
             do_not_cache: action.do_not_cache,
+            meta,
+            first_output: first_output(&command),
         });
         let priority = req
             .execution_policy
@@ -376,4 +387,15 @@ impl Execution for ExecutionService {
             vec![],
         )))
     }
+}
+
+/// The action's first declared output, which names it on the status page.
+#[allow(deprecated)]
+fn first_output(c: &Command) -> String {
+    c.output_paths
+        .first()
+        .or(c.output_files.first())
+        .or(c.output_directories.first())
+        .cloned()
+        .unwrap_or_default()
 }

@@ -16,23 +16,40 @@ use futures::StreamExt;
 use prost::Message;
 use tokio_util::io::ReaderStream;
 
-use crate::auth::{parse_authorization, Access};
+use crate::auth::{parse_authorization, Access, Credential};
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::execution::ExecScheduler;
 
 /// Action results are small; anything bigger is not one.
 const MAX_AC_BODY: usize = 16 << 20;
 
-pub fn router(cache: Arc<Cache>) -> Router {
+pub fn router(cache: Arc<Cache>, scheduler: Option<Arc<ExecScheduler>>) -> Router {
+    let status = crate::status::page::routes(crate::status::page::StatusState {
+        cache: cache.clone(),
+        scheduler,
+        explain_slots: Arc::new(tokio::sync::Semaphore::new(
+            crate::status::page::EXPLAIN_SLOTS,
+        )),
+    });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(blob)
         .with_state(cache)
+        .merge(status)
 }
 
-async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
+async fn metrics(State(cache): State<Arc<Cache>>, headers: HeaderMap) -> Response {
+    if cache.activity.protects_metrics() {
+        let allowed = credential(&headers)
+            .and_then(|c| cache.auth.authenticate(c))
+            .and_then(|p| cache.auth.authorize_status(&p));
+        if let Err(e) = allowed {
+            return error_response(e);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -43,7 +60,21 @@ async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
         .into_response()
 }
 
-fn error_response(e: Error) -> Response {
+/// The request's `Authorization` header (Basic or Bearer), if any.
+pub(crate) fn credential(headers: &HeaderMap) -> Result<Option<Credential>> {
+    headers
+        .get(header::AUTHORIZATION)
+        .map(|v| {
+            parse_authorization(
+                v.to_str().map_err(|_| {
+                    Error::Unauthenticated("authorization header is not ASCII".into())
+                })?,
+            )
+        })
+        .transpose()
+}
+
+pub(crate) fn error_response(e: Error) -> Response {
     let status = e.http_status();
     let mut resp = (status, format!("{e}\n")).into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -130,12 +161,7 @@ async fn handle(
         (Kind::Cas, true) => Access::Upload,
         (Kind::Ac, true) => Access::Write,
     };
-    let cred = match headers.get(header::AUTHORIZATION) {
-        None => None,
-        Some(v) => Some(parse_authorization(v.to_str().map_err(|_| {
-            Error::Unauthenticated("authorization header is not ASCII".into())
-        })?)?),
-    };
+    let cred = credential(headers)?;
     // Authorize before reading any of the body: a refused writer stores nothing.
     cache.authorize(cred, &instance, access)?;
     match (kind, access) {

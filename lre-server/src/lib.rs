@@ -2,6 +2,7 @@
 //! and Bazel HTTP cache over one durable, size-bounded store, with access control.
 
 pub mod action_cache;
+pub mod asset;
 pub mod auth;
 pub mod bytestream;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod operations;
 pub mod resource_name;
 pub mod scheduler;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod worker_service;

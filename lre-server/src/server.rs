@@ -59,6 +59,8 @@ pub enum StartError {
     Store(crate::error::Error),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("remote asset service: {0}")]
+    Asset(crate::error::Error),
 }
 
 pub struct RunningServer {
@@ -135,6 +137,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         instances: Instances::new(config.instances.clone()),
         auth,
         max_batch_total_size_bytes: config.max_batch_total_size_bytes,
+        activity: crate::status::Activity::new(config.status.clone()),
     });
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let (shutdown, rx) = watch::channel(false);
@@ -184,6 +187,18 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             ))
             .max_decoding_message_size(max_msg),
         );
+    if config.asset.enabled {
+        use bazel_remote_apis::build::bazel::remote::asset::v1::{
+            fetch_server::FetchServer, push_server::PushServer,
+        };
+        let asset = Arc::new(
+            crate::asset::AssetService::new(cache.clone(), &config.asset)
+                .map_err(StartError::Asset)?,
+        );
+        router = router
+            .add_service(FetchServer::from_arc(asset.clone()))
+            .add_service(PushServer::from_arc(asset));
+    }
     let scheduler = exec.enabled.then(|| {
         Arc::new(ExecScheduler::new(SchedulerConfig {
             max_attempts: exec.max_attempts,
@@ -248,7 +263,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             )?)),
             None => None,
         };
-        let app = crate::http::router(cache.clone());
+        let app = crate::http::router(cache.clone(), scheduler.clone());
         let stop_all = shutdown.clone();
         let rx = rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -256,6 +271,20 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             let _ = stop_all.send(true);
         }));
     }
+    // The status page's per-minute store figures are sampled, not pushed by the store.
+    let sampler = {
+        let (cache, mut rx) = (cache.clone(), rx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => cache.activity.sample(&cache.metrics),
+                    _ = stopped(&mut rx) => break,
+                }
+            }
+        })
+    };
+    tasks.push(sampler);
     tracing::info!(%grpc_addr, http_addr = ?http_addr, tls = config.tls.is_some(), "lre-server listening");
     Ok(RunningServer {
         grpc_addr,

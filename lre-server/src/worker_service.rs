@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::Cache;
+use crate::digest::Digest;
 use crate::error::Error;
 use crate::execution::ExecScheduler;
 use crate::scheduler::{WorkerCommand, WorkerSpec};
@@ -132,6 +133,7 @@ async fn finish(cache: &Cache, scheduler: &ExecScheduler, worker: &str, f: Actio
             }
         }
     }
+    record(cache, worker, &job, &f, result.as_ref());
     let response = ExecuteResponse {
         result,
         cached_result: false,
@@ -139,6 +141,42 @@ async fn finish(cache: &Cache, scheduler: &ExecScheduler, worker: &str, f: Actio
         ..Default::default()
     };
     scheduler.complete(worker, &f.operation, Ok(response));
+}
+
+/// Tells the status page what ran, where, and how it ended.
+fn record(
+    cache: &Cache,
+    worker: &str,
+    job: &crate::execution::Job,
+    f: &ActionFinished,
+    result: Option<&ActionResult>,
+) {
+    let ok = f.status_code == tonic::Code::Ok as i32;
+    let exit_code = result.map(|r| r.exit_code);
+    let duration = result
+        .and_then(|r| r.execution_metadata.as_ref())
+        .and_then(|m| {
+            let (s, e) = (m.worker_start_timestamp?, m.worker_completed_timestamp?);
+            let ms = (e.seconds - s.seconds) * 1000 + i64::from(e.nanos - s.nanos) / 1_000_000;
+            u64::try_from(ms).ok().map(std::time::Duration::from_millis)
+        });
+    let stderr = result
+        .and_then(|r| Digest::from_opt_proto(&r.stderr_digest).ok().flatten())
+        .filter(|d| d.size > 0);
+    cache.activity.executed(
+        &job.key.instance,
+        job.meta.as_ref(),
+        job.key.action,
+        crate::status::Execution {
+            first_output: job.first_output.clone(),
+            worker: worker.to_string(),
+            exit_code,
+            duration,
+            stderr,
+            failed: !ok || exit_code != Some(0),
+            message: f.status_message.clone(),
+        },
+    );
 }
 
 type ServerStream = ReceiverStream<Result<ServerMessage, Status>>;
@@ -249,6 +287,9 @@ impl WorkerService for WorkerEndpoint {
                         break;
                     }
                 };
+                if matches!(next, Ok(Ok(Some(_)))) {
+                    scheduler.heard_from(&id, session);
+                }
                 match next {
                     Ok(Ok(Some(WorkerMessage {
                         message: Some(worker_message::Message::Finished(f)),

@@ -49,6 +49,7 @@ async fn run(ch: &Channel, instance: &str, argv: &[&str], input: &[u8]) -> re::E
         argv,
         input,
         secret: Some(CI),
+        invocation: None,
     };
     execute(ch, e).await.unwrap()
 }
@@ -292,6 +293,7 @@ async fn only_worker_tokens_attach_and_each_runs_only_its_instances() {
         argv: &["true"],
         input: b"",
         secret: Some(CI),
+        invocation: None,
     };
     let status = tokio::time::timeout(Duration::from_secs(30), execute(&ch, e))
         .await

@@ -37,6 +37,7 @@ async fn run_true(s: &lre_server::RunningServer) -> i32 {
         argv: &["/bin/true"],
         input: b"",
         secret: None,
+        invocation: None,
     };
     execute(&ch, e).await.unwrap().result.unwrap().exit_code
 }

@@ -101,6 +101,8 @@ struct Operation<J, R> {
     worker: Option<WorkerId>,
     stage: watch::Sender<Stage<R>>,
     finished_at: Option<Instant>,
+    /// When the action was first submitted, for the status page's "oldest waiting".
+    submitted_at: Instant,
 }
 
 /// What a worker offers when it connects.
@@ -127,7 +129,34 @@ struct Worker<J> {
     spec: WorkerSpec,
     running: HashSet<OperationId>,
     tx: mpsc::UnboundedSender<WorkerCommand<J>>,
+    last_heard: Instant,
 }
+
+/// One connected worker, as the status page shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub properties: Vec<(String, String)>,
+    pub capacity: usize,
+    pub running: usize,
+    pub instances: Option<Vec<String>>,
+    pub since_heard_ms: u64,
+}
+
+/// The scheduler at a glance: its workers and its queue.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Overview {
+    pub workers: Vec<WorkerView>,
+    pub queued: usize,
+    pub executing: usize,
+    pub oldest_queued_ms: Option<u64>,
+    /// Queued actions that no connected worker can run (they wait for a known platform).
+    pub unmatchable: usize,
+}
+
+/// The queue scan behind `Overview::unmatchable` stops here, so a status request stays
+/// cheap under a long queue.
+const OVERVIEW_SCAN: usize = 10_000;
 
 struct State<J, R> {
     next_seq: u64,
@@ -209,6 +238,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 worker: None,
                 stage: tx,
                 finished_at: None,
+                submitted_at: Instant::now(),
             },
         );
         st.in_flight.insert(key, id.clone());
@@ -253,6 +283,54 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             );
         }
         platform::explain_unmatchable(candidates, platform)
+    }
+
+    /// A worker's connection delivered a message (a keepalive or a result).
+    pub fn heard_from(&self, id: &str, session: u64) {
+        if let Some(w) = self.state().workers.get_mut(id) {
+            if w.session == session {
+                w.last_heard = Instant::now();
+            }
+        }
+    }
+
+    /// Workers and queue, for the status page. Workers are listed by id.
+    pub fn overview(&self) -> Overview {
+        let st = self.state();
+        let mut workers: Vec<WorkerView> = st
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerView {
+                id: id.clone(),
+                properties: w.spec.properties.clone(),
+                capacity: w.spec.capacity,
+                running: w.running.len(),
+                instances: w.spec.instances.clone(),
+                since_heard_ms: w.last_heard.elapsed().as_millis() as u64,
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut oldest: Option<Duration> = None;
+        let mut unmatchable = 0;
+        for id in st.queue.values().take(OVERVIEW_SCAN) {
+            let Some(op) = st.operations.get(id) else {
+                continue;
+            };
+            let waited = op.submitted_at.elapsed();
+            oldest = Some(oldest.map_or(waited, |o| o.max(waited)));
+            let runnable = st.workers.values().any(|w| {
+                w.spec.serves(&op.key.instance)
+                    && platform::satisfies(&w.spec.properties, &op.platform)
+            });
+            unmatchable += usize::from(!runnable);
+        }
+        Overview {
+            executing: st.workers.values().map(|w| w.running.len()).sum(),
+            workers,
+            queued: st.queue.len(),
+            oldest_queued_ms: oldest.map(|d| d.as_millis() as u64),
+            unmatchable,
+        }
     }
 
     /// How many workers are connected.
@@ -333,6 +411,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 spec,
                 running: HashSet::new(),
                 tx,
+                last_heard: Instant::now(),
             },
         );
         self.dispatch(&mut st);

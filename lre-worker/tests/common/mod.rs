@@ -40,6 +40,34 @@ pub struct Exec<'a> {
     pub argv: &'a [&'a str],
     pub input: &'a [u8],
     pub secret: Option<&'a str>,
+    /// Sent as RequestMetadata (tool invocation id, mnemonic), as Bazel does.
+    pub invocation: Option<&'a str>,
+}
+
+/// `msg` with the credential and, if given, Bazel's RequestMetadata for `invocation`.
+pub fn with_metadata<T>(
+    msg: T,
+    secret: Option<&str>,
+    invocation: Option<&str>,
+) -> tonic::Request<T> {
+    let mut r = authed(msg, secret);
+    if let Some(id) = invocation {
+        let m = re::RequestMetadata {
+            tool_invocation_id: id.into(),
+            action_mnemonic: "Genrule".into(),
+            target_id: "//test:action".into(),
+            tool_details: Some(re::ToolDetails {
+                tool_name: "test".into(),
+                tool_version: "1".into(),
+            }),
+            ..Default::default()
+        };
+        r.metadata_mut().insert_bin(
+            "build.bazel.remote.execution.v2.requestmetadata-bin",
+            tonic::metadata::MetadataValue::from_bytes(&m.encode_to_vec()),
+        );
+    }
+    r
 }
 
 /// Uploads the action and executes it uncached; the final ExecuteResponse, or the status
@@ -89,7 +117,7 @@ pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, t
         ))
         .await?;
     let mut ops = ExecutionClient::new(ch.clone())
-        .execute(authed(
+        .execute(with_metadata(
             re::ExecuteRequest {
                 instance_name: e.instance.into(),
                 action_digest: Some(digest_of(&act)),
@@ -97,6 +125,7 @@ pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, t
                 ..Default::default()
             },
             e.secret,
+            e.invocation,
         ))
         .await?
         .into_inner();

@@ -1,0 +1,253 @@
+//! `lre status`: the server's status page in the terminal (or as JSON), from its API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde_json::Value;
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The server's HTTP address (where `/` shows the status page).
+    #[arg(long, default_value = "http://127.0.0.1:8981", env = "LRE_STATUS_URL")]
+    server: String,
+    /// A file holding a token (scope read or more), sent as a bearer token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that an https server's certificate chains to.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Print the status and the miss explanation as one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Explain this invocation's misses (default: the newest invocation with misses).
+    #[arg(long)]
+    new: Option<String>,
+    /// ... against this invocation (default: the one of the same instance before it).
+    #[arg(long)]
+    base: Option<String>,
+    /// Only consider invocations of this instance.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Recent actions and invocations shown in text form.
+    #[arg(long, default_value_t = 10)]
+    limit: usize,
+}
+
+fn token(args: &StatusArgs) -> anyhow::Result<Option<String>> {
+    if let Some(f) = &args.token_file {
+        let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    // Taken from the environment, never from a flag: flags show up in `ps`.
+    Ok(std::env::var("LRE_TOKEN").ok().filter(|t| !t.is_empty()))
+}
+
+async fn get(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<Result<Value, String>> {
+    let mut req = http.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let code = resp.status();
+    let body = resp
+        .text()
+        .await
+        .with_context(|| format!("reading {url}"))?;
+    if code.is_success() {
+        let v = serde_json::from_str(&body)
+            .with_context(|| format!("{url} did not answer with JSON"))?;
+        return Ok(Ok(v));
+    }
+    Ok(Err(format!("{code}: {}", body.trim())))
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        http = http.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?,
+        );
+    }
+    let http = http.build()?;
+    let token = token(&args)?;
+    let base = args.server.trim_end_matches('/');
+    let status = match get(&http, &format!("{base}/api/status"), token.as_deref()).await? {
+        Ok(v) => v,
+        Err(e) => anyhow::bail!("{base}/api/status: {e}"),
+    };
+    let query: Vec<(&str, &String)> = [
+        ("instance", &args.instance),
+        ("base", &args.base),
+        ("new", &args.new),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    .collect();
+    let url = reqwest::Url::parse_with_params(&format!("{base}/api/explain"), &query)
+        .with_context(|| format!("{base} is not a URL"))?;
+    let explanation = get(&http, url.as_str(), token.as_deref()).await?;
+    if args.json {
+        let doc = match &explanation {
+            Ok(e) => serde_json::json!({ "status": status, "explanation": e }),
+            Err(why) => serde_json::json!({
+                "status": status, "explanation": null, "explanation_error": why,
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_status(base, &status, args.limit);
+        match &explanation {
+            Ok(e) => print_explanation(e),
+            Err(why) => println!("\nno miss explanation: {why}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_status(url: &str, v: &Value, limit: usize) {
+    let st = &v["store"];
+    println!(
+        "lre-server {} at {url}, up {} s",
+        s(&v["version"]),
+        s(&v["uptime_seconds"])
+    );
+    println!(
+        "store: {} bytes in {} entries; received {}, sent {} bytes; {} evictions",
+        s(&st["size_bytes"]),
+        s(&st["entries"]),
+        s(&st["bytes_in"]),
+        s(&st["bytes_out"]),
+        s(&st["evictions"])
+    );
+    println!(
+        "last hour: {} hits, {} misses, {} executed; hit rate {}%",
+        s(&v["hits"]),
+        s(&v["misses"]),
+        s(&v["executed"]),
+        s(&v["hit_rate_percent"])
+    );
+    if let Some(e) = v.get("execution").filter(|e| !e.is_null()) {
+        let workers = e["workers"].as_array().cloned().unwrap_or_default();
+        println!("workers ({}):", workers.len());
+        for w in &workers {
+            let props: Vec<String> = w["properties"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{}={}", s(&p[0]), s(&p[1])))
+                .collect();
+            println!(
+                "  {}  slots {}, running {}, heard {} ms ago  {}",
+                s(&w["id"]),
+                s(&w["capacity"]),
+                s(&w["running"]),
+                s(&w["since_heard_ms"]),
+                props.join(" ")
+            );
+        }
+        println!(
+            "queue: {} queued, {} executing, oldest waiting {} ms, {} no worker can run",
+            s(&e["queued"]),
+            s(&e["executing"]),
+            s(&e["oldest_queued_ms"]),
+            s(&e["unmatchable"])
+        );
+    }
+    let recent = v["recent"].as_array().cloned().unwrap_or_default();
+    println!("recent actions ({} kept):", recent.len());
+    for r in recent.iter().take(limit) {
+        let what = [&r["mnemonic"], &r["target"], &r["first_output"]]
+            .iter()
+            .map(|x| s(x))
+            .filter(|x| !x.is_empty() && x != "-")
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut line = format!("  {:<9} {}", s(&r["outcome"]), what);
+        if !r["worker"].is_null() {
+            line += &format!(
+                "  on {} in {} ms, exit {}",
+                s(&r["worker"]),
+                s(&r["duration_ms"]),
+                s(&r["exit_code"])
+            );
+        }
+        if r["has_stderr"] == Value::Bool(true) {
+            line += &format!("  (stderr: /api/actions/{}/stderr)", s(&r["id"]));
+        }
+        println!("{line}");
+    }
+    let invocations = v["invocations"].as_array().cloned().unwrap_or_default();
+    println!("invocations ({}):", invocations.len());
+    for i in invocations.iter().take(limit) {
+        println!(
+            "  {}  {}  instance {:?}: {} hits, {} misses, {} executed, {} failed",
+            s(&i["id"]),
+            s(&i["tool"]),
+            s(&i["instance"]),
+            s(&i["hits"]),
+            s(&i["misses"]),
+            s(&i["executed"]),
+            s(&i["failed"])
+        );
+    }
+}
+
+fn print_explanation(e: &Value) {
+    println!(
+        "\nwhy {} missed, against {}: {} missed action(s), {} with a counterpart, {} with different keys",
+        s(&e["new"]["id"]),
+        s(&e["base"]["id"]),
+        s(&e["missed"]),
+        s(&e["common"]),
+        e["differing"].as_array().map_or(0, Vec::len)
+    );
+    for d in e["differing"].as_array().into_iter().flatten().take(20) {
+        println!(
+            "  {} {} {}",
+            s(&d["target"]),
+            s(&d["mnemonic"]),
+            s(&d["output"])
+        );
+        for x in d["differences"].as_array().into_iter().flatten() {
+            println!("    {}", s(x));
+        }
+    }
+    for (sign, key) in [("-", "store_paths_base"), ("+", "store_paths_new")] {
+        for p in e[key].as_array().into_iter().flatten() {
+            println!("  {sign} {}", s(p));
+        }
+    }
+    if e["inputs_not_compared"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  inputs of {} action(s) not compared: {}",
+            s(&e["inputs_not_compared"]),
+            s(&e["inputs_not_compared_reason"])
+        );
+    }
+    for u in e["unexplained"].as_array().into_iter().flatten() {
+        println!(
+            "  not compared: {} {}: {}",
+            s(&u["target"]),
+            s(&u["action"]),
+            s(&u["reason"])
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! The `[asset]` table: the Remote Asset API and the limits on what its downloader reaches.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use crate::config::ByteSize;
+
+/// The Remote Asset API (Fetch, Push), which Bazel uses with `--experimental_remote_downloader`.
+///
+/// On by default, so that Bazel finds the service, but it downloads nothing until
+/// `allowed_hosts` names the hosts it may fetch from: an open downloader would let any
+/// read-write caller make the server fetch from wherever its network reaches (SSRF).
+/// Until then Fetch answers only what was pushed (or downloaded under an earlier config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssetConfig {
+    /// Serve the Fetch and Push services.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Hosts downloads may reach, also after redirects: exact names or addresses
+    /// ("mirror.example.com", "127.0.0.1"), "*.example.com" for every name under
+    /// example.com, or "*" for any host. Empty: no downloads at all.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Private, loopback, link-local and other special-purpose addresses are never
+    /// connected to, whatever name resolves to them, unless they are in one of these ranges
+    /// ("10.1.0.0/16", "127.0.0.1/32", "::1/128").
+    #[serde(default)]
+    pub allowed_private_ranges: Vec<Cidr>,
+    /// Largest download (and largest unpacked archive for FetchDirectory): bytes, or "1GiB".
+    #[serde(default = "default_max_download")]
+    pub max_download_bytes: ByteSize,
+    /// A download that has not finished after this long fails; requests may ask for less.
+    #[serde(default = "default_download_timeout")]
+    pub download_timeout_seconds: u64,
+    /// Time to open the TCP (and TLS) connection to an upstream.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_seconds: u64,
+    /// Downloads running at once; further ones wait (within their timeout).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_downloads: usize,
+}
+
+impl Default for AssetConfig {
+    fn default() -> Self {
+        AssetConfig {
+            enabled: true,
+            allowed_hosts: vec![],
+            allowed_private_ranges: vec![],
+            max_download_bytes: default_max_download(),
+            download_timeout_seconds: default_download_timeout(),
+            connect_timeout_seconds: default_connect_timeout(),
+            max_concurrent_downloads: default_max_concurrent(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_download() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_download_timeout() -> u64 {
+    300
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_max_concurrent() -> usize {
+    4
+}
+
+impl AssetConfig {
+    /// On failure returns the offending key and why.
+    pub fn validate(&self, store_capacity: u64) -> Result<(), (String, String)> {
+        for (i, h) in self.allowed_hosts.iter().enumerate() {
+            HostPattern::parse(h).map_err(|m| (format!("asset.allowed_hosts[{i}]"), m))?;
+        }
+        let max = self.max_download_bytes.0;
+        if max == 0 {
+            return Err(key("asset.max_download_bytes", "must be greater than zero"));
+        }
+        // Only where downloads are on: a small store with the default limit is no error.
+        if max > store_capacity && !self.allowed_hosts.is_empty() {
+            return Err(key(
+                "asset.max_download_bytes",
+                format!("({max} bytes) is larger than store.max_size ({store_capacity} bytes): a download must fit in the store"),
+            ));
+        }
+        for (k, v) in [
+            (
+                "asset.download_timeout_seconds",
+                self.download_timeout_seconds,
+            ),
+            (
+                "asset.connect_timeout_seconds",
+                self.connect_timeout_seconds,
+            ),
+            (
+                "asset.max_concurrent_downloads",
+                self.max_concurrent_downloads as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(key(k, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn key(k: &str, m: impl Into<String>) -> (String, String) {
+    (k.to_string(), m.into())
+}
+
+/// One entry of `allowed_hosts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    /// ".example.com": matches names ending so, not example.com itself.
+    Suffix(String),
+    Ip(IpAddr),
+}
+
+/// A URL's host as the policy sees it: a lowercase name without a trailing dot, or an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl Host {
+    /// `s` as `Url::host_str` gives it (IPv6 in brackets) or as a resolver sees it.
+    pub fn parse(s: &str) -> Host {
+        let bare = s.trim_start_matches('[').trim_end_matches(']');
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(s.trim_end_matches('.').to_ascii_lowercase()),
+        }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<HostPattern, String> {
+        let t = s.trim();
+        if t == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Host::Ip(ip) = Host::parse(t) {
+            return Ok(HostPattern::Ip(ip));
+        }
+        let (suffix, name) = match t.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, t),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(format!(
+                "{s:?} is not a host name, an IP address, \"*.domain\" or \"*\" (no scheme, port or path; international names in punycode)"
+            ));
+        }
+        Ok(if suffix {
+            HostPattern::Suffix(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name)
+        })
+    }
+
+    pub fn matches(&self, host: &Host) -> bool {
+        match (self, host) {
+            (HostPattern::Any, _) => true,
+            (HostPattern::Exact(p), Host::Name(n)) => p == n,
+            (HostPattern::Suffix(p), Host::Name(n)) => n.len() > p.len() && n.ends_with(p),
+            (HostPattern::Ip(p), Host::Ip(ip)) => p == ip,
+            _ => false,
+        }
+    }
+}
+
+/// An address range such as "10.0.0.0/8" or "::1/128"; a bare address is a range of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub const fn new(addr: IpAddr, prefix: u8) -> Cidr {
+        Cidr { addr, prefix }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (net, ip, bits) = match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32u32),
+            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
+            _ => return false,
+        };
+        let shift = bits.saturating_sub(u32::from(self.prefix));
+        shift >= 128 || (net >> shift) == (ip >> shift)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let bad = || format!("{s:?} is not an address range such as \"10.0.0.0/8\" or \"::1/128\"");
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parse_and_contains() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.255.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::ffff:10.1.0.1".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert_eq!(one.to_string(), "127.0.0.1/32");
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let all: Cidr = "::/0".parse().unwrap();
+        assert!(all.contains("2001:db8::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("example.com/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn host_patterns() {
+        let p = |s: &str| HostPattern::parse(s).unwrap();
+        let h = Host::parse;
+        assert!(p("Mirror.Example.com.").matches(&h("mirror.example.com")));
+        assert!(!p("example.com").matches(&h("www.example.com")));
+        assert!(p("*.example.com").matches(&h("a.b.example.com")));
+        assert!(!p("*.example.com").matches(&h("example.com")));
+        assert!(!p("*.example.com").matches(&h("badexample.com")));
+        assert!(p("127.0.0.1").matches(&h("127.0.0.1")));
+        assert!(p("[::1]").matches(&h("[::1]")));
+        assert!(!p("127.0.0.1").matches(&h("localhost")));
+        assert!(p("*").matches(&h("10.0.0.1")));
+        for bad in [
+            "https://example.com",
+            "example.com:443",
+            "a/b",
+            "*x.com",
+            "",
+            "ex ample.com",
+        ] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut c = AssetConfig {
+            allowed_hosts: vec!["ok.example.com".into(), "http://x".into()],
+            ..AssetConfig::default()
+        };
+        assert_eq!(c.validate(1 << 40).unwrap_err().0, "asset.allowed_hosts[1]");
+        c.allowed_hosts.pop();
+        assert!(c.validate(1 << 40).is_ok());
+        assert_eq!(
+            c.validate(1 << 20).unwrap_err().0,
+            "asset.max_download_bytes"
+        );
+        assert!(AssetConfig::default().validate(1 << 20).is_ok());
+        c.max_concurrent_downloads = 0;
+        assert_eq!(
+            c.validate(1 << 40).unwrap_err().0,
+            "asset.max_concurrent_downloads"
+        );
+    }
+}

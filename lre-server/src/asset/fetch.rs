@@ -1,0 +1,224 @@
+//! The upstream downloader: one reqwest client whose resolver, redirect policy and limits
+//! enforce `[asset]` (see policy.rs), with no proxy from the environment. Blobs stream
+//! into the store while they are hashed and are committed only once every checksum matched,
+//! so a failed or mismatching download leaves nothing behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use reqwest::{StatusCode, Url};
+use tokio::sync::Semaphore;
+
+use super::config::AssetConfig;
+use super::policy::{redirect_policy, GuardedResolver, Policy, Refused};
+use super::qualifiers::{Hasher, Hashes, Sri};
+use crate::cache::Cache;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::store::{BlobWriter, Key};
+
+pub struct Downloader {
+    client: reqwest::Client,
+    policy: Arc<Policy>,
+    slots: Semaphore,
+    pub max_bytes: u64,
+    timeout: Duration,
+}
+
+/// A finished download: what it hashed to (SHA-256 always, and what the SRI asked for).
+pub struct Fetched {
+    pub digest: Digest,
+    pub hashes: Hashes,
+}
+
+/// Where a body goes: the store (FetchBlob) or memory (an archive to unpack).
+enum Sink {
+    Store(Box<dyn BlobWriter>),
+    Memory(Vec<u8>),
+}
+
+impl Downloader {
+    pub fn new(cfg: &AssetConfig) -> Result<Downloader> {
+        let policy = Arc::new(Policy::new(cfg).map_err(Error::InvalidArgument)?);
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
+            .redirect(redirect_policy(policy.clone()))
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout_seconds))
+            .user_agent(concat!("lre-server/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+        Ok(Downloader {
+            client,
+            policy,
+            slots: Semaphore::new(cfg.max_concurrent_downloads),
+            max_bytes: cfg.max_download_bytes.0,
+            timeout: Duration::from_secs(cfg.download_timeout_seconds),
+        })
+    }
+
+    /// Refuses a URI the policy forbids before anything is sent.
+    fn check(&self, uri: &str) -> Result<Url> {
+        let url = Url::parse(uri)
+            .map_err(|e| Error::InvalidArgument(format!("{uri}: not a URL: {e}")))?;
+        self.policy
+            .check_url(&url)
+            .map_err(|e| Error::PermissionDenied(format!("{uri}: {e}")))?;
+        Ok(url)
+    }
+
+    /// Downloads `uri` into the CAS. The blob is committed only if `sri` matches.
+    pub async fn blob_to_cas(
+        &self,
+        cache: &Cache,
+        uri: &str,
+        headers: HeaderMap,
+        sri: Option<&Sri>,
+        timeout: Option<Duration>,
+    ) -> Result<Fetched> {
+        let writer = cache.store.writer(None).await?;
+        let (hashes, size, sink) = self
+            .download(uri, headers, sri, timeout, Sink::Store(writer))
+            .await?;
+        let digest = Digest {
+            hash: hashes.sha256,
+            size,
+        };
+        if let Sink::Store(w) = sink {
+            // The empty blob always exists and is never stored.
+            if !digest.is_empty_blob() {
+                w.commit(Key::cas(&digest)).await?;
+            }
+        }
+        Ok(Fetched { digest, hashes })
+    }
+
+    /// Downloads `uri` into memory (at most `max_bytes`), checked against `sri`.
+    pub async fn to_memory(
+        &self,
+        uri: &str,
+        headers: HeaderMap,
+        sri: Option<&Sri>,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<u8>, Hashes)> {
+        let (hashes, _, sink) = self
+            .download(uri, headers, sri, timeout, Sink::Memory(Vec::new()))
+            .await?;
+        match sink {
+            Sink::Memory(data) => Ok((data, hashes)),
+            Sink::Store(_) => Err(Error::Internal("download sink changed kind".into())),
+        }
+    }
+
+    async fn download(
+        &self,
+        uri: &str,
+        headers: HeaderMap,
+        sri: Option<&Sri>,
+        timeout: Option<Duration>,
+        mut sink: Sink,
+    ) -> Result<(Hashes, u64, Sink)> {
+        let url = self.check(uri)?;
+        let limit = timeout.map_or(self.timeout, |t| t.min(self.timeout));
+        let started = std::time::Instant::now();
+        let run = async {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("download slots closed".into()))?;
+            let mut resp = self
+                .client
+                .get(url)
+                .headers(headers)
+                .send()
+                .await
+                .map_err(|e| transport_error(uri, e))?;
+            check_status(uri, resp.status())?;
+            if let Some(len) = resp.content_length() {
+                if len > self.max_bytes {
+                    return Err(self.too_large(uri, &format!("its Content-Length is {len}")));
+                }
+            }
+            let mut hasher = Hasher::new(sri);
+            let mut size = 0u64;
+            while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(uri, e))? {
+                size += chunk.len() as u64;
+                if size > self.max_bytes {
+                    return Err(self.too_large(uri, "it sent more"));
+                }
+                hasher.update(&chunk);
+                match &mut sink {
+                    Sink::Store(w) => w.write(&chunk).await?,
+                    Sink::Memory(v) => v.extend_from_slice(&chunk),
+                }
+            }
+            Ok((hasher.finish(), size))
+        };
+        let (hashes, size) = tokio::time::timeout(limit, run).await.map_err(|_| {
+            Error::DeadlineExceeded(format!(
+                "{uri}: the download did not finish within {} s",
+                limit.as_secs_f64()
+            ))
+        })??;
+        if let Some(sri) = sri {
+            sri.verify(&hashes)
+                .map_err(|m| Error::InvalidArgument(format!("{uri}: {m}; nothing was stored")))?;
+        }
+        tracing::info!(%uri, size, seconds = started.elapsed().as_secs_f64(), "downloaded");
+        Ok((hashes, size, sink))
+    }
+
+    fn too_large(&self, uri: &str, why: &str) -> Error {
+        Error::FailedPrecondition(format!(
+            "{uri}: larger than asset.max_download_bytes ({} bytes): {why}; nothing was stored",
+            self.max_bytes
+        ))
+    }
+}
+
+/// Only a plain, whole 2xx answer is the resource; the rest map to the spec's fetch codes.
+fn check_status(uri: &str, status: StatusCode) -> Result<()> {
+    if status.is_success() && status != StatusCode::PARTIAL_CONTENT {
+        return Ok(());
+    }
+    let m = format!("{uri}: the server answered HTTP {status}");
+    Err(match status.as_u16() {
+        404 | 410 => Error::NotFound(m),
+        401 | 403 | 407 => Error::PermissionDenied(m),
+        408 | 429 | 500..=599 => Error::Unavailable(m),
+        _ => Error::FailedPrecondition(m),
+    })
+}
+
+/// A reqwest failure as our error: a policy refusal from the resolver or the redirect
+/// policy is PERMISSION_DENIED, a timeout DEADLINE_EXCEEDED, the rest UNAVAILABLE.
+fn transport_error(uri: &str, e: reqwest::Error) -> Error {
+    let e = e.without_url();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut chain = Vec::new();
+    while let Some(s) = source {
+        // io::Error's source() skips its payload, so look inside it too.
+        let payload = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|p| p.downcast_ref::<Refused>());
+        if let Some(r) = s.downcast_ref::<Refused>().or(payload) {
+            return Error::PermissionDenied(format!("{uri}: {r}"));
+        }
+        let text = s.to_string();
+        if chain.last() != Some(&text) {
+            chain.push(text);
+        }
+        source = s.source();
+    }
+    let m = format!("{uri}: {}", chain.join(": "));
+    if e.is_timeout() {
+        Error::DeadlineExceeded(m)
+    } else {
+        Error::Unavailable(m)
+    }
+}
