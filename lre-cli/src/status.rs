@@ -122,6 +122,15 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// A number with its unit, or "-" when there is none.
+fn unit(v: &Value, u: &str) -> String {
+    if v.is_null() {
+        "-".into()
+    } else {
+        format!("{}{u}", s(v))
+    }
+}
+
 fn print_status(url: &str, v: &Value, limit: usize) {
     let st = &v["store"];
     println!(
@@ -138,11 +147,11 @@ fn print_status(url: &str, v: &Value, limit: usize) {
         s(&st["evictions"])
     );
     println!(
-        "last hour: {} hits, {} misses, {} executed; hit rate {}%",
+        "last hour: {} hits, {} misses, {} executed; hit rate {}",
         s(&v["hits"]),
         s(&v["misses"]),
         s(&v["executed"]),
-        s(&v["hit_rate_percent"])
+        unit(&v["hit_rate_percent"], "%")
     );
     if let Some(e) = v.get("execution").filter(|e| !e.is_null()) {
         let workers = e["workers"].as_array().cloned().unwrap_or_default();
@@ -164,10 +173,10 @@ fn print_status(url: &str, v: &Value, limit: usize) {
             );
         }
         println!(
-            "queue: {} queued, {} executing, oldest waiting {} ms, {} no worker can run",
+            "queue: {} queued, {} executing, oldest waiting {}, {} no worker can run",
             s(&e["queued"]),
             s(&e["executing"]),
-            s(&e["oldest_queued_ms"]),
+            unit(&e["oldest_queued_ms"], " ms"),
             s(&e["unmatchable"])
         );
     }

@@ -5,13 +5,12 @@
 mod common;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use common::{execute, wait_workers, with_metadata, Exec};
+use common::{execute, upload, wait_workers, with_metadata, Exec};
 use lre_server::auth::{Scope, TokenConfig};
 use lre_worker::cas::digest_of;
 use lre_worker::Credential;
 use prost::Message;
 use re::action_cache_client::ActionCacheClient;
-use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -108,24 +107,7 @@ async fn look_up(ch: &Channel, inv: &str, cc: &str, src: &[u8]) {
         ..Default::default()
     }
     .encode_to_vec();
-    let requests = [cmd, root, act.clone(), src.to_vec()]
-        .into_iter()
-        .map(|b| re::batch_update_blobs_request::Request {
-            digest: Some(digest_of(&b)),
-            data: b,
-            compressor: 0,
-        })
-        .collect();
-    ContentAddressableStorageClient::new(ch.clone())
-        .batch_update_blobs(with_metadata(
-            re::BatchUpdateBlobsRequest {
-                instance_name: "team".into(),
-                requests,
-                ..Default::default()
-            },
-            Some(CI),
-            None,
-        ))
+    upload(ch, "team", Some(CI), [cmd, root, act.clone(), src.to_vec()])
         .await
         .unwrap();
     let r = ActionCacheClient::new(ch.clone())

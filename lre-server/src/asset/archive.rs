@@ -78,14 +78,16 @@ pub fn unpack(
         }
         let raw_path = String::from_utf8(entry.path_bytes().into_owned())
             .map_err(|_| refuse("an entry's path is not UTF-8".into()))?;
-        let path = safe_path(&raw_path).map_err(|m| refuse(format!("entry {raw_path:?}: {m}")))?;
+        // Upstream input, which may be long (pax paths): quoted cut short.
+        let shown = format!("{:?}", super::clip(&raw_path, 256));
+        let at = |m: &str| refuse(format!("entry {shown}: {m}"));
+        let path = safe_path(&raw_path).map_err(|m| at(&m))?;
         if path.len() > limits.max_depth {
             return Err(refuse(format!(
-                "entry {raw_path:?} is nested deeper than {} levels",
+                "entry {shown} is nested deeper than {} levels",
                 limits.max_depth
             )));
         }
-        let at = |m: &str| refuse(format!("entry {raw_path:?}: {m}"));
         if path.is_empty() {
             if kind == EntryType::Directory {
                 continue; // "./" itself
@@ -113,7 +115,8 @@ pub fn unpack(
                 let t = safe_path(&target).map_err(|m| at(&format!("hard link target: {m}")))?;
                 let (digest, executable) = *files.get(&t).ok_or_else(|| {
                     at(&format!(
-                        "hard link to {target:?}, which is not an earlier regular file"
+                        "hard link to {:?}, which is not an earlier regular file",
+                        super::clip(&target, 256)
                     ))
                 })?;
                 files.insert(path.clone(), (digest, executable));
@@ -338,6 +341,10 @@ mod tests {
             "not an earlier regular file",
         );
         refused(&tar_of(&[("a/b/c/d/e", r, "x", "")]), "deeper");
+        refused(
+            &tar_of(&[("a/b/c/d/e", r, "x", "")]),
+            "entry \"a/b/c/d/e\" is nested deeper",
+        );
         let names: Vec<String> = (0..11).map(|i| format!("f{i}")).collect();
         let many: Vec<(&str, EntryType, &str, &str)> =
             names.iter().map(|p| (p.as_str(), r, "", "")).collect();
@@ -371,5 +378,34 @@ mod tests {
         assert_eq!(d.files[0].digest, d.files[1].digest);
         assert_eq!(d.symlinks[0].target, "f");
         assert_eq!(u.directories[1].0, u.root);
+    }
+
+    #[test]
+    fn long_entry_paths_are_not_echoed_whole() {
+        // A 100 kB path (a GNU long name) nested too deep, and one with "..".
+        let deep = vec!["d".repeat(20_000); 5].join("/");
+        let up = format!("{}/../x", "u".repeat(100_000));
+        for path in [deep, up] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(EntryType::GNULongName);
+            h.set_size(path.len() as u64 + 1);
+            h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+            h.set_cksum();
+            let mut b = tar::Builder::new(Vec::new());
+            b.append(&h, format!("{path}\0").as_bytes()).unwrap();
+            let mut f = tar::Header::new_gnu();
+            f.set_entry_type(EntryType::Regular);
+            f.set_size(1);
+            f.as_old_mut().name[..5].copy_from_slice(b"short");
+            f.set_cksum();
+            b.append(&f, &b"x"[..]).unwrap();
+            match run(&b.into_inner().unwrap(), 1 << 20) {
+                Err(Error::FailedPrecondition(m)) => {
+                    assert!(m.len() < 1000 && m.contains("bytes in all"), "{m}")
+                }
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("accepted"),
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::config::ByteSize;
@@ -26,8 +27,8 @@ pub struct AssetConfig {
     /// Private, loopback, link-local and other special-purpose addresses are never
     /// connected to, whatever name resolves to them, unless they are in one of these ranges
     /// ("10.1.0.0/16", "127.0.0.1/32", "::1/128").
-    #[serde(default)]
-    pub allowed_private_ranges: Vec<Cidr>,
+    #[serde(default, deserialize_with = "private_ranges")]
+    pub allowed_private_ranges: Vec<IpNet>,
     /// Largest download (and largest unpacked archive for FetchDirectory): bytes, or "1GiB".
     #[serde(default = "default_max_download")]
     pub max_download_bytes: ByteSize,
@@ -195,59 +196,27 @@ impl HostPattern {
     }
 }
 
-/// An address range such as "10.0.0.0/8" or "::1/128"; a bare address is a range of one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
+/// Deserializes `allowed_private_ranges`: each entry an address range ("10.0.0.0/8",
+/// "::1/128") or a bare address, which is a range of one (ipnet's own parser wants the
+/// prefix). A bad entry is named by its key and index, as toml does not say which one.
+fn private_ranges<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse_range(s).map_err(|m| {
+                serde::de::Error::custom(format!("asset.allowed_private_ranges[{i}]: {m}"))
+            })
+        })
+        .collect()
 }
 
-impl Cidr {
-    pub const fn new(addr: IpAddr, prefix: u8) -> Cidr {
-        Cidr { addr, prefix }
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let (net, ip, bits) = match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32u32),
-            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
-            _ => return false,
-        };
-        let shift = bits.saturating_sub(u32::from(self.prefix));
-        shift >= 128 || (net >> shift) == (ip >> shift)
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("{s:?} is not an address range such as \"10.0.0.0/8\" or \"::1/128\"");
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
+/// "10.0.0.0/8", "::1/128", or a bare address as a /32 or /128.
+pub fn parse_range(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    t.parse::<IpNet>()
+        .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address range such as \"10.0.0.0/8\" or \"::1/128\""))
 }
 
 #[cfg(test)]
@@ -255,19 +224,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cidr_parse_and_contains() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert!(c.contains("10.1.255.3".parse().unwrap()));
-        assert!(!c.contains("10.2.0.1".parse().unwrap()));
-        assert!(!c.contains("::ffff:10.1.0.1".parse().unwrap()));
-        let one: Cidr = "127.0.0.1".parse().unwrap();
+    fn ranges_parse_with_or_without_a_prefix() {
+        let c = parse_range("10.1.0.0/16").unwrap();
+        assert!(c.contains(&"10.1.255.3".parse::<IpAddr>().unwrap()));
+        assert!(!c.contains(&"10.2.0.1".parse::<IpAddr>().unwrap()));
+        assert!(!c.contains(&"::ffff:10.1.0.1".parse::<IpAddr>().unwrap()));
+        let one = parse_range(" 127.0.0.1 ").unwrap();
         assert_eq!(one.to_string(), "127.0.0.1/32");
-        assert!(one.contains("127.0.0.1".parse().unwrap()));
-        assert!(!one.contains("127.0.0.2".parse().unwrap()));
-        let all: Cidr = "::/0".parse().unwrap();
-        assert!(all.contains("2001:db8::1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("example.com/8".parse::<Cidr>().is_err());
+        assert!(one.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(!one.contains(&"127.0.0.2".parse::<IpAddr>().unwrap()));
+        assert_eq!(parse_range("::1").unwrap().to_string(), "::1/128");
+        let all = parse_range("::/0").unwrap();
+        assert!(all.contains(&"2001:db8::1".parse::<IpAddr>().unwrap()));
+        // A range need not be written truncated; it covers its network as before.
+        assert!(parse_range("10.1.2.3/16")
+            .unwrap()
+            .contains(&"10.1.9.9".parse::<IpAddr>().unwrap()));
+        for bad in ["10.0.0.0/33", "example.com/8", "::1/129", "10.0.0.0/", ""] {
+            assert!(parse_range(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn private_ranges_deserialize_and_bad_ones_name_the_key() {
+        let c: AssetConfig =
+            toml::from_str("allowed_private_ranges = [\"127.0.0.1\", \"fd00::/8\"]").unwrap();
+        let shown: Vec<String> = c
+            .allowed_private_ranges
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(shown, ["127.0.0.1/32", "fd00::/8"]);
+        let e =
+            toml::from_str::<AssetConfig>("allowed_private_ranges = [\"10.0.0.0/8\", \"nope\"]")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("asset.allowed_private_ranges[1]")
+                && e.contains("\"nope\" is not an address range"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::config::AssetConfig;
 use super::policy::{redirect_policy, GuardedResolver, Policy, Refused};
@@ -80,7 +80,7 @@ impl Downloader {
         timeout: Option<Duration>,
     ) -> Result<Fetched> {
         let writer = cache.store.writer(None).await?;
-        let (hashes, size, sink) = self
+        let (hashes, size, sink, _slot) = self
             .download(uri, headers, sri, timeout, Sink::Store(writer))
             .await?;
         let digest = Digest {
@@ -96,19 +96,21 @@ impl Downloader {
         Ok(Fetched { digest, hashes })
     }
 
-    /// Downloads `uri` into memory (at most `max_bytes`), checked against `sri`.
+    /// Downloads `uri` into memory (at most `max_bytes`), checked against `sri`. The
+    /// download slot comes along: hold it while the data is in use (an archive unpacking),
+    /// so that `max_concurrent_downloads` also bounds the memory downloads take.
     pub async fn to_memory(
         &self,
         uri: &str,
         headers: HeaderMap,
         sri: Option<&Sri>,
         timeout: Option<Duration>,
-    ) -> Result<(Vec<u8>, Hashes)> {
-        let (hashes, _, sink) = self
+    ) -> Result<(Vec<u8>, Hashes, SemaphorePermit<'_>)> {
+        let (hashes, _, sink, slot) = self
             .download(uri, headers, sri, timeout, Sink::Memory(Vec::new()))
             .await?;
         match sink {
-            Sink::Memory(data) => Ok((data, hashes)),
+            Sink::Memory(data) => Ok((data, hashes, slot)),
             Sink::Store(_) => Err(Error::Internal("download sink changed kind".into())),
         }
     }
@@ -120,12 +122,12 @@ impl Downloader {
         sri: Option<&Sri>,
         timeout: Option<Duration>,
         mut sink: Sink,
-    ) -> Result<(Hashes, u64, Sink)> {
+    ) -> Result<(Hashes, u64, Sink, SemaphorePermit<'_>)> {
         let url = self.check(uri)?;
         let limit = timeout.map_or(self.timeout, |t| t.min(self.timeout));
         let started = std::time::Instant::now();
         let run = async {
-            let _slot = self
+            let slot = self
                 .slots
                 .acquire()
                 .await
@@ -156,9 +158,9 @@ impl Downloader {
                     Sink::Memory(v) => v.extend_from_slice(&chunk),
                 }
             }
-            Ok((hasher.finish(), size))
+            Ok((hasher.finish(), size, slot))
         };
-        let (hashes, size) = tokio::time::timeout(limit, run).await.map_err(|_| {
+        let (hashes, size, slot) = tokio::time::timeout(limit, run).await.map_err(|_| {
             Error::DeadlineExceeded(format!(
                 "{uri}: the download did not finish within {} s",
                 limit.as_secs_f64()
@@ -169,7 +171,7 @@ impl Downloader {
                 .map_err(|m| Error::InvalidArgument(format!("{uri}: {m}; nothing was stored")))?;
         }
         tracing::info!(%uri, size, seconds = started.elapsed().as_secs_f64(), "downloaded");
-        Ok((hashes, size, sink))
+        Ok((hashes, size, sink, slot))
     }
 
     fn too_large(&self, uri: &str, why: &str) -> Error {
@@ -220,5 +222,61 @@ fn transport_error(uri: &str, e: reqwest::Error) -> Error {
         Error::DeadlineExceeded(m)
     } else {
         Error::Unavailable(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A loopback server answering every request with `body`.
+    async fn serve(body: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(body).await;
+                });
+            }
+        });
+        format!("http://{addr}/a.tar")
+    }
+
+    #[tokio::test]
+    async fn data_in_memory_keeps_its_download_slot_until_dropped() {
+        let url = serve(b"archive").await;
+        let d = Downloader::new(&AssetConfig {
+            allowed_hosts: vec!["127.0.0.1".into()],
+            allowed_private_ranges: vec!["127.0.0.1/32".parse().unwrap()],
+            max_concurrent_downloads: 1,
+            ..AssetConfig::default()
+        })
+        .unwrap();
+        let get =
+            |t: u64| d.to_memory(&url, HeaderMap::new(), None, Some(Duration::from_millis(t)));
+        let (data, _, slot) = get(5000).await.unwrap();
+        assert_eq!(data, b"archive");
+        // While the first archive is held (being unpacked), no second download starts.
+        match get(300).await {
+            Err(Error::DeadlineExceeded(m)) => assert!(m.contains("did not finish"), "{m}"),
+            other => panic!("{:?}", other.map(|(d, _, _)| d)),
+        }
+        drop(slot);
+        assert_eq!(get(5000).await.unwrap().0, b"archive");
     }
 }

@@ -47,6 +47,40 @@ use fetch::Downloader;
 use memory::{Entry, Kind};
 use qualifiers::{Algo, Hasher, Qualifiers, Sri, SriHash};
 
+/// URIs one request may name: each may cost a download (in turn) and a remembered entry.
+pub const MAX_URIS: usize = 100;
+/// Longest URI accepted; URIs are echoed in errors and logs and kept in memory.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+/// Longest status message sent. Clients refuse response headers beyond a limit (16 KiB in
+/// hyper and so tonic, 8 KiB in grpc-java and so Bazel) and would then report a protocol
+/// error instead of the reason; long messages are also no use to a reader.
+const MAX_STATUS_MESSAGE: usize = 4 << 10;
+
+/// `s`, cut to at most `max` bytes (on a character boundary) with a note of its length:
+/// for echoing client or upstream input in messages.
+pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes in all)", &s[..end], s.len()))
+}
+
+/// A status whose message fits `MAX_STATUS_MESSAGE`, with its code and details kept.
+fn bounded(s: Status) -> Status {
+    if s.message().len() <= MAX_STATUS_MESSAGE {
+        return s;
+    }
+    Status::with_details(
+        s.code(),
+        clip(s.message(), MAX_STATUS_MESSAGE).into_owned(),
+        s.details().to_vec().into(),
+    )
+}
+
 pub struct AssetService {
     cache: Arc<Cache>,
     downloader: Downloader,
@@ -86,6 +120,25 @@ impl AssetService {
         check_digest_function(req.digest_function())?;
         if uris.is_empty() {
             return Err(Error::InvalidArgument("at least one URI is required".into()).into());
+        }
+        if uris.len() > MAX_URIS {
+            return Err(Error::InvalidArgument(format!(
+                "{} URIs given; at most {MAX_URIS} are accepted",
+                uris.len()
+            ))
+            .into());
+        }
+        if let Some((i, u)) = uris
+            .iter()
+            .enumerate()
+            .find(|(_, u)| u.len() > MAX_URI_BYTES)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "URI number {i} ({:?}) is {} bytes long; at most {MAX_URI_BYTES} are accepted",
+                clip(u, 80),
+                u.len()
+            ))
+            .into());
         }
         tracing::debug!(
             method = T::METHOD,
@@ -225,7 +278,9 @@ impl AssetService {
         timeout: Option<Duration>,
     ) -> Result<(Digest, Vec<String>)> {
         let uri = &c.uris[i];
-        let (data, hashes) = self
+        // The slot is held until the tree is stored: the archive and the files unpacked
+        // from it are in memory till then.
+        let (data, hashes, _slot) = self
             .downloader
             .to_memory(uri, c.quals.headers_for(i), c.quals.sri.as_ref(), timeout)
             .await?;
@@ -285,7 +340,8 @@ fn timeout_of(
 }
 
 fn seconds_of(t: &Option<bazel_remote_apis::google::protobuf::Timestamp>) -> Option<i64> {
-    t.as_ref().map(|t| t.seconds + i64::from(t.nanos > 0))
+    t.as_ref()
+        .map(|t| t.seconds.saturating_add(i64::from(t.nanos > 0)))
 }
 
 /// Many URIs failed: one error naming each, with the last one's code.
@@ -344,9 +400,9 @@ asset_request!(
     PushDirectoryRequest => "PushDirectory"
 );
 
-#[tonic::async_trait]
-impl Fetch for AssetService {
-    async fn fetch_blob(
+/// The RPCs, behind `bounded` (see the trait impls below).
+impl AssetService {
+    async fn do_fetch_blob(
         &self,
         request: Request<FetchBlobRequest>,
     ) -> Result<Response<FetchBlobResponse>, Status> {
@@ -408,7 +464,7 @@ impl Fetch for AssetService {
         Err(all_failed(errors))
     }
 
-    async fn fetch_directory(
+    async fn do_fetch_directory(
         &self,
         request: Request<FetchDirectoryRequest>,
     ) -> Result<Response<FetchDirectoryResponse>, Status> {
@@ -462,9 +518,8 @@ impl Fetch for AssetService {
     }
 }
 
-#[tonic::async_trait]
-impl Push for AssetService {
-    async fn push_blob(
+impl AssetService {
+    async fn do_push_blob(
         &self,
         request: Request<PushBlobRequest>,
     ) -> Result<Response<PushBlobResponse>, Status> {
@@ -507,7 +562,7 @@ impl Push for AssetService {
         Ok(Response::new(PushBlobResponse {}))
     }
 
-    async fn push_directory(
+    async fn do_push_directory(
         &self,
         request: Request<PushDirectoryRequest>,
     ) -> Result<Response<PushDirectoryResponse>, Status> {
@@ -534,5 +589,84 @@ impl Push for AssetService {
         self.remember(Kind::Directory, &c, &all, entry).await?;
         tracing::info!(uris = ?c.uris, %root, "directory pushed");
         Ok(Response::new(PushDirectoryResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Fetch for AssetService {
+    async fn fetch_blob(
+        &self,
+        request: Request<FetchBlobRequest>,
+    ) -> Result<Response<FetchBlobResponse>, Status> {
+        self.do_fetch_blob(request).await.map_err(bounded)
+    }
+
+    async fn fetch_directory(
+        &self,
+        request: Request<FetchDirectoryRequest>,
+    ) -> Result<Response<FetchDirectoryResponse>, Status> {
+        self.do_fetch_directory(request).await.map_err(bounded)
+    }
+}
+
+#[tonic::async_trait]
+impl Push for AssetService {
+    async fn push_blob(
+        &self,
+        request: Request<PushBlobRequest>,
+    ) -> Result<Response<PushBlobResponse>, Status> {
+        self.do_push_blob(request).await.map_err(bounded)
+    }
+
+    async fn push_directory(
+        &self,
+        request: Request<PushDirectoryRequest>,
+    ) -> Result<Response<PushDirectoryResponse>, Status> {
+        self.do_push_directory(request).await.map_err(bounded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bazel_remote_apis::google::protobuf::{Duration as PbDuration, Timestamp};
+    use tonic::Code;
+
+    #[test]
+    fn extreme_timestamps_and_timeouts_do_not_overflow() {
+        let at = |seconds, nanos| seconds_of(&Some(Timestamp { seconds, nanos }));
+        assert_eq!(at(i64::MAX, 1), Some(i64::MAX));
+        assert_eq!(at(5, 1), Some(6));
+        assert_eq!(at(5, 0), Some(5));
+        assert_eq!(at(i64::MIN, 0), Some(i64::MIN));
+        let t = timeout_of(&Some(PbDuration {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }))
+        .unwrap();
+        assert!(t.unwrap() > Duration::from_secs(1 << 62));
+    }
+
+    #[test]
+    fn clip_cuts_on_a_character_boundary_and_says_how_long() {
+        assert_eq!(clip("short", 10), "short");
+        let long = "é".repeat(100);
+        let c = clip(&long, 11);
+        assert!(
+            c.starts_with("ééééé…") && c.ends_with("(200 bytes in all)"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn long_status_messages_are_cut_and_keep_code_and_details() {
+        let s = Status::with_details(Code::Unavailable, "x".repeat(100_000), vec![1u8, 2].into());
+        let b = bounded(s);
+        assert_eq!(b.code(), Code::Unavailable);
+        assert!(b.message().len() < MAX_STATUS_MESSAGE + 64);
+        assert!(b.message().ends_with("(100000 bytes in all)"));
+        assert_eq!(b.details(), &[1u8, 2][..]);
+        let short = bounded(Status::not_found("gone"));
+        assert_eq!((short.code(), short.message()), (Code::NotFound, "gone"));
     }
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
 
-use super::config::{AssetConfig, Cidr, Host, HostPattern};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::config::{AssetConfig, Host, HostPattern};
 
 /// Redirect hops followed before giving up.
 pub const MAX_REDIRECTS: usize = 5;
@@ -23,7 +25,7 @@ pub struct Refused(pub String);
 
 pub struct Policy {
     hosts: Vec<HostPattern>,
-    private_ok: Vec<Cidr>,
+    private_ok: Vec<IpNet>,
 }
 
 impl Policy {
@@ -86,7 +88,7 @@ impl Policy {
         let allowed = self
             .private_ok
             .iter()
-            .any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4)));
+            .any(|c| c.contains(&ip) || v4.is_some_and(|v4| c.contains(&v4)));
         if allowed {
             return Ok(());
         }
@@ -96,99 +98,53 @@ impl Policy {
     }
 }
 
-const fn v4(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Cidr {
-    Cidr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, d)), prefix)
+const fn v4(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), prefix)
 }
 
-const fn v6(a: u16, b: u16, c: u16, d: u16, prefix: u8) -> Cidr {
-    Cidr::new(IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0)), prefix)
+const fn v6(a: u16, b: u16, c: u16, d: u16, prefix: u8) -> Ipv6Net {
+    Ipv6Net::new_assert(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0), prefix)
 }
 
 /// IPv4 ranges that are not the public internet (IANA special-purpose registry), with what
 /// they are. Looked up in order: the first match names the range.
-const DENIED_V4: &[(Cidr, &str, &str)] = &[
-    (
-        v4(0, 0, 0, 0, 8),
-        "0.0.0.0/8",
-        "unspecified (\"this network\")",
-    ),
-    (v4(10, 0, 0, 0, 8), "10.0.0.0/8", "private"),
-    (
-        v4(100, 64, 0, 0, 10),
-        "100.64.0.0/10",
-        "shared address space (CGNAT)",
-    ),
-    (v4(127, 0, 0, 0, 8), "127.0.0.0/8", "loopback"),
-    (v4(169, 254, 0, 0, 16), "169.254.0.0/16", "link-local"),
-    (v4(172, 16, 0, 0, 12), "172.16.0.0/12", "private"),
-    (
-        v4(192, 0, 0, 0, 24),
-        "192.0.0.0/24",
-        "IETF protocol assignments",
-    ),
-    (
-        v4(192, 0, 2, 0, 24),
-        "192.0.2.0/24",
-        "documentation (TEST-NET-1)",
-    ),
-    (
-        v4(192, 88, 99, 0, 24),
-        "192.88.99.0/24",
-        "6to4 relay anycast",
-    ),
-    (v4(192, 168, 0, 0, 16), "192.168.0.0/16", "private"),
-    (v4(198, 18, 0, 0, 15), "198.18.0.0/15", "benchmarking"),
-    (
-        v4(198, 51, 100, 0, 24),
-        "198.51.100.0/24",
-        "documentation (TEST-NET-2)",
-    ),
-    (
-        v4(203, 0, 113, 0, 24),
-        "203.0.113.0/24",
-        "documentation (TEST-NET-3)",
-    ),
-    (v4(224, 0, 0, 0, 4), "224.0.0.0/4", "multicast"),
-    (
-        v4(240, 0, 0, 0, 4),
-        "240.0.0.0/4",
-        "reserved (and broadcast)",
-    ),
+const DENIED_V4: &[(Ipv4Net, &str)] = &[
+    (v4(0, 0, 0, 0, 8), "unspecified (\"this network\")"),
+    (v4(10, 0, 0, 0, 8), "private"),
+    (v4(100, 64, 0, 0, 10), "shared address space (CGNAT)"),
+    (v4(127, 0, 0, 0, 8), "loopback"),
+    (v4(169, 254, 0, 0, 16), "link-local"),
+    (v4(172, 16, 0, 0, 12), "private"),
+    (v4(192, 0, 0, 0, 24), "IETF protocol assignments"),
+    (v4(192, 0, 2, 0, 24), "documentation (TEST-NET-1)"),
+    (v4(192, 88, 99, 0, 24), "6to4 relay anycast"),
+    (v4(192, 168, 0, 0, 16), "private"),
+    (v4(198, 18, 0, 0, 15), "benchmarking"),
+    (v4(198, 51, 100, 0, 24), "documentation (TEST-NET-2)"),
+    (v4(203, 0, 113, 0, 24), "documentation (TEST-NET-3)"),
+    (v4(224, 0, 0, 0, 4), "multicast"),
+    (v4(240, 0, 0, 0, 4), "reserved (and broadcast)"),
 ];
 
-const DENIED_V6: &[(Cidr, &str, &str)] = &[
-    (v6(0, 0, 0, 0, 128), "::/128", "unspecified"),
-    (
-        Cidr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
-        "::1/128",
-        "loopback",
-    ),
-    (v6(0, 0, 0, 0, 96), "::/96", "IPv4-compatible (deprecated)"),
-    (
-        v6(0x64, 0xff9b, 1, 0, 48),
-        "64:ff9b:1::/48",
-        "local-use NAT64",
-    ),
-    (v6(0x100, 0, 0, 0, 64), "100::/64", "discard-only"),
-    (
-        v6(0x2001, 0xdb8, 0, 0, 32),
-        "2001:db8::/32",
-        "documentation",
-    ),
+const DENIED_V6: &[(Ipv6Net, &str)] = &[
+    (v6(0, 0, 0, 0, 128), "unspecified"),
+    (Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128), "loopback"),
+    (v6(0, 0, 0, 0, 96), "IPv4-compatible (deprecated)"),
+    (v6(0x64, 0xff9b, 1, 0, 48), "local-use NAT64"),
+    (v6(0x100, 0, 0, 0, 64), "discard-only"),
+    (v6(0x2001, 0xdb8, 0, 0, 32), "documentation"),
     (
         v6(0x2001, 0, 0, 0, 23),
-        "2001::/23",
         "IETF protocol assignments (incl. Teredo)",
     ),
-    (v6(0x3fff, 0, 0, 0, 20), "3fff::/20", "documentation"),
-    (v6(0xfc00, 0, 0, 0, 7), "fc00::/7", "unique-local"),
-    (v6(0xfe80, 0, 0, 0, 10), "fe80::/10", "link-local"),
-    (
-        v6(0xfec0, 0, 0, 0, 10),
-        "fec0::/10",
-        "site-local (deprecated)",
-    ),
-    (v6(0xff00, 0, 0, 0, 8), "ff00::/8", "multicast"),
+    (v6(0x3fff, 0, 0, 0, 20), "documentation"),
+    (v6(0xfc00, 0, 0, 0, 7), "unique-local"),
+    (v6(0xfe80, 0, 0, 0, 10), "link-local"),
+    (v6(0xfec0, 0, 0, 0, 10), "site-local (deprecated)"),
+    (v6(0xff00, 0, 0, 0, 8), "multicast"),
+    // Last, as a catch-all for the rest of the block above (after the IPv4-mapped
+    // addresses, which are judged as IPv4 first): e.g. SIIT's ::ffff:0:a.b.c.d.
+    (v6(0, 0, 0, 0, 8), "reserved by the IETF"),
 ];
 
 /// The IPv4 address inside an IPv4-mapped (::ffff:0:0/96), NAT64 (64:ff9b::/96) or 6to4
@@ -213,21 +169,21 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     None
 }
 
-/// The special-purpose range `ip` is in, as (range, what it is); `None` for public addresses.
-pub fn denied_range(ip: IpAddr) -> Option<(&'static str, &'static str)> {
-    let table = match ip {
-        IpAddr::V4(_) => DENIED_V4,
-        IpAddr::V6(v6) => {
-            if let Some(inner) = embedded_v4(v6) {
-                return denied_range(IpAddr::V4(inner));
-            }
-            DENIED_V6
-        }
-    };
-    table
-        .iter()
-        .find(|(c, _, _)| c.contains(ip))
-        .map(|(_, range, what)| (*range, *what))
+/// The special-purpose range `ip` is in, with what it is; `None` for public addresses.
+pub fn denied_range(ip: IpAddr) -> Option<(IpNet, &'static str)> {
+    match ip {
+        IpAddr::V4(v4) => DENIED_V4
+            .iter()
+            .find(|(net, _)| net.contains(&v4))
+            .map(|(net, what)| (IpNet::V4(*net), *what)),
+        IpAddr::V6(v6) => match embedded_v4(v6) {
+            Some(inner) => denied_range(IpAddr::V4(inner)),
+            None => DENIED_V6
+                .iter()
+                .find(|(net, _)| net.contains(&v6))
+                .map(|(net, what)| (IpNet::V6(*net), *what)),
+        },
+    }
 }
 
 /// Resolves names with the system resolver and keeps only the addresses the policy allows,
@@ -283,7 +239,10 @@ pub fn redirect_policy(policy: Arc<Policy>) -> reqwest::redirect::Policy {
         match policy.check_url(attempt.url()) {
             Ok(()) => attempt.follow(),
             Err(e) => {
-                let msg = format!("redirect to {} refused: {e}", attempt.url());
+                let msg = format!(
+                    "redirect to {} refused: {e}",
+                    super::clip(attempt.url().as_str(), 512)
+                );
                 attempt.error(Refused(msg))
             }
         }
@@ -294,8 +253,8 @@ pub fn redirect_policy(policy: Arc<Policy>) -> reqwest::redirect::Policy {
 mod tests {
     use super::*;
 
-    fn denied(s: &str) -> Option<&'static str> {
-        denied_range(s.parse().unwrap()).map(|(range, _)| range)
+    fn denied(s: &str) -> Option<String> {
+        denied_range(s.parse().unwrap()).map(|(range, _)| range.to_string())
     }
 
     #[test]
@@ -340,9 +299,12 @@ mod tests {
             ("::ffff:10.1.2.3", "10.0.0.0/8"),
             ("64:ff9b::a9fe:a9fe", "169.254.0.0/16"),
             ("2002:c0a8:0101::1", "192.168.0.0/16"),
+            // The rest of the IETF-reserved ::/8, such as SIIT's IPv4-translated form.
+            ("::ffff:0:7f00:1", "::/8"),
+            ("::1:0:0:1", "::/8"),
         ];
         for (ip, want) in cases {
-            assert_eq!(denied(ip), Some(want), "{ip}");
+            assert_eq!(denied(ip).as_deref(), Some(want), "{ip}");
         }
         for public in [
             "1.1.1.1",

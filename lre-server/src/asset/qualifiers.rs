@@ -18,6 +18,17 @@ pub const CHECKSUM_SRI: &str = "checksum.sri";
 pub const CANONICAL_ID: &str = "bazel.canonical_id";
 const HTTP_HEADER: &str = "http_header:";
 const HTTP_HEADER_URL: &str = "http_header_url:";
+/// Qualifiers one request may carry.
+pub const MAX_QUALIFIERS: usize = 256;
+/// Unsupported qualifiers named in an error, at most.
+const NAMED_UNSUPPORTED: usize = 10;
+/// Longest qualifier name echoed in an error.
+const NAME_IN_MESSAGE: usize = 128;
+
+/// A qualifier name as errors quote it: client input, so cut short.
+fn quoted(name: &str) -> String {
+    format!("{:?}", super::clip(name, NAME_IN_MESSAGE))
+}
 
 /// Credentials are not forwarded: what is downloaded lands in a cache that every reader of
 /// the instance shares, so content behind a login would be handed to everyone.
@@ -57,12 +68,21 @@ pub struct Qualifiers {
 impl Qualifiers {
     /// Parses the qualifiers of a request naming `uris` URIs.
     pub fn parse(qs: &[Qualifier], uris: usize) -> Result<Qualifiers, Status> {
+        if qs.len() > MAX_QUALIFIERS {
+            return Err(invalid(format!(
+                "{} qualifiers given; at most {MAX_QUALIFIERS} are accepted",
+                qs.len()
+            )));
+        }
         let mut out = Qualifiers::default();
         let mut seen = std::collections::HashSet::new();
         let mut unsupported = Vec::new();
         for q in qs {
             if !seen.insert(q.name.as_str()) {
-                return Err(invalid(format!("qualifier {:?} is given twice", q.name)));
+                return Err(invalid(format!(
+                    "qualifier {} is given twice",
+                    quoted(&q.name)
+                )));
             }
             if q.name == CHECKSUM_SRI {
                 let sri = Sri::parse(&q.value)
@@ -76,14 +96,14 @@ impl Qualifiers {
                     .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n)))
                     .ok_or_else(|| {
                         invalid(format!(
-                            "qualifier {:?}: expected {HTTP_HEADER_URL}INDEX:NAME",
-                            q.name
+                            "qualifier {}: expected {HTTP_HEADER_URL}INDEX:NAME",
+                            quoted(&q.name)
                         ))
                     })?;
                 if index >= uris {
                     return Err(invalid(format!(
-                        "qualifier {:?}: the request has only {uris} URI(s)",
-                        q.name
+                        "qualifier {}: the request has only {uris} URI(s)",
+                        quoted(&q.name)
                     )));
                 }
                 let (n, v) = header(&q.name, name, &q.value)?;
@@ -97,15 +117,24 @@ impl Qualifiers {
         if unsupported.is_empty() {
             return Ok(out);
         }
-        let violations: Vec<FieldViolation> = unsupported
+        let named: Vec<String> = unsupported
             .iter()
-            .map(|n| FieldViolation::new("qualifiers.name", format!("{n:?} not supported")))
+            .take(NAMED_UNSUPPORTED)
+            .map(|n| quoted(n))
             .collect();
+        let violations: Vec<FieldViolation> = named
+            .iter()
+            .map(|n| FieldViolation::new("qualifiers.name", format!("{n} not supported")))
+            .collect();
+        let more = match unsupported.len() - named.len() {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
         Err(Status::with_error_details(
             Code::InvalidArgument,
             format!(
-                "unsupported qualifier(s) {}; this server supports {CHECKSUM_SRI}, {CANONICAL_ID}, {HTTP_HEADER}NAME and {HTTP_HEADER_URL}INDEX:NAME",
-                unsupported.join(", ")
+                "unsupported qualifier(s) {}{more}; this server supports {CHECKSUM_SRI}, {CANONICAL_ID}, {HTTP_HEADER}NAME and {HTTP_HEADER_URL}INDEX:NAME",
+                named.join(", ")
             ),
             ErrorDetails::with_bad_request(violations),
         ))
@@ -160,24 +189,26 @@ fn invalid(m: String) -> Status {
 }
 
 fn header(qualifier: &str, name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Status> {
+    let qualifier = quoted(qualifier);
     let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
         invalid(format!(
-            "qualifier {qualifier:?}: {name:?} is not a header name"
+            "qualifier {qualifier}: {} is not a header name",
+            quoted(name)
         ))
     })?;
     if CREDENTIAL_HEADERS.contains(&n.as_str()) {
         return Err(invalid(format!(
-            "qualifier {qualifier:?}: credentials are not forwarded upstream (downloads land in a cache every reader shares)"
+            "qualifier {qualifier}: credentials are not forwarded upstream (downloads land in a cache every reader shares)"
         )));
     }
     if CLIENT_HEADERS.contains(&n.as_str()) || n.as_str().starts_with("proxy-") {
         return Err(invalid(format!(
-            "qualifier {qualifier:?}: the server's HTTP client sets this header itself"
+            "qualifier {qualifier}: the server's HTTP client sets this header itself"
         )));
     }
     let v = HeaderValue::from_str(value).map_err(|_| {
         invalid(format!(
-            "qualifier {qualifier:?}: the value is not a valid header value"
+            "qualifier {qualifier}: the value is not a valid header value"
         ))
     })?;
     Ok((n, v))
@@ -250,21 +281,24 @@ pub struct Sri {
 impl Sri {
     pub fn parse(s: &str) -> Result<Sri, String> {
         let mut hashes = Vec::new();
+        // Client input: quoted cut short.
+        let q = |t: &str| format!("{:?}", super::clip(t, NAME_IN_MESSAGE));
         for token in s.split_ascii_whitespace() {
             // SRI allows "?options" after the hash; none are defined.
             let token = token.split('?').next().unwrap_or(token);
             let Some((alg, b64)) = token.split_once('-') else {
-                return Err(format!("{token:?} is not of the form sha256-BASE64"));
+                return Err(format!("{} is not of the form sha256-BASE64", q(token)));
             };
             let Some(algo) = Algo::parse(alg) else {
                 continue;
             };
             let digest = B64
                 .decode(b64)
-                .map_err(|e| format!("{token:?}: the hash is not base64: {e}"))?;
+                .map_err(|e| format!("{}: the hash is not base64: {e}", q(token)))?;
             if digest.len() != algo.len() {
                 return Err(format!(
-                    "{token:?}: a {} hash has {} bytes, not {}",
+                    "{}: a {} hash has {} bytes, not {}",
+                    q(token),
                     algo.name(),
                     algo.len(),
                     digest.len()
@@ -273,7 +307,7 @@ impl Sri {
             hashes.push(SriHash { algo, digest });
         }
         if hashes.is_empty() {
-            return Err(format!("{s:?} has no sha256, sha384 or sha512 hash"));
+            return Err(format!("{} has no sha256, sha384 or sha512 hash", q(s)));
         }
         Ok(Sri { hashes })
     }
@@ -436,6 +470,8 @@ mod tests {
         assert!(Sri::parse("sha256-%%%").unwrap_err().contains("base64"));
         assert!(Sri::parse("sha256-AAAA").unwrap_err().contains("32 bytes"));
         assert!(Sri::parse("sha256").unwrap_err().contains("form"));
+        let junk = "md5-x ".repeat(20_000);
+        assert!(Sri::parse(&junk).unwrap_err().len() < 500);
         assert_eq!(
             Hasher::new(None).finish().tokens(),
             vec!["sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".to_string()]
@@ -511,5 +547,31 @@ mod tests {
                 e.message()
             );
         }
+    }
+
+    #[test]
+    fn huge_or_many_qualifiers_are_not_echoed_whole() {
+        let long = format!("x-{}", "n".repeat(50_000));
+        let many: Vec<Qualifier> = (0..50).map(|i| q(&format!("{long}{i}"), "v")).collect();
+        let e = Qualifiers::parse(&many, 1).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().len() < 4000, "{} bytes", e.message().len());
+        assert!(e.message().contains("and 40 more"), "{}", e.message());
+        let bad = e.get_details_bad_request().expect("BadRequest detail");
+        assert_eq!(bad.field_violations.len(), 10);
+        for qs in [
+            vec![q(&long, "a"), q(&long, "b")],
+            vec![q(&format!("http_header_url:{long}"), "a")],
+            vec![q(&format!("http_header:{long} x"), "a")],
+        ] {
+            let e = Qualifiers::parse(&qs, 1).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.message().len() < 1000, "{} bytes", e.message().len());
+        }
+        let too_many: Vec<Qualifier> = (0..=MAX_QUALIFIERS)
+            .map(|i| q(&format!("http_header:x-{i}"), "v"))
+            .collect();
+        let e = Qualifiers::parse(&too_many, 1).unwrap_err();
+        assert!(e.message().contains("at most 256"), "{}", e.message());
     }
 }

@@ -197,6 +197,15 @@ fn choose(invocations: &[InvocationSummary], q: &ExplainQuery) -> Result<(String
     Ok((new.instance.clone(), base.id.clone(), new.id.clone()))
 }
 
+async fn authorized_explanation(
+    state: &StatusState,
+    headers: &HeaderMap,
+    q: &ExplainQuery,
+) -> Result<Explanation> {
+    let p = caller(&state.cache, headers)?;
+    explanation(state, &p, q).await
+}
+
 async fn explanation(state: &StatusState, p: &Principal, q: &ExplainQuery) -> Result<Explanation> {
     let cache = &state.cache;
     let visible = |instance: &str| p.may(instance, Access::Read);
@@ -525,11 +534,7 @@ async fn api_explain(
     headers: HeaderMap,
     Query(q): Query<ExplainQuery>,
 ) -> Response {
-    let r = async {
-        let p = caller(&state.cache, &headers)?;
-        explanation(&state, &p, &q).await
-    };
-    match r.await {
+    match authorized_explanation(&state, &headers, &q).await {
         Ok(e) => json(&e),
         Err(e) => error_response(e),
     }
@@ -540,11 +545,7 @@ async fn explain_page(
     headers: HeaderMap,
     Query(q): Query<ExplainQuery>,
 ) -> Response {
-    let r = async {
-        let p = caller(&state.cache, &headers)?;
-        explanation(&state, &p, &q).await
-    };
-    match r.await {
+    match authorized_explanation(&state, &headers, &q).await {
         Ok(e) => html("explain.html", &e),
         Err(e) => error_response(e),
     }

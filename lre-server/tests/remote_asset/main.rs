@@ -400,3 +400,39 @@ async fn read_only_callers_get_remembered_content_but_trigger_no_download() {
     up.stop().await;
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn oversized_requests_are_refused_and_long_errors_still_arrive() {
+    let s = start(loopback_config()).await;
+    let ch = channel(&s).await;
+    // Nothing listens on port 1: each download fails at once, naming its URI.
+    let long = |i: usize| format!("http://127.0.0.1:1/{i}/{}", "a".repeat(8000));
+    let e = fetch_blob(&ch, &[long(0) + &"b".repeat(20_000)], &[], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("at most 8192") && e.message().len() < 1000,
+        "{e:?}"
+    );
+    let many: Vec<String> = (0..101)
+        .map(|i| format!("http://127.0.0.1:1/{i}"))
+        .collect();
+    refused(
+        fetch_blob(&ch, &many, &[], None).await,
+        Code::InvalidArgument,
+        "101 URIs given; at most 100",
+    );
+    // Three long URIs that all fail: the joined error would exceed what gRPC clients
+    // accept in a header (16 KiB here, 8 KiB in Bazel's grpc-java); it arrives cut short.
+    let uris: Vec<String> = (0..3).map(long).collect();
+    let e = fetch_blob(&ch, &uris, &[], None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("all 3 URIs failed") && e.message().len() < 5000,
+        "{} bytes: {:.200}",
+        e.message().len(),
+        e.message()
+    );
+    s.shutdown().await;
+}

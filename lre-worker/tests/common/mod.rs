@@ -70,6 +70,34 @@ pub fn with_metadata<T>(
     r
 }
 
+/// Uploads `blobs` to the CAS of `instance` in one batch.
+pub async fn upload(
+    ch: &Channel,
+    instance: &str,
+    secret: Option<&str>,
+    blobs: impl IntoIterator<Item = Vec<u8>>,
+) -> Result<(), tonic::Status> {
+    let requests = blobs
+        .into_iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(digest_of(&b)),
+            data: b,
+            compressor: 0,
+        })
+        .collect();
+    ContentAddressableStorageClient::new(ch.clone())
+        .batch_update_blobs(authed(
+            re::BatchUpdateBlobsRequest {
+                instance_name: instance.into(),
+                requests,
+                ..Default::default()
+            },
+            secret,
+        ))
+        .await?;
+    Ok(())
+}
+
 /// Uploads the action and executes it uncached; the final ExecuteResponse, or the status
 /// the call or the operation ended with.
 pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, tonic::Status> {
@@ -98,24 +126,13 @@ pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, t
         ..Default::default()
     }
     .encode_to_vec();
-    let requests = [cmd, root, act.clone(), e.input.to_vec()]
-        .into_iter()
-        .map(|b| re::batch_update_blobs_request::Request {
-            digest: Some(digest_of(&b)),
-            data: b,
-            compressor: 0,
-        })
-        .collect();
-    ContentAddressableStorageClient::new(ch.clone())
-        .batch_update_blobs(authed(
-            re::BatchUpdateBlobsRequest {
-                instance_name: e.instance.into(),
-                requests,
-                ..Default::default()
-            },
-            e.secret,
-        ))
-        .await?;
+    upload(
+        ch,
+        e.instance,
+        e.secret,
+        [cmd, root, act.clone(), e.input.to_vec()],
+    )
+    .await?;
     let mut ops = ExecutionClient::new(ch.clone())
         .execute(with_metadata(
             re::ExecuteRequest {
