@@ -102,16 +102,21 @@ impl ByteStreamService {
         let mut up = session
             .try_lock_owned()
             .map_err(|_| Error::Aborted(format!("another stream is already writing {name}")))?;
-        if first.write_offset == 0 || up.cas.is_none() {
-            if first.write_offset != 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "write_offset {} for an upload this server has no record of; start at 0",
-                    first.write_offset
-                )));
+        // Every way out below ends in the match, so a write that fails at its start (a bad
+        // offset, a blob too big for the store) does not leave its session behind.
+        let result = async {
+            if first.write_offset == 0 || up.cas.is_none() {
+                if first.write_offset != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "write_offset {} for an upload this server has no record of; start at 0",
+                        first.write_offset
+                    )));
+                }
+                *up = self.new_upload(res).await?;
             }
-            *up = self.new_upload(res).await?;
+            self.pump(&mut up, first, stream, &name).await
         }
-        let result = self.pump(&mut up, first, stream, &name).await;
+        .await;
         match &result {
             // Interrupted: keep what arrived so the client can resume after QueryWriteStatus.
             Err(Error::Aborted(_)) if res.upload_id.is_some() => up.last_active = Instant::now(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Tree};
 use bytes::Bytes;
 use prost::Message;
+use tokio::io::AsyncReadExt as _;
 
 use crate::auth::{Access, Authenticator, Credential, Principal};
 use crate::digest::Digest;
@@ -87,11 +88,17 @@ impl Cache {
         if d.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
-        let data = self
-            .store
-            .get(&Key::cas(d))
-            .await?
-            .filter(|b| b.len() as u64 == d.size);
+        // The stored size is compared before a byte is read: a digest claiming size 0 for
+        // a 200 MB blob passes any check on claimed sizes (a batch's total, say), so it must
+        // not make the server read, and hold, the real blob.
+        let data = match self.store.open(&Key::cas(d), 0).await? {
+            Some((size, reader)) if size == d.size => {
+                let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 20));
+                reader.take(size).read_to_end(&mut buf).await?;
+                (buf.len() as u64 == size).then(|| Bytes::from(buf))
+            }
+            _ => None,
+        };
         self.metrics
             .cas(data.is_some() as u64, data.is_none() as u64);
         if let Some(b) = &data {
@@ -245,4 +252,115 @@ fn validate_action_result(r: &ActionResult) -> Result<()> {
     Digest::from_opt_proto(&r.stdout_digest)?;
     Digest::from_opt_proto(&r.stderr_digest)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context, Poll};
+
+    use async_trait::async_trait;
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    use super::*;
+    use crate::store::{BlobWriter, MemStore};
+
+    /// The real memory store, counting every byte it hands out.
+    struct Counting {
+        inner: MemStore,
+        served: Arc<AtomicU64>,
+    }
+
+    struct CountingReader {
+        inner: BlobReader,
+        served: Arc<AtomicU64>,
+    }
+
+    impl AsyncRead for CountingReader {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let r = self.inner.as_mut().poll_read(cx, buf);
+            let n = (buf.filled().len() - before) as u64;
+            self.served.fetch_add(n, Ordering::Relaxed);
+            r
+        }
+    }
+
+    #[async_trait]
+    impl BlobStore for Counting {
+        async fn lookup(&self, keys: &[Key]) -> Result<Vec<Option<u64>>> {
+            self.inner.lookup(keys).await
+        }
+        async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+            let r = self.inner.get(key).await?;
+            if let Some(b) = &r {
+                self.served.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+            Ok(r)
+        }
+        async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+            Ok(self.inner.open(key, offset).await?.map(|(size, inner)| {
+                let served = self.served.clone();
+                (
+                    size,
+                    Box::pin(CountingReader { inner, served }) as BlobReader,
+                )
+            }))
+        }
+        async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
+            self.inner.writer(size_hint).await
+        }
+        async fn remove(&self, key: &Key) -> Result<()> {
+            self.inner.remove(key).await
+        }
+        fn capacity(&self) -> u64 {
+            self.inner.capacity()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_digest_that_understates_the_size_reads_nothing() {
+        let metrics = Arc::new(Metrics::new());
+        let served = Arc::new(AtomicU64::new(0));
+        let store = Counting {
+            inner: MemStore::new(1 << 30, metrics.store.clone()),
+            served: served.clone(),
+        };
+        let cache = Cache {
+            store: Arc::new(store),
+            metrics,
+            instances: Instances::new(None),
+            auth: Authenticator::open(),
+            max_batch_total_size_bytes: 4 << 20,
+            activity: crate::status::Activity::new(Default::default()),
+        };
+        let big = vec![7u8; 8 << 20];
+        let real = Digest::of(&big);
+        cache.put_blob(&real, &big).await.unwrap();
+        for size in [0, 1, real.size - 1, real.size + 1] {
+            let lie = Digest {
+                hash: real.hash,
+                size,
+            };
+            assert!(
+                cache.read_blob(&lie).await.unwrap().is_none(),
+                "size {size}"
+            );
+        }
+        assert_eq!(
+            served.load(Ordering::Relaxed),
+            0,
+            "no byte of the blob was read"
+        );
+        assert_eq!(
+            cache.read_blob(&real).await.unwrap().unwrap().len(),
+            big.len()
+        );
+        assert_eq!(served.load(Ordering::Relaxed), real.size);
+    }
 }

@@ -140,7 +140,21 @@ pub struct ExecutionService {
 
 /// The REAPI answer for inputs the CAS lacks: FAILED_PRECONDITION with one MISSING
 /// violation per blob, which is what makes Bazel upload them and retry.
-fn missing_response(missing: &[Digest]) -> ExecuteResponse {
+/// The blobs a worker reports it could not fetch, as "HASH/SIZE". A worker is not trusted
+/// to be well-formed: malformed entries are skipped, and at most 1000 are kept.
+pub(crate) fn reported_missing(list: &[String]) -> Vec<Digest> {
+    list.iter()
+        .take(1000)
+        .filter_map(|s| {
+            let (hash, size) = s.split_once('/')?;
+            Digest::parse(hash, size).ok()
+        })
+        .collect()
+}
+
+/// FAILED_PRECONDITION with a PreconditionFailure naming each missing blob (type
+/// "MISSING"), which is what makes Bazel upload them again instead of failing the build.
+pub(crate) fn missing_response(missing: &[Digest]) -> ExecuteResponse {
     use tonic_types::pb::{precondition_failure::Violation, PreconditionFailure};
     let failure = PreconditionFailure {
         violations: missing
@@ -336,9 +350,10 @@ impl ExecutionService {
             .as_ref()
             .map(|p| p.priority)
             .unwrap_or(0);
+        let timeout = Some(job.timeout);
         let submitted = self
             .scheduler
-            .submit(job.key.clone(), platform, priority, job)
+            .submit_with_timeout(job.key.clone(), platform, priority, job, timeout)
             .map_err(|f| Error::FailedPrecondition(f.message))?;
         if submitted.deduplicated {
             tracing::debug!(operation = %submitted.operation, %action_digest, "joined an identical action in flight");
@@ -398,4 +413,32 @@ fn first_output(c: &Command) -> String {
         .or(c.output_directories.first())
         .cloned()
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::pb::PreconditionFailure;
+
+    #[test]
+    fn a_workers_missing_blobs_become_a_precondition_failure_bazel_acts_on() {
+        let d = Digest::of(b"gone");
+        let list = vec![
+            format!("{}/{}", d.hex(), d.size),
+            "not a digest".into(),
+            format!("{}/-1", d.hex()),
+        ];
+        let missing = reported_missing(&list);
+        assert_eq!(missing, [d], "malformed entries are skipped");
+        let r = missing_response(&missing);
+        let status = r.status.unwrap();
+        assert_eq!(status.code, tonic::Code::FailedPrecondition as i32);
+        let failure = PreconditionFailure::decode(&status.details[0].value[..]).unwrap();
+        assert_eq!(failure.violations[0].r#type, "MISSING");
+        assert_eq!(
+            failure.violations[0].subject,
+            format!("blobs/{}/4", d.hex())
+        );
+        assert_eq!(reported_missing(&vec![list[0].clone(); 5000]).len(), 1000);
+    }
 }

@@ -20,8 +20,26 @@ pub struct BlobResource {
     pub digest: Digest,
 }
 
+/// Longer names are refused before any parsing: a real one is an instance name (itself
+/// bounded), a uuid, a keyword, a hash and a size.
+pub const MAX_RESOURCE_NAME: usize = 4096;
+
+/// A name as quoted back in errors: its start only, so a hostile 16 MB name neither costs
+/// memory to echo nor overflows the client's header limit.
+fn shown(name: &str) -> String {
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < name.len() {
+        format!("{:?}… ({} bytes)", &name[..end], name.len())
+    } else {
+        format!("{name:?}")
+    }
+}
+
 fn bad(name: &str, why: &str) -> Error {
-    Error::InvalidArgument(format!("malformed resource name {name:?}: {why}"))
+    Error::InvalidArgument(format!("malformed resource name {}: {why}", shown(name)))
 }
 
 pub fn parse_read(name: &str) -> Result<BlobResource> {
@@ -33,6 +51,9 @@ pub fn parse_write(name: &str) -> Result<BlobResource> {
 }
 
 fn parse(name: &str, write: bool) -> Result<BlobResource> {
+    if name.len() > MAX_RESOURCE_NAME {
+        return Err(bad(name, &format!("longer than {MAX_RESOURCE_NAME} bytes")));
+    }
     let segs: Vec<&str> = name.split('/').collect();
     let keywords: &[&str] = if write {
         &["uploads", "blobs", "compressed-blobs"]

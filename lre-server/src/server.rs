@@ -166,6 +166,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         builder = builder.tls_config(crate::tls::tonic_config(tls)?)?;
     }
     let exec = &config.execution;
+    let mut tasks_early: Vec<JoinHandle<()>> = Vec::new();
     let mut router = builder
         .add_service(CapabilitiesServer::new(CapabilitiesService::new(
             cache.clone(),
@@ -211,6 +212,18 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         }))
     });
     if let Some(scheduler) = &scheduler {
+        // The scheduler enforces action deadlines itself: a worker that keeps sending
+        // keepalives but never finishes must not hold an action forever.
+        let (sched, mut stop) = (scheduler.clone(), rx.clone());
+        tasks_early.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { sched.enforce_deadlines(std::time::Instant::now()); }
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        }));
         let keepalive = Duration::from_secs(exec.keepalive_seconds);
         router = router
             .add_service(ExecutionServer::new(ExecutionService::new(
@@ -255,6 +268,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         let _ = stop_all.send(true);
     });
     let mut tasks = vec![grpc_task];
+    tasks.append(&mut tasks_early);
 
     if let Some(listener) = http_listener {
         let tls = match &config.tls {

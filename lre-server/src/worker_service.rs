@@ -113,6 +113,17 @@ async fn finish(cache: &Cache, scheduler: &ExecScheduler, worker: &str, f: Actio
         }
     };
     let ok = f.status_code == tonic::Code::Ok as i32;
+    let missing = crate::execution::reported_missing(&f.missing_blobs);
+    if f.status_code == tonic::Code::FailedPrecondition as i32 && !missing.is_empty() {
+        tracing::info!(worker, operation = %f.operation, missing = missing.len(), "inputs went missing before the worker fetched them");
+        record(cache, worker, &job, &f, None);
+        scheduler.complete(
+            worker,
+            &f.operation,
+            Ok(crate::execution::missing_response(&missing)),
+        );
+        return;
+    }
     let mut status = rpc::Status {
         code: f.status_code,
         message: f.status_message.clone(),
@@ -249,9 +260,17 @@ impl WorkerService for WorkerEndpoint {
         tokio::spawn(async move {
             while let Some(cmd) = commands.recv().await {
                 if down.send(Ok(command_message(cmd))).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            // The scheduler let go of this worker (it held an action past its deadline, or
+            // the connection is ending anyway): end the stream, so the worker reconnects
+            // rather than wait for work that never comes.
+            let _ = down
+                .send(Err(Status::aborted(
+                    "the scheduler dropped this worker (an action ran past its deadline); reconnect",
+                )))
+                .await;
         });
         let (cache, scheduler, silence) = (
             self.cache.clone(),

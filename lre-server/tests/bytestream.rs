@@ -266,6 +266,42 @@ async fn size_mismatches_are_refused() {
 }
 
 #[tokio::test]
+async fn huge_resource_names_are_refused_before_parsing_and_not_echoed() {
+    let s = start(memory_config()).await;
+    let ch = channel(&s).await;
+    let h = hash_hex(b"x");
+    // 8 M slashes: parsing it cost 300 MB, and the error quoted it whole, which no client
+    // accepts as a header (the caller saw an h2 protocol error, not the reason).
+    for name in [
+        format!("{}blobs/{h}/1", "/".repeat(8 << 20)),
+        format!("{}/blobs/{h}/1", "a".repeat(5000)),
+    ] {
+        let err = bs_read(ch.clone(), &name, 0, 0, None).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains("longer than 4096 bytes"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            err.message().len() < 1024,
+            "the error echoes {} bytes",
+            err.message().len()
+        );
+        let req = WriteRequest {
+            resource_name: name.clone(),
+            write_offset: 0,
+            finish_write: true,
+            data: b"x".to_vec(),
+        };
+        let err = bs_write(ch.clone(), vec![req], None).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().len() < 1024);
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn malformed_resource_names_are_invalid_arguments() {
     let s = start(memory_config()).await;
     let ch = channel(&s).await;

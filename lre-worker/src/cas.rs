@@ -236,10 +236,7 @@ impl LocalCas {
             let d = r.digest.unwrap_or_default();
             match r.status {
                 Some(s) if s.code != 0 => {
-                    return Err(WorkerError::MissingInput(format!(
-                        "input blob {}/{}: {}",
-                        d.hash, d.size_bytes, s.message
-                    )))
+                    return Err(WorkerError::missing(&d, &format!(": {}", s.message)))
                 }
                 _ => self.store(&d, &r.data, wanted)?,
             }
@@ -263,14 +260,7 @@ impl LocalCas {
                 read_limit: 0,
             })
             .await
-            .map_err(|e| {
-                WorkerError::MissingInput(format!(
-                    "input blob {}/{}: {}",
-                    d.hash,
-                    d.size_bytes,
-                    e.message()
-                ))
-            })?
+            .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
             .into_inner();
         let mut out = Vec::with_capacity(d.size_bytes as usize);
         while let Some(m) = s.message().await? {

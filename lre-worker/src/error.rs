@@ -4,8 +4,13 @@
 pub enum WorkerError {
     #[error("invalid action: {0}")]
     InvalidInput(String),
-    #[error("missing input: {0}")]
-    MissingInput(String),
+    /// An input the CAS does not have (evicted since Execute checked, say); `blob` names
+    /// it when its digest is known, for the client to upload it again.
+    #[error("missing input: {what}")]
+    MissingInput {
+        what: String,
+        blob: Option<bazel_remote_apis::build::bazel::remote::execution::v2::Digest>,
+    },
     #[error("output {0}")]
     Output(String),
     #[error("command not found: {0}")]
@@ -27,10 +32,23 @@ impl WorkerError {
         use tonic::Code;
         match self {
             WorkerError::InvalidInput(_) | WorkerError::Output(_) => Code::InvalidArgument,
-            WorkerError::MissingInput(_) => Code::FailedPrecondition,
+            WorkerError::MissingInput { .. } => Code::FailedPrecondition,
             WorkerError::CommandNotFound(_) => Code::InvalidArgument,
             WorkerError::Upload(_) | WorkerError::Rpc(_) => Code::Unavailable,
             WorkerError::Sandbox(_) | WorkerError::Io(_) => Code::Internal,
+        }
+    }
+}
+
+impl WorkerError {
+    /// A missing input blob.
+    pub fn missing(
+        d: &bazel_remote_apis::build::bazel::remote::execution::v2::Digest,
+        detail: &str,
+    ) -> Self {
+        WorkerError::MissingInput {
+            what: format!("input blob {}/{}{detail}", d.hash, d.size_bytes),
+            blob: Some(d.clone()),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cas;
 pub mod client;
+pub mod confined;
 pub mod connection;
 pub mod error;
 pub mod host_view;

@@ -33,7 +33,14 @@ async fn fetch_tree(
     let mut level = vec![root.clone()];
     let mut cas =
         ContentAddressableStorageClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let mut depth = 0;
     while !level.is_empty() {
+        depth += 1;
+        if depth > MAX_INPUT_DEPTH {
+            return Err(WorkerError::InvalidInput(format!(
+                "the input tree is more than {MAX_INPUT_DEPTH} levels deep"
+            )));
+        }
         let resp = cas
             .batch_read_blobs(re::BatchReadBlobsRequest {
                 instance_name: instance.into(),
@@ -46,10 +53,7 @@ async fn fetch_tree(
         for r in resp.responses {
             let d = r.digest.unwrap_or_default();
             if r.status.as_ref().is_some_and(|s| s.code != 0) || digest_of(&r.data) != d {
-                return Err(WorkerError::MissingInput(format!(
-                    "input directory {}/{}",
-                    d.hash, d.size_bytes
-                )));
+                return Err(WorkerError::missing(&d, " (an input directory)"));
             }
             let dir = re::Directory::decode(&r.data[..])?;
             for sub in &dir.directories {
@@ -66,6 +70,54 @@ async fn fetch_tree(
     Ok(dirs)
 }
 
+/// An input tree may list one Directory many times (a "directory bomb": 18 tiny blobs whose
+/// levels each name the level below twice expand to 2^17 paths). Its expanded size is
+/// computed from the Directory messages, before anything is written, and bounded.
+pub const MAX_INPUT_ENTRIES: u64 = 500_000;
+pub const MAX_INPUT_DEPTH: u64 = 256;
+
+/// The expanded (entries, depth) of the tree under `root`, each saturating at the bound:
+/// memoized over the distinct directories, so a bomb costs what its blobs cost.
+fn expanded_size(dirs: &HashMap<String, re::Directory>, root: &str) -> Result<(u64, u64)> {
+    let mut memo: HashMap<&str, (u64, u64)> = HashMap::new();
+    // Iterative post-order: a directory is done once all of its children are.
+    let mut stack: Vec<(&str, bool)> = vec![(root, false)];
+    while let Some((hash, children_done)) = stack.pop() {
+        if memo.contains_key(hash) {
+            continue;
+        }
+        let dir = dirs.get(hash).ok_or_else(|| WorkerError::MissingInput {
+            what: format!("input directory {hash}"),
+            blob: None,
+        })?;
+        let subs = dir
+            .directories
+            .iter()
+            .filter_map(|d| d.digest.as_ref().map(|d| d.hash.as_str()));
+        if !children_done {
+            stack.push((hash, true));
+            stack.extend(subs.filter(|h| !memo.contains_key(h)).map(|h| (h, false)));
+            continue;
+        }
+        let mut entries = (dir.files.len() + dir.symlinks.len() + dir.directories.len()) as u64;
+        let mut depth = 0;
+        for h in subs {
+            // A cycle cannot be built from content hashes; a missing child is an error below.
+            let (e, d) = memo.get(h).copied().unwrap_or((0, 0));
+            entries = entries.saturating_add(e);
+            depth = depth.max(d);
+        }
+        memo.insert(
+            hash,
+            (
+                entries.min(MAX_INPUT_ENTRIES + 1),
+                (depth + 1).min(MAX_INPUT_DEPTH + 1),
+            ),
+        );
+    }
+    Ok(memo.get(root).copied().unwrap_or((0, 0)))
+}
+
 /// A cache file linked into an exec root, with its fingerprint at link time.
 pub type Linked = Vec<(std::path::PathBuf, Option<(i64, i64, u64)>)>;
 
@@ -80,6 +132,18 @@ pub async fn materialize(
 ) -> Result<Linked> {
     let mut linked = Linked::new();
     let dirs = fetch_tree(channel, instance, root).await?;
+    let (entries, depth) = expanded_size(&dirs, &root.hash)?;
+    if entries > MAX_INPUT_ENTRIES || depth > MAX_INPUT_DEPTH {
+        let over = |n: u64, max: u64| match n > max {
+            true => format!("more than {max}"),
+            false => n.to_string(),
+        };
+        return Err(WorkerError::InvalidInput(format!(
+            "the input tree expands to {} entries, {} levels deep; the limits are {MAX_INPUT_ENTRIES} entries and {MAX_INPUT_DEPTH} levels",
+            over(entries, MAX_INPUT_ENTRIES),
+            over(depth, MAX_INPUT_DEPTH),
+        )));
+    }
     // One pass to learn every file, so the cache fetches them in a few batches.
     let mut files = Vec::new();
     for d in dirs.values() {
@@ -94,9 +158,10 @@ pub async fn materialize(
 
     let mut queue = VecDeque::from([(root.hash.clone(), dest.to_path_buf())]);
     while let Some((hash, path)) = queue.pop_front() {
-        let dir = dirs
-            .get(&hash)
-            .ok_or_else(|| WorkerError::MissingInput(format!("input directory {hash}")))?;
+        let dir = dirs.get(&hash).ok_or_else(|| WorkerError::MissingInput {
+            what: format!("input directory {hash}"),
+            blob: None,
+        })?;
         for f in &dir.files {
             check_name(&f.name)?;
             let digest = f.digest.clone().unwrap_or_default();

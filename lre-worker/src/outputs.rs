@@ -2,7 +2,7 @@
 //! symlinks, refusing anything that escapes the exec root.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use prost::Message;
@@ -46,35 +46,29 @@ fn check_relative(p: &str) -> Result<()> {
     Ok(())
 }
 
-/// A symlink's target, resolved lexically from the link's directory, must stay inside the
-/// exec root: an output link to /etc/passwd or ../../.. would hand the reader host files.
-fn check_link(exec_root: &Path, link: &Path, target: &Path) -> Result<()> {
-    if target.is_absolute() {
-        return Err(WorkerError::Output(format!(
-            "symlink {} points outside the exec root, to {}",
-            link.display(),
-            target.display()
-        )));
+/// A symlink's target, followed by the kernel from the link's directory, must stay inside
+/// the exec root: an output link to /etc/passwd, to ../../.., or through another link that
+/// climbs out would hand the reader host files.
+fn check_link(root: &Path, link: &Path, target: &Path) -> Result<()> {
+    let rel = link.strip_prefix(root).map_err(|_| {
+        WorkerError::Output(format!("{} is not inside the exec root", link.display()))
+    })?;
+    crate::confined::link_stays_inside(root, rel, target)
+}
+
+/// Output trees are bounded: an action must not make the worker hash, hold and upload an
+/// unbounded tree (or recurse as deep as it likes).
+const MAX_DEPTH: usize = 256;
+const MAX_ENTRIES: usize = 1_000_000;
+
+fn refuse_special(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    match crate::confined::special_kind(meta.file_type()) {
+        Some(kind) => Err(WorkerError::Output(format!(
+            "{} is {kind}; outputs must be files, directories or symlinks",
+            path.display()
+        ))),
+        None => Ok(()),
     }
-    let mut resolved: Vec<Component> = link.parent().unwrap_or(exec_root).components().collect();
-    for c in target.components() {
-        match c {
-            Component::ParentDir => {
-                resolved.pop();
-            }
-            Component::CurDir => {}
-            c => resolved.push(c),
-        }
-    }
-    let resolved: PathBuf = resolved.iter().collect();
-    if !resolved.starts_with(exec_root) {
-        return Err(WorkerError::Output(format!(
-            "symlink {} escapes the exec root via {}",
-            link.display(),
-            target.display()
-        )));
-    }
-    Ok(())
 }
 
 fn file_digest(path: &Path) -> Result<re::Digest> {
@@ -91,21 +85,36 @@ fn is_executable(meta: &std::fs::Metadata) -> bool {
     meta.permissions().mode() & 0o111 != 0
 }
 
-/// Builds the Directory for `dir` (recursively), recording every file to upload and every
-/// child Directory in `children`.
+/// Builds the Directory for `dir` (recursively, at most MAX_DEPTH deep), recording every
+/// file to upload and every child Directory in `children`.
 fn walk(
     exec_root: &Path,
     dir: &Path,
+    depth: usize,
+    entries_left: &mut usize,
     children: &mut Vec<re::Directory>,
     uploads: &mut Vec<(re::Digest, Upload)>,
 ) -> Result<re::Directory> {
+    if depth > MAX_DEPTH {
+        return Err(WorkerError::Output(format!(
+            "directory {} is more than {MAX_DEPTH} levels deep",
+            dir.display()
+        )));
+    }
     let mut out = re::Directory::default();
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
+        if *entries_left == 0 {
+            return Err(WorkerError::Output(format!(
+                "output directories hold more than {MAX_ENTRIES} entries"
+            )));
+        }
+        *entries_left -= 1;
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
         let meta = std::fs::symlink_metadata(&path)?;
+        refuse_special(&path, &meta)?;
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&path)?;
             check_link(exec_root, &path, &target)?;
@@ -115,7 +124,7 @@ fn walk(
                 ..Default::default()
             });
         } else if meta.is_dir() {
-            let sub = walk(exec_root, &path, children, uploads)?;
+            let sub = walk(exec_root, &path, depth + 1, entries_left, children, uploads)?;
             let raw = sub.encode_to_vec();
             out.directories.push(re::DirectoryNode {
                 name,
@@ -140,13 +149,15 @@ fn walk(
 pub fn collect(exec_root: &Path, workdir: &Path, cmd: &re::Command) -> Result<Collected> {
     let root = exec_root.canonicalize()?;
     let mut c = Collected::default();
+    let mut entries_left = MAX_ENTRIES;
     for p in declared(cmd) {
         check_relative(&p)?;
         let path = workdir.join(&p);
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         }; // not produced
-           // Its parent, with every symlink resolved, must still be inside the exec root.
+        refuse_special(&path, &meta)?;
+        // Its parent, with every symlink resolved, must still be inside the exec root.
         let parent = path.parent().unwrap_or(workdir).canonicalize()?;
         if !parent.starts_with(&root) {
             return Err(WorkerError::Output(format!(
@@ -170,6 +181,8 @@ pub fn collect(exec_root: &Path, workdir: &Path, cmd: &re::Command) -> Result<Co
             let tree_root = walk(
                 &root,
                 &parent.join(path.file_name().unwrap_or_default()),
+                0,
+                &mut entries_left,
                 &mut children,
                 &mut c.uploads,
             )?;
@@ -204,11 +217,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_checks() {
-        let root = Path::new("/x/root");
-        assert!(check_link(root, &root.join("a/l"), Path::new("../b")).is_ok());
-        assert!(check_link(root, &root.join("a/l"), Path::new("../../etc")).is_err());
-        assert!(check_link(root, &root.join("l"), Path::new("/etc/passwd")).is_err());
+    fn relative_paths() {
         assert!(check_relative("../x").is_err());
         assert!(check_relative("/x").is_err());
         assert!(check_relative("a/b").is_ok());

@@ -1,7 +1,6 @@
 //! Runs one action: materialize inputs, run the command in the sandbox, upload outputs,
 //! and report an ActionResult. Every failure becomes a status, never a worker crash.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -34,23 +33,16 @@ fn ts(t: SystemTime) -> Option<Timestamp> {
     })
 }
 
-/// Deletes an action directory even where the action left read-only directories.
-fn remove_tree(dir: &Path) {
-    fn writable(p: &Path) {
-        if let Ok(m) = std::fs::symlink_metadata(p) {
-            if m.is_dir() {
-                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
-                if let Ok(rd) = std::fs::read_dir(p) {
-                    for e in rd.flatten() {
-                        writable(&e.path());
-                    }
-                }
-            }
+/// Deletes an action directory, however deep and read-only the action left it, off the
+/// async runtime (a big tree takes a while, and keepalives must not wait for it).
+async fn remove_tree(dir: PathBuf) {
+    let shown = dir.display().to_string();
+    match tokio::task::spawn_blocking(move || crate::confined::remove_tree(&dir)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(dir = %shown, error = %e, "could not clean an action directory")
         }
-    }
-    writable(dir);
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "could not clean an action directory");
+        Err(e) => tracing::error!(dir = %shown, error = %e, "cleaning an action directory failed"),
     }
 }
 
@@ -61,21 +53,29 @@ impl Runner {
             .join("actions")
             .join(uuid::Uuid::new_v4().to_string());
         let outcome = self.run_in(run, &dir).await;
-        remove_tree(&dir);
+        remove_tree(dir).await;
         match outcome {
             Ok((result, status)) => ActionFinished {
                 operation: run.operation.clone(),
                 status_code: status.as_ref().map(|(c, _)| *c as i32).unwrap_or(0),
                 status_message: status.map(|(_, m)| m).unwrap_or_default(),
                 result: result.encode_to_vec(),
+                missing_blobs: vec![],
             },
             Err(e) => {
                 tracing::info!(operation = %run.operation, error = %e, "action failed before or after running");
+                let missing_blobs = match &e {
+                    WorkerError::MissingInput { blob: Some(d), .. } => {
+                        vec![format!("{}/{}", d.hash, d.size_bytes)]
+                    }
+                    _ => vec![],
+                };
                 ActionFinished {
                     operation: run.operation.clone(),
                     status_code: e.code() as i32,
                     status_message: e.to_string(),
                     result: vec![],
+                    missing_blobs,
                 }
             }
         }
@@ -116,15 +116,17 @@ impl Runner {
             )));
         }
         let workdir = exec_root.join(wd);
-        // REAPI: the worker creates the parent directories of declared outputs.
+        // REAPI: the worker creates the parent directories of declared outputs (and the
+        // working directory), never through a symlink the inputs hold.
+        crate::confined::create_dirs(&exec_root, Path::new(wd))?;
         for p in outputs::declared(&command) {
             if Path::new(&p).is_absolute() || p.split('/').any(|c| c == "..") {
                 return Err(WorkerError::Output(format!(
                     "path {p:?} is absolute or climbs out with '..'"
                 )));
             }
-            if let Some(parent) = workdir.join(&p).parent() {
-                std::fs::create_dir_all(parent)?;
+            if let Some(parent) = Path::new(wd).join(&p).parent() {
+                crate::confined::create_dirs(&exec_root, parent)?;
             }
         }
         let env: Vec<(String, String)> = command
@@ -177,7 +179,12 @@ impl Runner {
             )));
         }
 
-        let mut collected = outputs::collect(&exec_root, &workdir, &command)?;
+        let mut collected = {
+            let (root, wd, cmd) = (exec_root.clone(), workdir.clone(), command.clone());
+            tokio::task::spawn_blocking(move || outputs::collect(&root, &wd, &cmd))
+                .await
+                .map_err(|e| WorkerError::Sandbox(format!("collecting outputs: {e}")))??
+        };
         let out_digest = digest_of(&std::fs::read(&stdout)?);
         let err_digest = digest_of(&std::fs::read(&stderr)?);
         collected

@@ -71,6 +71,10 @@ pub struct SchedulerConfig {
     pub known_platforms: Vec<Properties>,
     /// How long a finished operation stays queryable (WaitExecution, GetOperation).
     pub keep_finished: Duration,
+    /// A worker still holding an action this long after its timeout (time enough to kill
+    /// it and upload what it wrote) is dropped: it keeps sending keepalives, but it is not
+    /// doing the work, and it must not hold the action forever.
+    pub deadline_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -79,6 +83,7 @@ impl Default for SchedulerConfig {
             max_attempts: 3,
             known_platforms: vec![],
             keep_finished: Duration::from_secs(600),
+            deadline_grace: Duration::from_secs(60),
         }
     }
 }
@@ -103,6 +108,9 @@ struct Operation<J, R> {
     finished_at: Option<Instant>,
     /// When the action was first submitted, for the status page's "oldest waiting".
     submitted_at: Instant,
+    /// The action's own timeout, and when the worker running it must have answered.
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
 }
 
 /// What a worker offers when it connects.
@@ -207,6 +215,18 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         priority: i32,
         job: J,
     ) -> Result<Submitted<R>, Failure> {
+        self.submit_with_timeout(key, platform, priority, job, None)
+    }
+
+    /// `submit`, for an action that must finish within `timeout` once a worker has it.
+    pub fn submit_with_timeout(
+        &self,
+        key: ActionKey,
+        platform: Properties,
+        priority: i32,
+        job: J,
+        timeout: Option<Duration>,
+    ) -> Result<Submitted<R>, Failure> {
         let platform = platform::normalize(platform);
         let mut st = self.state();
         if let Some(id) = st.in_flight.get(&key) {
@@ -239,6 +259,8 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 stage: tx,
                 finished_at: None,
                 submitted_at: Instant::now(),
+                timeout,
+                deadline: None,
             },
         );
         st.in_flight.insert(key, id.clone());
@@ -435,6 +457,55 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         self.dispatch(&mut st);
     }
 
+    /// Drops every worker that holds an action past its deadline (see
+    /// `SchedulerConfig::deadline_grace`); its actions are requeued, or fail with
+    /// DEADLINE_EXCEEDED once they have used their attempts. Returns the workers dropped.
+    pub fn enforce_deadlines(&self, now: Instant) -> Vec<WorkerId> {
+        let mut st = self.state();
+        let mut late: Vec<WorkerId> = Vec::new();
+        let mut overdue: Vec<OperationId> = Vec::new();
+        for (id, w) in &st.workers {
+            for op in &w.running {
+                if st.operations[op].deadline.is_some_and(|d| d <= now) {
+                    overdue.push(op.clone());
+                    if !late.contains(id) {
+                        late.push(id.clone());
+                    }
+                }
+            }
+        }
+        if late.is_empty() {
+            return late;
+        }
+        for op in &overdue {
+            let o = &st.operations[op];
+            if o.attempts >= self.config.max_attempts {
+                let msg = format!(
+                    "workers held the action past its timeout ({:?}) {} times; giving up",
+                    o.timeout.unwrap_or_default(),
+                    o.attempts
+                );
+                if let Some(w) = o.worker.clone() {
+                    if let Some(worker) = st.workers.get_mut(&w) {
+                        worker.running.remove(op);
+                    }
+                }
+                self.finish(
+                    &mut st,
+                    op,
+                    Err(Failure::new(tonic::Code::DeadlineExceeded, msg)),
+                );
+            }
+        }
+        for id in &late {
+            tracing::warn!(worker = %id, "worker held an action past its timeout; dropping it and requeueing its actions");
+            self.remove_worker(&mut st, id);
+        }
+        self.fail_stranded(&mut st);
+        self.dispatch(&mut st);
+        late
+    }
+
     /// Fails the queued actions that no remaining worker (or configured platform) can run.
     fn fail_stranded(&self, st: &mut State<J, R>) {
         let stranded: Vec<OperationId> = st
@@ -588,6 +659,9 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             };
             op.attempts += 1;
             op.worker = Some(wid.clone());
+            op.deadline = op
+                .timeout
+                .map(|t| Instant::now() + t + self.config.deadline_grace);
             let cmd = WorkerCommand::Run {
                 operation: op_id.clone(),
                 job: op.job.clone(),

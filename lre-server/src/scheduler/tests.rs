@@ -401,3 +401,56 @@ fn a_worker_whose_channel_died_unnoticed_does_not_strand_its_actions() {
     }
     assert_eq!(s.worker_count(), 0);
 }
+
+#[test]
+fn a_worker_holding_an_action_past_its_deadline_is_dropped_and_the_action_requeued() {
+    let s = S::new(SchedulerConfig {
+        max_attempts: 2,
+        deadline_grace: Duration::from_secs(5),
+        ..SchedulerConfig::default()
+    });
+    let mut silent = s.register_worker("silent".into(), linux(), 1);
+    let sub = s
+        .submit_with_timeout(
+            key(1),
+            linux(),
+            0,
+            "job".into(),
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+    let (op, _, _) = next_run(&mut silent).expect("dispatched");
+    // Within timeout + grace nothing happens, however long the keepalives go on.
+    assert!(s
+        .enforce_deadlines(Instant::now() + Duration::from_secs(14))
+        .is_empty());
+    let mut other = s.register_worker("other".into(), linux(), 1);
+    let dropped = s.enforce_deadlines(Instant::now() + Duration::from_secs(16));
+    assert_eq!(dropped, ["silent"]);
+    assert_eq!(s.worker_count(), 1);
+    let (again, _, attempt) = next_run(&mut other).expect("requeued onto the other worker");
+    assert_eq!((again.as_str(), attempt), (op.as_str(), 2));
+    // A late report from the dropped worker is ignored.
+    s.complete("silent", &op, Ok("stale".into()));
+    assert_eq!(completed(&sub.stage), None);
+    // Out of attempts: the action fails with DEADLINE_EXCEEDED.
+    s.enforce_deadlines(Instant::now() + Duration::from_secs(16));
+    match completed(&sub.stage) {
+        Some(Err(f)) => {
+            assert_eq!(f.code, tonic::Code::DeadlineExceeded);
+            assert!(f.message.contains("past its timeout"), "{}", f.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn actions_without_a_timeout_are_never_dropped() {
+    let s = S::new(SchedulerConfig::default());
+    let mut w = s.register_worker("w".into(), linux(), 1);
+    s.submit(key(1), linux(), 0, "job".into()).unwrap();
+    next_run(&mut w).expect("dispatched");
+    assert!(s
+        .enforce_deadlines(Instant::now() + Duration::from_secs(1 << 30))
+        .is_empty());
+}

@@ -2,6 +2,8 @@
 //! executes it, and a bounded wait for workers to attach.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod runner_env;
+
 use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
