@@ -158,19 +158,20 @@ fn store_paths(s: &Spawn) -> BTreeSet<String> {
         .chain(s.env.values())
         .chain(s.platform.values())
         .chain(s.inputs.keys());
+    let prefix = format!("{STORE_DIR}/");
     let mut out = BTreeSet::new();
     for t in texts {
         let mut rest = t.as_str();
-        while let Some(i) = rest.find(STORE_DIR) {
-            let tail = &rest[i..];
-            let end = tail[STORE_DIR.len() + 1..]
+        while let Some(i) = rest.find(&prefix) {
+            let after = &rest[i + prefix.len()..];
+            // Store path names are ASCII, so the byte count is a char boundary.
+            let len = after
                 .find(|c: char| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c)))
-                .map(|e| e + STORE_DIR.len() + 1)
-                .unwrap_or(tail.len());
-            if end > STORE_DIR.len() + 1 {
-                out.insert(tail[..end].to_owned());
+                .unwrap_or(after.len());
+            if len > 0 {
+                out.insert(format!("{prefix}{}", &after[..len]));
             }
-            rest = &tail[end.max(1)..];
+            rest = &after[len..];
         }
     }
     out
@@ -234,5 +235,27 @@ mod tests {
         let r = compare(&a, &a.clone());
         assert!(r.differing.is_empty() && r.store_paths_a.is_empty());
         assert_eq!(r.common, 1);
+    }
+
+    #[test]
+    fn store_paths_are_found_anywhere_and_odd_text_is_not_a_panic() {
+        let s = Spawn {
+            args: vec!["/nix/store/abc-cc/bin/cc".into(), "x/nix/storeé".into()],
+            env: BTreeMap::from([
+                ("NIX_STORE".into(), "/nix/store".into()),
+                (
+                    "P".into(),
+                    "/nix/store/é:/nix/store/d-e/bin:/nix/store/".into(),
+                ),
+            ]),
+            ..Default::default()
+        };
+        assert_eq!(
+            store_paths(&s),
+            BTreeSet::from([
+                "/nix/store/abc-cc".to_string(),
+                "/nix/store/d-e".to_string()
+            ])
+        );
     }
 }

@@ -114,12 +114,17 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A value for the terminal. Other clients wrote most of these strings (ids, mnemonics,
+/// messages): control characters are replaced, so none can drive the terminal.
 fn s(v: &Value) -> String {
-    match v {
+    let text = match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
-    }
+    };
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// A number with its unit, or "-" when there is none.

@@ -13,9 +13,19 @@ const RESERVED: &[&str] = &[
     "compressed-blobs",
 ];
 
+/// Longest instance name accepted. Names are copied into keys, logs and the status
+/// history; without a bound one call could make each of those copies megabytes long.
+pub const MAX_NAME: usize = 256;
+
 pub fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() {
         return Ok(());
+    }
+    if name.len() > MAX_NAME {
+        return Err(Error::InvalidArgument(format!(
+            "instance name of {} bytes is longer than {MAX_NAME}",
+            name.len()
+        )));
     }
     for seg in name.split('/') {
         if seg.is_empty() || seg == "." || seg == ".." {
@@ -57,6 +67,14 @@ impl Instances {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_are_refused_whatever_the_allow_list() {
+        let any = Instances::new(None);
+        assert!(any.check(&"a".repeat(MAX_NAME)).is_ok());
+        let e = any.check(&"a".repeat(17 << 20)).unwrap_err().to_string();
+        assert!(e.contains("longer than 256") && e.len() < 200, "{e}");
+    }
 
     #[test]
     fn allow_list() {

@@ -167,8 +167,10 @@ fn record(
     let duration = result
         .and_then(|r| r.execution_metadata.as_ref())
         .and_then(|m| {
+            // A worker's timestamps are its word only: checked, never trusted to be sane.
             let (s, e) = (m.worker_start_timestamp?, m.worker_completed_timestamp?);
-            let ms = (e.seconds - s.seconds) * 1000 + i64::from(e.nanos - s.nanos) / 1_000_000;
+            let secs = e.seconds.checked_sub(s.seconds)?.checked_mul(1000)?;
+            let ms = secs.checked_add(i64::from(e.nanos.checked_sub(s.nanos)?) / 1_000_000)?;
             u64::try_from(ms).ok().map(std::time::Duration::from_millis)
         });
     let stderr = result

@@ -466,7 +466,8 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         let mut overdue: Vec<OperationId> = Vec::new();
         for (id, w) in &st.workers {
             for op in &w.running {
-                if st.operations[op].deadline.is_some_and(|d| d <= now) {
+                let due = st.operations.get(op).and_then(|o| o.deadline);
+                if due.is_some_and(|d| d <= now) {
                     overdue.push(op.clone());
                     if !late.contains(id) {
                         late.push(id.clone());
@@ -478,12 +479,15 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             return late;
         }
         for op in &overdue {
-            let o = &st.operations[op];
+            let Some(o) = st.operations.get(op) else {
+                continue;
+            };
             if o.attempts >= self.config.max_attempts {
                 let msg = format!(
-                    "workers held the action past its timeout ({:?}) {} times; giving up",
+                    "a worker held the action past its timeout ({:?}) on its last attempt ({} of {}); giving up",
                     o.timeout.unwrap_or_default(),
-                    o.attempts
+                    o.attempts,
+                    self.config.max_attempts
                 );
                 if let Some(w) = o.worker.clone() {
                     if let Some(worker) = st.workers.get_mut(&w) {
@@ -659,9 +663,9 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             };
             op.attempts += 1;
             op.worker = Some(wid.clone());
-            op.deadline = op
-                .timeout
-                .map(|t| Instant::now() + t + self.config.deadline_grace);
+            op.deadline = op.timeout.and_then(|t| {
+                Instant::now().checked_add(t.checked_add(self.config.deadline_grace)?)
+            });
             let cmd = WorkerCommand::Run {
                 operation: op_id.clone(),
                 job: op.job.clone(),

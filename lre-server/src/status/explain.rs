@@ -24,6 +24,11 @@ const MAX_BASE_ACTIONS: usize = 20_000;
 const MAX_TREE_FILES: usize = 200_000;
 const MAX_DIRECTORIES: usize = 100_000;
 const MAX_DEPTH: usize = 128;
+/// Action, Command and Directory messages larger than this are not read.
+const MAX_MESSAGE: u64 = 4 << 20;
+/// Tree nodes visited per request, counting repeats: a tree that names one directory
+/// many times (a "bomb") expands to far more nodes than it has distinct directories.
+const MAX_VISITS: usize = 1_000_000;
 
 #[derive(Debug, Serialize)]
 pub struct Explanation {
@@ -73,10 +78,14 @@ pub struct Unexplained {
 struct Reader<'a> {
     cache: &'a Cache,
     dirs: HashMap<Digest, Option<Directory>>,
+    visits: usize,
 }
 
 impl Reader<'_> {
     async fn message<M: Message + Default>(&self, d: &Digest) -> Result<Option<M>, String> {
+        if d.size > MAX_MESSAGE {
+            return Err(format!("{d} is larger than {MAX_MESSAGE} bytes; not read"));
+        }
         match self.cache.read_blob(d).await {
             Ok(Some(raw)) => M::decode(raw)
                 .map(Some)
@@ -163,6 +172,16 @@ impl Reader<'_> {
         let mut out = BTreeMap::new();
         let mut stack = vec![(String::new(), root, 0usize)];
         while let Some((prefix, d, depth)) = stack.pop() {
+            self.visits += 1;
+            if self.visits > MAX_VISITS {
+                return Err(format!(
+                    "input trees of more than {MAX_VISITS} directories in all"
+                ));
+            }
+            // Cached directories need no I/O: let other tasks run now and then.
+            if self.visits.is_multiple_of(4096) {
+                tokio::task::yield_now().await;
+            }
             if depth > MAX_DEPTH {
                 return Err(format!("input tree deeper than {MAX_DEPTH} levels"));
             }
@@ -190,6 +209,9 @@ impl Reader<'_> {
                 out.insert(format!("{prefix}{}", f.name), digest);
             }
             for l in &dir.symlinks {
+                if out.len() >= MAX_TREE_FILES {
+                    return Err(format!("more than {MAX_TREE_FILES} input files"));
+                }
                 out.insert(format!("{prefix}{}", l.name), format!("-> {}", l.target));
             }
             for sub in &dir.directories {
@@ -212,6 +234,7 @@ pub async fn explain(
     let mut reader = Reader {
         cache,
         dirs: HashMap::new(),
+        visits: 0,
     };
     let mut missed: Vec<&ActionRecord> = new.1.iter().filter(|r| r.missed).collect();
     missed.sort_by(|a, b| (&a.target, &a.mnemonic).cmp(&(&b.target, &b.mnemonic)));

@@ -119,7 +119,7 @@ impl Timeline {
         let mut size = (self.size_bytes, self.entries);
         let mut out = Vec::with_capacity(MINUTES as usize);
         let mut it = self.minutes.iter().peekable();
-        let first = end + 1 - MINUTES;
+        let first = (end + 1).saturating_sub(MINUTES);
         // Size before the window: the last sample of any older minute is all there is.
         if let Some(f) = self.minutes.front() {
             if f.minute >= first {
