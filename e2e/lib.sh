@@ -62,6 +62,9 @@ e2e_init() {
   local parent="${E2E_WORK_DIR:-$E2E_DIR/.work}"
   mkdir -p "$parent"
   RUN_DIR="$(mktemp -d "$parent/run.XXXXXX")"
+  # Searchable by others, as a worker's work dir must be for its action uids (mktemp makes
+  # it 0700); nothing secret lives here.
+  chmod 755 "$RUN_DIR"
   trap e2e_cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM

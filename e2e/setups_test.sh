@@ -324,7 +324,7 @@ start_worker() {
     --tls-ca "$PKI/ca.crt" --token-file "$SCEN/$3.token" --id "$2" --capacity 2 --work-dir "$SCEN/$2" \
     --property OSFamily=Linux --property "container-image=$IMAGE"
 }
-ran() { grep -c "running action" "$SCEN/$1.log" 2>/dev/null || true; }
+ran() { grep -c "running action operation=" "$SCEN/$1.log" 2>/dev/null || true; }
 # Each by its credential-bound id, TOKEN/ID.
 all_attached() {
   wait_log "$SCEN/server.log" "worker connected worker=wk1/w1 " 1 &&

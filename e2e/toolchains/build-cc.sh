@@ -6,12 +6,15 @@ sh="$busybox/bin/sh"
 
 # zig needs a writable cache. Its manifests (h/) must be writable files, its artifacts (o/)
 # may be read-only, so each fresh temporary directory gets a copy of h/ and links to o/.
+# The directories of both are made writable (chmod -R skips the links), since actions do
+# not run as root: zig adds its new artifacts under o/.
 cat > "$out/bin/.zig-env" <<ENV
 cache="\${TMPDIR:-/tmp}/lre-zig-$(basename "$out")"
 if [ ! -d "\$cache/o" ]; then
   tmp="\$cache.\$\$"
-  mkdir -p "\$tmp" && cp -r "$out/share/zig-cache/h" "\$tmp/h" && chmod -R u+w "\$tmp" \
-    && cp -rs "$out/share/zig-cache/o" "\$tmp/o" && mv "\$tmp" "\$cache" 2>/dev/null || rm -rf "\$tmp"
+  mkdir -p "\$tmp" && cp -r "$out/share/zig-cache/h" "\$tmp/h" \
+    && cp -rs "$out/share/zig-cache/o" "\$tmp/o" && chmod -R u+w "\$tmp" \
+    && mv "\$tmp" "\$cache" 2>/dev/null || rm -rf "\$tmp"
 fi
 export ZIG_GLOBAL_CACHE_DIR="\$cache" ZIG_LOCAL_CACHE_DIR="\$cache"
 ENV

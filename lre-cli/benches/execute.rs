@@ -77,6 +77,7 @@ async fn local_baseline(n: usize, sandboxed: bool) -> f64 {
         ro_paths: lre_worker::default_ro_paths(),
         network: false,
         host_proc: false,
+        action_uids: lre_worker::ActionUids::Off,
     };
     let t = Instant::now();
     futures::stream::iter(0..n)
@@ -94,6 +95,7 @@ async fn local_baseline(n: usize, sandboxed: bool) -> f64 {
                         stdout: &out,
                         stderr: &err,
                         timeout: Duration::from_secs(60),
+                        uid: None,
                     };
                     lre_worker::sandbox::run(&cfg, &spawn)
                         .await

@@ -1,5 +1,12 @@
 //! The ByteStream gRPC service: streaming reads and resumable, verified streaming writes.
 //! Neither direction ever holds a whole blob in memory.
+//!
+//! What write sessions may hold is bounded: at most `WriteLimits::max_sessions` resumable
+//! uploads, zstd frames with windows of at most 8 MiB, `WriteLimits::zstd_memory` of decoder
+//! memory in all, and (in the store) unfinished uploads' bytes counted against `max_size`.
+//! When a limit is reached the least recently active interrupted upload is dropped first
+//! (its client restarts it from zero); only when none is left does a write get
+//! RESOURCE_EXHAUSTED.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -11,11 +18,12 @@ use bazel_remote_apis::google::bytestream::{
     ReadResponse, WriteRequest, WriteResponse,
 };
 use futures::Stream;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncReadExt;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
 
 use crate::auth::{grpc_credential, Access};
 use crate::cache::Cache;
@@ -25,39 +33,223 @@ use crate::store::CasUpload;
 
 const READ_CHUNK: usize = 256 * 1024;
 
+/// The largest zstd window a compressed upload may use: 2^23 = 8 MiB, what `zstd -19` uses.
+/// A frame asking for more is refused: its decoder would hold the whole window for as long
+/// as the (resumable) upload lives.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// What the write sessions of one service may hold at once.
+#[derive(Debug, Clone)]
+pub struct WriteLimits {
+    /// Resumable uploads (`uploads/{uuid}/...`) kept at once, running or interrupted.
+    pub max_sessions: usize,
+    /// Memory all zstd decoders may hold together, in bytes. One decoder holds at most its
+    /// window plus ~300 KiB, so 8.3 MiB with the largest window allowed.
+    pub zstd_memory: u64,
+}
+
+impl Default for WriteLimits {
+    fn default() -> Self {
+        WriteLimits {
+            max_sessions: 1024,
+            zstd_memory: 256 << 20,
+        }
+    }
+}
+
 /// A partly received upload. Its bytes live in the store's temp space, not in memory.
 struct Upload {
     cas: Option<CasUpload>,
-    decoder: Option<Decoder<'static>>,
+    decoder: Option<ZstdStream>,
     /// Bytes accepted so far, in the units the client counts `write_offset` in.
     received: i64,
     last_active: Instant,
 }
 
-type Sessions = Mutex<HashMap<String, Arc<AsyncMutex<Upload>>>>;
+type SessionMap = HashMap<String, Arc<AsyncMutex<Upload>>>;
+
+/// Resumable uploads by resource name, and the gauge that publishes their number.
+struct Sessions {
+    map: Mutex<SessionMap>,
+    gauge: Gauge,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 pub struct ByteStreamService {
     cache: Arc<Cache>,
     sessions: Arc<Sessions>,
+    limits: WriteLimits,
+}
+
+/// A zstd decoder whose window is limited and whose memory is counted in a shared gauge.
+struct ZstdStream {
+    dctx: DCtx<'static>,
+    charged: i64,
+    memory: Gauge,
+}
+
+impl ZstdStream {
+    fn new(memory: Gauge) -> Result<ZstdStream> {
+        let mut dctx = DCtx::try_create()
+            .ok_or_else(|| Error::ResourceExhausted("cannot allocate a zstd decoder".into()))?;
+        dctx.init()
+            .and_then(|_| dctx.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX)))
+            .map_err(|code| {
+                Error::Internal(format!(
+                    "zstd decoder setup: {}",
+                    zstd::zstd_safe::get_error_name(code)
+                ))
+            })?;
+        let mut z = ZstdStream {
+            dctx,
+            charged: 0,
+            memory,
+        };
+        z.recharge();
+        Ok(z)
+    }
+
+    /// Brings the shared gauge up to date with what this decoder holds now.
+    fn recharge(&mut self) {
+        let now = i64::try_from(self.dctx.sizeof()).unwrap_or(i64::MAX);
+        if now != self.charged {
+            self.memory.inc_by(now - self.charged);
+            self.charged = now;
+        }
+    }
+
+    fn step(&mut self, input: &mut InBuffer<'_>, out: &mut [u8]) -> Result<usize> {
+        let mut ob = OutBuffer::around(out);
+        let r = self.dctx.decompress_stream(&mut ob, input);
+        // The window is allocated when the frame header is read: count it at once.
+        self.recharge();
+        r.map_err(zstd_error)?;
+        Ok(ob.pos())
+    }
+}
+
+impl Drop for ZstdStream {
+    fn drop(&mut self) {
+        self.memory.dec_by(self.charged);
+    }
+}
+
+fn zstd_error(code: usize) -> Error {
+    let name = zstd::zstd_safe::get_error_name(code);
+    // ZSTD_error_frameParameter_windowTooLarge
+    if name.contains("too much memory") {
+        return Error::InvalidArgument(format!(
+            "zstd frame needs a window larger than {} MiB (window log {ZSTD_WINDOW_LOG_MAX}), \
+             the most this server decodes; compress with level 19 or lower and no --long above {ZSTD_WINDOW_LOG_MAX}",
+            (1u64 << ZSTD_WINDOW_LOG_MAX) >> 20
+        ));
+    }
+    Error::InvalidArgument(format!("corrupt zstd stream: {name}"))
 }
 
 impl ByteStreamService {
     /// An interrupted upload stays resumable for `upload_ttl` after its last byte.
     pub fn new(cache: Arc<Cache>, upload_ttl: Duration) -> Self {
-        let sessions: Arc<Sessions> = Arc::default();
-        spawn_sweeper(Arc::downgrade(&sessions), upload_ttl);
-        ByteStreamService { cache, sessions }
+        Self::with_limits(cache, upload_ttl, WriteLimits::default())
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AsyncMutex<Upload>>>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn with_limits(cache: Arc<Cache>, upload_ttl: Duration, limits: WriteLimits) -> Self {
+        let sessions = Arc::new(Sessions {
+            map: Mutex::default(),
+            gauge: cache.metrics.upload_sessions.clone(),
+        });
+        spawn_sweeper(Arc::downgrade(&sessions), upload_ttl);
+        ByteStreamService {
+            cache,
+            sessions,
+            limits,
+        }
+    }
+
+    /// The resumable session named `name`, created if new. When `max_sessions` are held,
+    /// the least recently active interrupted one makes room.
+    async fn session(&self, name: &str) -> Result<Arc<AsyncMutex<Upload>>> {
+        {
+            let map = self.sessions.lock();
+            if let Some(s) = map.get(name) {
+                return Ok(s.clone());
+            }
+            if map.len() < self.limits.max_sessions {
+                drop(map);
+                return Ok(self.insert_session(name));
+            }
+        }
+        if !self.evict_idle("too many upload sessions", |_| true).await {
+            return Err(Error::ResourceExhausted(format!(
+                "{} uploads are running; retry later",
+                self.limits.max_sessions
+            )));
+        }
+        Ok(self.insert_session(name))
+    }
+
+    fn insert_session(&self, name: &str) -> Arc<AsyncMutex<Upload>> {
+        let mut map = self.sessions.lock();
+        let s = map
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(AsyncMutex::new(Upload::empty())))
+            .clone();
+        self.sessions.gauge.set(map.len() as i64);
+        s
+    }
+
+    /// Forgets `session` if `name` still refers to it (not to a newer one).
+    fn remove_session(&self, name: &str, session: &Arc<AsyncMutex<Upload>>) {
+        let mut map = self.sessions.lock();
+        if map.get(name).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            map.remove(name);
+        }
+        self.sessions.gauge.set(map.len() as i64);
+    }
+
+    /// Drops the least recently active interrupted upload that `pick` accepts, giving back
+    /// its store space, temp file and decoder before returning. Returns whether there was one.
+    async fn evict_idle(&self, why: &str, pick: impl Fn(&Upload) -> bool) -> bool {
+        let (name, victim) = {
+            let mut map = self.sessions.lock();
+            let mut oldest: Option<(&String, Instant)> = None;
+            for (name, s) in map.iter() {
+                // Locked means a stream is writing it right now: never taken away.
+                if let Ok(up) = s.try_lock() {
+                    if pick(&up) && oldest.is_none_or(|(_, t)| up.last_active < t) {
+                        oldest = Some((name, up.last_active));
+                    }
+                }
+            }
+            let Some(name) = oldest.map(|(n, _)| n.clone()) else {
+                return false;
+            };
+            let Some(s) = map.remove(&name) else {
+                return false;
+            };
+            self.sessions.gauge.set(map.len() as i64);
+            let victim = s
+                .try_lock()
+                .map(|mut up| std::mem::replace(&mut *up, Upload::empty()));
+            (name, victim)
+        };
+        tracing::info!(resource = %name, reason = why, "dropping an interrupted upload to make room");
+        if let Ok(up) = victim {
+            up.discard().await;
+        }
+        true
     }
 
     async fn new_upload(&self, res: &BlobResource) -> Result<Upload> {
         let decoder = match res.compression {
-            Compression::Zstd => {
-                Some(Decoder::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?)
-            }
+            Compression::Zstd => Some(ZstdStream::new(
+                self.cache.metrics.zstd_decoder_bytes.clone(),
+            )?),
             Compression::Identity => None,
         };
         Ok(Upload {
@@ -92,14 +284,11 @@ impl ByteStreamService {
     ) -> Result<i64> {
         let name = first.resource_name.clone();
         let session = match &res.upload_id {
-            Some(_) => self
-                .sessions()
-                .entry(name.clone())
-                .or_insert_with(|| Arc::new(AsyncMutex::new(Upload::empty())))
-                .clone(),
+            Some(_) => self.session(&name).await?,
             None => Arc::new(AsyncMutex::new(Upload::empty())),
         };
         let mut up = session
+            .clone()
             .try_lock_owned()
             .map_err(|_| Error::Aborted(format!("another stream is already writing {name}")))?;
         // Every way out below ends in the match, so a write that fails at its start (a bad
@@ -112,19 +301,39 @@ impl ByteStreamService {
                         first.write_offset
                     )));
                 }
+                // The old attempt's space and decoder go before the new one takes any.
+                *up = Upload::empty();
                 *up = self.new_upload(res).await?;
             }
             self.pump(&mut up, first, stream, &name).await
         }
         .await;
-        match &result {
-            // Interrupted: keep what arrived so the client can resume after QueryWriteStatus.
-            Err(Error::Aborted(_)) if res.upload_id.is_some() => up.last_active = Instant::now(),
-            _ => {
-                self.sessions().remove(&name);
+        let keep = matches!(result, Err(Error::Aborted(_))) && res.upload_id.is_some();
+        if keep {
+            // Interrupted: keep what arrived so the client can resume after QueryWriteStatus,
+            // but not the buffers and descriptor an idle upload does not need.
+            up.last_active = Instant::now();
+            let suspended = match up.cas.as_mut() {
+                Some(cas) => cas.suspend().await,
+                None => Ok(()),
+            };
+            if let Err(e) = suspended {
+                tracing::warn!(resource = %name, error = %e, "cannot keep an interrupted upload");
+                self.discard(&name, &session, &mut up).await;
             }
+        } else {
+            self.discard(&name, &session, &mut up).await;
         }
         result
+    }
+
+    /// Ends a session for good, its data deleted before the client hears back.
+    async fn discard(&self, name: &str, session: &Arc<AsyncMutex<Upload>>, up: &mut Upload) {
+        self.remove_session(name, session);
+        up.decoder = None;
+        if let Some(cas) = up.cas.take() {
+            cas.discard().await;
+        }
     }
 
     async fn pump(
@@ -147,13 +356,13 @@ impl ByteStreamService {
                     msg.write_offset, up.received
                 )));
             }
-            up.feed(&msg.data).await?;
+            self.feed(up, &msg.data).await?;
             self.cache
                 .metrics
                 .bytes_received
                 .inc_by(msg.data.len() as u64);
             if msg.finish_write {
-                up.finish_decoder().await?;
+                self.finish_decoder(up).await?;
                 let cas = up
                     .cas
                     .take()
@@ -175,6 +384,73 @@ impl ByteStreamService {
             };
         }
     }
+
+    async fn feed(&self, up: &mut Upload, data: &[u8]) -> Result<()> {
+        if up.decoder.is_none() {
+            self.store_write(up.cas()?, data).await?;
+        } else {
+            let mut out = vec![0u8; READ_CHUNK];
+            let mut input = InBuffer::around(data);
+            loop {
+                let n = up.decode_step(&mut input, &mut out)?;
+                self.check_decoder_memory().await?;
+                self.store_write(up.cas()?, &out[..n]).await?;
+                if input.pos() == data.len() && n < out.len() {
+                    break;
+                }
+            }
+        }
+        up.received += data.len() as i64;
+        up.last_active = Instant::now();
+        Ok(())
+    }
+
+    /// Writes to the store; when unfinished uploads fill it, interrupted ones make room.
+    async fn store_write(&self, cas: &mut CasUpload, data: &[u8]) -> Result<()> {
+        loop {
+            match cas.write(data).await {
+                Err(Error::UploadSpaceExhausted { .. })
+                    if self
+                        .evict_idle("store full of unfinished uploads", |u| u.cas.is_some())
+                        .await => {}
+                r => return r,
+            }
+        }
+    }
+
+    /// Over the decoder budget, interrupted zstd uploads go first; then this one fails.
+    async fn check_decoder_memory(&self) -> Result<()> {
+        let limit = i64::try_from(self.limits.zstd_memory).unwrap_or(i64::MAX);
+        let gauge = &self.cache.metrics.zstd_decoder_bytes;
+        while gauge.get() > limit {
+            if !self
+                .evict_idle("zstd decoder memory", |u| u.decoder.is_some())
+                .await
+            {
+                return Err(Error::ResourceExhausted(format!(
+                    "zstd decoders of running uploads hold {} bytes, over this server's limit of {limit}; retry later",
+                    gauge.get()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains whatever the decoder still holds; the size and hash checks catch truncation.
+    async fn finish_decoder(&self, up: &mut Upload) -> Result<()> {
+        if up.decoder.is_none() {
+            return Ok(());
+        }
+        let mut out = vec![0u8; READ_CHUNK];
+        loop {
+            let mut input = InBuffer::around(&[]);
+            let n = up.decode_step(&mut input, &mut out)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.store_write(up.cas()?, &out[..n]).await?;
+        }
+    }
 }
 
 impl Upload {
@@ -187,56 +463,25 @@ impl Upload {
         }
     }
 
+    /// Frees everything the upload holds, waiting until its data is deleted.
+    async fn discard(mut self) {
+        self.decoder = None;
+        if let Some(cas) = self.cas.take() {
+            cas.discard().await;
+        }
+    }
+
     fn cas(&mut self) -> Result<&mut CasUpload> {
         self.cas
             .as_mut()
             .ok_or_else(|| Error::Internal("upload already finished".into()))
     }
 
-    async fn feed(&mut self, data: &[u8]) -> Result<()> {
-        if self.decoder.is_none() {
-            self.cas()?.write(data).await?;
-        } else {
-            let mut out = vec![0u8; READ_CHUNK];
-            let mut input = InBuffer::around(data);
-            loop {
-                let n = self.decode_step(&mut input, &mut out)?;
-                self.cas()?.write(&out[..n]).await?;
-                if input.pos() == data.len() && n < out.len() {
-                    break;
-                }
-            }
-        }
-        self.received += data.len() as i64;
-        self.last_active = Instant::now();
-        Ok(())
-    }
-
     fn decode_step(&mut self, input: &mut InBuffer<'_>, out: &mut [u8]) -> Result<usize> {
-        let dec = self
-            .decoder
+        self.decoder
             .as_mut()
-            .ok_or_else(|| Error::Internal("no decoder".into()))?;
-        let mut ob = OutBuffer::around(out);
-        dec.run(input, &mut ob)
-            .map_err(|e| Error::InvalidArgument(format!("corrupt zstd stream: {e}")))?;
-        Ok(ob.pos())
-    }
-
-    /// Drains whatever the decoder still holds; the size and hash checks catch truncation.
-    async fn finish_decoder(&mut self) -> Result<()> {
-        if self.decoder.is_none() {
-            return Ok(());
-        }
-        let mut out = vec![0u8; READ_CHUNK];
-        loop {
-            let mut input = InBuffer::around(&[]);
-            let n = self.decode_step(&mut input, &mut out)?;
-            if n == 0 {
-                return Ok(());
-            }
-            self.cas()?.write(&out[..n]).await?;
-        }
+            .ok_or_else(|| Error::Internal("no decoder".into()))?
+            .step(input, out)
     }
 }
 
@@ -250,12 +495,23 @@ fn spawn_sweeper(sessions: Weak<Sessions>, ttl: Duration) {
             let Some(sessions) = sessions.upgrade() else {
                 return;
             };
-            let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
-            // Dropping an abandoned upload deletes its temp file.
-            map.retain(|_, s| match s.try_lock() {
-                Ok(up) => up.last_active.elapsed() < ttl,
-                Err(_) => true,
-            });
+            let mut expired = Vec::new();
+            {
+                let mut map = sessions.lock();
+                map.retain(|_, s| match s.try_lock() {
+                    Ok(mut up) if up.last_active.elapsed() >= ttl => {
+                        expired.push(std::mem::replace(&mut *up, Upload::empty()));
+                        false
+                    }
+                    _ => true,
+                });
+                sessions.gauge.set(map.len() as i64);
+            }
+            // Outside the lock: each gives back its store reservation and decoder memory,
+            // and deletes its temp file.
+            for up in expired {
+                up.discard().await;
+            }
         }
     });
 }
@@ -402,7 +658,7 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
-        let session = self.sessions().get(name).cloned();
+        let session = self.sessions.lock().get(name).cloned();
         let committed_size = match session {
             Some(s) => match s.try_lock() {
                 Ok(up) => up.received,

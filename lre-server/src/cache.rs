@@ -142,7 +142,10 @@ impl Cache {
             return Ok(());
         }
         let mut up = self.upload(d.hash, Some(d.size)).await?;
-        up.write(data).await?;
+        if let Err(e) = up.write(data).await {
+            up.discard().await;
+            return Err(e);
+        }
         up.finish().await?;
         self.metrics.bytes_received.inc_by(data.len() as u64);
         Ok(())
@@ -188,7 +191,10 @@ impl Cache {
         validate_action_result(result)?;
         let raw = result.encode_to_vec();
         let mut w = self.store.writer(Some(raw.len() as u64)).await?;
-        w.write(&raw).await?;
+        if let Err(e) = w.write(&raw).await {
+            w.discard().await;
+            return Err(e);
+        }
         w.commit(Key::ac(instance, &action_hash)).await?;
         self.metrics.bytes_received.inc_by(raw.len() as u64);
         Ok(())

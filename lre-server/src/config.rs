@@ -63,6 +63,114 @@ pub struct Config {
     /// The status page's history bounds, and whether `/metrics` needs a token.
     #[serde(default)]
     pub status: crate::status::StatusConfig,
+    /// Per-port connection caps and timeouts against slow, idle and flooding clients.
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
+}
+
+/// The `[connections]` table. Each port (gRPC and HTTP) counts and limits its own
+/// connections, so a flood on one leaves the other reachable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// Connections one port holds at once; further ones are closed as soon as accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time from accepting a connection to a finished TLS handshake and, on the gRPC
+    /// port, to the client's HTTP/2 connection preface.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_seconds: u64,
+    /// HTTP port: a request's headers must arrive within this long of the connection
+    /// opening or the previous response ending (so it also ends idle keep-alive
+    /// connections).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_seconds: u64,
+    /// HTTP port: a connection on which nothing is sent or received for this long is
+    /// closed, also mid-request. gRPC port: a connection silent this long is sent an
+    /// HTTP/2 PING.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+    /// gRPC port: a PING not answered within this long closes the connection.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_seconds: u64,
+    /// gRPC port: calls running at once on one connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            max_connections: default_max_connections(),
+            handshake_timeout_seconds: default_handshake_timeout(),
+            header_read_timeout_seconds: default_header_read_timeout(),
+            idle_timeout_seconds: default_idle_timeout(),
+            keepalive_timeout_seconds: default_keepalive_timeout(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+        }
+    }
+}
+
+/// Two ports at this many each stay below the common 1024 open-file limit, with room for
+/// the store.
+fn default_max_connections() -> usize {
+    400
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_header_read_timeout() -> u64 {
+    30
+}
+fn default_idle_timeout() -> u64 {
+    120
+}
+fn default_keepalive_timeout() -> u64 {
+    20
+}
+fn default_max_concurrent_streams() -> u32 {
+    1000
+}
+
+impl ConnectionsConfig {
+    /// On failure returns the offending key and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (k, v) in [
+            ("connections.max_connections", self.max_connections as u64),
+            (
+                "connections.handshake_timeout_seconds",
+                self.handshake_timeout_seconds,
+            ),
+            (
+                "connections.header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            (
+                "connections.idle_timeout_seconds",
+                self.idle_timeout_seconds,
+            ),
+            (
+                "connections.keepalive_timeout_seconds",
+                self.keepalive_timeout_seconds,
+            ),
+            (
+                "connections.max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+        ] {
+            if v == 0 {
+                return Err((k.to_string(), "must be at least 1".to_string()));
+            }
+        }
+        // tokio's semaphore holds at most usize::MAX >> 3 permits.
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err((
+                "connections.max_connections".to_string(),
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Remote execution: the scheduler and the endpoint workers connect to.
@@ -89,6 +197,12 @@ pub struct ExecutionConfig {
     /// instead of failing at once. Each entry maps property names to values.
     #[serde(default)]
     pub known_platforms: Vec<std::collections::BTreeMap<String, String>>,
+    /// Actions waiting for a worker; Execute past it gets RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_actions: usize,
+    /// Operations tracked at once (queued, running, and finished ones for WaitExecution).
+    #[serde(default = "default_max_operations")]
+    pub max_operations: usize,
 }
 
 impl Default for ExecutionConfig {
@@ -100,8 +214,17 @@ impl Default for ExecutionConfig {
             max_attempts: default_max_attempts(),
             keepalive_seconds: default_keepalive(),
             known_platforms: vec![],
+            max_queued_actions: default_max_queued(),
+            max_operations: default_max_operations(),
         }
     }
+}
+
+fn default_max_queued() -> usize {
+    100_000
+}
+fn default_max_operations() -> usize {
+    200_000
 }
 
 fn default_action_timeout() -> u64 {
@@ -132,9 +255,14 @@ pub struct StoreConfig {
     /// Directory of the filesystem store; defaults to the user's cache directory.
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// Size limit, enforced by LRU eviction: bytes, or a string such as "10GiB".
+    /// Size limit, enforced by LRU eviction: bytes, or a string such as "10GiB". Unfinished
+    /// uploads count against it too.
     #[serde(default = "default_max_size")]
     pub max_size: ByteSize,
+    /// Filesystem store: hash each CAS blob read from disk; one that no longer matches its
+    /// digest is deleted and reads as a miss (NOT_FOUND), so clients upload it again.
+    #[serde(default)]
+    pub verify_on_read: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +302,7 @@ impl Default for StoreConfig {
             kind: default_store_kind(),
             path: None,
             max_size: default_max_size(),
+            verify_on_read: false,
         }
     }
 }
@@ -193,6 +322,7 @@ impl Default for Config {
             execution: ExecutionConfig::default(),
             asset: crate::asset::AssetConfig::default(),
             status: crate::status::StatusConfig::default(),
+            connections: ConnectionsConfig::default(),
         }
     }
 }
@@ -281,7 +411,22 @@ impl Config {
         if e.keepalive_seconds == 0 {
             return Err(invalid("execution.keepalive_seconds", "must be at least 1"));
         }
+        if e.max_queued_actions == 0 {
+            return Err(invalid(
+                "execution.max_queued_actions",
+                "must be at least 1",
+            ));
+        }
+        if e.max_operations < e.max_queued_actions {
+            return Err(invalid(
+                "execution.max_operations",
+                "must be at least execution.max_queued_actions",
+            ));
+        }
         self.status.validate().map_err(|(k, m)| invalid(k, m))?;
+        self.connections
+            .validate()
+            .map_err(|(k, m)| invalid(k, m))?;
         self.asset
             .validate(self.store.max_size.0)
             .map_err(|(k, m)| invalid(k, m))?;
@@ -298,6 +443,12 @@ impl Config {
             return Err(invalid(
                 "store.path",
                 "has no meaning for kind = \"memory\"",
+            ));
+        }
+        if self.store.kind == StoreKind::Memory && self.store.verify_on_read {
+            return Err(invalid(
+                "store.verify_on_read",
+                "has no meaning for kind = \"memory\": only blobs read from disk are verified",
             ));
         }
         if self.http_listen == Some(self.grpc_listen) && self.grpc_listen.port() != 0 {
@@ -483,5 +634,31 @@ mod tests {
         .unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("auth.tokens[0].sha256"), "{e}");
+    }
+
+    #[test]
+    fn verify_on_read_defaults_off_and_needs_a_disk() {
+        assert!(!Config::default().store.verify_on_read);
+        let c = Config::from_toml("[store]\nverify_on_read = true\n").unwrap();
+        assert!(c.store.verify_on_read);
+        c.validate().unwrap();
+        let c = Config::from_toml("[store]\nkind = \"memory\"\nverify_on_read = true\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("store.verify_on_read"), "{e}");
+        let e = Config::from_toml("[store]\nverify_on_read = \"yes\"\n").unwrap_err();
+        assert!(e.contains("verify_on_read"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_parse_and_name_the_key() {
+        let c = Config::from_toml("[connections]\nmax_connections = 8\n").unwrap();
+        assert_eq!(c.connections.max_connections, 8);
+        assert_eq!(c.connections.handshake_timeout_seconds, 10);
+        c.validate().unwrap();
+        let c = Config::from_toml("[connections]\nheader_read_timeout_seconds = 0\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("connections.header_read_timeout_seconds"), "{e}");
+        let e = Config::from_toml("[connections]\nidle_timeout = 5\n").unwrap_err();
+        assert!(e.contains("idle_timeout"), "{e}");
     }
 }

@@ -30,6 +30,23 @@ pub enum Error {
     #[error("storage full: {0}")]
     StorageFull(String),
 
+    /// In-flight uploads already hold the whole store: nothing more can be reserved until
+    /// some finish or are abandoned. Distinct from `StorageFull` (a disk error) because it is
+    /// raised before a byte is written, so the write can be retried as it was.
+    #[error(
+        "no room for upload data: {needed} more bytes wanted, {in_flight} bytes are held by \
+         unfinished uploads, the store holds {capacity} bytes in all"
+    )]
+    UploadSpaceExhausted {
+        needed: u64,
+        in_flight: u64,
+        capacity: u64,
+    },
+
+    /// A server-wide limit (concurrent upload sessions, decoder memory) is reached.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+
     #[error("out of range: {0}")]
     OutOfRange(String),
 
@@ -87,7 +104,9 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::StorageFull(_) => Code::ResourceExhausted,
+            Error::StorageFull(_)
+            | Error::UploadSpaceExhausted { .. }
+            | Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
@@ -107,7 +126,10 @@ impl Error {
             Error::UnknownInstance(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
-            Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::StorageFull(_) | Error::UploadSpaceExhausted { .. } => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            Error::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Aborted(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Unavailable(_) => StatusCode::BAD_GATEWAY,

@@ -87,13 +87,13 @@ pub(crate) fn error_response(e: Error) -> Response {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     Ac,
     Cas,
 }
 
 /// Splits `/{prefix...}/{ac|cas}/{hash}` into (instance, kind, hash).
-fn parse_path(path: &str) -> Result<(String, Kind, [u8; 32])> {
+pub fn parse_path(path: &str) -> Result<(String, Kind, [u8; 32])> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let n = segs.len();
     if n < 2 {

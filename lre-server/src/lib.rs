@@ -9,6 +9,7 @@ pub mod cache;
 pub mod capabilities;
 pub mod cas;
 pub mod config;
+pub mod connections;
 pub mod digest;
 pub mod error;
 pub mod execution;

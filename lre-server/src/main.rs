@@ -72,6 +72,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if cli.memory {
         c.store.kind = StoreKind::Memory;
         c.store.path = None;
+        c.store.verify_on_read = false;
     }
     if let Some(s) = cli.max_size {
         c.store.max_size = s;

@@ -26,6 +26,8 @@ pub struct StoreMetrics {
     pub evicted_bytes: Counter,
     pub size_bytes: Gauge,
     pub entries: Gauge,
+    /// Bytes of unfinished uploads (the filesystem store's `tmp/`), counted against the limit.
+    pub in_flight_bytes: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -43,6 +45,10 @@ pub struct Metrics {
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
     pub request_seconds: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    /// Resumable ByteStream uploads held, running or interrupted.
+    pub upload_sessions: Gauge,
+    /// Memory held by the zstd decoders of compressed uploads.
+    pub zstd_decoder_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -60,6 +66,8 @@ impl Metrics {
         let bytes_sent = Counter::default();
         let request_seconds: Family<MethodLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
+        let upload_sessions = Gauge::default();
+        let zstd_decoder_bytes = Gauge::default();
         let mut r = Registry::with_prefix("lre");
         r.register(
             "ac_lookups",
@@ -102,6 +110,21 @@ impl Metrics {
             store.entries.clone(),
         );
         r.register(
+            "store_in_flight_bytes",
+            "Bytes of unfinished uploads, counted against the store's size limit",
+            store.in_flight_bytes.clone(),
+        );
+        r.register(
+            "upload_sessions",
+            "Resumable ByteStream uploads held, running or interrupted",
+            upload_sessions.clone(),
+        );
+        r.register(
+            "zstd_decoder_bytes",
+            "Memory held by the zstd decoders of compressed uploads",
+            zstd_decoder_bytes.clone(),
+        );
+        r.register(
             "request_duration_seconds",
             "Request latency by method",
             request_seconds.clone(),
@@ -114,6 +137,8 @@ impl Metrics {
             bytes_received,
             bytes_sent,
             request_seconds,
+            upload_sessions,
+            zstd_decoder_bytes,
         }
     }
 

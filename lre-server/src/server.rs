@@ -10,11 +10,11 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     content_addressable_storage_server::ContentAddressableStorageServer,
 };
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::execution_server::ExecutionServer;
@@ -28,6 +28,7 @@ use crate::cache::Cache;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::{Config, ConfigError, StoreKind};
+use crate::connections::{spawn_acceptor, Conn, Limits};
 use crate::execution::{ExecScheduler, ExecutionService};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
@@ -118,9 +119,14 @@ pub async fn open_store(
     Ok(match config.store.kind {
         StoreKind::Memory => Arc::new(MemStore::new(capacity, metrics.store.clone())),
         StoreKind::Filesystem => Arc::new(
-            FsStore::open(config.store_path(), capacity, metrics.store.clone())
-                .await
-                .map_err(StartError::Store)?,
+            FsStore::open_with(
+                config.store_path(),
+                capacity,
+                metrics.store.clone(),
+                crate::store::FsOptions::from_config(&config.store),
+            )
+            .await
+            .map_err(StartError::Store)?,
         ),
     })
 }
@@ -155,16 +161,32 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
+    // Both ports do their own TLS handshakes (see `connections`), so each is bounded in time.
+    let tls_acceptor = |alpn: &[u8]| -> Result<_, StartError> {
+        Ok(match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::rustls_config(
+                t, alpn,
+            )?)),
+            None => None,
+        })
+    };
+    let grpc_tls = tls_acceptor(crate::tls::ALPN_H2)?;
+    let http_tls = tls_acceptor(crate::tls::ALPN_HTTP1)?;
+    let conns = &config.connections;
+    let handshake_timeout = Duration::from_secs(conns.handshake_timeout_seconds);
+    let idle_timeout = Duration::from_secs(conns.idle_timeout_seconds);
+
     let max_msg =
         config.max_batch_total_size_bytes as usize * GRPC_DECODE_FACTOR + GRPC_MESSAGE_SLACK;
     // HTTP/2's default 64 KiB window caps an upload at one window per round trip; blob
     // uploads need windows the size of their messages.
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
-        .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW));
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(crate::tls::tonic_config(tls)?)?;
-    }
+        .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
+        .max_concurrent_streams(Some(conns.max_concurrent_streams))
+        // A silent connection is PINGed; one that does not answer is closed.
+        .http2_keepalive_interval(Some(idle_timeout))
+        .http2_keepalive_timeout(Some(Duration::from_secs(conns.keepalive_timeout_seconds)));
     let exec = &config.execution;
     let mut tasks_early: Vec<JoinHandle<()>> = Vec::new();
     let mut router = builder
@@ -203,6 +225,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let scheduler = exec.enabled.then(|| {
         Arc::new(ExecScheduler::new(SchedulerConfig {
             max_attempts: exec.max_attempts,
+            max_queued: exec.max_queued_actions,
+            max_operations: exec.max_operations,
             known_platforms: exec
                 .known_platforms
                 .iter()
@@ -249,12 +273,25 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let mut grpc_rx = rx.clone();
     let mut grace_rx = rx.clone();
     let stop_all = shutdown.clone();
+    let (grpc_conns, grpc_acceptor) = spawn_acceptor(
+        grpc_listener,
+        grpc_tls,
+        Limits {
+            port: "grpc",
+            max_connections: conns.max_connections,
+            handshake_timeout,
+            preface: true,
+            // HTTP/2 PINGs (above) find silent peers; a byte-level idle limit would also
+            // cut calls that legitimately wait, such as WaitExecution.
+            idle_timeout: None,
+        },
+    );
     let grpc_task = tokio::spawn(async move {
         let signal = async move { stopped(&mut grpc_rx).await };
-        // Nagle's algorithm would hold back the small frames that end each response.
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(grpc_conns),
+            Ok::<_, std::io::Error>,
+        );
         let serve = router.serve_with_incoming_shutdown(incoming, signal);
         tokio::select! {
             r = serve => if let Err(e) = r {
@@ -267,23 +304,30 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         // Whatever ended this front end ends the other too: never run half a server.
         let _ = stop_all.send(true);
     });
-    let mut tasks = vec![grpc_task];
+    let mut tasks = vec![grpc_task, grpc_acceptor];
     tasks.append(&mut tasks_early);
 
     if let Some(listener) = http_listener {
-        let tls = match &config.tls {
-            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::rustls_config(
-                t,
-            )?)),
-            None => None,
-        };
+        let (http_conns, http_acceptor) = spawn_acceptor(
+            listener,
+            http_tls,
+            Limits {
+                port: "http",
+                max_connections: conns.max_connections,
+                handshake_timeout,
+                preface: false,
+                idle_timeout: Some(idle_timeout),
+            },
+        );
         let app = crate::http::router(cache.clone(), scheduler.clone());
         let stop_all = shutdown.clone();
         let rx = rx.clone();
+        let header_timeout = Duration::from_secs(conns.header_read_timeout_seconds);
         tasks.push(tokio::spawn(async move {
-            serve_http(listener, app, tls, rx, grace).await;
+            serve_http(http_conns, app, header_timeout, rx, grace).await;
             let _ = stop_all.send(true);
         }));
+        tasks.push(http_acceptor);
     }
     // The status page's per-minute store figures are sampled, not pushed by the store.
     let sampler = {
@@ -317,55 +361,41 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 async fn serve_http(
-    listener: TcpListener,
+    mut conns: mpsc::UnboundedReceiver<Conn>,
     app: axum::Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // hyper enforces the header timeout only with a timer. It runs from the connection's
+    // start and from the end of each response, so it also ends idle keep-alive connections.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Some(header_timeout));
     loop {
-        let (tcp, peer) = tokio::select! {
-            conn = listener.accept() => match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    // Typically EMFILE: back off rather than spin.
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+        let conn = tokio::select! {
+            c = conns.recv() => match c {
+                Some(c) => c,
+                None => break,
             },
             _ = stopped(&mut shutdown) => break,
         };
-        let _ = tcp.set_nodelay(true);
+        let peer = conn.peer();
         let svc = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let http = http.clone();
         tokio::spawn(async move {
-            let http = hyper::server::conn::http1::Builder::new();
-            let result = match tls {
-                None => {
-                    watcher
-                        .watch(http.serve_connection(TokioIo::new(tcp), svc))
-                        .await
-                }
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => {
-                        watcher
-                            .watch(http.serve_connection(TokioIo::new(stream), svc))
-                            .await
-                    }
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                },
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            if let Err(e) = watcher
+                .watch(http.serve_connection(TokioIo::new(conn), svc))
+                .await
+            {
+                tracing::debug!(?peer, error = %e, "http connection ended with an error");
             }
         });
     }
+    // Stop accepting now, not after the grace period.
+    drop(conns);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

@@ -27,26 +27,13 @@ fn certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsErro
     Ok(certs)
 }
 
-/// The gRPC side: tonic builds its own rustls config from PEM.
-pub fn tonic_config(c: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, TlsError> {
-    let cert = read(&c.cert)?;
-    let key = read(&c.key)?;
-    // Parse here too, so a bad file fails at start with a message naming it.
-    certs(&cert, "tls.cert")?;
-    let mut tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
-    if let Some(ca) = &c.client_ca {
-        let ca = read(ca)?;
-        certs(&ca, "tls.client_ca")?;
-        tls = tls
-            .client_ca_root(tonic::transport::Certificate::from_pem(ca))
-            .client_auth_optional(!c.require_client_cert);
-    }
-    Ok(tls)
-}
+/// ALPN protocol names each port offers.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub const ALPN_H2: &[u8] = b"h2";
 
-/// The HTTP side.
-pub fn rustls_config(c: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server config of either port: the gRPC port offers `h2`, the HTTP port `http/1.1`.
+/// Both ports do their own handshakes, so that each can bound its time.
+pub fn rustls_config(c: &TlsConfig, alpn: &[u8]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(&read(&c.cert)?, "tls.cert")?;
     let key: PrivateKeyDer<'static> =
@@ -78,6 +65,6 @@ pub fn rustls_config(c: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsErro
     let mut cfg = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError(format!("tls.cert/tls.key: {e}")))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }

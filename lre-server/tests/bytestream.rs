@@ -435,3 +435,148 @@ async fn corrupt_or_lying_zstd_uploads_store_nothing() {
     assert_eq!(find_missing(ch.clone(), "", vec![d, small]).await.len(), 2);
     s.shutdown().await;
 }
+
+/// `data` as one zstd frame whose header asks for a window of 2^`window_log` bytes. Written
+/// in pieces, so the encoder cannot shrink the window to the input's size.
+fn zstd_frame(data: &[u8], window_log: u32) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    enc.window_log(window_log).unwrap();
+    for piece in data.chunks(64 * 1024) {
+        enc.write_all(piece).unwrap();
+    }
+    enc.finish().unwrap()
+}
+
+async fn committed(ch: tonic::transport::Channel, name: &str) -> i64 {
+    ByteStreamClient::new(ch)
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .committed_size
+}
+
+#[tokio::test]
+async fn zstd_frames_needing_a_window_over_8_mib_are_refused() {
+    let s = start(memory_config()).await;
+    let ch = channel(&s).await;
+    let data = blob(300_000, 21);
+    let d = digest(&data);
+    let name = |id: &str| {
+        format!(
+            "uploads/{id}/compressed-blobs/zstd/{}/{}",
+            d.hash, d.size_bytes
+        )
+    };
+    // A 128 MiB window (zstd's own default limit): its decoder would hold 128 MiB for as
+    // long as the upload may be resumed.
+    let wide = zstd_frame(&data, 27);
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&name("w27"), &wide, 64 * 1024, 0, true),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("window") && err.message().contains("8 MiB"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(committed(ch.clone(), &name("w27")).await, 0);
+    assert_eq!(find_missing(ch.clone(), "", vec![d.clone()]).await.len(), 1);
+    assert_eq!(s.cache.metrics.zstd_decoder_bytes.get(), 0);
+    // 8 MiB, what `zstd -19` uses, is fine.
+    let ok = zstd_frame(&data, 23);
+    bs_write(
+        ch.clone(),
+        write_requests(&name("w23"), &ok, 64 * 1024, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &data), 0, 0, None)
+            .await
+            .unwrap(),
+        data
+    );
+    assert_eq!(s.cache.metrics.zstd_decoder_bytes.get(), 0);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn interrupted_zstd_uploads_hold_bounded_decoder_memory() {
+    let s = start(memory_config()).await;
+    let ch = channel(&s).await;
+    let data = blob(1 << 20, 22);
+    let d = digest(&data);
+    let frame = zstd_frame(&data, 23);
+    let name = |i: usize| {
+        format!(
+            "uploads/z-{i}/compressed-blobs/zstd/{}/{}",
+            d.hash, d.size_bytes
+        )
+    };
+    // Each interrupted upload keeps a decoder with an 8 MiB window; 40 would hold 330 MiB.
+    let part = 256 * 1024;
+    for i in 0..40 {
+        let err = bs_write(
+            ch.clone(),
+            write_requests(&name(i), &frame[..part], 64 * 1024, 0, false),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "{err:?}");
+        let held = s.cache.metrics.zstd_decoder_bytes.get();
+        assert!(held <= 256 << 20, "{held} bytes of decoders after {i}");
+    }
+    let held = s.cache.metrics.zstd_decoder_bytes.get();
+    assert!(held > 200 << 20, "{held}: the decoders were not counted");
+    // The oldest made room; the newest are still resumable, and resume correctly.
+    assert_eq!(committed(ch.clone(), &name(0)).await, 0);
+    assert_eq!(committed(ch.clone(), &name(39)).await, part as i64);
+    bs_write(
+        ch.clone(),
+        write_requests(&name(39), &frame, 64 * 1024, part, true),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &data), 0, 0, None)
+            .await
+            .unwrap(),
+        data
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn interrupted_uploads_beyond_the_session_limit_make_room_oldest_first() {
+    let s = start(memory_config()).await;
+    let ch = channel(&s).await;
+    let data = blob(1000, 23);
+    for i in 0..1025 {
+        let name = upload_name("", &format!("many-{i}"), &data);
+        let err = bs_write(
+            ch.clone(),
+            write_requests(&name, &data[..10], 10, 0, false),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    }
+    assert_eq!(s.cache.metrics.upload_sessions.get(), 1024);
+    let first = upload_name("", "many-0", &data);
+    let last = upload_name("", "many-1024", &data);
+    assert_eq!(committed(ch.clone(), &first).await, 0);
+    assert_eq!(committed(ch.clone(), &last).await, 10);
+    s.shutdown().await;
+}

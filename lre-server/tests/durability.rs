@@ -479,6 +479,7 @@ async fn abandoned_uploads_are_dropped_after_their_ttl() {
         !tmp_files(dir.path()).is_empty(),
         "the partial upload should be held for resumption"
     );
+    assert_eq!(s.cache.metrics.store.in_flight_bytes.get(), 1 << 20);
     // Poll (bounded) until the sweeper has dropped it; the point is that it goes, not when.
     let mut gone = false;
     for _ in 0..100 {
@@ -489,6 +490,11 @@ async fn abandoned_uploads_are_dropped_after_their_ttl() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "abandoned upload's temp file was never removed");
+    assert_eq!(
+        s.cache.metrics.store.in_flight_bytes.get(),
+        0,
+        "the reaped upload's bytes still count against max_size"
+    );
     let status = ByteStreamClient::new(ch.clone())
         .query_write_status(
             bazel_remote_apis::google::bytestream::QueryWriteStatusRequest {
@@ -548,5 +554,119 @@ async fn an_action_cache_hit_refreshes_the_entry_and_its_blobs() {
         2,
         "the older fillers should have been evicted instead"
     );
+    s.shutdown().await;
+}
+
+/// Bytes under the store directory: entries and unfinished uploads alike.
+fn disk_bytes(store: &Path) -> u64 {
+    ["cas", "ac", "tmp"]
+        .iter()
+        .flat_map(|d| walk(&store.join(d)))
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test]
+async fn unfinished_uploads_count_against_max_size() {
+    const MAX: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(fs_config(dir.path(), MAX)).await;
+    let ch = channel(&s).await;
+    let in_flight = || s.cache.metrics.store.in_flight_bytes.get();
+    let within_limit = |when: &str| {
+        let used = disk_bytes(dir.path());
+        assert!(
+            used <= MAX,
+            "{used} bytes on disk {when}, over max_size {MAX}"
+        );
+    };
+    let put = |data: &[u8], id: &str| {
+        let reqs = write_requests(&upload_name("", id, data), data, 65536, 0, true);
+        bs_write(ch.clone(), reqs, None)
+    };
+
+    let a = blob(1_500_000, 1);
+    put(&a, "a").await.unwrap();
+    // An interrupted upload of 3 MB: the older entry is evicted to make room for it.
+    let b = blob(3_500_000, 2);
+    let b_name = upload_name("", "b", &b);
+    let err = bs_write(
+        ch.clone(),
+        write_requests(&b_name, &b[..3_000_000], 65536, 0, false),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert_eq!(in_flight(), 3_000_000);
+    within_limit("after an interrupted upload");
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![digest(&a)]).await.len(),
+        1
+    );
+
+    // A new upload that needs the space: the interrupted one makes room.
+    let d = blob(2_000_000, 3);
+    put(&d, "d").await.unwrap();
+    within_limit("after an upload displaced an interrupted one");
+    assert_eq!(in_flight(), 0);
+    assert!(tmp_files(dir.path()).is_empty());
+    let status = ByteStreamClient::new(ch.clone())
+        .query_write_status(
+            bazel_remote_apis::google::bytestream::QueryWriteStatusRequest {
+                resource_name: b_name.clone(),
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.committed_size, 0);
+
+    // A running upload holding 3 MB is never displaced: one that does not fit beside it
+    // is RESOURCE_EXHAUSTED.
+    let c = blob(3_500_000, 4);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut client = ByteStreamClient::new(ch.clone());
+    let running = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    for r in write_requests(&upload_name("", "c", &c), &c[..3_000_000], 65536, 0, false) {
+        tx.send(r).await.unwrap();
+    }
+    for _ in 0..400 {
+        if in_flight() == 3_000_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(in_flight(), 3_000_000);
+    within_limit("while an upload runs");
+    let e = blob(1_500_000, 5);
+    let err = put(&e, "e").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("unfinished uploads"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        in_flight(),
+        3_000_000,
+        "the refused upload gave its bytes back"
+    );
+    // Once that upload is interrupted, it makes room in turn.
+    drop(tx);
+    assert_eq!(running.await.unwrap().unwrap_err().code(), Code::Aborted);
+    put(&e, "e").await.unwrap();
+    within_limit("at the end");
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &e), 0, 0, None)
+            .await
+            .unwrap(),
+        e
+    );
+    assert!(tmp_files(dir.path()).is_empty());
     s.shutdown().await;
 }

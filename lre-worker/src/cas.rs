@@ -30,7 +30,7 @@ pub fn digest_of(data: &[u8]) -> re::Digest {
     }
 }
 
-fn valid(d: &re::Digest) -> Result<()> {
+pub fn valid(d: &re::Digest) -> Result<()> {
     if d.hash.len() != 64 || !d.hash.bytes().all(|b| b.is_ascii_hexdigit()) || d.size_bytes < 0 {
         return Err(WorkerError::InvalidInput(format!(
             "malformed digest {}/{}",
@@ -54,6 +54,39 @@ struct CacheIndex {
     /// path → (size, last use)
     entries: HashMap<PathBuf, (u64, SystemTime)>,
     total: u64,
+    /// Files an action is about to link, with how many actions want each: not evicted.
+    pinned: HashMap<PathBuf, usize>,
+}
+
+/// Cache files one action needs, kept from eviction until it has linked them.
+pub struct Pinned<'a> {
+    cas: &'a LocalCas,
+    paths: Vec<PathBuf>,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        let mut idx = self.cas.index.lock().unwrap_or_else(|p| p.into_inner());
+        for p in &self.paths {
+            if let Some(n) = idx.pinned.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    idx.pinned.remove(p);
+                }
+            }
+        }
+    }
+}
+
+/// The SHA-256 digest of a file, read a buffer at a time (never whole into memory).
+pub fn file_digest(path: &Path) -> Result<re::Digest> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h)?;
+    Ok(re::Digest {
+        hash: hex::encode(h.finalize()),
+        size_bytes: n as i64,
+    })
 }
 
 impl LocalCas {
@@ -85,6 +118,7 @@ impl LocalCas {
             index: Mutex::new(CacheIndex {
                 entries: map,
                 total,
+                pinned: HashMap::new(),
             }),
         })
     }
@@ -125,6 +159,9 @@ impl LocalCas {
         for (_, p, s) in by_age {
             if idx.total <= self.max_bytes {
                 break;
+            }
+            if idx.pinned.contains_key(&p) {
+                continue;
             }
             let _ = std::fs::remove_file(&p);
             idx.entries.remove(&p);
@@ -182,12 +219,33 @@ impl LocalCas {
         }
     }
 
-    /// Makes every (digest, executable) present locally, fetching what is missing.
-    pub async fn ensure(&self, instance: &str, wanted: &[(re::Digest, bool)]) -> Result<()> {
+    /// Makes every (digest, executable) present locally, fetching what is missing, and
+    /// keeps them from eviction while the returned pin lives.
+    pub async fn ensure(
+        &self,
+        instance: &str,
+        wanted: &[(re::Digest, bool)],
+    ) -> Result<Pinned<'_>> {
         let mut missing: Vec<re::Digest> = Vec::new();
+        let mut pinned = Pinned {
+            cas: self,
+            paths: Vec::with_capacity(wanted.len()),
+        };
         for (d, x) in wanted {
             valid(d)?;
+            if d.size_bytes as u64 > self.max_bytes {
+                return Err(WorkerError::InvalidInput(format!(
+                    "input {}/{} is larger than this worker's whole cache ({} bytes)",
+                    d.hash, d.size_bytes, self.max_bytes
+                )));
+            }
             let p = self.path(d, *x);
+            // Pinned before it is looked at, so an eviction cannot come in between.
+            {
+                let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
+                *idx.pinned.entry(p.clone()).or_default() += 1;
+            }
+            pinned.paths.push(p.clone());
             if p.exists() {
                 self.touch(&p, d.size_bytes as u64);
             } else if !missing.contains(d) {
@@ -198,8 +256,7 @@ impl LocalCas {
         let mut batch_size = 0;
         for d in &missing {
             if d.size_bytes > BATCH_BLOB {
-                let data = self.read_stream(instance, d).await?;
-                self.store(d, &data, wanted)?;
+                self.fetch_to_file(instance, d, wanted).await?;
                 continue;
             }
             if batch_size + d.size_bytes > BATCH_TOTAL {
@@ -214,15 +271,15 @@ impl LocalCas {
             self.fetch_batch(instance, small, wanted).await?;
         }
         self.evict();
-        Ok(())
+        Ok(pinned)
     }
 
-    async fn fetch_batch(
+    /// One BatchReadBlobs call; a blob the CAS does not have is a missing input.
+    pub async fn batch_read(
         &self,
         instance: &str,
         digests: Vec<re::Digest>,
-        wanted: &[(re::Digest, bool)],
-    ) -> Result<()> {
+    ) -> Result<Vec<(re::Digest, Vec<u8>)>> {
         let resp = ContentAddressableStorageClient::new(self.channel.clone())
             .max_decoding_message_size(64 << 20)
             .batch_read_blobs(re::BatchReadBlobsRequest {
@@ -232,20 +289,34 @@ impl LocalCas {
             })
             .await?
             .into_inner();
+        let mut out = Vec::with_capacity(resp.responses.len());
         for r in resp.responses {
             let d = r.digest.unwrap_or_default();
-            match r.status {
-                Some(s) if s.code != 0 => {
-                    return Err(WorkerError::missing(&d, &format!(": {}", s.message)))
-                }
-                _ => self.store(&d, &r.data, wanted)?,
+            if let Some(s) = r.status.filter(|s| s.code != 0) {
+                return Err(WorkerError::missing(&d, &format!(": {}", s.message)));
             }
+            out.push((d, r.data));
+        }
+        Ok(out)
+    }
+
+    async fn fetch_batch(
+        &self,
+        instance: &str,
+        digests: Vec<re::Digest>,
+        wanted: &[(re::Digest, bool)],
+    ) -> Result<()> {
+        for (d, data) in self.batch_read(instance, digests).await? {
+            self.store(&d, &data, wanted).await?;
         }
         Ok(())
     }
 
-    /// Large blobs are read whole here; the worker's inputs are bounded by its cache anyway.
-    async fn read_stream(&self, instance: &str, d: &re::Digest) -> Result<Vec<u8>> {
+    async fn open_read(
+        &self,
+        instance: &str,
+        d: &re::Digest,
+    ) -> Result<tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>> {
         let name = format!(
             "{}{}blobs/{}/{}",
             instance,
@@ -253,7 +324,7 @@ impl LocalCas {
             d.hash,
             d.size_bytes
         );
-        let mut s = ByteStreamClient::new(self.channel.clone())
+        Ok(ByteStreamClient::new(self.channel.clone())
             .read(ReadRequest {
                 resource_name: name,
                 read_offset: 0,
@@ -261,40 +332,118 @@ impl LocalCas {
             })
             .await
             .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
-            .into_inner();
-        let mut out = Vec::with_capacity(d.size_bytes as usize);
-        while let Some(m) = s.message().await? {
+            .into_inner())
+    }
+
+    /// Reads a blob of bounded size (a Directory message) over ByteStream, into memory:
+    /// what arrives past the digest's size is refused, not buffered.
+    pub async fn read_whole(&self, instance: &str, d: &re::Digest) -> Result<Vec<u8>> {
+        let mut s = self.open_read(instance, d).await?;
+        let mut out = Vec::new();
+        while let Some(m) = s
+            .message()
+            .await
+            .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
+        {
+            if out.len() + m.data.len() > d.size_bytes as usize {
+                return Err(WorkerError::missing(d, ": the CAS sent more than its size"));
+            }
             out.extend_from_slice(&m.data);
         }
         Ok(out)
     }
 
+    /// Streams a large blob into a temporary file, hashing as it goes, so that an input of
+    /// any size costs one chunk of memory; then installs it as [`Self::store_file`] does.
+    async fn fetch_to_file(
+        &self,
+        instance: &str,
+        d: &re::Digest,
+        wanted: &[(re::Digest, bool)],
+    ) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        let result = async {
+            let mut s = self.open_read(instance, d).await?;
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            let (mut h, mut n) = (Sha256::new(), 0u64);
+            while let Some(m) = s
+                .message()
+                .await
+                .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
+            {
+                n += m.data.len() as u64;
+                if n > d.size_bytes as u64 {
+                    return Err(WorkerError::missing(d, ": the CAS sent more than its size"));
+                }
+                h.update(&m.data);
+                f.write_all(&m.data).await?;
+            }
+            f.sync_all().await?;
+            if n != d.size_bytes as u64 || hex::encode(h.finalize()) != d.hash {
+                return Err(WorkerError::InvalidInput(format!(
+                    "the CAS returned wrong content for {}/{}",
+                    d.hash, d.size_bytes
+                )));
+            }
+            self.install(d, &tmp, wanted).await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result
+    }
+
+    /// Puts a verified temporary file in place under each mode `wanted` asks for (a copy
+    /// for the second: hard links share their mode).
+    async fn install(
+        &self,
+        d: &re::Digest,
+        tmp: &Path,
+        wanted: &[(re::Digest, bool)],
+    ) -> Result<()> {
+        let modes: Vec<bool> = [false, true]
+            .into_iter()
+            .filter(|x| wanted.iter().any(|(w, wx)| w == d && wx == x))
+            .collect();
+        for (i, x) in modes.iter().enumerate() {
+            let src = if i + 1 == modes.len() {
+                tmp.to_path_buf()
+            } else {
+                let copy = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
+                tokio::fs::copy(tmp, &copy).await?;
+                copy
+            };
+            tokio::fs::set_permissions(
+                &src,
+                std::fs::Permissions::from_mode(if *x { 0o555 } else { 0o444 }),
+            )
+            .await?;
+            let dst = self.path(d, *x);
+            tokio::fs::rename(&src, &dst).await?;
+            self.touch(&dst, d.size_bytes as u64);
+        }
+        Ok(())
+    }
+
     /// Verifies and writes a fetched blob: temp file, then rename, so a crash never leaves
     /// a wrong file under a digest's name.
-    fn store(&self, d: &re::Digest, data: &[u8], wanted: &[(re::Digest, bool)]) -> Result<()> {
+    async fn store(
+        &self,
+        d: &re::Digest,
+        data: &[u8],
+        wanted: &[(re::Digest, bool)],
+    ) -> Result<()> {
         if digest_of(data) != *d {
             return Err(WorkerError::InvalidInput(format!(
                 "the CAS returned wrong content for {}/{}",
                 d.hash, d.size_bytes
             )));
         }
-        for x in [false, true] {
-            if !wanted.iter().any(|(w, wx)| w == d && *wx == x) {
-                continue;
-            }
-            let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
-            std::fs::write(&tmp, data)?;
-            // Read-only, so an action cannot scribble over a cached blob through its link
-            // (as long as it does not run as root outside a user namespace).
-            std::fs::set_permissions(
-                &tmp,
-                std::fs::Permissions::from_mode(if x { 0o555 } else { 0o444 }),
-            )?;
-            let dst = self.path(d, x);
-            std::fs::rename(&tmp, &dst)?;
-            self.touch(&dst, data.len() as u64);
-        }
-        Ok(())
+        let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        tokio::fs::write(&tmp, data).await?;
+        let result = self.install(d, &tmp, wanted).await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result
     }
 
     /// Uploads the given (digest, file) pairs the server lacks.

@@ -33,7 +33,8 @@ fn open_root(root: &Path) -> Result<OwnedFd> {
 /// Creates the directories `rel` names under `root`, like `create_dir_all`, but refuses to
 /// pass through a symlink or a file: an input symlink `o -> /tmp/x` plus an output `o/a/b`
 /// must not make the worker create `/tmp/x/a` on the host.
-pub fn create_dirs(root: &Path, rel: &Path) -> Result<()> {
+/// Directories it makes belong to `owner` (uid and gid) when given.
+pub fn create_dirs(root: &Path, rel: &Path, owner: Option<u32>) -> Result<()> {
     let mut fd = open_root(root)?;
     for c in rel.components() {
         let name = match c {
@@ -49,7 +50,13 @@ pub fn create_dirs(root: &Path, rel: &Path) -> Result<()> {
         let next = match openat(&fd, name, dir_flags(), Mode::empty()) {
             Err(Errno::NOENT) => {
                 mkdirat(&fd, name, Mode::from_raw_mode(0o755)).map_err(io)?;
-                openat(&fd, name, dir_flags(), Mode::empty())
+                let made = openat(&fd, name, dir_flags(), Mode::empty());
+                if let (Ok(d), Some(u)) = (&made, owner) {
+                    let id = Some(rustix::process::Uid::from_raw(u));
+                    let gid = Some(rustix::process::Gid::from_raw(u));
+                    rustix::fs::fchown(d, id, gid).map_err(io)?;
+                }
+                made
             }
             r => r,
         };
@@ -208,7 +215,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
         symlink(&outside, root.join("o")).unwrap();
-        let e = create_dirs(&root, Path::new("o/x"))
+        let e = create_dirs(&root, Path::new("o/x"), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("o is a symlink"), "{e}");
@@ -216,11 +223,11 @@ mod tests {
             !outside.join("x").exists(),
             "created a directory through the symlink"
         );
-        create_dirs(&root, Path::new("a/b/c")).unwrap();
+        create_dirs(&root, Path::new("a/b/c"), None).unwrap();
         assert!(root.join("a/b/c").is_dir());
         std::fs::write(root.join("f"), b"").unwrap();
-        assert!(create_dirs(&root, Path::new("f/x")).is_err());
-        assert!(create_dirs(&root, Path::new("../x")).is_err());
+        assert!(create_dirs(&root, Path::new("f/x"), None).is_err());
+        assert!(create_dirs(&root, Path::new("../x"), None).is_err());
     }
 
     #[test]

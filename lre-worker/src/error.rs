@@ -19,6 +19,8 @@ pub enum WorkerError {
     Upload(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("server: {0}")]
@@ -36,6 +38,7 @@ impl WorkerError {
             WorkerError::CommandNotFound(_) => Code::InvalidArgument,
             WorkerError::Upload(_) | WorkerError::Rpc(_) => Code::Unavailable,
             WorkerError::Sandbox(_) | WorkerError::Io(_) => Code::Internal,
+            WorkerError::Timeout(_) => Code::DeadlineExceeded,
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 pub use client::{ClientTls, Credential};
 pub use connection::ConnectionConfig;
-pub use sandbox::SandboxConfig;
+pub use sandbox::{ActionUids, SandboxConfig};
 
 /// Everything one worker needs; `lre-worker`'s flags and `lre up` both fill it in.
 #[derive(Clone, Debug)]
@@ -61,6 +61,7 @@ impl WorkerOptions {
                 ro_paths,
                 network: false,
                 host_proc: false,
+                action_uids: sandbox::ActionUids::Auto,
             },
         }
     }
@@ -75,7 +76,12 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
 
 pub use host_view::default_ro_paths;
 
+/// `/var/cache/lre/worker` for root (a system daemon's cache, and a path the action uids
+/// can reach: /root is closed to them), else the user's cache directory.
 pub fn default_work_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/cache/lre/worker");
+    }
     dirs::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
         .join("lre")
@@ -96,12 +102,14 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error:
         channel.clone(),
         opts.cache_bytes,
     )?);
+    let uids = sandbox::UidPool::resolve(&opts.sandbox, opts.connection.capacity, &actions).await?;
     let runner = Arc::new(runner::Runner {
         worker_id: opts.connection.worker_id.clone(),
         cas,
         channel: channel.clone(),
         work_dir: opts.work_dir.clone(),
         sandbox: opts.sandbox.clone(),
+        uids,
     });
     connection::serve(channel, opts.connection, runner, shutdown).await;
     Ok(())

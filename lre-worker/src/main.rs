@@ -28,6 +28,11 @@ struct Cli {
     /// worker itself runs in a container (its image under Kubernetes, or bubblewrap).
     #[arg(long)]
     host_proc: bool,
+    /// Which uids actions run as: `auto` gives each running action a uid of its own from
+    /// 1879048192 up when the worker is root (so no action can change the inputs another
+    /// sees), else the worker's own; `off`; or the first uid of the range to use.
+    #[arg(long, default_value = "auto")]
+    action_uids: lre_worker::ActionUids,
     /// Let actions use the network.
     #[arg(long)]
     network: bool,
@@ -144,6 +149,7 @@ async fn serve(cli: Cli, credential: lre_worker::Credential) -> anyhow::Result<(
             },
             network: cli.network,
             host_proc: cli.host_proc,
+            action_uids: cli.action_uids,
         },
     };
     let (stop, shutdown) = tokio::sync::watch::channel(false);

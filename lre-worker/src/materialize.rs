@@ -3,11 +3,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::client::ServerChannel;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use prost::Message;
-use re::content_addressable_storage_client::ContentAddressableStorageClient;
 
 use crate::cas::{digest_of, LocalCas};
 use crate::error::{Result, WorkerError};
@@ -23,16 +22,23 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Fetches every Directory of the tree under `root`, keyed by digest hash.
+/// A Directory message larger than this is refused (Bazel's are a few KiB; the largest
+/// real ones, a directory of 100k files, are about 10 MiB).
+pub const MAX_DIRECTORY_BYTES: i64 = 16 << 20;
+
+/// One BatchReadBlobs call asks for at most this many bytes of Directory messages, well
+/// under the 4 MiB a gRPC message may carry by default; bigger ones come over ByteStream.
+const BATCH_BYTES: i64 = 3 << 20;
+
+/// Fetches every Directory of the tree under `root`, keyed by digest hash, a level at a
+/// time, each level in as many batches as its size needs.
 async fn fetch_tree(
-    channel: &ServerChannel,
+    cas: &LocalCas,
     instance: &str,
     root: &re::Digest,
 ) -> Result<HashMap<String, re::Directory>> {
     let mut dirs = HashMap::new();
     let mut level = vec![root.clone()];
-    let mut cas =
-        ContentAddressableStorageClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     let mut depth = 0;
     while !level.is_empty() {
         depth += 1;
@@ -41,21 +47,37 @@ async fn fetch_tree(
                 "the input tree is more than {MAX_INPUT_DEPTH} levels deep"
             )));
         }
-        let resp = cas
-            .batch_read_blobs(re::BatchReadBlobsRequest {
-                instance_name: instance.into(),
-                digests: level.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut fetched: Vec<(re::Digest, Vec<u8>)> = Vec::new();
+        let mut batch: Vec<re::Digest> = Vec::new();
+        let mut batch_bytes = 0;
+        for d in &level {
+            if !(0..=MAX_DIRECTORY_BYTES).contains(&d.size_bytes) {
+                return Err(WorkerError::InvalidInput(format!(
+                    "input directory {}/{} is larger than {MAX_DIRECTORY_BYTES} bytes",
+                    d.hash, d.size_bytes
+                )));
+            }
+            if d.size_bytes > BATCH_BYTES {
+                fetched.push((d.clone(), cas.read_whole(instance, d).await?));
+                continue;
+            }
+            if batch_bytes + d.size_bytes > BATCH_BYTES {
+                let full = std::mem::take(&mut batch);
+                fetched.extend(cas.batch_read(instance, full).await?);
+                batch_bytes = 0;
+            }
+            batch_bytes += d.size_bytes;
+            batch.push(d.clone());
+        }
+        if !batch.is_empty() {
+            fetched.extend(cas.batch_read(instance, batch).await?);
+        }
         let mut next = Vec::new();
-        for r in resp.responses {
-            let d = r.digest.unwrap_or_default();
-            if r.status.as_ref().is_some_and(|s| s.code != 0) || digest_of(&r.data) != d {
+        for (d, data) in fetched {
+            if digest_of(&data) != d || !level.contains(&d) {
                 return Err(WorkerError::missing(&d, " (an input directory)"));
             }
-            let dir = re::Directory::decode(&r.data[..])?;
+            let dir = re::Directory::decode(&data[..])?;
             for sub in &dir.directories {
                 if let Some(sd) = &sub.digest {
                     if !dirs.contains_key(&sd.hash) && !next.contains(sd) {
@@ -64,6 +86,11 @@ async fn fetch_tree(
                 }
             }
             dirs.insert(d.hash.clone(), dir);
+        }
+        for d in &level {
+            if !dirs.contains_key(&d.hash) {
+                return Err(WorkerError::missing(d, " (an input directory)"));
+            }
         }
         level = next;
     }
@@ -78,7 +105,7 @@ pub const MAX_INPUT_DEPTH: u64 = 256;
 
 /// The expanded (entries, depth) of the tree under `root`, each saturating at the bound:
 /// memoized over the distinct directories, so a bomb costs what its blobs cost.
-fn expanded_size(dirs: &HashMap<String, re::Directory>, root: &str) -> Result<(u64, u64)> {
+pub fn expanded_size(dirs: &HashMap<String, re::Directory>, root: &str) -> Result<(u64, u64)> {
     let mut memo: HashMap<&str, (u64, u64)> = HashMap::new();
     // Iterative post-order: a directory is done once all of its children are.
     let mut stack: Vec<(&str, bool)> = vec![(root, false)];
@@ -123,15 +150,16 @@ pub type Linked = Vec<(std::path::PathBuf, Option<(i64, i64, u64)>)>;
 
 /// Materializes the input root `root` into the (existing, empty) directory `dest`, and
 /// returns the cache files it linked so the caller can check the action left them alone.
+/// With `owner`, every directory made (and `dest`) belongs to that uid and gid, so an
+/// action running as it can write outputs anywhere but cannot touch the linked files.
 pub async fn materialize(
-    cas: &LocalCas,
-    channel: &ServerChannel,
+    cas: &Arc<LocalCas>,
     instance: &str,
     root: &re::Digest,
     dest: &Path,
+    owner: Option<u32>,
 ) -> Result<Linked> {
-    let mut linked = Linked::new();
-    let dirs = fetch_tree(channel, instance, root).await?;
+    let dirs = fetch_tree(cas, instance, root).await?;
     let (entries, depth) = expanded_size(&dirs, &root.hash)?;
     if entries > MAX_INPUT_ENTRIES || depth > MAX_INPUT_DEPTH {
         let over = |n: u64, max: u64| match n > max {
@@ -154,9 +182,36 @@ pub async fn materialize(
             files.push((digest, f.is_executable));
         }
     }
-    cas.ensure(instance, &files).await?;
+    // Pinned until linked: a concurrent action's fetch must not evict them in between.
+    let pinned = cas.ensure(instance, &files).await?;
+    let (cas2, root_hash, dest) = (cas.clone(), root.hash.clone(), dest.to_path_buf());
+    let linked =
+        tokio::task::spawn_blocking(move || write_tree(&cas2, &dirs, root_hash, &dest, owner))
+            .await
+            .map_err(|e| WorkerError::Sandbox(format!("materializing inputs: {e}")))??;
+    drop(pinned);
+    Ok(linked)
+}
 
-    let mut queue = VecDeque::from([(root.hash.clone(), dest.to_path_buf())]);
+fn chown(path: &Path, owner: Option<u32>) -> Result<()> {
+    if let Some(u) = owner {
+        std::os::unix::fs::lchown(path, Some(u), Some(u))?;
+    }
+    Ok(())
+}
+
+/// The blocking half of [`materialize`]: directories, links and symlinks, breadth first
+/// (no recursion the input could make deep), on a blocking thread.
+fn write_tree(
+    cas: &LocalCas,
+    dirs: &HashMap<String, re::Directory>,
+    root: String,
+    dest: &Path,
+    owner: Option<u32>,
+) -> Result<Linked> {
+    let mut linked = Linked::new();
+    chown(dest, owner)?;
+    let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
     while let Some((hash, path)) = queue.pop_front() {
         let dir = dirs.get(&hash).ok_or_else(|| WorkerError::MissingInput {
             what: format!("input directory {hash}"),
@@ -178,6 +233,7 @@ pub async fn materialize(
             check_name(&sub.name)?;
             let p = path.join(&sub.name);
             std::fs::create_dir(&p)?;
+            chown(&p, owner)?;
             queue.push_back((sub.digest.clone().unwrap_or_default().hash, p));
         }
     }

@@ -6,9 +6,8 @@ use std::path::{Component, Path};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 
-use crate::cas::{digest_of, Upload};
+use crate::cas::{digest_of, file_digest, Upload};
 use crate::error::{Result, WorkerError};
 
 #[derive(Default)]
@@ -69,16 +68,6 @@ fn refuse_special(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
         ))),
         None => Ok(()),
     }
-}
-
-fn file_digest(path: &Path) -> Result<re::Digest> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let n = std::io::copy(&mut f, &mut h)?;
-    Ok(re::Digest {
-        hash: hex::encode(h.finalize()),
-        size_bytes: n as i64,
-    })
 }
 
 fn is_executable(meta: &std::fs::Metadata) -> bool {
@@ -164,6 +153,11 @@ pub fn collect(exec_root: &Path, workdir: &Path, cmd: &re::Command) -> Result<Co
                 "{p:?} resolves outside the exec root"
             )));
         }
+        // The output is that entry of `parent`, itself not followed: a declared `out/` or
+        // `out/.` must not walk a symlink `out -> /etc` as if it were the directory.
+        let path = parent.join(path.file_name().unwrap_or_default());
+        let meta = std::fs::symlink_metadata(&path)?;
+        refuse_special(&path, &meta)?;
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&path)?;
             check_link(
@@ -221,5 +215,36 @@ mod tests {
         assert!(check_relative("../x").is_err());
         assert!(check_relative("/x").is_err());
         assert!(check_relative("a/b").is_ok());
+    }
+
+    /// Found by fuzz/fuzz_targets/output_collection.rs: an output directory declared as `w/`
+    /// (or `w/.`) made collect follow the symlink `w -> <outside the exec root>`, walk it as
+    /// the directory and upload the host files there.
+    #[test]
+    fn a_trailing_slash_does_not_follow_an_output_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "host data").unwrap();
+        std::fs::write(root.join("d/f"), "ok").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("w")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("r")).unwrap();
+        std::os::unix::fs::symlink("d", root.join("in")).unwrap();
+        #[allow(deprecated)]
+        let dir = |p: &str| re::Command {
+            output_directories: vec![p.into()],
+            ..Default::default()
+        };
+        for p in ["w/", "w/.", "r/", "r/.", "w", "r"] {
+            assert!(collect(&root, &root, &dir(p)).is_err(), "{p}");
+        }
+        // Inside the exec root, `in/` is the symlink `in`, as `in` is: not walked.
+        for p in ["in/", "in/.", "in"] {
+            let c = collect(&root, &root, &dir(p)).unwrap();
+            assert_eq!(c.symlinks.len(), 1, "{p}");
+            assert_eq!(c.symlinks[0].target, "d", "{p}");
+            assert!(c.directories.is_empty() && c.uploads.is_empty(), "{p}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use bazel_remote_apis::google::protobuf::Timestamp;
 use lre_worker_protocol::v1::{ActionFinished, RunAction};
 use prost::Message;
 
-use crate::cas::{digest_of, LocalCas, Upload};
+use crate::cas::{file_digest, LocalCas, Upload};
 use crate::error::{Result, WorkerError};
 use crate::materialize::materialize;
 use crate::outputs;
@@ -23,6 +23,8 @@ pub struct Runner {
     pub channel: ServerChannel,
     pub work_dir: PathBuf,
     pub sandbox: SandboxConfig,
+    /// The uids actions run as ([`sandbox::UidPool::resolve`] once at start).
+    pub uids: sandbox::UidPool,
 }
 
 fn ts(t: SystemTime) -> Option<Timestamp> {
@@ -52,8 +54,17 @@ impl Runner {
             .work_dir
             .join("actions")
             .join(uuid::Uuid::new_v4().to_string());
-        let outcome = self.run_in(run, &dir).await;
-        remove_tree(dir).await;
+        let outcome = match self.uids.lease() {
+            Ok(lease) => {
+                let uid = lease.as_ref().map(|l| l.uid);
+                let outcome = self.run_in(run, &dir, uid).await;
+                // The uid goes back to the pool only once nothing of its action is left.
+                remove_tree(dir).await;
+                drop(lease);
+                outcome
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok((result, status)) => ActionFinished {
                 operation: run.operation.clone(),
@@ -85,8 +96,13 @@ impl Runner {
         &self,
         run: &RunAction,
         dir: &Path,
+        uid: Option<u32>,
     ) -> Result<(re::ActionResult, Option<(tonic::Code, String)>)> {
         let worker_start = SystemTime::now();
+        // One timeout for fetching, materializing and running; uploads are bounded by the
+        // scheduler's grace period past it.
+        let timeout = Duration::from_millis(run.timeout_ms.max(1));
+        let deadline = tokio::time::Instant::now() + timeout;
         let action = re::Action::decode(&run.action[..])?;
         let command = re::Command::decode(&run.command[..])?;
         if command.arguments.is_empty() {
@@ -99,14 +115,16 @@ impl Runner {
             .clone()
             .ok_or_else(|| WorkerError::InvalidInput("no input root".into()))?;
         let fetch_start = SystemTime::now();
-        let linked = materialize(
-            &self.cas,
-            &self.channel,
-            &run.instance_name,
-            &root,
-            &exec_root,
+        let linked = tokio::time::timeout_at(
+            deadline,
+            materialize(&self.cas, &run.instance_name, &root, &exec_root, uid),
         )
-        .await?;
+        .await
+        .map_err(|_| {
+            WorkerError::Timeout(format!(
+                "fetching the inputs took longer than the action's timeout ({timeout:?})"
+            ))
+        })??;
         let fetch_done = SystemTime::now();
 
         let wd = &command.working_directory;
@@ -118,7 +136,7 @@ impl Runner {
         let workdir = exec_root.join(wd);
         // REAPI: the worker creates the parent directories of declared outputs (and the
         // working directory), never through a symlink the inputs hold.
-        crate::confined::create_dirs(&exec_root, Path::new(wd))?;
+        crate::confined::create_dirs(&exec_root, Path::new(wd), uid)?;
         for p in outputs::declared(&command) {
             if Path::new(&p).is_absolute() || p.split('/').any(|c| c == "..") {
                 return Err(WorkerError::Output(format!(
@@ -126,7 +144,7 @@ impl Runner {
                 )));
             }
             if let Some(parent) = Path::new(wd).join(&p).parent() {
-                crate::confined::create_dirs(&exec_root, parent)?;
+                crate::confined::create_dirs(&exec_root, parent, uid)?;
             }
         }
         let env: Vec<(String, String)> = command
@@ -142,7 +160,6 @@ impl Runner {
             &self.sandbox,
         )?;
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-        let timeout = Duration::from_millis(run.timeout_ms.max(1));
         let exec_start = SystemTime::now();
         let spawn = sandbox::Spawn {
             exec_root: &exec_root,
@@ -151,26 +168,36 @@ impl Runner {
             env: &env,
             stdout: &stdout,
             stderr: &stderr,
-            timeout,
+            timeout: deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(1)),
+            uid,
         };
         let outcome = sandbox::run(&self.sandbox, &spawn).await?;
         let exec_done = SystemTime::now();
         // Inputs are hard links into the local cache: an action that wrote to or chmodded
         // one changed the cached copy every later action would get. Drop those copies (they
         // are fetched again, verified) and fail this non-hermetic action. A moved fingerprint
-        // alone may be a concurrent action's hard link, so the content and mode decide.
-        let mut tampered = Vec::new();
-        for (path, before) in &linked {
-            if LocalCas::fingerprint(path) != *before && !LocalCas::intact(path) {
-                self.cas.discard(path);
-                tampered.push(
-                    path.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+        // alone may be a concurrent action's hard link, so the content and mode decide. With
+        // an action uid of its own this cannot happen; the check stays as a second line.
+        let cas = self.cas.clone();
+        let mut tampered = tokio::task::spawn_blocking(move || {
+            let mut tampered = Vec::new();
+            for (path, before) in &linked {
+                if LocalCas::fingerprint(path) != *before && !LocalCas::intact(path) {
+                    cas.discard(path);
+                    tampered.push(
+                        path.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
             }
-        }
+            tampered
+        })
+        .await
+        .map_err(|e| WorkerError::Sandbox(format!("checking inputs: {e}")))?;
         if !tampered.is_empty() {
             tampered.dedup();
             return Err(WorkerError::InvalidInput(format!(
@@ -179,14 +206,19 @@ impl Runner {
             )));
         }
 
-        let mut collected = {
+        let (mut collected, out_digest, err_digest) = {
             let (root, wd, cmd) = (exec_root.clone(), workdir.clone(), command.clone());
-            tokio::task::spawn_blocking(move || outputs::collect(&root, &wd, &cmd))
-                .await
-                .map_err(|e| WorkerError::Sandbox(format!("collecting outputs: {e}")))??
+            let (out, err) = (stdout.clone(), stderr.clone());
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                Ok((
+                    outputs::collect(&root, &wd, &cmd)?,
+                    file_digest(&out)?,
+                    file_digest(&err)?,
+                ))
+            })
+            .await
+            .map_err(|e| WorkerError::Sandbox(format!("collecting outputs: {e}")))??
         };
-        let out_digest = digest_of(&std::fs::read(&stdout)?);
-        let err_digest = digest_of(&std::fs::read(&stderr)?);
         collected
             .uploads
             .push((out_digest.clone(), Upload::File(stdout)));

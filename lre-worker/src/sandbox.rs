@@ -5,10 +5,36 @@
 //! namespace, die-with-parent, no new privileges), and it is in Debian. Inside, only the
 //! exec root (read-write) and the configured read-only paths exist; the network, IPC and
 //! PID namespaces are private; the environment is exactly the action's.
+//!
+//! ## Actions cannot change each other's inputs
+//!
+//! Inputs are hard links into the worker's cache: read-only files owned by the worker. An
+//! action running as the worker's own uid owns those inodes, so a `chmod u+w` and a write
+//! would change what every other action linking the same blob sees (at capacity > 1, while
+//! both run). So when the worker can (root with CAP_SETUID/SETGID/CHOWN), each running
+//! action gets a uid of its own from [`UidPool`], starting at [`DEFAULT_UID_BASE`]:
+//! - bubblewrap is started as that uid and builds an unprivileged user namespace, in which
+//!   the cache's owner is unmapped: the action cannot write, chmod or chown its inputs
+//!   (capabilities in a user namespace never cover inodes whose owner it does not map);
+//! - the exec root's directories are chowned to that uid, so outputs can be made anywhere
+//!   in it; files stay the cache's;
+//! - the exec root and every read-only path are bound from descriptors the worker opened
+//!   (`--bind-fd`), so that uid needs no access to the worker's own directories;
+//! - uids differ between concurrent actions, so not even a shared /proc (`--host-proc`)
+//!   lets one action reach into another's processes.
+//!
+//! Running actions as one shared unprivileged uid, or copying inputs instead of linking
+//! them, were the alternatives: the first leaves concurrent actions able to ptrace each
+//! other under `--host-proc`, the second costs a copy of every input per action.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use command_fds::CommandFdExt;
+use rustix::fs::{Mode, OFlags};
 
 use crate::error::{Result, WorkerError};
 
@@ -23,6 +49,189 @@ pub struct SandboxConfig {
     /// bubblewrap all do), so a worker running in its image needs this; actions then see
     /// the container's processes, though they still run in their own PID namespace.
     pub host_proc: bool,
+    /// Which uids actions run as (see the module docs).
+    pub action_uids: ActionUids,
+}
+
+/// `--action-uids`: `auto` (own uids when the worker is root and the kernel allows it),
+/// `off` (actions run as the worker's uid), or the first uid of the range to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionUids {
+    Auto,
+    Off,
+    From(u32),
+}
+
+/// The first action uid by default: above systemd's container range (524288–1879048191),
+/// below the uids some tools misread as negative.
+pub const DEFAULT_UID_BASE: u32 = 1_879_048_192;
+
+impl std::str::FromStr for ActionUids {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(ActionUids::Auto),
+            "off" => Ok(ActionUids::Off),
+            n => match n.parse::<u32>() {
+                Ok(b) if b > 0 && b < u32::MAX / 2 => Ok(ActionUids::From(b)),
+                _ => Err(format!(
+                    "{s:?}: want auto, off, or a first uid between 1 and {}",
+                    u32::MAX / 2
+                )),
+            },
+        }
+    }
+}
+
+/// The uids free for actions; one is leased per running action.
+#[derive(Clone, Debug, Default)]
+pub struct UidPool {
+    free: Option<Arc<Mutex<Vec<u32>>>>,
+}
+
+/// A uid an action runs as, back in the pool when dropped (after its tree is removed).
+#[derive(Debug)]
+pub struct UidLease {
+    pub uid: u32,
+    pool: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.uid);
+    }
+}
+
+fn can_switch_uid() -> bool {
+    use rustix::thread::CapabilitySet as C;
+    rustix::process::geteuid().is_root()
+        && rustix::thread::capabilities(None)
+            .is_ok_and(|c| c.effective.contains(C::SETUID | C::SETGID | C::CHOWN))
+}
+
+impl UidPool {
+    /// Actions run as the worker's own uid.
+    pub fn off() -> Self {
+        UidPool { free: None }
+    }
+
+    /// Decides, once at start, which uids `capacity` concurrent actions run as. `auto` falls
+    /// back to the worker's uid (with a warning) where it cannot switch; an explicit first
+    /// uid that cannot be used is an error.
+    /// `work_dir` is where exec roots live: bubblewrap (0.8) resolves even a bound
+    /// descriptor by its path, so every directory above it must be searchable by others.
+    pub async fn resolve(cfg: &SandboxConfig, capacity: u32, work_dir: &Path) -> Result<UidPool> {
+        let explicit = match cfg.action_uids {
+            ActionUids::Off => return Ok(UidPool::off()),
+            ActionUids::Auto => None,
+            ActionUids::From(b) => Some(b),
+        };
+        let fail = |why: String| match explicit {
+            Some(b) => Err(WorkerError::Sandbox(format!("--action-uids {b}: {why}"))),
+            None => {
+                tracing::warn!("actions run as the worker's own uid, so a hostile action could change inputs that concurrent actions share: {why}");
+                Ok(UidPool::off())
+            }
+        };
+        if !can_switch_uid() {
+            return fail("the worker is not root with CAP_SETUID, CAP_SETGID and CAP_CHOWN".into());
+        }
+        let base = explicit.unwrap_or(DEFAULT_UID_BASE);
+        let Some(last) = base
+            .checked_add(capacity.max(1) - 1)
+            .filter(|l| *l < u32::MAX / 2)
+        else {
+            return fail(format!("{capacity} uids from {base} overflow"));
+        };
+        if let Err(e) = probe(cfg, base, work_dir).await {
+            return fail(e);
+        }
+        tracing::info!(first = base, last, "actions run as uids of their own");
+        Ok(UidPool {
+            free: Some(Arc::new(Mutex::new((base..=last).rev().collect()))),
+        })
+    }
+
+    /// A uid for one action, or None when actions run as the worker's uid.
+    pub fn lease(&self) -> Result<Option<UidLease>> {
+        let Some(pool) = &self.free else {
+            return Ok(None);
+        };
+        let uid = pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .ok_or_else(|| {
+                WorkerError::Sandbox("more actions than the worker's capacity are running".into())
+            })?;
+        Ok(Some(UidLease {
+            uid,
+            pool: pool.clone(),
+        }))
+    }
+}
+
+/// Starts bubblewrap as `uid`, binding `work_dir` the way exec roots are bound, far
+/// enough to exec: if it gets that far, the user namespace, uid map and mounts all work.
+/// The command does not exist, so nothing runs.
+async fn probe(cfg: &SandboxConfig, uid: u32, work_dir: &Path) -> std::result::Result<(), String> {
+    use std::os::fd::AsRawFd;
+    const MISSING: &str = "/lre-worker-probe-does-not-exist";
+    let fd = path_fd(work_dir).map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(&cfg.bwrap);
+    cmd.args([
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--bind-fd",
+    ])
+    .arg(fd.as_raw_fd().to_string())
+    .arg(work_dir)
+    .args(["--", MISSING]);
+    cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::null());
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid);
+    }
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.preserved_fds(vec![fd]);
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("cannot start {}: {e}", cfg.bwrap.display()))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("execvp") && err.contains(MISSING) {
+        return Ok(());
+    }
+    let hint = if err.contains("Permission denied") {
+        format!(
+            "; every directory above the work dir {} must be searchable by other users (o+x), e.g. --work-dir /var/cache/lre/worker",
+            work_dir.display()
+        )
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "bubblewrap as uid {uid} cannot build a sandbox ({}): {}{hint}",
+        out.status,
+        err.trim()
+    ))
+}
+
+/// A descriptor for `path` that bubblewrap binds from, whatever uid it runs as.
+fn path_fd(path: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+        WorkerError::Sandbox(format!(
+            "cannot open {}: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(e.raw_os_error())
+        ))
+    })
 }
 
 pub struct Outcome {
@@ -83,6 +292,8 @@ pub struct Spawn<'a> {
     pub stdout: &'a Path,
     pub stderr: &'a Path,
     pub timeout: Duration,
+    /// Run as this uid (and gid) rather than the worker's; see the module docs.
+    pub uid: Option<u32>,
 }
 
 /// Runs the command, output to the given files. On timeout the whole sandbox is killed:
@@ -97,8 +308,28 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
         stdout,
         stderr,
         timeout,
+        uid,
     } = *s;
-    let mut cmd = tokio::process::Command::new(&cfg.bwrap);
+    let mut cmd = std::process::Command::new(&cfg.bwrap);
+    // Bind sources: paths for the worker's own uid, descriptors for an action uid (which
+    // may not be able to reach them by name, under a worker directory in /root, say).
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut bind = |cmd: &mut std::process::Command, flag: &str, p: &Path| -> Result<()> {
+        match uid {
+            None => {
+                cmd.arg(flag).arg(p).arg(p);
+            }
+            Some(_) => {
+                let fd = path_fd(p)?;
+                use std::os::fd::AsRawFd;
+                cmd.arg(format!("{flag}-fd"))
+                    .arg(fd.as_raw_fd().to_string())
+                    .arg(p);
+                fds.push(fd);
+            }
+        }
+        Ok(())
+    };
     cmd.arg("--unshare-all");
     if cfg.network {
         cmd.arg("--share-net");
@@ -118,15 +349,11 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
     }
     for p in &cfg.ro_paths {
         if p.exists() {
-            cmd.arg("--ro-bind").arg(p).arg(p);
+            bind(&mut cmd, "--ro-bind", p)?;
         }
     }
-    cmd.arg("--bind")
-        .arg(exec_root)
-        .arg(exec_root)
-        .arg("--chdir")
-        .arg(workdir)
-        .arg("--clearenv");
+    bind(&mut cmd, "--bind", exec_root)?;
+    cmd.arg("--chdir").arg(workdir).arg("--clearenv");
     for (k, v) in env {
         cmd.arg("--setenv").arg(k).arg(v);
     }
@@ -134,8 +361,16 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
     cmd.env_clear()
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(stdout)?)
-        .stderr(std::fs::File::create(stderr)?)
-        .kill_on_drop(true);
+        .stderr(std::fs::File::create(stderr)?);
+    if let Some(u) = uid {
+        use std::os::unix::process::CommandExt;
+        // std also clears supplementary groups when root drops to a uid.
+        cmd.uid(u).gid(u);
+    }
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    // Only these descriptors survive exec (they are CLOEXEC everywhere else).
+    cmd.preserved_fds(fds);
     let mut child = cmd
         .spawn()
         .map_err(|e| WorkerError::Sandbox(format!("cannot start {}: {e}", cfg.bwrap.display())))?;

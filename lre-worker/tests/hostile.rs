@@ -4,22 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use common::runner_env::{env, result, Env};
-use lre_worker_protocol::v1::ActionFinished;
+use common::runner_env::{assert_refused, env, result, run_bounded, Env};
 use tonic::Code;
-
-/// Runs `script` with a bound, so that a regression fails the test instead of hanging it.
-async fn run(e: &Env, root: &re::Directory, script: &str, outputs: &[&str]) -> ActionFinished {
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        e.run(root, script, outputs, 60_000),
-    )
-    .await
-    .expect("the worker came back from the action")
-}
 
 fn actions_left(e: &Env) -> usize {
     std::fs::read_dir(e.work.path().join("actions"))
@@ -35,11 +22,11 @@ async fn a_directory_chain_30000_deep_is_cleaned_up_without_crashing() {
     // overflow, and the requeued action then took down the next worker.
     let script =
         "python3 -c 'import os\nfor _ in range(30000):\n os.mkdir(\"d\"); os.chdir(\"d\")'";
-    let f = run(&e, &re::Directory::default(), script, &[]).await;
+    let f = run_bounded(&e, &re::Directory::default(), script, &[]).await;
     assert_eq!(result(&f).exit_code, 0, "{}", f.status_message);
     assert_eq!(actions_left(&e), 0, "the action directory was removed");
     // The same depth declared as an output is refused, not walked.
-    let f = run(
+    let f = run_bounded(
         &e,
         &re::Directory::default(),
         &format!("mkdir out && cd out && {script}"),
@@ -67,7 +54,7 @@ async fn special_files_as_outputs_are_refused_at_once() {
             vec!["sock"],
         ),
     ] {
-        let f = run(&e, &re::Directory::default(), script, &outputs).await;
+        let f = run_bounded(&e, &re::Directory::default(), script, &outputs).await;
         assert_eq!(
             f.status_code,
             Code::InvalidArgument as i32,
@@ -80,7 +67,7 @@ async fn special_files_as_outputs_are_refused_at_once() {
             f.status_message
         );
     }
-    let f = run(&e, &re::Directory::default(), "echo ok > out", &["out"]).await;
+    let f = run_bounded(&e, &re::Directory::default(), "echo ok > out", &["out"]).await;
     assert_eq!(result(&f).exit_code, 0, "the worker carries on");
 }
 
@@ -98,7 +85,7 @@ async fn an_input_symlink_cannot_make_the_worker_create_host_directories() {
         ..Default::default()
     };
     // Before: the worker, as root and outside the sandbox, made `target/x` for the output.
-    let f = run(&e, &root, "true", &["o/x/y"]).await;
+    let f = run_bounded(&e, &root, "true", &["o/x/y"]).await;
     assert_ne!(f.status_code, 0);
     assert!(
         f.status_message.contains("o is a symlink"),
@@ -128,21 +115,11 @@ async fn output_symlinks_that_escape_through_other_symlinks_are_refused() {
     // leads three levels up and out, so the reader would follow it to the host's file.
     let script =
         "mkdir -p a/b/h && ln -s ../../.. a/b/h/up && ln -s a/b/h/up/../../../etc/passwd esc";
-    let f = run(&e, &re::Directory::default(), script, &["esc"]).await;
-    assert_eq!(
-        f.status_code,
-        Code::InvalidArgument as i32,
-        "{}",
-        f.status_message
-    );
-    assert!(
-        f.status_message.contains("escapes the exec root"),
-        "{}",
-        f.status_message
-    );
+    let f = run_bounded(&e, &re::Directory::default(), script, &["esc"]).await;
+    assert_refused(&f, Code::InvalidArgument, "escapes the exec root");
     // A link that stays inside through another link is fine.
     let script = "mkdir -p a/b && ln -s b a/l && echo hi > a/b/f && ln -s a/l/f ok";
-    let f = run(&e, &re::Directory::default(), script, &["ok"]).await;
+    let f = run_bounded(&e, &re::Directory::default(), script, &["ok"]).await;
     let r = result(&f);
     assert_eq!(r.output_symlinks.len(), 1);
     assert_eq!(r.output_symlinks[0].target, "a/l/f");
@@ -159,7 +136,7 @@ async fn an_input_gone_from_the_cas_is_reported_by_digest() {
         files: vec![common::runner_env::file("in.txt", gone, false)],
         ..Default::default()
     };
-    let f = run(&e, &root, "cat in.txt", &[]).await;
+    let f = run_bounded(&e, &root, "cat in.txt", &[]).await;
     assert_eq!(
         f.status_code,
         Code::FailedPrecondition as i32,
@@ -196,7 +173,7 @@ async fn a_directory_bomb_is_refused_before_anything_is_written() {
         };
     }
     e.put(&blobs).await;
-    let f = run(&e, &dir, "true", &[]).await;
+    let f = run_bounded(&e, &dir, "true", &[]).await;
     assert_eq!(
         f.status_code,
         Code::InvalidArgument as i32,
@@ -227,16 +204,6 @@ async fn a_directory_bomb_is_refused_before_anything_is_written() {
         };
     }
     e.put(&blobs).await;
-    let f = run(&e, &dir, "true", &[]).await;
-    assert_eq!(
-        f.status_code,
-        Code::InvalidArgument as i32,
-        "{}",
-        f.status_message
-    );
-    assert!(
-        f.status_message.contains("levels deep"),
-        "{}",
-        f.status_message
-    );
+    let f = run_bounded(&e, &dir, "true", &[]).await;
+    assert_refused(&f, Code::InvalidArgument, "levels deep");
 }

@@ -21,7 +21,7 @@
 mod archive;
 pub mod config;
 mod fetch;
-mod memory;
+pub mod memory;
 pub mod policy;
 pub mod qualifiers;
 

@@ -75,6 +75,12 @@ pub struct SchedulerConfig {
     /// it and upload what it wrote) is dropped: it keeps sending keepalives, but it is not
     /// doing the work, and it must not hold the action forever.
     pub deadline_grace: Duration,
+    /// Actions waiting for a worker; past this, Execute gets RESOURCE_EXHAUSTED (Bazel
+    /// retries it with backoff) instead of the server growing without bound.
+    pub max_queued: usize,
+    /// Operations known at once: queued, running and finished ones kept for
+    /// `keep_finished`. Finished ones are forgotten early to make room.
+    pub max_operations: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -84,6 +90,8 @@ impl Default for SchedulerConfig {
             known_platforms: vec![],
             keep_finished: Duration::from_secs(600),
             deadline_grace: Duration::from_secs(60),
+            max_queued: 100_000,
+            max_operations: 200_000,
         }
     }
 }
@@ -243,6 +251,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 self.explain_unmatchable(&st, &key.instance, &platform),
             ));
         }
+        self.make_room(&mut st)?;
         let id = uuid::Uuid::new_v4().to_string();
         let rank = (priority, st.next_seq);
         st.next_seq += 1;
@@ -271,6 +280,33 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             stage: rx,
             deduplicated: false,
         })
+    }
+
+    /// Refuses a new operation past the bounds, after forgetting finished operations
+    /// (oldest first) if that is what it takes to stay under `max_operations`.
+    fn make_room(&self, st: &mut State<J, R>) -> Result<(), Failure> {
+        if st.queue.len() >= self.config.max_queued {
+            return Err(Failure::new(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "the execution queue is full ({} actions waiting, execution.max_queued_actions); retry later",
+                    st.queue.len()
+                ),
+            ));
+        }
+        while st.operations.len() >= self.config.max_operations {
+            let Some(old) = st.finished.pop_front() else {
+                return Err(Failure::new(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "the scheduler tracks {} operations (execution.max_operations); retry later",
+                        st.operations.len()
+                    ),
+                ));
+            };
+            st.operations.remove(&old);
+        }
+        Ok(())
     }
 
     fn matchable(&self, st: &State<J, R>, instance: &str, platform: &Properties) -> bool {

@@ -454,3 +454,56 @@ fn actions_without_a_timeout_are_never_dropped() {
         .enforce_deadlines(Instant::now() + Duration::from_secs(1 << 30))
         .is_empty());
 }
+
+/// Issue 10: the queue and the operations map were unbounded. Past `max_queued`, Execute
+/// gets RESOURCE_EXHAUSTED; finished operations make room before anyone is refused.
+#[test]
+fn the_queue_and_the_operations_are_bounded() {
+    let s = S::new(SchedulerConfig {
+        known_platforms: vec![linux()],
+        max_queued: 3,
+        max_operations: 4,
+        ..SchedulerConfig::default()
+    });
+    for n in 0..3 {
+        s.submit(key(n), linux(), 0, format!("job-{n}")).unwrap();
+    }
+    let err = s.submit(key(3), linux(), 0, "job-3".into()).err().unwrap();
+    assert_eq!(err.code, tonic::Code::ResourceExhausted);
+    assert!(
+        err.message.contains("max_queued_actions"),
+        "{}",
+        err.message
+    );
+    // A duplicate of a queued action still joins it: it costs nothing.
+    assert!(
+        s.submit(key(0), linux(), 0, "again".into())
+            .unwrap()
+            .deduplicated
+    );
+
+    // A worker takes and finishes two: their operations are kept, and the fourth operation
+    // fits; the fifth makes the scheduler forget the oldest finished one.
+    let mut w = s.register_worker("w".into(), linux(), 2);
+    let (a, ..) = next_run(&mut w).unwrap();
+    let (b, ..) = next_run(&mut w).unwrap();
+    s.complete("w", &a, Ok("a".into()));
+    s.complete("w", &b, Ok("b".into()));
+    s.submit(key(3), linux(), 0, "job-3".into()).unwrap();
+    assert!(s.watch(&a).is_some() && s.watch(&b).is_some());
+    s.submit(key(4), linux(), 0, "job-4".into()).unwrap();
+    assert!(
+        s.watch(&a).is_none(),
+        "the oldest finished operation made room"
+    );
+    assert!(s.watch(&b).is_some());
+    // Running and queued operations are never forgotten: with none finished left, refuse.
+    let (c, ..) = next_run(&mut w).unwrap();
+    let (d, ..) = next_run(&mut w).unwrap();
+    assert!(s.watch(&c).is_some() && s.watch(&d).is_some());
+    s.submit(key(5), linux(), 0, "job-5".into()).unwrap(); // forgets b
+    assert!(s.watch(&b).is_none());
+    let err = s.submit(key(6), linux(), 0, "job-6".into()).err().unwrap();
+    assert_eq!(err.code, tonic::Code::ResourceExhausted);
+    assert!(err.message.contains("max_operations"), "{}", err.message);
+}

@@ -1,25 +1,34 @@
 //! The filesystem store: one file per entry at `{cas,ac}/<first byte>/<hex hash>`.
 //!
 //! Crash safety comes from the write protocol, not from a journal: data goes to `tmp/`,
-//! is fsynced, and only then renamed into place. A rename is atomic, so after a crash or
-//! `kill -9` every visible file is complete; startup deletes whatever is left in `tmp/`
-//! and rebuilds the in-memory LRU from a directory scan ordered by mtime.
+//! is fsynced, renamed into place, and the directory is fsynced before the write is
+//! acknowledged. A rename is atomic, so after a crash or `kill -9` every visible file is
+//! complete, and after a power loss every acknowledged one is there; startup deletes
+//! whatever is left in `tmp/` and rebuilds the in-memory LRU from a directory scan ordered
+//! by mtime.
 //!
 //! Index changes and the renames/unlinks they describe happen under one lock, so the index
-//! and the directory never disagree about which files exist.
+//! and the directory never disagree about which files exist. Bytes in `tmp/` are reserved in
+//! the index as they are written, so unfinished uploads count against the size limit too.
+//!
+//! With `verify_on_read`, a CAS file is hashed before it is served; one whose content no
+//! longer matches its name (bit rot, a tampered disk) is deleted and reads as a miss, so
+//! clients upload it again.
 
 use std::fs::{self, File};
-use std::io::{self, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::lru_index::LruIndex;
-use super::{check_fits, BlobReader, BlobStore, BlobWriter, Key};
+use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key};
 use crate::error::{Error, Result};
 use crate::metrics::StoreMetrics;
 
@@ -27,6 +36,22 @@ use crate::metrics::StoreMetrics;
 /// orders the LRU after a restart, so it need not be exact, and rewriting it on every hit
 /// would turn reads into metadata writes.
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
+
+/// How the filesystem store behaves, beyond where it lives and how big it may get.
+#[derive(Debug, Clone, Default)]
+pub struct FsOptions {
+    /// Hash every CAS blob read from disk, and never serve one that does not match.
+    pub verify_on_read: bool,
+}
+
+impl FsOptions {
+    /// The options the `[store]` table sets.
+    pub fn from_config(store: &crate::config::StoreConfig) -> FsOptions {
+        FsOptions {
+            verify_on_read: store.verify_on_read,
+        }
+    }
+}
 
 pub struct FsStore {
     inner: Arc<Inner>,
@@ -38,6 +63,7 @@ struct Inner {
     /// Value: when the file's mtime was last brought up to date.
     index: Mutex<LruIndex<Instant>>,
     capacity: u64,
+    verify_on_read: bool,
     /// Held for the store's lifetime: two servers sharing a directory would corrupt the LRU.
     _lock: File,
 }
@@ -65,17 +91,96 @@ impl Inner {
             }
         }
     }
+
+    /// Reads `file` (positioned at its start) to the end and checks it hashes to `key`.
+    /// Blocking. On a mismatch the entry is removed, index and file, and `false` returned.
+    fn verify(&self, key: &Key, file: &mut File) -> Result<bool> {
+        let path = self.path(key);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_context(e, format_args!("reading {}", path.display()))),
+            };
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        let actual: [u8; 32] = hasher.finalize().into();
+        if &actual == key.hash() {
+            return Ok(true);
+        }
+        tracing::warn!(
+            digest = %hex::encode(key.hash()),
+            size_on_disk = size,
+            actual = %hex::encode(actual),
+            path = %path.display(),
+            "stored blob does not match its digest: deleted, reads of it are misses until it is uploaded again"
+        );
+        // Only if the path still names the file that was read: a fresh, correct copy
+        // committed meanwhile must not go with it.
+        let ours = file.metadata().ok().map(|m| inode(&m));
+        let mut index = self.index();
+        let theirs = fs::metadata(&path).ok().map(|m| inode(&m));
+        if ours.is_some() && ours == theirs && index.remove(key).is_some() {
+            self.unlink(key);
+        }
+        Ok(false)
+    }
+}
+
+fn inode(m: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+/// Keeps the error's kind (a full disk stays `StorageFull`) and says what was being done.
+fn io_context(e: io::Error, what: std::fmt::Arguments<'_>) -> Error {
+    Error::from(io::Error::new(e.kind(), format!("{what}: {e}")))
+}
+
+fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::Internal(format!("{what} task: {e}"))
+}
+
+/// Makes the directory's entries (a rename into it, a new subdirectory) durable. Blocking.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    tests::SYNCED_DIRS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.to_path_buf());
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_context(e, format_args!("syncing directory {}", dir.display())))
 }
 
 impl FsStore {
     /// Opens (creating if needed) a store directory and rebuilds its index.
     pub async fn open(root: PathBuf, capacity: u64, metrics: StoreMetrics) -> Result<FsStore> {
-        tokio::task::spawn_blocking(move || Self::open_blocking(root, capacity, metrics))
-            .await
-            .map_err(|e| Error::Internal(format!("store open task: {e}")))?
+        Self::open_with(root, capacity, metrics, FsOptions::default()).await
     }
 
-    fn open_blocking(root: PathBuf, capacity: u64, metrics: StoreMetrics) -> Result<FsStore> {
+    pub async fn open_with(
+        root: PathBuf,
+        capacity: u64,
+        metrics: StoreMetrics,
+        options: FsOptions,
+    ) -> Result<FsStore> {
+        tokio::task::spawn_blocking(move || Self::open_blocking(root, capacity, metrics, options))
+            .await
+            .map_err(|e| join_error("store open", e))?
+    }
+
+    fn open_blocking(
+        root: PathBuf,
+        capacity: u64,
+        metrics: StoreMetrics,
+        options: FsOptions,
+    ) -> Result<FsStore> {
         let started = Instant::now();
         fs::create_dir_all(&root).map_err(|e| {
             Error::Internal(format!(
@@ -104,7 +209,11 @@ impl FsStore {
             for b in 0..=255u8 {
                 fs::create_dir_all(root.join(kind).join(hex::encode([b])))?;
             }
+            // The shard directories must survive a power loss as surely as the files
+            // later renamed into them.
+            sync_dir(&root.join(kind))?;
         }
+        sync_dir(&root)?;
 
         let mut found = Vec::new();
         for (kind, make) in [("cas", Key::Cas as fn([u8; 32]) -> Key), ("ac", Key::Ac)] {
@@ -134,6 +243,7 @@ impl FsStore {
             tmp,
             index: Mutex::new(LruIndex::new(capacity, metrics)),
             capacity,
+            verify_on_read: options.verify_on_read,
             _lock: lock,
         };
         {
@@ -197,6 +307,14 @@ impl BlobStore for FsStore {
         if self.lookup(std::slice::from_ref(key)).await?[0].is_none() {
             return Ok(None);
         }
+        if self.verifies(key) {
+            let Some((_, mut reader)) = self.open(key, 0).await? else {
+                return Ok(None);
+            };
+            let mut data = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut data).await?;
+            return Ok(Some(Bytes::from(data)));
+        }
         match tokio::fs::read(self.inner.path(key)).await {
             Ok(data) => Ok(Some(Bytes::from(data))),
             // Evicted between the lookup and the read: a miss, never an error.
@@ -208,6 +326,36 @@ impl BlobStore for FsStore {
     async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
         if self.lookup(std::slice::from_ref(key)).await?[0].is_none() {
             return Ok(None);
+        }
+        if self.verifies(key) {
+            // Hashed and served through one descriptor: what is served is what was checked.
+            let (inner, key) = (self.inner.clone(), *key);
+            let checked = tokio::task::spawn_blocking(move || -> Result<Option<(u64, File)>> {
+                let path = inner.path(&key);
+                let mut file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(io_context(e, format_args!("opening {}", path.display())))
+                    }
+                };
+                if !inner.verify(&key, &mut file)? {
+                    return Ok(None);
+                }
+                let size = file
+                    .seek(SeekFrom::End(0))
+                    .and_then(|size| file.seek(SeekFrom::Start(offset.min(size))).map(|_| size))
+                    .map_err(|e| io_context(e, format_args!("seeking in {}", path.display())))?;
+                Ok(Some((size, file)))
+            })
+            .await
+            .map_err(|e| join_error("verified read", e))??;
+            return Ok(checked.map(|(size, file)| {
+                (
+                    size,
+                    Box::pin(tokio::fs::File::from_std(file)) as BlobReader,
+                )
+            }));
         }
         let mut file = match tokio::fs::File::open(self.inner.path(key)).await {
             Ok(f) => f,
@@ -225,12 +373,18 @@ impl BlobStore for FsStore {
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
         check_fits(size_hint, self.inner.capacity)?;
         let path = self.inner.tmp.join(uuid::Uuid::new_v4().to_string());
-        let file = tokio::fs::File::create(&path).await?;
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| io_context(e, format_args!("creating {}", path.display())))?;
         Ok(Box::new(FsWriter {
             inner: self.inner.clone(),
             tmp: Some(TmpFile(Some(path))),
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             written: 0,
+            reservation: Arc::new(Reservation {
+                inner: self.inner.clone(),
+                bytes: AtomicU64::new(0),
+            }),
         }))
     }
 
@@ -244,11 +398,18 @@ impl BlobStore for FsStore {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("remove task: {e}")))
+        .map_err(|e| join_error("remove", e))
     }
 
     fn capacity(&self) -> u64 {
         self.inner.capacity
+    }
+}
+
+impl FsStore {
+    /// Action-cache entries are named by a hash of the request, not of their content.
+    fn verifies(&self, key: &Key) -> bool {
+        self.inner.verify_on_read && key_is_content_addressed(key)
     }
 }
 
@@ -264,21 +425,94 @@ impl TmpFile {
     fn disarm(mut self) {
         self.0 = None;
     }
+
+    /// Deletes the file now. Blocking.
+    fn remove_now(mut self) {
+        if let Some(p) = self.0.take() {
+            remove_tmp(&p);
+        }
+    }
+}
+
+fn remove_tmp(p: &Path) {
+    if let Err(e) = fs::remove_file(p) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %p.display(), error = %e, "could not delete an upload's temp file");
+        }
+    }
 }
 
 impl Drop for TmpFile {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
+            // Unlinking a large file can take a while: not on an async worker thread.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || remove_tmp(&p))),
+                Err(_) => remove_tmp(&p),
+            }
+        }
+    }
+}
+
+/// The bytes one writer holds in `tmp/`, counted in the index; given back when it drops.
+/// Shared with the blocking tasks that change it, so a write whose future is dropped
+/// mid-reservation still gives its bytes back.
+struct Reservation {
+    inner: Arc<Inner>,
+    bytes: AtomicU64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let n = *self.bytes.get_mut();
+        if n > 0 {
+            self.inner.index().release(n);
         }
     }
 }
 
 struct FsWriter {
     inner: Arc<Inner>,
+    /// `None` once committed or discarded.
     tmp: Option<TmpFile>,
+    /// `None` while suspended: the temp file is closed, and reopened by the next write.
     file: Option<BufWriter<tokio::fs::File>>,
     written: u64,
+    reservation: Arc<Reservation>,
+}
+
+impl FsWriter {
+    /// Counts `n` more bytes against the store's capacity before they are written.
+    async fn reserve(&mut self, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        {
+            // The common case, when nothing has to be evicted, needs no I/O.
+            let mut index = self.inner.index();
+            if index.fits(n) && index.reserve(n).is_ok() {
+                self.reservation.bytes.fetch_add(n, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        let reservation = self.reservation.clone();
+        tokio::task::spawn_blocking(move || {
+            let inner = &reservation.inner;
+            let mut index = inner.index();
+            let reserved = index.reserve(n).map(|victims| {
+                reservation.bytes.fetch_add(n, Ordering::Relaxed);
+                for (victim, _) in victims {
+                    inner.unlink(&victim);
+                }
+            });
+            // Released before `reservation` can drop (if the writer went meanwhile): its
+            // drop takes this lock.
+            drop(index);
+            reserved.map_err(|e| no_room(n, e))
+        })
+        .await
+        .map_err(|e| join_error("reserve", e))?
+    }
 }
 
 #[async_trait]
@@ -290,50 +524,258 @@ impl BlobWriter for FsWriter {
                 self.inner.capacity
             )));
         }
+        let path = match &self.tmp {
+            Some(t) => t.path().to_path_buf(),
+            None => return Err(Error::Internal("write after commit".into())),
+        };
+        self.reserve(data.len() as u64).await?;
+        if self.file.is_none() {
+            let f = tokio::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .await
+                .map_err(|e| io_context(e, format_args!("reopening {}", path.display())))?;
+            self.file = Some(BufWriter::with_capacity(1 << 20, f));
+        }
         let file = self
             .file
             .as_mut()
-            .ok_or_else(|| Error::Internal("write after commit".into()))?;
-        file.write_all(data).await?;
+            .ok_or_else(|| Error::Internal("temp file not open".into()))?;
+        file.write_all(data)
+            .await
+            .map_err(|e| io_context(e, format_args!("writing {}", path.display())))?;
         self.written += data.len() as u64;
         Ok(())
     }
 
+    async fn suspend(&mut self) -> Result<()> {
+        if let Some(mut file) = self.file.take() {
+            file.flush().await.map_err(|e| {
+                io_context(e, format_args!("flushing {}", self.tmp_path().display()))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn discard(mut self: Box<Self>) {
+        self.file = None;
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tokio::task::spawn_blocking(move || tmp.remove_now()).await;
+        }
+    }
+
     async fn commit(mut self: Box<Self>, key: Key) -> Result<()> {
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| Error::Internal("double commit".into()))?;
-        file.flush().await?;
-        let file = file.into_inner();
-        file.sync_all().await?;
-        drop(file);
         let tmp = self
             .tmp
             .take()
             .ok_or_else(|| Error::Internal("double commit".into()))?;
-        let inner = self.inner.clone();
+        let synced = async {
+            let file = match self.file.take() {
+                Some(mut f) => {
+                    f.flush().await?;
+                    f.into_inner()
+                }
+                // Suspended: the data was flushed to the file then, but not synced.
+                None => {
+                    tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .open(tmp.path())
+                        .await?
+                }
+            };
+            file.sync_all().await
+        }
+        .await;
+        if let Err(e) = synced {
+            let err = io_context(e, format_args!("writing {}", tmp.path().display()));
+            let _ = tokio::task::spawn_blocking(move || tmp.remove_now()).await;
+            return Err(err);
+        }
+        let reservation = self.reservation.clone();
         let size = self.written;
         tokio::task::spawn_blocking(move || {
+            let inner = &reservation.inner;
+            let dest = inner.path(&key);
             let mut index = inner.index();
+            let reserved = reservation.bytes.swap(0, Ordering::Relaxed);
             if index.contains(&key) && key_is_content_addressed(&key) {
                 // Same content already stored by a concurrent writer; ours is redundant.
+                index.release(reserved);
                 index.get(&key);
+                drop(index);
+                tmp.remove_now();
                 return Ok(());
             }
-            fs::rename(tmp.path(), inner.path(&key))?;
+            if let Err(e) = fs::rename(tmp.path(), &dest) {
+                index.release(reserved);
+                drop(index);
+                let err = io_context(
+                    e,
+                    format_args!("renaming {} to {}", tmp.path().display(), dest.display()),
+                );
+                tmp.remove_now();
+                return Err(err);
+            }
             tmp.disarm();
-            for (victim, _) in index.insert(key, size, Instant::now()) {
+            for (victim, _) in index.commit(key, size, Instant::now(), reserved) {
                 inner.unlink(&victim);
             }
-            Ok(())
+            drop(index);
+            // Not acknowledged before the new directory entry is on disk: a power loss
+            // right after the reply must not lose the blob.
+            sync_dir(dest.parent().unwrap_or(&inner.root))
         })
         .await
-        .map_err(|e| Error::Internal(format!("commit task: {e}")))?
+        .map_err(|e| join_error("commit", e))?
+    }
+}
+
+impl FsWriter {
+    fn tmp_path(&self) -> &Path {
+        self.tmp.as_ref().map(|t| t.path()).unwrap_or(Path::new(""))
     }
 }
 
 /// CAS entries are immutable (same key, same bytes); action-cache entries may be replaced.
 fn key_is_content_addressed(key: &Key) -> bool {
     matches!(key, Key::Cas(_))
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::store::CasUpload;
+
+    /// Every directory `sync_dir` was called on, by every test in this binary.
+    pub static SYNCED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn hash(data: &[u8]) -> [u8; 32] {
+        Sha256::digest(data).into()
+    }
+
+    async fn put(store: &FsStore, data: &[u8]) -> Key {
+        let mut up = CasUpload::new(store, hash(data), Some(data.len() as u64))
+            .await
+            .unwrap();
+        up.write(data).await.unwrap();
+        Key::cas(&up.finish().await.unwrap())
+    }
+
+    fn tmp_bytes(store: &FsStore) -> u64 {
+        fs::read_dir(&store.inner.tmp)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_commit_syncs_the_directory_it_renamed_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path().into(), 1 << 20, StoreMetrics::default())
+            .await
+            .unwrap();
+        let key = put(&store, b"durable").await;
+        let parent = store.inner.path(&key).parent().unwrap().to_path_buf();
+        let synced = SYNCED_DIRS.lock().unwrap().clone();
+        assert!(
+            synced.contains(&parent),
+            "{parent:?} never synced: {synced:?}"
+        );
+        assert!(synced.contains(&dir.path().join("cas")));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_blob_is_deleted_instead_of_served_when_verifying() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = StoreMetrics::default();
+        let options = FsOptions {
+            verify_on_read: true,
+        };
+        let store = FsStore::open_with(dir.path().into(), 1 << 20, metrics.clone(), options)
+            .await
+            .unwrap();
+        let good = put(&store, b"intact blob").await;
+        let bad = put(&store, b"blob to rot").await;
+        let path = store.inner.path(&bad);
+        fs::write(&path, b"blob to ROT").unwrap(); // same size, other content
+        assert_eq!(
+            &store.get(&good).await.unwrap().unwrap()[..],
+            b"intact blob"
+        );
+        let (size, _) = store.open(&good, 3).await.unwrap().unwrap();
+        assert_eq!(size, 11);
+        assert!(store.open(&bad, 0).await.unwrap().is_none());
+        assert!(!path.exists(), "the corrupt file was left in place");
+        assert_eq!(store.lookup(&[bad]).await.unwrap(), vec![None]);
+        assert_eq!(metrics.entries.get(), 1);
+        // Uploaded again, it is served again.
+        put(&store, b"blob to rot").await;
+        assert_eq!(&store.get(&bad).await.unwrap().unwrap()[..], b"blob to rot");
+        fs::write(&path, b"blob to rut").unwrap();
+        assert!(store.get(&bad).await.unwrap().is_none(), "get verifies too");
+
+        // Without the option the same damage is served: the check is what stops it.
+        drop(store);
+        let store = FsStore::open(dir.path().into(), 1 << 20, StoreMetrics::default())
+            .await
+            .unwrap();
+        put(&store, b"blob to rot").await;
+        fs::write(&path, b"blob to ROT").unwrap();
+        assert_eq!(&store.get(&bad).await.unwrap().unwrap()[..], b"blob to ROT");
+    }
+
+    #[tokio::test]
+    async fn unfinished_writes_count_against_the_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = StoreMetrics::default();
+        let store = FsStore::open(dir.path().into(), 1000, metrics.clone())
+            .await
+            .unwrap();
+        let old = put(&store, &[1u8; 600]).await;
+        let mut w = store.writer(Some(700)).await.unwrap();
+        w.write(&[0u8; 700]).await.unwrap();
+        // The committed entry made room, on disk too, for the bytes in tmp/.
+        assert_eq!(store.lookup(&[old]).await.unwrap(), vec![None]);
+        assert!(!store.inner.path(&old).exists());
+        assert_eq!(metrics.in_flight_bytes.get(), 700);
+        let mut other = store.writer(Some(400)).await.unwrap();
+        let err = other.write(&[0u8; 400]).await.unwrap_err();
+        assert!(matches!(err, Error::UploadSpaceExhausted { .. }), "{err}");
+        assert_eq!(err.grpc_code(), tonic::Code::ResourceExhausted);
+        // Suspending gives back the buffer and the descriptor, not the reservation.
+        w.suspend().await.unwrap();
+        assert_eq!(tmp_bytes(&store), 700);
+        assert_eq!(metrics.in_flight_bytes.get(), 700);
+        w.discard().await;
+        assert_eq!(metrics.in_flight_bytes.get(), 0);
+        assert_eq!(tmp_bytes(&store), 0);
+        other.write(&[0u8; 400]).await.unwrap();
+        other.commit(Key::Ac([9; 32])).await.unwrap();
+        assert_eq!(
+            (metrics.in_flight_bytes.get(), metrics.size_bytes.get()),
+            (0, 400)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_suspended_write_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path().into(), 1 << 20, StoreMetrics::default())
+            .await
+            .unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut up = CasUpload::new(&store, hash(&data), Some(data.len() as u64))
+            .await
+            .unwrap();
+        up.write(&data[..100_000]).await.unwrap();
+        up.suspend().await.unwrap();
+        up.write(&data[100_000..200_000]).await.unwrap();
+        up.suspend().await.unwrap();
+        up.suspend().await.unwrap();
+        up.write(&data[200_000..]).await.unwrap();
+        up.suspend().await.unwrap();
+        let key = Key::cas(&up.finish().await.unwrap());
+        assert_eq!(store.get(&key).await.unwrap().unwrap(), data);
+        assert_eq!(tmp_bytes(&store), 0);
+    }
 }

@@ -10,11 +10,22 @@ pub(super) struct Entry<V> {
     pub value: V,
 }
 
+/// Entries plus the bytes of unfinished uploads ("reserved"): both count against the
+/// capacity, so what sits in the filesystem store's `tmp/` (or in a memory writer's buffer)
+/// cannot push the store past its limit.
 pub(super) struct LruIndex<V> {
     map: LruCache<Key, Entry<V>>,
     used: u64,
+    reserved: u64,
     capacity: u64,
     metrics: StoreMetrics,
+}
+
+/// A reservation could not be made: in-flight uploads alone would exceed the capacity.
+#[derive(Debug)]
+pub(super) struct NoRoom {
+    pub in_flight: u64,
+    pub capacity: u64,
 }
 
 impl<V> LruIndex<V> {
@@ -22,6 +33,7 @@ impl<V> LruIndex<V> {
         LruIndex {
             map: LruCache::unbounded(),
             used: 0,
+            reserved: 0,
             capacity,
             metrics,
         }
@@ -39,14 +51,60 @@ impl<V> LruIndex<V> {
     /// Inserts as most recently used and returns what had to go to stay within capacity.
     /// The inserted key itself is never evicted.
     pub fn insert(&mut self, key: Key, size: u64, value: V) -> Vec<(Key, Entry<V>)> {
+        self.commit(key, size, value, 0)
+    }
+
+    /// Turns `reserved` in-flight bytes into the entry `key`, in one step, so the bytes are
+    /// counted throughout. Returns the evicted entries, as `insert`.
+    pub fn commit(&mut self, key: Key, size: u64, value: V, reserved: u64) -> Vec<(Key, Entry<V>)> {
+        self.reserved -= reserved.min(self.reserved);
         if let Some(old) = self.map.put(key, Entry { size, value }) {
             self.used -= old.size;
         }
         self.used += size;
+        let evicted = self.evict_for(Some(key));
+        self.publish();
+        evicted
+    }
+
+    /// Whether `n` more in-flight bytes fit without evicting anything.
+    pub fn fits(&self, n: u64) -> bool {
+        self.used
+            .checked_add(self.reserved)
+            .and_then(|t| t.checked_add(n))
+            .is_some_and(|t| t <= self.capacity)
+    }
+
+    /// Counts `n` more bytes of an unfinished upload against the capacity, evicting least
+    /// recently used entries to make room. Fails, changing nothing, when in-flight bytes
+    /// alone would exceed the capacity.
+    pub fn reserve(&mut self, n: u64) -> Result<Vec<(Key, Entry<V>)>, NoRoom> {
+        match self.reserved.checked_add(n) {
+            Some(r) if r <= self.capacity => self.reserved = r,
+            _ => {
+                return Err(NoRoom {
+                    in_flight: self.reserved,
+                    capacity: self.capacity,
+                })
+            }
+        }
+        let evicted = self.evict_for(None);
+        self.publish();
+        Ok(evicted)
+    }
+
+    /// Gives back in-flight bytes of an upload that ended without becoming an entry.
+    pub fn release(&mut self, n: u64) {
+        self.reserved -= n.min(self.reserved);
+        self.publish();
+    }
+
+    /// Evicts least recently used entries until entries plus reservations fit, never `keep`.
+    fn evict_for(&mut self, keep: Option<Key>) -> Vec<(Key, Entry<V>)> {
         let mut evicted = Vec::new();
-        while self.used > self.capacity {
+        while self.used + self.reserved > self.capacity {
             match self.map.peek_lru() {
-                Some((k, _)) if *k == key => break,
+                Some((k, _)) if Some(*k) == keep => break,
                 Some(_) => {}
                 None => break,
             }
@@ -57,7 +115,6 @@ impl<V> LruIndex<V> {
                 evicted.push((k, e));
             }
         }
-        self.publish();
         evicted
     }
 
@@ -71,6 +128,7 @@ impl<V> LruIndex<V> {
     fn publish(&self) {
         self.metrics.size_bytes.set(self.used as i64);
         self.metrics.entries.set(self.map.len() as i64);
+        self.metrics.in_flight_bytes.set(self.reserved as i64);
     }
 }
 
@@ -94,6 +152,32 @@ mod tests {
         assert!(idx.contains(&k(1)) && idx.contains(&k(3)) && idx.contains(&k(4)));
         assert_eq!(idx.metrics.evictions.get(), 1);
         assert_eq!(idx.metrics.size_bytes.get(), 30);
+    }
+
+    #[test]
+    fn reservations_evict_entries_and_count_until_committed_or_released() {
+        let mut idx = LruIndex::new(30, StoreMetrics::default());
+        idx.insert(k(1), 10, ());
+        idx.insert(k(2), 10, ());
+        assert!(idx.fits(10) && !idx.fits(11));
+        // 15 in-flight bytes: the oldest entry goes to make room.
+        let ev = idx.reserve(15).unwrap();
+        assert_eq!(ev.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![k(1)]);
+        assert_eq!(idx.metrics.in_flight_bytes.get(), 15);
+        // In-flight bytes alone may not exceed the capacity; a refusal changes nothing.
+        let Err(err) = idx.reserve(16) else {
+            panic!("16 more in-flight bytes fitted beside 15 in a store of 30")
+        };
+        assert_eq!((err.in_flight, err.capacity), (15, 30));
+        assert!(idx.contains(&k(2)));
+        // Committing turns the reservation into the entry without counting it twice.
+        assert!(idx.commit(k(3), 15, (), 15).is_empty());
+        assert_eq!(idx.metrics.in_flight_bytes.get(), 0);
+        assert_eq!(idx.metrics.size_bytes.get(), 25);
+        // A reservation that is released leaves no trace.
+        idx.reserve(5).unwrap();
+        idx.release(5);
+        assert!(idx.fits(5) && !idx.fits(6));
     }
 
     #[test]

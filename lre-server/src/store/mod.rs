@@ -12,7 +12,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncRead;
 
-pub use fs::FsStore;
+pub use fs::{FsOptions, FsStore};
 pub use memory::MemStore;
 
 use crate::digest::Digest;
@@ -78,11 +78,30 @@ pub trait BlobStore: Send + Sync + 'static {
     fn capacity(&self) -> u64;
 }
 
+/// A write in progress. Every byte written counts against the store's capacity until the
+/// writer commits (the bytes become the entry) or is dropped (they are given back).
 #[async_trait]
 pub trait BlobWriter: Send {
+    /// Fails with `UploadSpaceExhausted` before writing anything when unfinished writes
+    /// already hold the whole store; the same call may then be retried.
     async fn write(&mut self, data: &[u8]) -> Result<()>;
     /// Makes the data visible under `key`, atomically.
     async fn commit(self: Box<Self>, key: Key) -> Result<()>;
+    /// The writer may stay idle for a long time (an interrupted, resumable upload): give
+    /// back what it need not hold meanwhile (buffers, open files). Writing resumes it.
+    async fn suspend(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Throws the data away now (dropping does too, but may finish later, off this task).
+    async fn discard(self: Box<Self>) {}
+}
+
+fn no_room(needed: u64, e: lru_index::NoRoom) -> Error {
+    Error::UploadSpaceExhausted {
+        needed,
+        in_flight: e.in_flight,
+        capacity: e.capacity,
+    }
 }
 
 fn check_fits(size_hint: Option<u64>, capacity: u64) -> Result<()> {
@@ -132,23 +151,37 @@ impl CasUpload {
                 )));
             }
         }
-        self.hasher.update(data);
+        // Hashed only once the store took it, so a refused write can be retried as it was.
         self.inner.write(data).await?;
+        self.hasher.update(data);
         self.written = after;
         Ok(())
+    }
+
+    /// See `BlobWriter::suspend`.
+    pub async fn suspend(&mut self) -> Result<()> {
+        self.inner.suspend().await
+    }
+
+    /// Throws the data away, and waits until it is gone.
+    pub async fn discard(self) {
+        self.inner.discard().await
     }
 
     pub async fn finish(self) -> Result<Digest> {
         if let Some(size) = self.expected_size {
             if self.written != size {
-                return Err(Error::SizeMismatch(format!(
+                let e = Error::SizeMismatch(format!(
                     "upload ended after {} of {size} bytes",
                     self.written
-                )));
+                ));
+                self.inner.discard().await;
+                return Err(e);
             }
         }
         let actual: [u8; 32] = self.hasher.finalize().into();
         if actual != self.expected_hash {
+            self.inner.discard().await;
             return Err(Error::DigestMismatch {
                 expected: hex::encode(self.expected_hash),
                 actual: hex::encode(actual),

@@ -19,7 +19,12 @@ pub struct Env {
     pub work: tempfile::TempDir,
 }
 
+/// A runner whose actions get their own uids where the test runs as root (as in CI).
 pub async fn env() -> Env {
+    env_with(lre_worker::ActionUids::Auto).await
+}
+
+pub async fn env_with(uids: lre_worker::ActionUids) -> Env {
     let server = lre_server::start(lre_server::Config::ephemeral())
         .await
         .unwrap();
@@ -37,17 +42,22 @@ pub async fn env() -> Env {
     .unwrap();
     let cas =
         Arc::new(LocalCas::open(work.path().join("cas"), worker_channel.clone(), 1 << 30).unwrap());
+    let sandbox = SandboxConfig {
+        bwrap: "bwrap".into(),
+        ro_paths: lre_worker::default_ro_paths(),
+        network: false,
+        host_proc: false,
+        action_uids: uids,
+    };
     let runner = Runner {
         worker_id: "test-worker".into(),
         cas,
         channel: worker_channel,
         work_dir: work.path().to_path_buf(),
-        sandbox: SandboxConfig {
-            bwrap: "bwrap".into(),
-            ro_paths: lre_worker::default_ro_paths(),
-            network: false,
-            host_proc: false,
-        },
+        uids: lre_worker::sandbox::UidPool::resolve(&sandbox, 2, work.path())
+            .await
+            .unwrap(),
+        sandbox,
     };
     Env {
         server,
@@ -158,4 +168,25 @@ pub fn file(name: &str, data: &[u8], exec: bool) -> re::FileNode {
         is_executable: exec,
         ..Default::default()
     }
+}
+
+/// Runs `script` with a bound, so that a regression fails the test instead of hanging it.
+pub async fn run_bounded(
+    e: &Env,
+    root: &re::Directory,
+    script: &str,
+    outputs: &[&str],
+) -> ActionFinished {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        e.run(root, script, outputs, 60_000),
+    )
+    .await
+    .expect("the worker came back from the action")
+}
+
+/// The action was refused with `code`, and its message says `text`.
+pub fn assert_refused(f: &ActionFinished, code: tonic::Code, text: &str) {
+    assert_eq!(f.status_code, code as i32, "{}", f.status_message);
+    assert!(f.status_message.contains(text), "{}", f.status_message);
 }

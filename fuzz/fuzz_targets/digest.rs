@@ -1,0 +1,58 @@
+//! Digest parsing: the server's `Digest::parse`/`parse_hash`/`from_proto` (URLs, resource
+//! names, protos) and the worker's check of the digests it is sent. Input: `hash/size`.
+#![no_main]
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use libfuzzer_sys::fuzz_target;
+use lre_server::digest::{check_digest_function, Digest};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (hash, size) = s.split_once('/').unwrap_or((s, "0"));
+    let lower_hex =
+        hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let any_hex = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    let n = size.parse::<i64>();
+
+    let h = Digest::parse_hash(hash);
+    assert_eq!(h.is_ok(), lower_hex, "parse_hash({hash:?})");
+    if let Ok(h) = h {
+        assert_eq!(hex::encode(h), hash);
+    }
+
+    match Digest::parse(hash, size) {
+        Ok(d) => {
+            assert!(lower_hex && matches!(n, Ok(v) if v >= 0), "{s:?} accepted");
+            assert_eq!(d.hex(), hash);
+            assert_eq!(Ok(d.size as i64), n);
+            assert_eq!(d.to_string(), format!("{hash}/{}", d.size));
+            assert_eq!(Digest::parse(&d.hex(), &d.size.to_string()).unwrap(), d);
+            let p = d.to_proto();
+            assert_eq!(Digest::from_proto(&p).unwrap(), d);
+            assert_eq!(Digest::from_opt_proto(&Some(p)).unwrap(), Some(d));
+            assert_eq!(d.is_empty_blob(), d == Digest::EMPTY);
+        }
+        Err(_) => assert!(!lower_hex || !matches!(n, Ok(v) if v >= 0), "{s:?} refused"),
+    }
+
+    // The same hash in a proto, with any size: what the server accepts the worker accepts,
+    // and the worker accepts exactly 64 hex digits (either case) and a size of at least 0.
+    let size_bytes = n.unwrap_or_else(|_| -(size.len() as i64));
+    let proto = re::Digest {
+        hash: hash.to_string(),
+        size_bytes,
+    };
+    let server = Digest::from_proto(&proto);
+    let worker = lre_worker::cas::valid(&proto);
+    assert_eq!(server.is_ok(), lower_hex && size_bytes >= 0, "{proto:?}");
+    assert_eq!(worker.is_ok(), any_hex && size_bytes >= 0, "{proto:?}");
+
+    let f = size_bytes as i32;
+    assert_eq!(
+        check_digest_function(f).is_ok(),
+        f == 0 || f == 1,
+        "digest function {f}"
+    );
+});

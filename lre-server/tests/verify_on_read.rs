@@ -1,0 +1,156 @@
+//! `[store] verify_on_read`: a blob whose file on disk no longer matches its digest is never
+//! served; it is deleted and reads as NOT_FOUND, so clients upload it again. A real filesystem
+//! store behind real ByteStream and CAS services on a loopback port.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::content_addressable_storage_server::ContentAddressableStorageServer;
+use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
+use common::*;
+use lre_server::auth::Authenticator;
+use lre_server::bytestream::ByteStreamService;
+use lre_server::cache::Cache;
+use lre_server::cas::CasService;
+use lre_server::instance::Instances;
+use lre_server::metrics::Metrics;
+use lre_server::store::{FsOptions, FsStore};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Serves ByteStream and CAS over a filesystem store in `dir`; returns a connected channel.
+async fn serve(dir: &Path, verify_on_read: bool) -> Channel {
+    let metrics = Arc::new(Metrics::new());
+    let store = FsStore::open_with(
+        dir.to_path_buf(),
+        1 << 30,
+        metrics.store.clone(),
+        FsOptions { verify_on_read },
+    )
+    .await
+    .unwrap();
+    let cache = Arc::new(Cache {
+        store: Arc::new(store),
+        metrics,
+        instances: Instances::new(None),
+        auth: Authenticator::open(),
+        max_batch_total_size_bytes: 16 << 20,
+        activity: lre_server::status::Activity::new(Default::default()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            ByteStreamServer::new(ByteStreamService::new(
+                cache.clone(),
+                Duration::from_secs(600),
+            ))
+            .max_decoding_message_size(16 << 20),
+        )
+        .add_service(ContentAddressableStorageServer::new(CasService::new(cache)));
+    tokio::spawn(router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn blob_path(dir: &Path, data: &[u8]) -> PathBuf {
+    let h = hash_hex(data);
+    dir.join("cas").join(&h[..2]).join(h)
+}
+
+/// Flips one byte in the middle: same size, other content, as bit rot would.
+fn corrupt(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+async fn upload(ch: &Channel, data: &[u8], id: &str) {
+    let name = upload_name("", id, data);
+    bs_write(
+        ch.clone(),
+        write_requests(&name, data, 1 << 20, 0, true),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupted_blob_is_not_served_but_removed_so_clients_upload_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = serve(dir.path(), true).await;
+    let good = blob(3 << 20, 1);
+    let bad = blob(3 << 20, 2);
+    upload(&ch, &good, "good").await;
+    upload(&ch, &bad, "bad").await;
+    let path = blob_path(dir.path(), &bad);
+    corrupt(&path);
+
+    let err = bs_read(ch.clone(), &read_name("", &bad), 0, 0, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(!path.exists(), "the corrupt file is still in the store");
+    assert_eq!(
+        find_missing(ch.clone(), "", vec![digest(&bad)]).await.len(),
+        1
+    );
+    // The intact blob is served, from any offset.
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &good), 1 << 20, 0, None)
+            .await
+            .unwrap(),
+        good[1 << 20..]
+    );
+    // Uploaded again, it is served again; damaged again, BatchReadBlobs refuses it too.
+    upload(&ch, &bad, "bad-again").await;
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &bad), 0, 0, None)
+            .await
+            .unwrap(),
+        bad
+    );
+    corrupt(&path);
+    let resp = CasClient::new(ch.clone())
+        .batch_read_blobs(
+            bazel_remote_apis::build::bazel::remote::execution::v2::BatchReadBlobsRequest {
+                instance_name: String::new(),
+                digests: vec![digest(&bad[..]), digest(&good[..])],
+                acceptable_compressors: vec![],
+                digest_function: 0,
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().map_or(0, |s| s.code))
+        .collect();
+    assert_eq!(codes, vec![Code::NotFound as i32, Code::Ok as i32]);
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn without_verify_on_read_the_same_damage_is_served() {
+    // What the option protects against: the default trusts the disk.
+    let dir = tempfile::tempdir().unwrap();
+    let ch = serve(dir.path(), false).await;
+    let bad = blob(1 << 20, 3);
+    upload(&ch, &bad, "bad").await;
+    corrupt(&blob_path(dir.path(), &bad));
+    let got = bs_read(ch.clone(), &read_name("", &bad), 0, 0, None)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), bad.len());
+    assert_ne!(got, bad);
+}
