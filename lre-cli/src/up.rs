@@ -187,19 +187,27 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     opts.cache_bytes = args.cache_mib << 20;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut worker = tokio::spawn(lre_worker::run(opts, shutdown));
-    println!("lre up: cache, scheduler and a local worker with {capacity} slot(s) running");
-    println!("  grpc: {bazel_url}");
+    let mut banner = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        banner,
+        "lre up: cache, scheduler and a local worker with {capacity} slot(s) running"
+    );
+    let _ = writeln!(banner, "  grpc: {bazel_url}");
     if let Some(h) = server.http_addr {
         let scheme = if server.tls { "https" } else { "http" };
-        println!("  status page: {scheme}://{h}/  (also /api/status, /metrics, /healthz)");
+        let _ = writeln!(
+            banner,
+            "  status page: {scheme}://{h}/  (also /api/status, /metrics, /healthz)"
+        );
     }
     let mut flags = vec![format!("--remote_executor={bazel_url}")];
     if let Some(ca) = &args.tls_ca {
         flags.push(format!("--tls_certificate={}", ca.display()));
     }
-    println!("  bazel flags: {}", flags.join(" "));
+    let _ = writeln!(banner, "  bazel flags: {}", flags.join(" "));
     let offered: Vec<String> = properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("  workers offer: {}", offered.join(" "));
+    let _ = writeln!(banner, "  workers offer: {}", offered.join(" "));
     // The single files under /etc that tools link to are many and dull: count them.
     let (etc_files, shown): (Vec<_>, Vec<_>) = ro_paths
         .iter()
@@ -212,7 +220,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     tracing::debug!(files = ?etc_files, "single /etc files the sandbox shows");
-    println!("  sandbox shows (read-only): {}", shown.join(" "));
+    let _ = writeln!(banner, "  sandbox shows (read-only): {}", shown.join(" "));
+    // Whoever reads the banner may stop reading (a script that takes the first lines):
+    // a closed stdout must not take the server down with it, as println! would.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+    }
     // The worker only returns on shutdown or when it cannot start (a bad TLS file, say):
     // then there is nothing to serve executions with, so stop too.
     let early = tokio::select! {
