@@ -141,7 +141,9 @@ scenario_fulldisk() {
   check "$n: server up on a 256 KiB disk" "" wait_healthy "$HTTP_PORT" || return 0
 
   new_client "$SCEN" A
-  bazel_run "$CL_WS" "$CL_OUR" "--remote_cache=grpc://127.0.0.1:$GRPC_PORT"
+  # Without --verbose_failures Bazel 4.2.3 folds several failed uploads into "N errors
+  # during bulk transfer" and drops their status; with it, the causes are printed.
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_cache=grpc://127.0.0.1:$GRPC_PORT" --verbose_failures
   check "$n: the build succeeds; uploads that did not fit are warnings" "exit $BZ_RC; $REMOTE_WARNINGS warnings" \
     [ "$BZ_RC" = 0 ]
   check "$n: Bazel was told RESOURCE_EXHAUSTED (the disk, not a server bug)" \

@@ -472,7 +472,9 @@ browse() {
 wait_log() {
   local deadline=$((SECONDS + 30))
   while [ "$SECONDS" -lt "$deadline" ]; do
-    [ "$(grep -cE "$2" "$1" 2>/dev/null || echo 0)" -ge "$3" ] && return 0
+    # grep -c prints 0 (and fails) when nothing matches, and nothing for a missing file.
+    local n; n="$(grep -cE "$2" "$1" 2>/dev/null)"
+    [ "${n:-0}" -ge "$3" ] && return 0
     sleep 0.2
   done
   return 1
