@@ -1,8 +1,8 @@
 //! The ByteStream gRPC service: streaming reads and resumable, verified streaming writes.
 //! Neither direction ever holds a whole blob in memory.
 //!
-//! What write sessions may hold is bounded: at most `WriteLimits::max_sessions` resumable
-//! uploads, zstd frames with windows of at most 8 MiB, `WriteLimits::zstd_memory` of decoder
+//! What write sessions may hold is bounded: at most `StreamLimits::max_sessions` resumable
+//! uploads, zstd frames with windows of at most 8 MiB, `StreamLimits::zstd_memory` of decoder
 //! memory in all, and (in the store) unfinished uploads' bytes counted against `max_size`.
 //! When a limit is reached the least recently active interrupted upload is dropped first
 //! (its client restarts it from zero); only when none is left does a write get
@@ -38,21 +38,27 @@ const READ_CHUNK: usize = 256 * 1024;
 /// as the (resumable) upload lives.
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
-/// What the write sessions of one service may hold at once.
+/// What the streams of one service may hold, and for how long.
 #[derive(Debug, Clone)]
-pub struct WriteLimits {
+pub struct StreamLimits {
     /// Resumable uploads (`uploads/{uuid}/...`) kept at once, running or interrupted.
     pub max_sessions: usize,
     /// Memory all zstd decoders may hold together, in bytes. One decoder holds at most its
     /// window plus ~300 KiB, so 8.3 MiB with the largest window allowed.
     pub zstd_memory: u64,
+    /// A read whose client takes nothing, or a write whose client sends nothing, for this
+    /// long is ended with ABORTED. A stalled read would otherwise keep its file open, and
+    /// with it the disk space of a blob evicted meanwhile, for as long as the client
+    /// answers HTTP/2 pings.
+    pub stall_timeout: Duration,
 }
 
-impl Default for WriteLimits {
+impl Default for StreamLimits {
     fn default() -> Self {
-        WriteLimits {
+        StreamLimits {
             max_sessions: 1024,
             zstd_memory: 256 << 20,
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -83,7 +89,7 @@ impl Sessions {
 pub struct ByteStreamService {
     cache: Arc<Cache>,
     sessions: Arc<Sessions>,
-    limits: WriteLimits,
+    limits: StreamLimits,
 }
 
 /// A zstd decoder whose window is limited and whose memory is counted in a shared gauge.
@@ -155,10 +161,10 @@ fn zstd_error(code: usize) -> Error {
 impl ByteStreamService {
     /// An interrupted upload stays resumable for `upload_ttl` after its last byte.
     pub fn new(cache: Arc<Cache>, upload_ttl: Duration) -> Self {
-        Self::with_limits(cache, upload_ttl, WriteLimits::default())
+        Self::with_limits(cache, upload_ttl, StreamLimits::default())
     }
 
-    pub fn with_limits(cache: Arc<Cache>, upload_ttl: Duration, limits: WriteLimits) -> Self {
+    pub fn with_limits(cache: Arc<Cache>, upload_ttl: Duration, limits: StreamLimits) -> Self {
         let sessions = Arc::new(Sessions {
             map: Mutex::default(),
             gauge: cache.metrics.upload_sessions.clone(),
@@ -370,7 +376,16 @@ impl ByteStreamService {
                 cas.finish().await?;
                 return Ok(up.received);
             }
-            msg = match stream.message().await {
+            let stall = self.limits.stall_timeout;
+            let next = tokio::time::timeout(stall, stream.message()).await.map_err(|_| {
+                self.cache.metrics.stalled_streams.inc();
+                Error::Aborted(format!(
+                    "the client sent nothing for {} s after {} bytes (connections.stream_stall_timeout_seconds); resume with QueryWriteStatus",
+                    stall.as_secs(),
+                    up.received
+                ))
+            })?;
+            msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Err(Error::Aborted(format!(
@@ -558,6 +573,8 @@ impl ByteStream for ByteStreamService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let metrics = self.cache.metrics.clone();
         let compression = res.compression;
+        let stall = self.limits.stall_timeout;
+        let digest = res.digest;
         tokio::spawn(async move {
             let mut reader = reader.take(remaining);
             let mut encoder = match compression {
@@ -604,8 +621,24 @@ impl ByteStream for ByteStreamService {
                     }
                 };
                 metrics.bytes_sent.inc_by(data.len() as u64);
-                if (!data.is_empty() || last) && tx.send(Ok(ReadResponse { data })).await.is_err() {
-                    return; // client went away
+                if !data.is_empty() || last {
+                    match tokio::time::timeout(stall, tx.send(Ok(ReadResponse { data }))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return, // client went away
+                        Err(_) => {
+                            // Close the file first: the client may never come back for the
+                            // error, and an open file pins an evicted blob's disk space.
+                            drop(reader);
+                            metrics.stalled_streams.inc();
+                            tracing::info!(%digest, "ending a read whose client stopped reading");
+                            let status = Status::aborted(format!(
+                                "the client took nothing for {} s (connections.stream_stall_timeout_seconds); read again",
+                                stall.as_secs()
+                            ));
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
                 }
                 if last {
                     return;

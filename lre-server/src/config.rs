@@ -96,6 +96,10 @@ pub struct ConnectionsConfig {
     /// gRPC port: calls running at once on one connection.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// gRPC port: a ByteStream read whose client takes nothing, or a write whose client
+    /// sends nothing, for this long is ended with ABORTED, its file closed.
+    #[serde(default = "default_stream_stall_timeout")]
+    pub stream_stall_timeout_seconds: u64,
 }
 
 impl Default for ConnectionsConfig {
@@ -107,6 +111,7 @@ impl Default for ConnectionsConfig {
             idle_timeout_seconds: default_idle_timeout(),
             keepalive_timeout_seconds: default_keepalive_timeout(),
             max_concurrent_streams: default_max_concurrent_streams(),
+            stream_stall_timeout_seconds: default_stream_stall_timeout(),
         }
     }
 }
@@ -130,6 +135,10 @@ fn default_keepalive_timeout() -> u64 {
 }
 fn default_max_concurrent_streams() -> u32 {
     1000
+}
+
+fn default_stream_stall_timeout() -> u64 {
+    60
 }
 
 impl ConnectionsConfig {
@@ -156,6 +165,10 @@ impl ConnectionsConfig {
             (
                 "connections.max_concurrent_streams",
                 u64::from(self.max_concurrent_streams),
+            ),
+            (
+                "connections.stream_stall_timeout_seconds",
+                self.stream_stall_timeout_seconds,
             ),
         ] {
             if v == 0 {

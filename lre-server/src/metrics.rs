@@ -49,6 +49,8 @@ pub struct Metrics {
     pub upload_sessions: Gauge,
     /// Memory held by the zstd decoders of compressed uploads.
     pub zstd_decoder_bytes: Gauge,
+    /// ByteStream reads and writes ended because the client stopped taking or sending.
+    pub stalled_streams: Counter,
 }
 
 impl Default for Metrics {
@@ -68,6 +70,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         let upload_sessions = Gauge::default();
         let zstd_decoder_bytes = Gauge::default();
+        let stalled_streams = Counter::default();
         let mut r = Registry::with_prefix("lre");
         r.register(
             "ac_lookups",
@@ -125,6 +128,11 @@ impl Metrics {
             zstd_decoder_bytes.clone(),
         );
         r.register(
+            "stalled_streams",
+            "ByteStream reads and writes ended because the client stopped taking or sending",
+            stalled_streams.clone(),
+        );
+        r.register(
             "request_duration_seconds",
             "Request latency by method",
             request_seconds.clone(),
@@ -139,6 +147,7 @@ impl Metrics {
             request_seconds,
             upload_sessions,
             zstd_decoder_bytes,
+            stalled_streams,
         }
     }
 

@@ -23,7 +23,7 @@ use lre_worker_protocol::v1::worker_service_server::WorkerServiceServer;
 
 use crate::action_cache::ActionCacheService;
 use crate::auth::Authenticator;
-use crate::bytestream::ByteStreamService;
+use crate::bytestream::{ByteStreamService, StreamLimits};
 use crate::cache::Cache;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
@@ -204,9 +204,15 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 .max_decoding_message_size(max_msg),
         )
         .add_service(
-            ByteStreamServer::new(ByteStreamService::new(
+            ByteStreamServer::new(ByteStreamService::with_limits(
                 cache.clone(),
                 Duration::from_secs(config.upload_ttl_seconds),
+                StreamLimits {
+                    stall_timeout: Duration::from_secs(
+                        config.connections.stream_stall_timeout_seconds,
+                    ),
+                    ..StreamLimits::default()
+                },
             ))
             .max_decoding_message_size(max_msg),
         );

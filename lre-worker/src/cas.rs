@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::client::ServerChannel;
@@ -44,7 +44,7 @@ pub struct LocalCas {
     dir: PathBuf,
     channel: ServerChannel,
     max_bytes: u64,
-    index: Mutex<CacheIndex>,
+    index: Arc<Mutex<CacheIndex>>,
 }
 
 /// The LRU bookkeeping. Evicting a file that an exec root still links is safe: the link
@@ -115,11 +115,11 @@ impl LocalCas {
             dir,
             channel,
             max_bytes,
-            index: Mutex::new(CacheIndex {
+            index: Arc::new(Mutex::new(CacheIndex {
                 entries: map,
                 total,
                 pinned: HashMap::new(),
-            }),
+            })),
         })
     }
 
@@ -145,9 +145,22 @@ impl LocalCas {
         }
     }
 
-    fn evict(&self) {
-        let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        if idx.total <= self.max_bytes {
+    /// Deletes least recently used, unpinned files until the cache fits. On a blocking
+    /// thread, holding the index lock throughout: an `ensure` that finds a file must not
+    /// see it deleted after the lock is let go.
+    async fn evict(&self) {
+        let index = self.index.clone();
+        let max_bytes = self.max_bytes;
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || Self::evict_blocking(&index, max_bytes)).await
+        {
+            tracing::warn!(error = %e, "cache eviction task failed");
+        }
+    }
+
+    fn evict_blocking(index: &Mutex<CacheIndex>, max_bytes: u64) {
+        let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
+        if idx.total <= max_bytes {
             return;
         }
         let mut by_age: Vec<(SystemTime, PathBuf, u64)> = idx
@@ -157,7 +170,7 @@ impl LocalCas {
             .collect();
         by_age.sort();
         for (_, p, s) in by_age {
-            if idx.total <= self.max_bytes {
+            if idx.total <= max_bytes {
                 break;
             }
             if idx.pinned.contains_key(&p) {
@@ -270,7 +283,7 @@ impl LocalCas {
         if !small.is_empty() {
             self.fetch_batch(instance, small, wanted).await?;
         }
-        self.evict();
+        self.evict().await;
         Ok(pinned)
     }
 
