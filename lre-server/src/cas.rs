@@ -101,7 +101,7 @@ impl ContentAddressableStorage for CasService {
             .blob_digests
             .iter()
             .map(Digest::from_proto)
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<lre_store::Result<Vec<_>>>()?;
         let missing = self.cache.find_missing(&digests).await?;
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
@@ -160,7 +160,7 @@ impl ContentAddressableStorage for CasService {
             .digests
             .iter()
             .map(Digest::from_proto)
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<lre_store::Result<Vec<_>>>()?;
         self.check_batch_size(
             digests
                 .iter()

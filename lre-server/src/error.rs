@@ -87,6 +87,14 @@ impl From<io::Error> for Error {
     }
 }
 
+impl From<lre_store::StoreError> for Error {
+    fn from(e: lre_store::StoreError) -> Self {
+        match e {
+            lre_store::StoreError::InvalidArgument(m) => Error::InvalidArgument(m),
+        }
+    }
+}
+
 impl From<prost::DecodeError> for Error {
     fn from(e: prost::DecodeError) -> Self {
         Error::InvalidArgument(format!("malformed protobuf: {e}"))

@@ -10,20 +10,21 @@ pub mod capabilities;
 pub mod cas;
 pub mod config;
 pub mod connections;
-pub mod digest;
 pub mod error;
 pub mod execution;
 pub mod http;
 pub mod instance;
 pub mod metrics;
 pub mod operations;
-pub mod resource_name;
 pub mod scheduler;
 pub mod server;
 pub mod status;
 pub mod store;
 pub mod tls;
 pub mod worker_service;
+
+// One digest rule for server and worker: both come from lre-store.
+pub use lre_store::{digest, resource_name};
 
 pub use config::Config;
 pub use server::{start, RunningServer, StartError};

@@ -17,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::error::{Result, WorkerError};
+use lre_store::Digest;
 
 /// Blobs up to this size travel in batch calls; larger ones over ByteStream.
 const BATCH_BLOB: i64 = 1 << 20;
@@ -24,20 +25,15 @@ const BATCH_TOTAL: i64 = 3 << 20;
 const CHUNK: usize = 1 << 20;
 
 pub fn digest_of(data: &[u8]) -> re::Digest {
-    re::Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    Digest::of(data).to_proto()
 }
 
+/// The server's rule (lre-store), so that a digest the server would refuse (uppercase hex,
+/// a negative size) is refused here before it names a file in the cache.
 pub fn valid(d: &re::Digest) -> Result<()> {
-    if d.hash.len() != 64 || !d.hash.bytes().all(|b| b.is_ascii_hexdigit()) || d.size_bytes < 0 {
-        return Err(WorkerError::InvalidInput(format!(
-            "malformed digest {}/{}",
-            d.hash, d.size_bytes
-        )));
-    }
-    Ok(())
+    Digest::from_proto(d).map(|_| ()).map_err(|e| {
+        WorkerError::InvalidInput(format!("input digest {}/{}: {e}", d.hash, d.size_bytes))
+    })
 }
 
 pub struct LocalCas {
@@ -80,13 +76,7 @@ impl Drop for Pinned<'_> {
 
 /// The SHA-256 digest of a file, read a buffer at a time (never whole into memory).
 pub fn file_digest(path: &Path) -> Result<re::Digest> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let n = std::io::copy(&mut f, &mut h)?;
-    Ok(re::Digest {
-        hash: hex::encode(h.finalize()),
-        size_bytes: n as i64,
-    })
+    Ok(Digest::of_reader(std::fs::File::open(path)?)?.to_proto())
 }
 
 impl LocalCas {
@@ -195,7 +185,6 @@ impl LocalCas {
     /// Called when its fingerprint moved: another action hard-linking the same file (at
     /// capacity > 1) changes the ctime too, and that must not count as tampering.
     pub fn intact(path: &Path) -> bool {
-        use sha2::Digest as _;
         use std::os::unix::fs::PermissionsExt;
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             return false;
@@ -217,8 +206,9 @@ impl LocalCas {
         {
             return false;
         }
-        match std::fs::read(path) {
-            Ok(data) => hex::encode(sha2::Sha256::digest(&data)) == hash,
+        // Streamed: a cached input may be many GiB.
+        match std::fs::File::open(path).and_then(Digest::of_reader) {
+            Ok(d) => d.hex() == hash,
             Err(_) => false,
         }
     }
@@ -637,5 +627,32 @@ mod intact_tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
         assert!(!LocalCas::intact(&path), "new content is tampering");
         assert!(!LocalCas::intact(&dir.path().join("not-a-cache-name")));
+    }
+}
+
+#[cfg(test)]
+mod digest_rule_tests {
+    use super::{re, valid};
+
+    /// The worker accepted uppercase hex the server refuses (issue 11): one rule now.
+    #[test]
+    fn the_worker_refuses_what_the_server_refuses() {
+        let d = |hash: String, size_bytes| re::Digest { hash, size_bytes };
+        assert!(valid(&d("ab".repeat(32), 3)).is_ok());
+        for bad in [
+            d("AB".repeat(32), 3),
+            d("ab".repeat(31), 3),
+            d("zz".repeat(32), 3),
+            d("ab".repeat(32), -1),
+            d(format!("{}/..", "ab".repeat(31)), 3),
+        ] {
+            let err = valid(&bad).unwrap_err().to_string();
+            assert!(err.contains("input digest"), "{err}");
+            assert_eq!(
+                lre_store::Digest::from_proto(&bad).is_err(),
+                true,
+                "the server's rule accepts {bad:?}"
+            );
+        }
     }
 }

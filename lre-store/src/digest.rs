@@ -5,7 +5,7 @@ use std::fmt;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Result, StoreError as Error};
 
 /// SHA-256 of the empty string. The empty blob always exists and is never stored.
 pub const EMPTY_SHA256: [u8; 32] = [
@@ -30,6 +30,17 @@ impl Digest {
             hash: Sha256::digest(data).into(),
             size: data.len() as u64,
         }
+    }
+
+    /// The digest of everything `r` yields, read a buffer at a time (never whole into
+    /// memory). Blocking when `r` is.
+    pub fn of_reader(mut r: impl std::io::Read) -> std::io::Result<Digest> {
+        let mut h = Sha256::new();
+        let size = std::io::copy(&mut r, &mut h)?;
+        Ok(Digest {
+            hash: h.finalize().into(),
+            size,
+        })
     }
 
     pub fn is_empty_blob(&self) -> bool {
@@ -129,6 +140,13 @@ mod tests {
     fn empty_constant_is_sha256_of_nothing() {
         assert_eq!(Digest::of(b""), Digest::EMPTY);
         assert!(Digest::EMPTY.is_empty_blob());
+    }
+
+    #[test]
+    fn of_reader_agrees_with_of() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(Digest::of_reader(&data[..]).unwrap(), Digest::of(&data));
+        assert_eq!(Digest::of_reader(&b""[..]).unwrap(), Digest::EMPTY);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! writes `{instance}/uploads/{uuid}/(compressed-blobs/zstd|blobs)/{hash}/{size}{/metadata}`.
 
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Result, StoreError as Error};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -65,7 +65,7 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
         .position(|s| keywords.contains(s))
         .ok_or_else(|| bad(name, "no `blobs/` or `compressed-blobs/` segment"))?;
     let instance = segs[..start].join("/");
-    crate::instance::validate_name(&instance)?;
+    crate::instance_name::validate_name(&instance)?;
     let mut rest = &segs[start..];
 
     let mut upload_id = None;
