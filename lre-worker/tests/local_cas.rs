@@ -1,11 +1,13 @@
 //! The worker's local CAS against a real lre-server: eviction keeps within its size, and
 //! never takes a file an action has been promised (between `ensure` and the hard link).
 
+mod common;
+
 use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use common::runner_env::put_blobs;
 use lre_worker::cas::{digest_of, LocalCas};
-use re::content_addressable_storage_client::ContentAddressableStorageClient as CasClient;
 use tonic::transport::Channel;
 
 struct Env {
@@ -25,21 +27,7 @@ async fn env(blobs: &[Vec<u8>], max_bytes: u64) -> Env {
         .connect()
         .await
         .unwrap();
-    let requests = blobs
-        .iter()
-        .map(|b| re::batch_update_blobs_request::Request {
-            digest: Some(digest_of(b)),
-            data: b.clone(),
-            compressor: 0,
-        })
-        .collect();
-    CasClient::new(channel)
-        .batch_update_blobs(re::BatchUpdateBlobsRequest {
-            requests,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    put_blobs(&channel, blobs).await;
     let work = tempfile::tempdir().unwrap();
     let worker_channel = lre_worker::client::connect(
         &url,

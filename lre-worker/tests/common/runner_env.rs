@@ -67,23 +67,28 @@ pub async fn env_with(uids: lre_worker::ActionUids) -> Env {
     }
 }
 
+/// Uploads `blobs` to the server behind `channel` in one batch.
+pub async fn put_blobs(channel: &Channel, blobs: &[Vec<u8>]) {
+    let requests = blobs
+        .iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(digest_of(b)),
+            data: b.clone(),
+            compressor: 0,
+        })
+        .collect();
+    CasClient::new(channel.clone())
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 impl Env {
     pub async fn put(&self, blobs: &[Vec<u8>]) {
-        let requests = blobs
-            .iter()
-            .map(|b| re::batch_update_blobs_request::Request {
-                digest: Some(digest_of(b)),
-                data: b.clone(),
-                compressor: 0,
-            })
-            .collect();
-        CasClient::new(self.channel.clone())
-            .batch_update_blobs(re::BatchUpdateBlobsRequest {
-                requests,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        put_blobs(&self.channel, blobs).await
     }
 
     pub async fn get(&self, d: &re::Digest) -> Vec<u8> {
