@@ -110,6 +110,7 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error:
         work_dir: opts.work_dir.clone(),
         sandbox: opts.sandbox.clone(),
         uids,
+        output_grace: runner::OUTPUT_GRACE,
     });
     connection::serve(channel, opts.connection, runner, shutdown).await;
     Ok(())

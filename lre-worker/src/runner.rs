@@ -25,7 +25,16 @@ pub struct Runner {
     pub sandbox: SandboxConfig,
     /// The uids actions run as ([`sandbox::UidPool::resolve`] once at start).
     pub uids: sandbox::UidPool,
+    /// How long after the action's process ends its outputs may still take to upload when
+    /// its timeout is nearer than that ([`OUTPUT_GRACE`] outside tests).
+    pub output_grace: Duration,
 }
+
+/// Outputs are collected and uploaded by the action's deadline, or within this long of the
+/// process ending, whichever is later: a test killed at its timeout still gets its logs to
+/// Bazel. Far inside the scheduler's own 60 s past the timeout, after which it drops the
+/// worker, so a slow upload is reported as this action's DEADLINE_EXCEEDED instead.
+pub const OUTPUT_GRACE: Duration = Duration::from_secs(10);
 
 fn ts(t: SystemTime) -> Option<Timestamp> {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -99,8 +108,7 @@ impl Runner {
         uid: Option<u32>,
     ) -> Result<(re::ActionResult, Option<(tonic::Code, String)>)> {
         let worker_start = SystemTime::now();
-        // One timeout for fetching, materializing and running; uploads are bounded by the
-        // scheduler's grace period past it.
+        // One timeout for fetching, materializing, running and uploading (see OUTPUT_GRACE).
         let timeout = Duration::from_millis(run.timeout_ms.max(1));
         let deadline = tokio::time::Instant::now() + timeout;
         let action = re::Action::decode(&run.action[..])?;
@@ -206,29 +214,42 @@ impl Runner {
             )));
         }
 
-        let (mut collected, out_digest, err_digest) = {
-            let (root, wd, cmd) = (exec_root.clone(), workdir.clone(), command.clone());
-            let (out, err) = (stdout.clone(), stderr.clone());
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                Ok((
-                    outputs::collect(&root, &wd, &cmd)?,
-                    file_digest(&out)?,
-                    file_digest(&err)?,
-                ))
-            })
-            .await
-            .map_err(|e| WorkerError::Sandbox(format!("collecting outputs: {e}")))??
+        let upload_deadline = deadline.max(tokio::time::Instant::now() + self.output_grace);
+        let collect_and_upload = async {
+            let (mut collected, out_digest, err_digest) = {
+                let (root, wd, cmd) = (exec_root.clone(), workdir.clone(), command.clone());
+                let (out, err) = (stdout.clone(), stderr.clone());
+                tokio::task::spawn_blocking(move || -> Result<_> {
+                    Ok((
+                        outputs::collect(&root, &wd, &cmd)?,
+                        file_digest(&out)?,
+                        file_digest(&err)?,
+                    ))
+                })
+                .await
+                .map_err(|e| WorkerError::Sandbox(format!("collecting outputs: {e}")))??
+            };
+            collected
+                .uploads
+                .push((out_digest.clone(), Upload::File(stdout)));
+            collected
+                .uploads
+                .push((err_digest.clone(), Upload::File(stderr)));
+            let upload_start = SystemTime::now();
+            self.cas
+                .upload(&run.instance_name, std::mem::take(&mut collected.uploads))
+                .await?;
+            Ok::<_, WorkerError>((collected, out_digest, err_digest, upload_start))
         };
-        collected
-            .uploads
-            .push((out_digest.clone(), Upload::File(stdout)));
-        collected
-            .uploads
-            .push((err_digest.clone(), Upload::File(stderr)));
-        let upload_start = SystemTime::now();
-        self.cas
-            .upload(&run.instance_name, std::mem::take(&mut collected.uploads))
-            .await?;
+        let (collected, out_digest, err_digest, upload_start) =
+            tokio::time::timeout_at(upload_deadline, collect_and_upload)
+                .await
+                .map_err(|_| {
+                    WorkerError::Timeout(format!(
+                        "collecting and uploading the outputs went past the action's timeout \
+                     ({timeout:?})"
+                    ))
+                })??;
         let result = re::ActionResult {
             output_files: collected.files,
             output_directories: collected.directories,

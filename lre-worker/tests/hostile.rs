@@ -207,3 +207,46 @@ async fn a_directory_bomb_is_refused_before_anything_is_written() {
     let f = run_bounded(&e, &dir, "true", &[]).await;
     assert_refused(&f, Code::InvalidArgument, "levels deep");
 }
+
+/// The action's timeout covers uploading its outputs too: 300 MB of output that cannot be
+/// hashed and uploaded before the deadline is the action's DEADLINE_EXCEEDED, reported by
+/// the worker (before the scheduler would drop it), and nothing partial is stored.
+#[tokio::test]
+async fn outputs_that_cannot_be_uploaded_before_the_timeout_are_deadline_exceeded() {
+    let mut e = env().await;
+    // No grace after the process ends, so the upload alone decides (OUTPUT_GRACE is 10 s).
+    e.runner.output_grace = std::time::Duration::ZERO;
+    let f = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        e.run(
+            &re::Directory::default(),
+            "head -c 300000000 /dev/zero > big",
+            &["big"],
+            2_500,
+        ),
+    )
+    .await
+    .expect("the worker came back from the action");
+    assert_refused(
+        &f,
+        Code::DeadlineExceeded,
+        "uploading the outputs went past the action's timeout",
+    );
+    let zeros = vec![0u8; 300_000_000];
+    let missing = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+        e.channel.clone(),
+    )
+    .find_missing_blobs(re::FindMissingBlobsRequest {
+        blob_digests: vec![lre_worker::cas::digest_of(&zeros)],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .missing_blob_digests;
+    assert_eq!(missing.len(), 1, "a cut-off upload left the blob stored");
+    assert_eq!(actions_left(&e), 0);
+    // The worker goes on running actions.
+    let f = run_bounded(&e, &re::Directory::default(), "echo ok > small", &["small"]).await;
+    assert_eq!(result(&f).exit_code, 0);
+}

@@ -58,6 +58,7 @@ pub async fn env_with(uids: lre_worker::ActionUids) -> Env {
             .await
             .unwrap(),
         sandbox,
+        output_grace: lre_worker::runner::OUTPUT_GRACE,
     };
     Env {
         server,
