@@ -5,6 +5,7 @@
 mod common;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use common::proxy::FreezingProxy;
 use common::runner_env::{assert_refused, env, result, run_bounded, Env};
 use tonic::Code;
 
@@ -208,21 +209,38 @@ async fn a_directory_bomb_is_refused_before_anything_is_written() {
     assert_refused(&f, Code::InvalidArgument, "levels deep");
 }
 
-/// The action's timeout covers uploading its outputs too: 300 MB of output that cannot be
-/// hashed and uploaded before the deadline is the action's DEADLINE_EXCEEDED, reported by
-/// the worker (before the scheduler would drop it), and nothing partial is stored.
+/// The action's timeout covers uploading its outputs too: outputs that cannot reach the
+/// server before the deadline (here a proxy stops passing the upload on after 1 MiB) make
+/// the action DEADLINE_EXCEEDED, reported by the worker before the scheduler would drop
+/// it, and nothing partial is stored.
 #[tokio::test]
 async fn outputs_that_cannot_be_uploaded_before_the_timeout_are_deadline_exceeded() {
     let mut e = env().await;
+    let proxy = FreezingProxy::start(e.server.grpc_addr, 1 << 20).await;
+    let channel = lre_worker::client::connect(
+        &format!("http://{}", proxy.addr),
+        lre_worker::Credential::none(),
+        &lre_worker::ClientTls::default(),
+    )
+    .unwrap();
+    e.runner.cas = std::sync::Arc::new(
+        lre_worker::cas::LocalCas::open(
+            e.work.path().join("cas-via-proxy"),
+            channel.clone(),
+            1 << 30,
+        )
+        .unwrap(),
+    );
+    e.runner.channel = channel;
     // No grace after the process ends, so the upload alone decides (OUTPUT_GRACE is 10 s).
     e.runner.output_grace = std::time::Duration::ZERO;
     let f = tokio::time::timeout(
         std::time::Duration::from_secs(120),
         e.run(
             &re::Directory::default(),
-            "head -c 300000000 /dev/zero > big",
+            "head -c 20000000 /dev/zero > big",
             &["big"],
-            2_500,
+            3_000,
         ),
     )
     .await
@@ -232,7 +250,8 @@ async fn outputs_that_cannot_be_uploaded_before_the_timeout_are_deadline_exceede
         Code::DeadlineExceeded,
         "uploading the outputs went past the action's timeout",
     );
-    let zeros = vec![0u8; 300_000_000];
+    proxy.thaw();
+    let zeros = vec![0u8; 20_000_000];
     let missing = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
         e.channel.clone(),
     )
@@ -246,7 +265,7 @@ async fn outputs_that_cannot_be_uploaded_before_the_timeout_are_deadline_exceede
     .missing_blob_digests;
     assert_eq!(missing.len(), 1, "a cut-off upload left the blob stored");
     assert_eq!(actions_left(&e), 0);
-    // The worker goes on running actions.
+    // The worker goes on running actions, through the same (thawed) connection path.
     let f = run_bounded(&e, &re::Directory::default(), "echo ok > small", &["small"]).await;
     assert_eq!(result(&f).exit_code, 0);
 }

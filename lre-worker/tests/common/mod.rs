@@ -2,6 +2,7 @@
 //! executes it, and a bounded wait for workers to attach.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod proxy;
 pub mod runner_env;
 
 use std::time::Duration;
