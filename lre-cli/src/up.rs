@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use lre_server::auth::{Scope, TokenConfig};
-use lre_server::config::{ByteSize, Config, StoreKind, TlsConfig};
+use lre_server::config::{ByteSize, Config, StoreConfig, TlsConfig};
 use lre_worker::{ClientTls, Credential, WorkerOptions};
 
 #[derive(clap::Args)]
@@ -95,11 +95,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         config.http_listen = Some(a);
     }
     if let Some(d) = args.store_dir {
-        config.store.kind = StoreKind::Filesystem;
-        config.store.path = Some(d);
+        config.store = StoreConfig::filesystem(Some(d), config.store.local_max_size().0);
     }
     if let Some(s) = args.max_size {
-        config.store.max_size = s;
+        match config.store.local_max_size_mut() {
+            Some(m) => *m = s,
+            None => anyhow::bail!("--max-size: the configured [store] has no local tier to size"),
+        }
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         // Replace the certificate, keep the rest of a configured [tls] (its client CA).

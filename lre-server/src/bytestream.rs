@@ -300,7 +300,9 @@ impl ByteStreamService {
         // Every way out below ends in the match, so a write that fails at its start (a bad
         // offset, a blob too big for the store) does not leave its session behind.
         let result = async {
-            if first.write_offset == 0 || up.cas.is_none() {
+            // A torn session (its last write was cancelled by a reset stream) holds bytes
+            // nobody hashed: it starts over like an unknown one.
+            if first.write_offset == 0 || up.cas.as_ref().is_none_or(|c| c.is_torn()) {
                 if first.write_offset != 0 {
                     return Err(Error::InvalidArgument(format!(
                         "write_offset {} for an upload this server has no record of; start at 0",
@@ -424,11 +426,11 @@ impl ByteStreamService {
     async fn store_write(&self, cas: &mut CasUpload, data: &[u8]) -> Result<()> {
         loop {
             match cas.write(data).await {
-                Err(Error::UploadSpaceExhausted { .. })
+                Err(lre_store::StoreError::UploadSpaceExhausted { .. })
                     if self
                         .evict_idle("store full of unfinished uploads", |u| u.cas.is_some())
                         .await => {}
-                r => return r,
+                r => return r.map_err(Error::from),
             }
         }
     }
@@ -694,6 +696,7 @@ impl ByteStream for ByteStreamService {
         let session = self.sessions.lock().get(name).cloned();
         let committed_size = match session {
             Some(s) => match s.try_lock() {
+                Ok(up) if up.cas.as_ref().is_some_and(|c| c.is_torn()) => 0,
                 Ok(up) => up.received,
                 Err(_) => {
                     return Err(Error::Aborted(format!("{name} is being written right now")).into())

@@ -134,7 +134,7 @@ impl Cache {
 
     /// Starts a verified streaming upload of a CAS blob.
     pub async fn upload(&self, hash: [u8; 32], size: Option<u64>) -> Result<CasUpload> {
-        CasUpload::new(self.store.as_ref(), hash, size).await
+        Ok(CasUpload::new(self.store.as_ref(), hash, size).await?)
     }
 
     pub async fn put_blob(&self, d: &Digest, data: &[u8]) -> Result<()> {
@@ -144,7 +144,7 @@ impl Cache {
         let mut up = self.upload(d.hash, Some(d.size)).await?;
         if let Err(e) = up.write(data).await {
             up.discard().await;
-            return Err(e);
+            return Err(e.into());
         }
         up.finish().await?;
         self.metrics.bytes_received.inc_by(data.len() as u64);
@@ -193,7 +193,7 @@ impl Cache {
         let mut w = self.store.writer(Some(raw.len() as u64)).await?;
         if let Err(e) = w.write(&raw).await {
             w.discard().await;
-            return Err(e);
+            return Err(e.into());
         }
         w.commit(Key::ac(instance, &action_hash)).await?;
         self.metrics.bytes_received.inc_by(raw.len() as u64);
@@ -271,6 +271,7 @@ mod tests {
 
     use super::*;
     use crate::store::{BlobWriter, MemStore};
+    use lre_store::Result;
 
     /// The real memory store, counting every byte it hands out.
     struct Counting {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::auth::{Scope, TokenConfig};
+pub use lre_store::config::{default_store_path, ByteSize, StoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -253,31 +254,6 @@ fn default_keepalive() -> u64 {
     10
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum StoreKind {
-    Filesystem,
-    Memory,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    #[serde(default = "default_store_kind")]
-    pub kind: StoreKind,
-    /// Directory of the filesystem store; defaults to the user's cache directory.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// Size limit, enforced by LRU eviction: bytes, or a string such as "10GiB". Unfinished
-    /// uploads count against it too.
-    #[serde(default = "default_max_size")]
-    pub max_size: ByteSize,
-    /// Filesystem store: hash each CAS blob read from disk; one that no longer matches its
-    /// digest is deleted and reads as a miss (NOT_FOUND), so clients upload it again.
-    #[serde(default)]
-    pub verify_on_read: bool,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -305,17 +281,6 @@ impl Default for AuthConfig {
         AuthConfig {
             anonymous: default_anonymous(),
             tokens: vec![],
-        }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            kind: default_store_kind(),
-            path: None,
-            max_size: default_max_size(),
-            verify_on_read: false,
         }
     }
 }
@@ -349,12 +314,6 @@ fn default_http_listen() -> Option<SocketAddr> {
 fn default_max_batch() -> u64 {
     4 * 1024 * 1024
 }
-fn default_store_kind() -> StoreKind {
-    StoreKind::Filesystem
-}
-fn default_max_size() -> ByteSize {
-    ByteSize(10 * 1024 * 1024 * 1024)
-}
 fn default_anonymous() -> Scope {
     Scope::ReadWrite
 }
@@ -363,14 +322,6 @@ fn default_grace() -> u64 {
 }
 fn default_upload_ttl() -> u64 {
     600
-}
-
-/// Where the embedded default keeps its blobs: `$XDG_CACHE_HOME/lre/cas`.
-pub fn default_store_path() -> PathBuf {
-    dirs::cache_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("lre")
-        .join("cas")
 }
 
 impl Config {
@@ -382,7 +333,7 @@ impl Config {
             http_listen: None,
             ..Config::default()
         };
-        c.store.kind = StoreKind::Memory;
+        c.store = StoreConfig::memory(c.store.local_max_size().0);
         c
     }
 
@@ -402,15 +353,11 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    pub fn store_path(&self) -> PathBuf {
-        self.store.path.clone().unwrap_or_else(default_store_path)
-    }
-
     /// Checks everything serde cannot: cross-field rules and files that must exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.store.max_size.0 == 0 {
-            return Err(invalid("store.max_size", "must be greater than zero"));
-        }
+        self.store
+            .validate("store")
+            .map_err(|(k, m)| invalid(k, m))?;
         let e = &self.execution;
         if e.default_timeout_seconds == 0 || e.default_timeout_seconds > e.max_timeout_seconds {
             return Err(invalid(
@@ -441,7 +388,7 @@ impl Config {
             .validate()
             .map_err(|(k, m)| invalid(k, m))?;
         self.asset
-            .validate(self.store.max_size.0)
+            .validate(self.store.capacity())
             .map_err(|(k, m)| invalid(k, m))?;
         if self.upload_ttl_seconds == 0 {
             return Err(invalid("upload_ttl_seconds", "must be at least 1"));
@@ -450,18 +397,6 @@ impl Config {
             return Err(invalid(
                 "max_batch_total_size_bytes",
                 "must be at least 1024",
-            ));
-        }
-        if self.store.kind == StoreKind::Memory && self.store.path.is_some() {
-            return Err(invalid(
-                "store.path",
-                "has no meaning for kind = \"memory\"",
-            ));
-        }
-        if self.store.kind == StoreKind::Memory && self.store.verify_on_read {
-            return Err(invalid(
-                "store.verify_on_read",
-                "has no meaning for kind = \"memory\": only blobs read from disk are verified",
             ));
         }
         if self.http_listen == Some(self.grpc_listen) && self.grpc_listen.port() != 0 {
@@ -533,66 +468,9 @@ impl Config {
     }
 }
 
-/// A byte count written either as an integer or as "512MiB", "10GiB", "1TB".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl std::str::FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size such as 10GiB"))?;
-        let mult: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" | "K" => 1 << 10,
-            "MiB" | "M" => 1 << 20,
-            "GiB" | "G" => 1 << 30,
-            "TiB" | "T" => 1 << 40,
-            "KB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "TB" => 1_000_000_000_000,
-            u => {
-                return Err(format!(
-                    "unknown size unit {u:?} in {s:?}; use B, KiB, MiB, GiB, TiB"
-                ))
-            }
-        };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!("10GiB".parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
-        assert_eq!("512".parse::<ByteSize>().unwrap(), ByteSize(512));
-        assert!("12XB".parse::<ByteSize>().is_err());
-    }
 
     #[test]
     fn unknown_key_is_named() {
@@ -637,7 +515,7 @@ mod tests {
     #[test]
     fn validate_names_the_key() {
         let mut c = Config::default();
-        c.store.max_size = ByteSize(0);
+        *c.store.local_max_size_mut().unwrap() = ByteSize(0);
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("store.max_size"), "{e}");
 
@@ -651,13 +529,14 @@ mod tests {
 
     #[test]
     fn verify_on_read_defaults_off_and_needs_a_disk() {
-        assert!(!Config::default().store.verify_on_read);
+        let on = |c: &Config| matches!(&c.store, StoreConfig::Filesystem(f) if f.verify_on_read);
+        assert!(!on(&Config::default()));
         let c = Config::from_toml("[store]\nverify_on_read = true\n").unwrap();
-        assert!(c.store.verify_on_read);
+        assert!(on(&c));
         c.validate().unwrap();
-        let c = Config::from_toml("[store]\nkind = \"memory\"\nverify_on_read = true\n").unwrap();
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("store.verify_on_read"), "{e}");
+        let e =
+            Config::from_toml("[store]\nkind = \"memory\"\nverify_on_read = true\n").unwrap_err();
+        assert!(e.contains("verify_on_read"), "{e}");
         let e = Config::from_toml("[store]\nverify_on_read = \"yes\"\n").unwrap_err();
         assert!(e.contains("verify_on_read"), "{e}");
     }

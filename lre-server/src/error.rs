@@ -12,12 +12,6 @@ pub enum Error {
     #[error("not found: {0}")]
     NotFound(String),
 
-    #[error("digest mismatch: the uploaded content hashes to {actual}, not {expected}")]
-    DigestMismatch { expected: String, actual: String },
-
-    #[error("size mismatch: {0}")]
-    SizeMismatch(String),
-
     #[error("unknown instance name {0:?}: not in this server's `instances` list")]
     UnknownInstance(String),
 
@@ -26,22 +20,6 @@ pub enum Error {
 
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-
-    #[error("storage full: {0}")]
-    StorageFull(String),
-
-    /// In-flight uploads already hold the whole store: nothing more can be reserved until
-    /// some finish or are abandoned. Distinct from `StorageFull` (a disk error) because it is
-    /// raised before a byte is written, so the write can be retried as it was.
-    #[error(
-        "no room for upload data: {needed} more bytes wanted, {in_flight} bytes are held by \
-         unfinished uploads, the store holds {capacity} bytes in all"
-    )]
-    UploadSpaceExhausted {
-        needed: u64,
-        in_flight: u64,
-        capacity: u64,
-    },
 
     /// A server-wide limit (concurrent upload sessions, decoder memory) is reached.
     #[error("resource exhausted: {0}")]
@@ -66,31 +44,32 @@ pub enum Error {
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
 
-    #[error("I/O error: {0}")]
-    Io(io::Error),
-
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// What the store said: a digest or size mismatch, a full disk, no room for uploads,
+    /// an I/O error. One definition, in lre-store.
+    #[error(transparent)]
+    Store(lre_store::StoreError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
-        // A full disk or quota is the caller's problem to back off from, not a server bug.
-        match e.kind() {
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
-                Error::StorageFull(e.to_string())
-            }
-            _ => Error::Io(e),
-        }
+        // A full disk or quota stays StorageFull: the caller's to back off from.
+        Error::Store(lre_store::StoreError::from(e))
     }
 }
 
 impl From<lre_store::StoreError> for Error {
     fn from(e: lre_store::StoreError) -> Self {
+        use lre_store::StoreError as S;
         match e {
-            lre_store::StoreError::InvalidArgument(m) => Error::InvalidArgument(m),
+            S::InvalidArgument(m) => Error::InvalidArgument(m),
+            S::Unavailable(m) => Error::Unavailable(m),
+            S::Internal(m) => Error::Internal(m),
+            other => Error::Store(other),
         }
     }
 }
@@ -105,44 +84,40 @@ impl Error {
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::InvalidArgument(_)
-            | Error::DigestMismatch { .. }
-            | Error::SizeMismatch(_)
-            | Error::UnknownInstance(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::UnknownInstance(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::StorageFull(_)
-            | Error::UploadSpaceExhausted { .. }
-            | Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Aborted(_) => Code::Aborted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Io(_) | Error::Internal(_) => Code::Internal,
+            Error::Internal(_) => Code::Internal,
+            Error::Store(e) => e.grpc_code(),
         }
     }
 
     pub fn http_status(&self) -> StatusCode {
         match self {
-            Error::InvalidArgument(_)
-            | Error::DigestMismatch { .. }
-            | Error::SizeMismatch(_)
-            | Error::OutOfRange(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidArgument(_) | Error::OutOfRange(_) => StatusCode::BAD_REQUEST,
             Error::UnknownInstance(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
-            Error::StorageFull(_) | Error::UploadSpaceExhausted { .. } => {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
             Error::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Aborted(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Unavailable(_) => StatusCode::BAD_GATEWAY,
             Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Io(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Store(e) => match e.grpc_code() {
+                tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                tonic::Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+                tonic::Code::Unavailable => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -158,7 +133,7 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if matches!(e, Error::Io(_) | Error::Internal(_)) {
+        if e.grpc_code() == tonic::Code::Internal {
             tracing::error!(error = %e, "internal error");
         }
         tonic::Status::new(e.grpc_code(), e.to_string())

@@ -21,6 +21,7 @@ use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::execution::ExecScheduler;
+use lre_store::StoreError;
 
 /// Action results are small; anything bigger is not one.
 const MAX_AC_BODY: usize = 16 << 20;
@@ -134,7 +135,11 @@ async fn blob(
         Err(e) => {
             if matches!(
                 e,
-                Error::DigestMismatch { .. } | Error::SizeMismatch(_) | Error::StorageFull(_)
+                Error::Store(
+                    StoreError::DigestMismatch { .. }
+                        | StoreError::SizeMismatch(_)
+                        | StoreError::StorageFull(_)
+                )
             ) {
                 tracing::info!(path = uri.path(), error = %e, "http upload rejected");
             }

@@ -19,12 +19,11 @@ pub mod operations;
 pub mod scheduler;
 pub mod server;
 pub mod status;
-pub mod store;
 pub mod tls;
 pub mod worker_service;
 
 // One digest rule for server and worker: both come from lre-store.
-pub use lre_store::{digest, resource_name};
+pub use lre_store::{digest, resource_name, store};
 
 pub use config::Config;
 pub use server::{start, RunningServer, StartError};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lre_server::auth::Scope;
-use lre_server::config::{ByteSize, Config, StoreKind};
+use lre_server::config::{ByteSize, Config, StoreConfig};
 
 /// Remote Execution API v2 cache and HTTP cache for Bazel.
 ///
@@ -65,17 +65,18 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if cli.no_http {
         c.http_listen = None;
     }
+    // --store-dir and --memory replace the whole [store] with one local store.
     if let Some(d) = &cli.store_dir {
-        c.store.kind = StoreKind::Filesystem;
-        c.store.path = Some(d.clone());
+        c.store = StoreConfig::filesystem(Some(d.clone()), c.store.local_max_size().0);
     }
     if cli.memory {
-        c.store.kind = StoreKind::Memory;
-        c.store.path = None;
-        c.store.verify_on_read = false;
+        c.store = StoreConfig::memory(c.store.local_max_size().0);
     }
     if let Some(s) = cli.max_size {
-        c.store.max_size = s;
+        match c.store.local_max_size_mut() {
+            Some(m) => *m = s,
+            None => anyhow::bail!("--max-size: the configured [store] has no local tier to size"),
+        }
     }
     if let Some(a) = cli.anonymous {
         c.auth.anonymous = a;

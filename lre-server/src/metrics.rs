@@ -19,16 +19,7 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
-/// What a store reports about itself; cheap handles cloned into the store.
-#[derive(Clone, Default)]
-pub struct StoreMetrics {
-    pub evictions: Counter,
-    pub evicted_bytes: Counter,
-    pub size_bytes: Gauge,
-    pub entries: Gauge,
-    /// Bytes of unfinished uploads (the filesystem store's `tmp/`), counted against the limit.
-    pub in_flight_bytes: Gauge,
-}
+pub use lre_store::metrics::StoreMetrics;
 
 fn latency_histogram() -> Histogram {
     // 50µs .. ~30s

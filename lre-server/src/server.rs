@@ -27,14 +27,14 @@ use crate::bytestream::{ByteStreamService, StreamLimits};
 use crate::cache::Cache;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
-use crate::config::{Config, ConfigError, StoreKind};
+use crate::config::{Config, ConfigError};
 use crate::connections::{spawn_acceptor, Conn, Limits};
 use crate::execution::{ExecScheduler, ExecutionService};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
 use crate::operations::OperationsService;
 use crate::scheduler::SchedulerConfig;
-use crate::store::{BlobStore, FsStore, MemStore};
+use crate::store::BlobStore;
 use crate::worker_service::WorkerEndpoint;
 
 /// gRPC messages may carry a full batch plus framing. The decoder accepts up to four times
@@ -115,20 +115,9 @@ pub async fn open_store(
     config: &Config,
     metrics: &Metrics,
 ) -> Result<Arc<dyn BlobStore>, StartError> {
-    let capacity = config.store.max_size.0;
-    Ok(match config.store.kind {
-        StoreKind::Memory => Arc::new(MemStore::new(capacity, metrics.store.clone())),
-        StoreKind::Filesystem => Arc::new(
-            FsStore::open_with(
-                config.store_path(),
-                capacity,
-                metrics.store.clone(),
-                crate::store::FsOptions::from_config(&config.store),
-            )
-            .await
-            .map_err(StartError::Store)?,
-        ),
-    })
+    crate::store::build(&config.store, metrics.store.clone())
+        .await
+        .map_err(|e| StartError::Store(e.into()))
 }
 
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {

@@ -1,13 +1,17 @@
-//! lre-store: what lre stores and how it names it, shared by `lre-server` and `lre-worker`
-//! so that both accept and refuse exactly the same digests and resource names.
+//! lre-store: what lre stores and how, shared by `lre-server` and `lre-worker` so that both
+//! accept and refuse exactly the same digests and resource names.
 //!
-//! Today it holds the digest type and ByteStream resource names; the blob-store trait and
-//! its layers move here next (issue 11).
+//! - `digest`, `instance_name`, `resource_name`: the names.
+//! - `store`: the `BlobStore` trait and one file per kind (filesystem, memory, s3,
+//!   fast_slow), composed from a recursive `config::StoreConfig`.
 
+pub mod config;
 pub mod digest;
 pub mod error;
 pub mod instance_name;
+pub mod metrics;
 pub mod resource_name;
+pub mod store;
 
 pub use digest::Digest;
 pub use error::{Result, StoreError};

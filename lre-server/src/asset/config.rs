@@ -87,7 +87,7 @@ impl AssetConfig {
         if max > store_capacity && !self.allowed_hosts.is_empty() {
             return Err(key(
                 "asset.max_download_bytes",
-                format!("({max} bytes) is larger than store.max_size ({store_capacity} bytes): a download must fit in the store"),
+                format!("({max} bytes) is larger than the store takes ({store_capacity} bytes): a download must fit in the store"),
             ));
         }
         for (k, v) in [

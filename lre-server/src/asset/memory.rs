@@ -98,7 +98,7 @@ pub async fn save(cache: &Cache, key: Key, entry: &Entry) -> Result<()> {
     let raw = entry.encode_to_vec();
     let mut w = cache.store.writer(Some(raw.len() as u64)).await?;
     w.write(&raw).await?;
-    w.commit(key).await
+    Ok(w.commit(key).await?)
 }
 
 /// The first blob or directory of the tree under `root` that the CAS lacks (or that is not a

@@ -9,7 +9,7 @@ use bazel_remote_apis::google::bytestream::{
     byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest, WriteResponse,
 };
 use lre_server::auth::{Scope, TokenConfig};
-use lre_server::config::{ByteSize, Config, StoreKind};
+use lre_server::config::{Config, StoreConfig};
 use lre_server::RunningServer;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
@@ -29,16 +29,13 @@ pub fn memory_config() -> Config {
         http_listen: Some(loopback0()),
         ..Config::default()
     };
-    c.store.kind = StoreKind::Memory;
-    c.store.max_size = ByteSize(1 << 30);
+    c.store = StoreConfig::memory(1 << 30);
     c
 }
 
 pub fn fs_config(dir: &Path, max: u64) -> Config {
     let mut c = memory_config();
-    c.store.kind = StoreKind::Filesystem;
-    c.store.path = Some(dir.to_path_buf());
-    c.store.max_size = ByteSize(max);
+    c.store = StoreConfig::filesystem(Some(dir.to_path_buf()), max);
     c
 }
 

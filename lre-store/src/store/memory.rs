@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::lru_index::LruIndex;
 use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key};
-use crate::error::{Error, Result};
+use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
 
 pub struct MemStore {

@@ -1,22 +1,29 @@
 //! Blob storage. A store is a size-bounded LRU map from `Key` to bytes; it knows nothing of
 //! REAPI. Content verification lives in `CasUpload`, one layer up, so every store gets it.
 
+pub mod fast_slow;
 mod fs;
 mod lru_index;
 mod memory;
+pub mod s3;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncRead;
 
+pub use fast_slow::FastSlowStore;
 pub use fs::{FsOptions, FsStore};
 pub use memory::MemStore;
+pub use s3::S3Store;
 
+use crate::config::StoreConfig;
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Result, StoreError as Error};
+use crate::metrics::StoreMetrics;
 
 /// A store key: CAS blobs by content hash; action-cache entries by a hash of
 /// (instance, action digest), so instances never see each other's results.
@@ -54,6 +61,50 @@ impl Key {
             Key::Cas(h) | Key::Ac(h) => h,
         }
     }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind(), hex::encode(self.hash()))
+    }
+}
+
+/// Builds the store `config` describes, layers and all. `metrics` go to the first local
+/// (filesystem or memory) store found, fast tier first: that is the one whose size and
+/// evictions an operator watches.
+pub async fn build(config: &StoreConfig, metrics: StoreMetrics) -> Result<Arc<dyn BlobStore>> {
+    build_inner(config, &mut Some(metrics)).await
+}
+
+fn build_inner<'a>(
+    config: &'a StoreConfig,
+    metrics: &'a mut Option<StoreMetrics>,
+) -> futures::future::BoxFuture<'a, Result<Arc<dyn BlobStore>>> {
+    Box::pin(async move {
+        Ok(match config {
+            StoreConfig::Memory(c) => Arc::new(MemStore::new(
+                c.max_size.0,
+                metrics.take().unwrap_or_default(),
+            )) as Arc<dyn BlobStore>,
+            StoreConfig::Filesystem(c) => Arc::new(
+                FsStore::open_with(
+                    c.path
+                        .clone()
+                        .unwrap_or_else(crate::config::default_store_path),
+                    c.max_size.0,
+                    metrics.take().unwrap_or_default(),
+                    FsOptions::from_config(c),
+                )
+                .await?,
+            ),
+            StoreConfig::S3(c) => Arc::new(S3Store::open(c).await?),
+            StoreConfig::FastSlow(c) => {
+                let fast = build_inner(&c.fast, metrics).await?;
+                let slow = build_inner(&c.slow, metrics).await?;
+                Arc::new(FastSlowStore::new(fast, slow))
+            }
+        })
+    })
 }
 
 pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
@@ -121,6 +172,10 @@ pub struct CasUpload {
     expected_hash: [u8; 32],
     expected_size: Option<u64>,
     written: u64,
+    /// Set while a write is in the store. Still set afterwards means the write was
+    /// cancelled half way (its stream reset): the store may hold bytes the hash never saw,
+    /// so this upload must never go on or commit. The client restarts at 0.
+    in_write: bool,
 }
 
 impl CasUpload {
@@ -135,6 +190,7 @@ impl CasUpload {
             expected_hash,
             expected_size,
             written: 0,
+            in_write: false,
         })
     }
 
@@ -142,7 +198,22 @@ impl CasUpload {
         self.written
     }
 
+    /// A write was cancelled half way: what the store holds is unknown, start again.
+    pub fn is_torn(&self) -> bool {
+        self.in_write
+    }
+
+    fn torn() -> Error {
+        Error::Internal(
+            "an earlier write to this upload was cancelled half way; start again at offset 0"
+                .into(),
+        )
+    }
+
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        if self.in_write {
+            return Err(Self::torn());
+        }
         let after = self.written + data.len() as u64;
         if let Some(size) = self.expected_size {
             if after > size {
@@ -152,7 +223,10 @@ impl CasUpload {
             }
         }
         // Hashed only once the store took it, so a refused write can be retried as it was.
-        self.inner.write(data).await?;
+        self.in_write = true;
+        let r = self.inner.write(data).await;
+        self.in_write = false;
+        r?;
         self.hasher.update(data);
         self.written = after;
         Ok(())
@@ -169,6 +243,10 @@ impl CasUpload {
     }
 
     pub async fn finish(self) -> Result<Digest> {
+        if self.in_write {
+            self.inner.discard().await;
+            return Err(Self::torn());
+        }
         if let Some(size) = self.expected_size {
             if self.written != size {
                 let e = Error::SizeMismatch(format!(

@@ -29,7 +29,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::lru_index::LruIndex;
 use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key};
-use crate::error::{Error, Result};
+use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
 
 /// How stale an entry's on-disk mtime may get before a hit rewrites it. The mtime only
@@ -46,7 +46,7 @@ pub struct FsOptions {
 
 impl FsOptions {
     /// The options the `[store]` table sets.
-    pub fn from_config(store: &crate::config::StoreConfig) -> FsOptions {
+    pub fn from_config(store: &crate::config::FilesystemConfig) -> FsOptions {
         FsOptions {
             verify_on_read: store.verify_on_read,
         }
@@ -666,6 +666,31 @@ pub(super) mod tests {
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum()
+    }
+
+    /// A stream reset while the store is writing drops `CasUpload::write` half way: the
+    /// file may hold bytes the hash never saw, so the upload must not go on or commit
+    /// (a resumed client would otherwise store some bytes twice under a matching hash).
+    #[tokio::test]
+    async fn a_write_cancelled_half_way_tears_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path().into(), 1 << 30, StoreMetrics::default())
+            .await
+            .unwrap();
+        let data: Vec<u8> = (0..(64u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut up = CasUpload::new(&store, hash(&data), Some(data.len() as u64))
+            .await
+            .unwrap();
+        let cut = tokio::time::timeout(Duration::ZERO, up.write(&data)).await;
+        assert!(
+            cut.is_err(),
+            "the 64 MiB write finished within one poll: nothing was cancelled"
+        );
+        assert!(up.is_torn());
+        let e = up.write(&data).await.unwrap_err();
+        assert!(e.to_string().contains("start again at offset 0"), "{e}");
+        assert!(up.finish().await.is_err());
+        assert!(store.lookup(&[Key::Cas(hash(&data))]).await.unwrap()[0].is_none());
     }
 
     #[tokio::test]

@@ -1,0 +1,455 @@
+//! The store's configuration: one recursive, typed enum. A `[store]` table names its `kind`
+//! and that kind's settings; layers (`fast-slow`) hold further store tables, so a deployment
+//! composes its stores from config the way Buildbarn's `BlobAccess` configuration does:
+//!
+//! ```toml
+//! [store]
+//! kind = "fast-slow"
+//! [store.fast]
+//! kind = "filesystem"
+//! max_size = "50GiB"
+//! [store.slow]
+//! kind = "s3"
+//! endpoint = "https://s3.example.internal"
+//! bucket = "lre-cas"
+//! ```
+
+use std::path::PathBuf;
+
+use serde::de::Error as _;
+use serde::Deserialize;
+
+/// A byte count written either as an integer or as "512MiB", "10GiB", "1TB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as 10GiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown size unit {u:?} in {s:?}; use B, KiB, MiB, GiB, TiB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// One store, by kind. See the module documentation for the TOML form.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Filesystem(FilesystemConfig),
+    Memory(MemoryConfig),
+    S3(S3Config),
+    FastSlow(FastSlowConfig),
+}
+
+/// The local disk: an LRU-bounded directory of content-addressed files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesystemConfig {
+    /// Directory of the store; defaults to the user's cache directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Size limit, enforced by LRU eviction. Unfinished uploads count against it too.
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    /// Hash each CAS blob read from disk; one that no longer matches its digest is deleted
+    /// and reads as a miss, so clients upload it again.
+    #[serde(default)]
+    pub verify_on_read: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+}
+
+/// An S3-compatible object store (AWS, Garage, MinIO, Ceph RGW), through `object_store`.
+/// It has no size limit of its own: expiry is the bucket's lifecycle policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `https://host:port`; absent means AWS itself.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Prepended to every object name, so one bucket can hold several caches.
+    #[serde(default)]
+    pub prefix: String,
+    /// Credentials; when absent, `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` are used.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// A file holding the secret key, so it stays out of the config file.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Plain `http://` endpoints must be asked for: blobs and action results would cross
+    /// the network unencrypted.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// The largest blob accepted (REAPI `max_cas_blob_size_bytes`). The default, 5 GiB, is
+    /// what AWS copies in one request; other S3 servers may allow more.
+    #[serde(default = "default_s3_max_blob")]
+    pub max_blob_size: ByteSize,
+    /// Memory that unfinished uploads may hold in part buffers, all together.
+    #[serde(default = "default_s3_in_flight")]
+    pub max_in_flight: ByteSize,
+    /// A request without a body to stream gives up after this long, as UNAVAILABLE; a
+    /// GET or copy after this long without a byte.
+    #[serde(default = "default_s3_timeout")]
+    pub request_timeout_seconds: u64,
+}
+
+/// A local tier in front of a shared one. Writes go to both and are acknowledged only once
+/// the slow tier has them; reads try the fast tier, and a slow-tier hit is verified and
+/// copied into the fast one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FastSlowConfig {
+    pub fast: Box<StoreConfig>,
+    pub slow: Box<StoreConfig>,
+}
+
+impl<'de> Deserialize<'de> for StoreConfig {
+    /// By hand because `kind` may be left out (the filesystem store, as before layers
+    /// existed), which serde's internally tagged enums do not allow.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut table = toml::Table::deserialize(d)?;
+        let kind = match table.remove("kind") {
+            None => "filesystem".to_owned(),
+            Some(toml::Value::String(s)) => s,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "kind: expected a string, found {}",
+                    other.type_str()
+                )))
+            }
+        };
+        // serde_path_to_error keeps the key that failed (`verify_on_read`, `slow.bucket`),
+        // which a table re-deserialized by hand would otherwise lose.
+        fn variant<'de, T: Deserialize<'de>, E: serde::de::Error>(
+            kind: &str,
+            table: toml::Table,
+        ) -> Result<T, E> {
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                let at = if path == "." {
+                    String::new()
+                } else {
+                    format!("{path}: ")
+                };
+                E::custom(format!("kind = {kind:?}: {at}{}", e.inner()))
+            })
+        }
+        Ok(match kind.as_str() {
+            "filesystem" => StoreConfig::Filesystem(variant(&kind, table)?),
+            "memory" => StoreConfig::Memory(variant(&kind, table)?),
+            "s3" => StoreConfig::S3(variant(&kind, table)?),
+            "fast-slow" | "fast_slow" => StoreConfig::FastSlow(variant(&kind, table)?),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "unknown store kind {other:?}; expected \"filesystem\", \"memory\", \"s3\" \
+                     or \"fast-slow\""
+                )))
+            }
+        })
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Filesystem(FilesystemConfig::default())
+    }
+}
+
+impl Default for FilesystemConfig {
+    fn default() -> Self {
+        FilesystemConfig {
+            path: None,
+            max_size: default_max_size(),
+            verify_on_read: false,
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            max_size: default_max_size(),
+        }
+    }
+}
+
+impl S3Config {
+    /// A config for `bucket` at `endpoint` with every other setting at its default.
+    pub fn new(endpoint: Option<String>, bucket: impl Into<String>) -> S3Config {
+        S3Config {
+            endpoint,
+            bucket: bucket.into(),
+            region: default_region(),
+            prefix: String::new(),
+            access_key_id: None,
+            secret_access_key_file: None,
+            allow_http: false,
+            max_blob_size: default_s3_max_blob(),
+            max_in_flight: default_s3_in_flight(),
+            request_timeout_seconds: default_s3_timeout(),
+        }
+    }
+}
+
+fn default_max_size() -> ByteSize {
+    ByteSize(10 * 1024 * 1024 * 1024)
+}
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+fn default_s3_max_blob() -> ByteSize {
+    // AWS copies at most 5 GiB in one CopyObject, which commit uses for multipart uploads.
+    ByteSize(5 << 30)
+}
+fn default_s3_in_flight() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_s3_timeout() -> u64 {
+    60
+}
+
+/// Where the embedded default keeps its blobs: `$XDG_CACHE_HOME/lre/cas`.
+pub fn default_store_path() -> PathBuf {
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("lre")
+        .join("cas")
+}
+
+impl StoreConfig {
+    /// A memory store of `max_size` bytes.
+    pub fn memory(max_size: u64) -> StoreConfig {
+        StoreConfig::Memory(MemoryConfig {
+            max_size: ByteSize(max_size),
+        })
+    }
+
+    /// A filesystem store at `path` (the default directory when `None`).
+    pub fn filesystem(path: Option<PathBuf>, max_size: u64) -> StoreConfig {
+        StoreConfig::Filesystem(FilesystemConfig {
+            path,
+            max_size: ByteSize(max_size),
+            verify_on_read: false,
+        })
+    }
+
+    /// The largest blob this store can take: a layer takes what all its tiers can.
+    pub fn capacity(&self) -> u64 {
+        match self {
+            StoreConfig::Filesystem(c) => c.max_size.0,
+            StoreConfig::Memory(c) => c.max_size.0,
+            StoreConfig::S3(c) => c.max_blob_size.0,
+            StoreConfig::FastSlow(c) => c.fast.capacity().min(c.slow.capacity()),
+        }
+    }
+
+    /// Checks what serde cannot. An error names the key (`store.slow.bucket`) under
+    /// `prefix`, the key of this table.
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        match self {
+            StoreConfig::Filesystem(c) => {
+                if c.max_size.0 == 0 {
+                    return Err((key("max_size"), "must be greater than zero".into()));
+                }
+            }
+            StoreConfig::Memory(c) => {
+                if c.max_size.0 == 0 {
+                    return Err((key("max_size"), "must be greater than zero".into()));
+                }
+            }
+            StoreConfig::S3(c) => {
+                if c.bucket.is_empty() {
+                    return Err((key("bucket"), "must not be empty".into()));
+                }
+                if let Some(e) = &c.endpoint {
+                    if e.starts_with("http://") {
+                        if !c.allow_http {
+                            return Err((
+                                key("endpoint"),
+                                format!(
+                                    "{e:?} is plain HTTP: blobs and results would cross the \
+                                     network unencrypted; use https:// or set {} = true",
+                                    key("allow_http")
+                                ),
+                            ));
+                        }
+                    } else if !e.starts_with("https://") {
+                        return Err((key("endpoint"), format!("{e:?} is not an http(s) URL")));
+                    }
+                }
+                if c.access_key_id.is_some() != c.secret_access_key_file.is_some() {
+                    return Err((
+                        key("secret_access_key_file"),
+                        "access_key_id and secret_access_key_file go together".into(),
+                    ));
+                }
+                if c.max_blob_size.0 == 0 {
+                    return Err((key("max_blob_size"), "must be greater than zero".into()));
+                }
+                if c.max_in_flight.0 < 16 << 20 {
+                    return Err((
+                        key("max_in_flight"),
+                        "must be at least 16MiB (two upload parts)".into(),
+                    ));
+                }
+                if c.request_timeout_seconds == 0 {
+                    return Err((key("request_timeout_seconds"), "must be at least 1".into()));
+                }
+            }
+            StoreConfig::FastSlow(c) => {
+                c.fast.validate(&key("fast"))?;
+                c.slow.validate(&key("slow"))?;
+                if let (StoreConfig::Filesystem(f), StoreConfig::Filesystem(s)) =
+                    (&*c.fast, &*c.slow)
+                {
+                    let dir = |p: &Option<PathBuf>| p.clone().unwrap_or_else(default_store_path);
+                    if dir(&f.path) == dir(&s.path) {
+                        return Err((
+                            key("slow.path"),
+                            "is the fast tier's directory too: two stores in one directory \
+                             would evict each other's files"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The size limit of the first local (filesystem or memory) store, fast tier first:
+    /// what a command-line `--max-size` sets.
+    pub fn local_max_size_mut(&mut self) -> Option<&mut ByteSize> {
+        match self {
+            StoreConfig::Filesystem(c) => Some(&mut c.max_size),
+            StoreConfig::Memory(c) => Some(&mut c.max_size),
+            StoreConfig::S3(_) => None,
+            StoreConfig::FastSlow(c) => match c.fast.local_max_size_mut() {
+                Some(m) => Some(m),
+                None => c.slow.local_max_size_mut(),
+            },
+        }
+    }
+
+    /// The local store's size limit, or the default when there is none.
+    pub fn local_max_size(&self) -> ByteSize {
+        self.clone()
+            .local_max_size_mut()
+            .copied()
+            .unwrap_or_else(default_max_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        store: StoreConfig,
+    }
+
+    fn parse(s: &str) -> Result<StoreConfig, String> {
+        toml::from_str::<Doc>(s)
+            .map(|d| d.store)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("10GiB".parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
+        assert_eq!("512".parse::<ByteSize>().unwrap(), ByteSize(512));
+        assert!("12XB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn kind_defaults_to_filesystem() {
+        let c = parse("[store]\nmax_size = \"1GiB\"\n").unwrap();
+        assert!(matches!(c, StoreConfig::Filesystem(f) if f.max_size == ByteSize(1 << 30)));
+    }
+
+    #[test]
+    fn layers_nest_and_errors_name_the_key() {
+        let text = "[store]\nkind = \"fast-slow\"\n[store.fast]\nkind = \"memory\"\n\
+                    [store.slow]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n";
+        let c = parse(text).unwrap();
+        let (k, m) = c.validate("store").unwrap_err();
+        assert_eq!(k, "store.slow.endpoint", "{m}");
+        assert!(m.contains("store.slow.allow_http"), "{m}");
+        let ok = parse(&format!("{text}allow_http = true\n")).unwrap();
+        ok.validate("store").unwrap();
+        assert_eq!(
+            ok.capacity(),
+            5 << 30,
+            "the smaller tier: S3's default max_blob_size"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_refused() {
+        let e = parse("[store]\nkind = \"s3\"\nbucket = \"b\"\nbukket = 1\n").unwrap_err();
+        assert!(e.contains("bukket") && e.contains("s3"), "{e}");
+        let e = parse("[store]\nkind = \"tape\"\n").unwrap_err();
+        assert!(e.contains("tape"), "{e}");
+        let e = parse("[store]\nkind = \"s3\"\n").unwrap_err();
+        assert!(e.contains("bucket"), "{e}");
+        let e = parse("[store]\nkind = \"memory\"\npath = \"/x\"\n").unwrap_err();
+        assert!(e.contains("path"), "{e}");
+    }
+
+    #[test]
+    fn one_directory_cannot_be_both_tiers() {
+        let c = parse(
+            "[store]\nkind = \"fast-slow\"\n[store.fast]\npath = \"/d\"\n[store.slow]\npath = \"/d\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.validate("store").unwrap_err().0, "store.slow.path");
+    }
+}

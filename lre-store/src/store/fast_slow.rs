@@ -1,0 +1,343 @@
+//! A local tier in front of a shared one (NativeLink's `fast_slow`, Buildbarn's
+//! read-caching): the fast tier is a cache of the slow one, which is the truth.
+//!
+//! - Writes go to both, and are acknowledged only once the slow tier committed, so what
+//!   one replica accepted every other replica can read.
+//! - Reads try the fast tier. A slow-tier CAS hit is hashed while it is copied into the
+//!   fast tier, and a blob whose content does not match its name is never served: it reads
+//!   as a miss (so the client uploads it again) and is deleted from the slow tier.
+//! - `lookup` asks the slow tier only for what the fast one lacks, so an action result
+//!   whose outputs were evicted locally is still complete if the shared tier has them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use super::{BlobReader, BlobStore, BlobWriter, Key};
+use crate::error::{Result, StoreError as Error};
+
+/// The copy buffer for filling the fast tier.
+const CHUNK: usize = 256 << 10;
+
+pub struct FastSlowStore {
+    fast: Arc<dyn BlobStore>,
+    slow: Arc<dyn BlobStore>,
+}
+
+impl FastSlowStore {
+    pub fn new(fast: Arc<dyn BlobStore>, slow: Arc<dyn BlobStore>) -> FastSlowStore {
+        FastSlowStore { fast, slow }
+    }
+
+    /// Copies `key` from the slow tier into the fast one, checking a CAS blob's hash on
+    /// the way. Slow-tier failures are errors; a fast tier that cannot take the blob (full
+    /// of unfinished uploads, or too small for it) is `Fill::Bypass`: serve from the slow
+    /// tier instead.
+    async fn fill(&self, key: &Key) -> Result<Fill> {
+        let Some((size, mut reader)) = self.slow.open(key, 0).await? else {
+            return Ok(Fill::Absent);
+        };
+        let mut writer = match self.fast.writer(Some(size)).await {
+            Ok(w) => w,
+            Err(e) => return Ok(Fill::bypass(key, e)),
+        };
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = match reader.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    writer.discard().await;
+                    return Err(Error::from(e));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > size {
+                writer.discard().await;
+                return Err(Error::Unavailable(format!(
+                    "the slow tier sent more than the {size} bytes of {key}"
+                )));
+            }
+            hasher.update(&buf[..n]);
+            if let Err(e) = writer.write(&buf[..n]).await {
+                writer.discard().await;
+                return Ok(Fill::bypass(key, e));
+            }
+        }
+        if total != size {
+            writer.discard().await;
+            return Err(Error::Unavailable(format!(
+                "the slow tier's copy of {key} ended after {total} of {size} bytes"
+            )));
+        }
+        if let Key::Cas(hash) = key {
+            let actual: [u8; 32] = hasher.finalize().into();
+            if &actual != hash {
+                writer.discard().await;
+                self.corrupt(key, &actual).await?;
+                return Ok(Fill::Absent);
+            }
+        }
+        match writer.commit(*key).await {
+            Ok(()) => Ok(Fill::Filled),
+            Err(e) => Ok(Fill::bypass(key, e)),
+        }
+    }
+
+    async fn corrupt(&self, key: &Key, actual: &[u8; 32]) -> Result<()> {
+        tracing::error!(key = %key, actual = %hex::encode(actual), "the slow tier holds a blob whose content does not match its digest; deleting it");
+        self.slow.remove(key).await
+    }
+
+    /// `key` straight from the slow tier, not kept: a CAS blob is hashed as it streams
+    /// (the skipped prefix too), and a mismatch is an error at its end, never a clean EOF.
+    async fn open_slow(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+        let Key::Cas(hash) = key else {
+            return self.slow.open(key, offset).await;
+        };
+        let Some((size, inner)) = self.slow.open(key, 0).await? else {
+            return Ok(None);
+        };
+        let reader = Verifying {
+            inner,
+            hasher: Sha256::new(),
+            expected: *hash,
+            skip: offset.min(size),
+            scratch: vec![0u8; CHUNK],
+        };
+        Ok(Some((size, Box::pin(reader))))
+    }
+}
+
+enum Fill {
+    Filled,
+    Absent,
+    Bypass,
+}
+
+impl Fill {
+    fn bypass(key: &Key, e: Error) -> Fill {
+        tracing::warn!(key = %key, error = %e, "the fast tier cannot take a blob; serving it from the slow tier");
+        Fill::Bypass
+    }
+}
+
+/// Hashes everything read, drops the first `skip` bytes, and fails at the end if the
+/// content is not what its name says.
+struct Verifying {
+    inner: BlobReader,
+    hasher: Sha256,
+    expected: [u8; 32],
+    skip: u64,
+    scratch: Vec<u8>,
+}
+
+impl AsyncRead for Verifying {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while this.skip > 0 {
+            let want = this.scratch.len().min(this.skip as usize);
+            let mut sb = ReadBuf::new(&mut this.scratch[..want]);
+            std::task::ready!(this.inner.as_mut().poll_read(cx, &mut sb))?;
+            if sb.filled().is_empty() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the slow tier's copy ended before the read offset",
+                )));
+            }
+            this.hasher.update(sb.filled());
+            this.skip -= sb.filled().len() as u64;
+        }
+        let room = buf.remaining() > 0;
+        let before = buf.filled().len();
+        std::task::ready!(this.inner.as_mut().poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        if new.is_empty() && room {
+            let actual: [u8; 32] = std::mem::take(&mut this.hasher).finalize().into();
+            if actual != this.expected {
+                let e = Error::Internal(format!(
+                    "the slow tier's copy of cas/{} hashes to {}",
+                    hex::encode(this.expected),
+                    hex::encode(actual)
+                ));
+                return Poll::Ready(Err(e.into_io()));
+            }
+        } else {
+            this.hasher.update(new);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[async_trait]
+impl BlobStore for FastSlowStore {
+    async fn lookup(&self, keys: &[Key]) -> Result<Vec<Option<u64>>> {
+        let mut found = self.fast.lookup(keys).await?;
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let ask: Vec<Key> = missing.iter().map(|&i| keys[i]).collect();
+        let slow = self.slow.lookup(&ask).await?;
+        for (i, size) in missing.into_iter().zip(slow) {
+            found[i] = size;
+        }
+        Ok(found)
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+        if let Some(b) = self.fast.get(key).await? {
+            return Ok(Some(b));
+        }
+        match self.fill(key).await? {
+            Fill::Absent => return Ok(None),
+            Fill::Filled => {
+                if let Some(b) = self.fast.get(key).await? {
+                    return Ok(Some(b));
+                }
+            }
+            Fill::Bypass => {}
+        }
+        // Not kept locally (or evicted again at once): read it whole, and check it.
+        let Some(b) = self.slow.get(key).await? else {
+            return Ok(None);
+        };
+        if let Key::Cas(hash) = key {
+            let actual: [u8; 32] = Sha256::digest(&b).into();
+            if &actual != hash {
+                self.corrupt(key, &actual).await?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(b))
+    }
+
+    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+        if let Some(r) = self.fast.open(key, offset).await? {
+            return Ok(Some(r));
+        }
+        match self.fill(key).await? {
+            Fill::Absent => Ok(None),
+            Fill::Filled => match self.fast.open(key, offset).await? {
+                Some(r) => Ok(Some(r)),
+                None => self.open_slow(key, offset).await,
+            },
+            Fill::Bypass => self.open_slow(key, offset).await,
+        }
+    }
+
+    async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
+        let fast = self.fast.writer(size_hint).await?;
+        let slow = self.slow.writer(size_hint).await?;
+        Ok(Box::new(FastSlowWriter {
+            fast,
+            slow,
+            broken: false,
+            slow_pending: None,
+        }))
+    }
+
+    async fn remove(&self, key: &Key) -> Result<()> {
+        self.fast.remove(key).await?;
+        self.slow.remove(key).await
+    }
+
+    fn capacity(&self) -> u64 {
+        self.fast.capacity().min(self.slow.capacity())
+    }
+}
+
+struct FastSlowWriter {
+    fast: Box<dyn BlobWriter>,
+    slow: Box<dyn BlobWriter>,
+    broken: bool,
+    /// The slow tier refused this many bytes for lack of room; the fast one took them.
+    slow_pending: Option<usize>,
+}
+
+#[async_trait]
+impl BlobWriter for FastSlowWriter {
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        if self.broken {
+            return Err(Error::Internal(
+                "this upload failed half way in the fast/slow store and cannot go on".into(),
+            ));
+        }
+        // A refusal for lack of room can be retried as it was (`BlobWriter::write`). The
+        // fast tier goes first; if the slow one then refuses, the fast one already has the
+        // data, and the retry (the same bytes) goes to the slow tier only.
+        if let Some(n) = self.slow_pending {
+            if n != data.len() {
+                self.broken = true;
+                return Err(Error::Internal(
+                    "a refused write was retried with other data".into(),
+                ));
+            }
+        } else {
+            self.fast.write(data).await?;
+        }
+        match self.slow.write(data).await {
+            Ok(()) => {
+                self.slow_pending = None;
+                Ok(())
+            }
+            Err(e @ Error::UploadSpaceExhausted { .. }) => {
+                self.slow_pending = Some(data.len());
+                Err(e)
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    async fn commit(self: Box<Self>, key: Key) -> Result<()> {
+        let FastSlowWriter {
+            fast,
+            slow,
+            broken,
+            slow_pending,
+        } = *self;
+        if broken || slow_pending.is_some() {
+            fast.discard().await;
+            slow.discard().await;
+            return Err(Error::Internal(
+                "a broken fast/slow upload cannot be committed".into(),
+            ));
+        }
+        if let Err(e) = slow.commit(key).await {
+            fast.discard().await;
+            return Err(e);
+        }
+        // The shared tier has it, which is what counts; a local failure only costs a fill.
+        if let Err(e) = fast.commit(key).await {
+            tracing::warn!(key = %key, error = %e, "stored in the slow tier but not the fast one");
+        }
+        Ok(())
+    }
+
+    async fn suspend(&mut self) -> Result<()> {
+        self.fast.suspend().await?;
+        self.slow.suspend().await
+    }
+
+    async fn discard(self: Box<Self>) {
+        let FastSlowWriter { fast, slow, .. } = *self;
+        fast.discard().await;
+        slow.discard().await;
+    }
+}
