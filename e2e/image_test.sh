@@ -227,6 +227,9 @@ corrupt_refused() {
     ! find "$SCEN/secured/data" -path "*$1*" -name data | grep -q .
 }
 
+# checked_config RC FILE: check-config passed on a config that was really extracted.
+checked_config() { [ "$1" = 0 ] && [ -s "$2" ]; }
+
 scenario_kubernetes() {
   local n="7 kubernetes" py="$E2E_DIR/.work/pydeps" dir="$REPO_ROOT/deploy/kubernetes"
   [ -d "$py/kubernetes_validate" ] || PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet \
@@ -238,11 +241,15 @@ scenario_kubernetes() {
   sed 's/replicas: 4/replicas: four/' "$dir/lre-worker.yaml" >"$SCEN/broken.yaml"
   PYTHONPATH="$py" python3 -m kubernetes_validate --strict "$SCEN/broken.yaml" >"$SCEN/k8s-broken.log" 2>&1; rc=$?
   check "$n: a broken manifest fails the same validation" "" [ "$rc" != 0 ]
-  PYTHONPATH="$py" python3 -c 'import sys, yaml
+  local m
+  for m in lre-server lre-cache-cluster; do
+    PYTHONPATH="$py" python3 -c 'import sys, yaml
 for d in yaml.safe_load_all(open(sys.argv[1])):
-    if d["kind"] == "ConfigMap": print(d["data"]["lre-server.toml"])' "$dir/lre-server.yaml" >"$SCEN/k8s-server.toml"
-  "$LRE_SERVER" --config "$SCEN/k8s-server.toml" check-config >"$SCEN/k8s-check.log" 2>&1; rc=$?
-  check "$n: the server config in the ConfigMap passes lre-server check-config" "$(head -c 200 "$SCEN/k8s-check.log")" [ "$rc" = 0 ]
+    if d["kind"] == "ConfigMap" and "lre-server.toml" in d["data"]: print(d["data"]["lre-server.toml"])' "$dir/$m.yaml" >"$SCEN/k8s-$m.toml"
+    "$LRE_SERVER" --config "$SCEN/k8s-$m.toml" check-config >"$SCEN/k8s-check-$m.log" 2>&1; rc=$?
+    check "$n: the server config in $m.yaml's ConfigMap passes lre-server check-config" \
+      "$(head -c 200 "$SCEN/k8s-check-$m.log")" checked_config "$rc" "$SCEN/k8s-$m.toml"
+  done
   check "$n: the worker Deployment runs the image by digest and passes the same digest as LRE_IMAGE" "" \
     same_pinned_image "$dir/lre-worker.yaml"
   # Worker credentials: a file from a Secret, never a flag or an environment variable.
@@ -256,9 +263,9 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
   check "$n: a worker token given as --token or in LRE_WORKER_TOKEN fails that check" "" \
     k8s_worker_tokens_refused "$py" "$SCEN/k8s-token-arg.yaml" "$SCEN/k8s-token-env.yaml"
   check "$n: the server config allows no anonymous write and has a token of scope \"worker\"" \
-    "$(grep -E '^\s*(anonymous|scope) *=' "$SCEN/k8s-server.toml" | tr -s ' \n' ' ')" k8s_server_auth "$SCEN/k8s-server.toml"
-  sed 's/anonymous = "read"/anonymous = "read-write"/' "$SCEN/k8s-server.toml" >"$SCEN/k8s-server-rw.toml"
-  grep -v '^\s*anonymous *=' "$SCEN/k8s-server.toml" >"$SCEN/k8s-server-noanon.toml"
+    "$(grep -E '^\s*(anonymous|scope) *=' "$SCEN/k8s-lre-server.toml" | tr -s ' \n' ' ')" k8s_server_auth "$SCEN/k8s-lre-server.toml"
+  sed 's/anonymous = "read"/anonymous = "read-write"/' "$SCEN/k8s-lre-server.toml" >"$SCEN/k8s-server-rw.toml"
+  grep -v '^\s*anonymous *=' "$SCEN/k8s-lre-server.toml" >"$SCEN/k8s-server-noanon.toml"
   check "$n: anonymous = \"read-write\", or no anonymous line (read-write by default), fails that check" "" \
     k8s_server_auths_refused "$SCEN/k8s-server-rw.toml" "$SCEN/k8s-server-noanon.toml"
 }

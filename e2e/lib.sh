@@ -516,3 +516,39 @@ sha256 = "$(sha256_hex "$wt")"
 scope = "worker"
 EOT
 }
+
+# ---------------------------------------------------------------- uploading build, then all hits
+# Conditions used by the checks (they read the last bazel_run's results).
+cold_upload_ok() {
+  [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" -gt 0 ] && [ "$HITS" = 0 ] && [ "$REMOTE_WARNINGS" = 0 ]
+}
+# full_hits_ok [EXPECTED_CACHEABLE]
+full_hits_ok() {
+  [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" -gt 0 ] && [ "$HITS" = "$CACHEABLE" ] &&
+    { [ -z "${1:-}" ] || [ "$CACHEABLE" = "$1" ]; }
+}
+output_ok() { [ "$BIN_OUT" = "$EXPECTED_OUTPUT" ]; }
+hit_detail() {
+  echo "exit $BZ_RC, hits $HITS/$CACHEABLE cacheable spawns; $NOT_CACHEABLE not cacheable, $XMLGEN test-xml ($XMLGEN_HITS hit) and $SUM_INTERNAL internal actions not counted; '$SUM_LINE'"
+}
+
+# build_a LABEL WS OUR FLAGS...: the uploading build; records A_CACHEABLE.
+build_a() {
+  local label="$1" ws="$2" our="$3"; shift 3
+  bazel_run "$ws" "$our" "$@"
+  A_CACHEABLE="$CACHEABLE"
+  check "$label: A cold build+test succeeds, uploads without remote warnings" \
+    "exit $BZ_RC, $HITS hits, $CACHEABLE cacheable spawns ran, $REMOTE_WARNINGS remote warnings; log ${BZ_LOG#"$RUN_DIR"/}" \
+    cold_upload_ok || show_misses
+}
+
+# build_b LABEL WS OUR FLAGS...: must be 100% hits and a working binary.
+build_b() {
+  local label="$1" ws="$2" our="$3"; shift 3
+  bazel_run "$ws" "$our" "$@"
+  check "$label: every cacheable spawn is a remote cache hit (100%)" "$(hit_detail)" \
+    full_hits_ok "$A_CACHEABLE" || show_misses
+  BIN_OUT="$(run_binary "$ws")"
+  check "$label: bazel-bin/app/hello prints the expected line" "got '$BIN_OUT'" output_ok
+}
+
