@@ -5,6 +5,8 @@
 #   - Garage, 3 nodes, replication factor 3 (e2e/garage/cluster.sh);
 #   - 3 lre-server replicas, each a fast-slow store: its own filesystem tier in front of
 #     Garage, reached through HAProxy so that one Garage node's loss is invisible;
+#   - Redis (e2e/redis/redis.sh, append-only file on) holding the action cache all
+#     replicas share;
 #   - HAProxy in front of the replicas (gRPC over h2c, and the HTTP cache) and in front
 #     of Garage's S3 API.
 #
@@ -18,21 +20,28 @@
 #      result is incomplete, so that one action, and only it, misses
 #   F  all of Garage goes away: UNAVAILABLE (HTTP 502), never a miss or wrong bytes;
 #      back, the same blob is served again
-#   G  a replica whose S3 endpoint answers nothing refuses to start, naming it
+#   G  a replica whose S3 endpoint, or whose Redis, answers nothing refuses to start,
+#      naming it
+#   H  Redis is SIGKILLed: the HTTP action cache is 502 (UNAVAILABLE) on every replica,
+#      a Bazel build still succeeds (Bazel runs the actions itself, warning); Redis back
+#      (replaying its append-only file), the next build is 100% hits again
 #
 # Prints PASS/FAIL per check and, last, "N passed, M failed". Needs garage
-# (cargo install garage), haproxy, curl >= 7.75 (--aws-sigv4), Bazel 4.2.3.
+# (cargo install garage), haproxy, redis-server and redis-cli, curl >= 7.75 (--aws-sigv4),
+# Bazel 4.2.3.
 set -uo pipefail
 
 # shellcheck source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 CLUSTER="$E2E_DIR/garage/cluster.sh"
+REDIS="$E2E_DIR/redis/redis.sh"
 HAPROXY="${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}"
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin" # where `cargo install garage` put it
 REPLICAS=3
 
 summary() { echo "$E2E_PASSED passed, $E2E_FAILED failed"; }
+h_ok() { [ "$BZ_RC" = 0 ] && [ "$HITS" = 0 ] && [ "$BIN_OUT" = "$EXPECTED_OUTPUT" ]; }
 one_miss_ok() { [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" = "$A_CACHEABLE" ] && [ "$HITS" = $((A_CACHEABLE - 1)) ]; }
 # served_again STATUS BODY HASH
 served_again() { [ "$1" = 200 ] && [ "$(sha256sum <"$2" | cut -d' ' -f1)" = "$3" ]; }
@@ -63,6 +72,11 @@ allow_http = true
 access_key_id = "$GARAGE_KEY_ID"
 secret_access_key_file = "$GARAGE_SECRET_FILE"
 request_timeout_seconds = 30
+
+[action_cache_store]
+kind = "redis"
+url = "$REDIS_URL"
+request_timeout_seconds = 5
 EOF
 }
 
@@ -130,6 +144,26 @@ requests() {
     awk '/^lre_request_duration_seconds_count/ { s += $2 } END { print s + 0 }'
 }
 
+# ac_http METHOD HASH [BODY_FILE]: the HTTP action cache through HAProxy; prints the status.
+ac_http() {
+  local -a body=()
+  [ -n "${3:-}" ] && body=(--data-binary "@$3")
+  curl -sS -o /dev/null -w '%{http_code}' --max-time 30 -X "$1" "${body[@]}" \
+    "http://127.0.0.1:$LB_HTTP/ac/$2" 2>/dev/null || true
+}
+
+# on_every_replica METHOD HASH WANT: WANT from every replica directly, not through HAProxy.
+on_every_replica() {
+  local i got
+  for i in $(seq 1 $REPLICAS); do
+    got="$(curl -sS -o /dev/null -w '%{http_code}' --max-time 30 -X "$1" \
+      "http://127.0.0.1:${R_HTTP[$i]}/ac/$2" 2>/dev/null || true)"
+    [ "$got" = "$3" ] || { echo "replica $i: HTTP $got"; return 1; }
+  done
+}
+
+redis_ac_keys() { redis-cli -p "$REDIS_PORT" --scan --pattern 'lre:ac/*' 2>/dev/null | wc -l; }
+
 # s3 METHOD KEY: a signed request to Garage (through HAProxy); prints the HTTP status.
 s3() {
   local -a verb=(-X "$1")
@@ -144,8 +178,8 @@ main() {
   e2e_init
   log "run directory $RUN_DIR; server $LRE_SERVER"
   new_scenario cluster
-  check "preflight: garage, haproxy, bazel, curl with --aws-sigv4" "" \
-    bash -c '[ -x "$1" ] && command -v "$0" && command -v "${GARAGE:-garage}" && curl --help all | grep -q aws-sigv4' "$BAZEL" "$HAPROXY" >/dev/null ||
+  check "preflight: garage, haproxy, redis, bazel, curl with --aws-sigv4" "" \
+    bash -c '[ -x "$1" ] && command -v "$0" && command -v "${GARAGE:-garage}" && command -v redis-server && command -v redis-cli && curl --help all | grep -q aws-sigv4' "$BAZEL" "$HAPROXY" >/dev/null ||
     { summary; exit 1; }
 
   # ---- engines
@@ -155,6 +189,13 @@ main() {
     bash "$CLUSTER" up "$garage_dir" 3 || { summary; exit 1; }
   # shellcheck disable=SC1091
   . "$garage_dir/env"
+  local redis_dir="$SCEN/redis"
+  E2E_CLEANUP_HOOKS+=("bash '$REDIS' down '$redis_dir'")
+  # Append-only, fsynced per write: a Redis that is killed comes back with what it held.
+  check "redis: started, with an append-only file" "${redis_dir#"$RUN_DIR"/}" \
+    bash "$REDIS" up "$redis_dir" --appendonly yes --appendfsync always || { summary; exit 1; }
+  # shellcheck disable=SC1091
+  . "$redis_dir/env"
 
   local ports; ports="$(free_ports $((2 * REPLICAS + 3)))"
   mapfile -t P <<<"$ports"
@@ -192,6 +233,8 @@ main() {
     [ $((after[i] - before[i])) -gt 0 ] && served=$((served + 1))
   done
   check "A: every replica served part of the build" "$detail" [ "$served" = $REPLICAS ]
+  local ac_keys; ac_keys="$(redis_ac_keys)"
+  check "A: the action results are in Redis" "$ac_keys keys lre:ac/*" [ "$ac_keys" -ge "$A_CACHEABLE" ]
   new_client "$SCEN" B; build_b "B through haproxy" "$CL_WS" "$CL_OUR" "${remote[@]}"
 
   # ---- C: kill -9 a replica while Bazel is reading from it
@@ -257,8 +300,38 @@ main() {
   timeout 60 "$LRE_SERVER" --config "$SCEN/dead.toml" >"$SCEN/dead.log" 2>&1
   local rc=$?
   check "G: a replica whose S3 endpoint answers nothing refuses to start, naming it" \
-    "exit $rc: $(tail -1 "$SCEN/dead.log")" \
+    "exit $rc: $(grep -m1 "^Error" "$SCEN/dead.log")" \
     refused_naming "$rc" "127.0.0.1:$dead" "$SCEN/dead.log"
+
+  local dead_redis; dead_redis="$(free_port)"
+  sed "s|redis://127.0.0.1:[0-9]*|redis://127.0.0.1:$dead_redis|; s|grpc_listen = .*|grpc_listen = \"127.0.0.1:$(free_port)\"|; s|http_listen = .*|http_listen = \"127.0.0.1:$(free_port)\"|; s|path = .*|path = \"$SCEN/dead-fast2\"|" \
+    "$SCEN/r1.toml" >"$SCEN/dead-redis.toml"
+  timeout 60 "$LRE_SERVER" --config "$SCEN/dead-redis.toml" >"$SCEN/dead-redis.log" 2>&1
+  rc=$?
+  check "G: a replica whose Redis is not there refuses to start, naming it" \
+    "exit $rc: $(grep -m1 "^Error" "$SCEN/dead-redis.log")" \
+    refused_naming "$rc" "redis://127.0.0.1:$dead_redis" "$SCEN/dead-redis.log"
+
+  # ---- H: Redis goes away while running, and comes back
+  local probe; probe="$(printf 'cluster-h' | sha256sum | cut -d' ' -f1)"
+  : >"$SCEN/empty-result" # an ActionResult with exit code 0 and no outputs: zero bytes
+  check "H: an action result stored through HAProxy" "PUT HTTP $(ac_http PUT "$probe" "$SCEN/empty-result")" \
+    on_every_replica GET "$probe" 200
+  bash "$REDIS" kill "$redis_dir"
+  check "H: Redis killed: every replica answers 502 (UNAVAILABLE) for it, not 404" "" \
+    on_every_replica GET "$probe" 502
+  check "H: ... and refuses to store a result (502)" "" [ "$(ac_http PUT "$probe" "$SCEN/empty-result")" = 502 ]
+  new_client "$SCEN" H
+  bazel_run "$CL_WS" "$CL_OUR" "--remote_cache=grpc://127.0.0.1:$LB_GRPC" --remote_timeout=30 --remote_retries=0
+  BIN_OUT="$(run_binary "$CL_WS")"
+  check "H: with Redis down, a build still succeeds (Bazel runs the actions itself)" "$(hit_detail); got '$BIN_OUT'" \
+    h_ok
+  check "H: Bazel was told why" "" grep -q "UNAVAILABLE" "$BZ_LOG"
+  bash "$REDIS" start "$redis_dir"
+  local tries=0
+  until on_every_replica GET "$probe" 200 >/dev/null || [ $tries -ge 30 ]; do sleep 1; tries=$((tries + 1)); done
+  check "H: Redis back: every replica serves the result again" "after ${tries}s" on_every_replica GET "$probe" 200
+  new_client "$SCEN" H2; build_b "H2 after Redis came back" "$CL_WS" "$CL_OUR" "${remote[@]}"
 
   local clean=0
   for i in $(seq 1 $REPLICAS); do

@@ -17,7 +17,10 @@ use crate::metrics::Metrics;
 use crate::store::{BlobReader, BlobStore, CasUpload, Key};
 
 pub struct Cache {
+    /// The CAS.
     pub store: Arc<dyn BlobStore>,
+    /// Action results and remembered asset fetches: `[action_cache_store]`, or `store`.
+    pub action_results: Arc<dyn BlobStore>,
     pub metrics: Arc<Metrics>,
     pub instances: Instances,
     pub auth: Authenticator,
@@ -160,7 +163,7 @@ impl Cache {
     ) -> Result<Option<AcHit>> {
         let key = Key::ac(instance, &action_hash);
         let action = hex::encode(action_hash);
-        let Some(raw) = self.store.get(&key).await? else {
+        let Some(raw) = self.action_results.get(&key).await? else {
             self.metrics.ac("miss");
             return Ok(None);
         };
@@ -168,7 +171,7 @@ impl Cache {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%action, error = %e, "dropping undecodable action cache entry");
-                self.store.remove(&key).await?;
+                self.action_results.remove(&key).await?;
                 self.metrics.ac("miss");
                 return Ok(None);
             }
@@ -190,7 +193,7 @@ impl Cache {
     ) -> Result<()> {
         validate_action_result(result)?;
         let raw = result.encode_to_vec();
-        let mut w = self.store.writer(Some(raw.len() as u64)).await?;
+        let mut w = self.action_results.writer(Some(raw.len() as u64)).await?;
         if let Err(e) = w.write(&raw).await {
             w.discard().await;
             return Err(e.into());
@@ -338,8 +341,10 @@ mod tests {
             inner: MemStore::new(1 << 30, metrics.store.clone()),
             served: served.clone(),
         };
+        let store: Arc<dyn BlobStore> = Arc::new(store);
         let cache = Cache {
-            store: Arc::new(store),
+            action_results: store.clone(),
+            store,
             metrics,
             instances: Instances::new(None),
             auth: Authenticator::open(),

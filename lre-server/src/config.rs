@@ -46,6 +46,10 @@ pub struct Config {
     pub max_batch_total_size_bytes: u64,
     #[serde(default)]
     pub store: StoreConfig,
+    /// Where action results live, when not beside the CAS in `store`: typically Redis,
+    /// which every replica reads and writes at once.
+    #[serde(default)]
+    pub action_cache_store: Option<StoreConfig>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     #[serde(default)]
@@ -293,6 +297,7 @@ impl Default for Config {
             instances: None,
             max_batch_total_size_bytes: default_max_batch(),
             store: StoreConfig::default(),
+            action_cache_store: None,
             tls: None,
             auth: AuthConfig::default(),
             shutdown_grace_seconds: default_grace(),
@@ -358,6 +363,10 @@ impl Config {
         self.store
             .validate("store")
             .map_err(|(k, m)| invalid(k, m))?;
+        if let Some(ac) = &self.action_cache_store {
+            ac.validate("action_cache_store")
+                .map_err(|(k, m)| invalid(k, m))?;
+        }
         let e = &self.execution;
         if e.default_timeout_seconds == 0 || e.default_timeout_seconds > e.max_timeout_seconds {
             return Err(invalid(

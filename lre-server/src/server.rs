@@ -58,6 +58,14 @@ pub enum StartError {
     },
     #[error("store: {0}")]
     Store(crate::error::Error),
+    /// A configured store could not be opened; `key` is its config table.
+    /// (`error`, not `source`: the message says it already, and a `source` would be
+    /// printed twice, as its own "Caused by".)
+    #[error("{key}: {error}")]
+    OpenStore {
+        key: &'static str,
+        error: crate::error::Error,
+    },
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("remote asset service: {0}")]
@@ -111,23 +119,36 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-pub async fn open_store(
+/// The CAS store, and the action-cache store (the same one unless configured apart).
+pub async fn open_stores(
     config: &Config,
     metrics: &Metrics,
-) -> Result<Arc<dyn BlobStore>, StartError> {
-    crate::store::build(&config.store, metrics.store.clone())
-        .await
-        .map_err(|e| StartError::Store(e.into()))
+) -> Result<(Arc<dyn BlobStore>, Arc<dyn BlobStore>), StartError> {
+    let open = |key, c| async move {
+        crate::store::build(c, metrics.store.clone())
+            .await
+            .map_err(|e| StartError::OpenStore {
+                key,
+                error: e.into(),
+            })
+    };
+    let cas = open("store", &config.store).await?;
+    let ac = match &config.action_cache_store {
+        Some(c) => open("action_cache_store", c).await?,
+        None => cas.clone(),
+    };
+    Ok((cas, ac))
 }
 
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     config.validate()?;
     let metrics = Arc::new(Metrics::new());
-    let store = open_store(&config, &metrics).await?;
+    let (store, action_results) = open_stores(&config, &metrics).await?;
     let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens)
         .map_err(StartError::Store)?;
     let cache = Arc::new(Cache {
         store,
+        action_results,
         metrics,
         instances: Instances::new(config.instances.clone()),
         auth,

@@ -32,8 +32,10 @@ async fn serve(dir: &Path, verify_on_read: bool) -> Channel {
     )
     .await
     .unwrap();
+    let store: Arc<dyn lre_server::store::BlobStore> = Arc::new(store);
     let cache = Arc::new(Cache {
-        store: Arc::new(store),
+        action_results: store.clone(),
+        store,
         metrics,
         instances: Instances::new(None),
         auth: Authenticator::open(),

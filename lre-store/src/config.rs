@@ -75,6 +75,7 @@ pub enum StoreConfig {
     Filesystem(FilesystemConfig),
     Memory(MemoryConfig),
     S3(S3Config),
+    Redis(RedisConfig),
     FastSlow(FastSlowConfig),
 }
 
@@ -138,6 +139,41 @@ pub struct S3Config {
     pub request_timeout_seconds: u64,
 }
 
+/// A Redis (or Valkey) server holding whole entries as strings: for action results, which
+/// are small, read on every build and must be seen by every replica at once. Eviction is
+/// Redis's own (`maxmemory` with `maxmemory-policy allkeys-lru`), or `expire_seconds`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`. The password goes in `password_file`, not in the URL, so the
+    /// URL can be logged and said in errors.
+    pub url: String,
+    /// The ACL user (Redis 6+); absent means the default user.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Redis here speaks plain TCP: results would cross the network unencrypted and
+    /// unauthenticated against a man in the middle. Off-host Redis must be asked for.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Prepended to every key, so one Redis can hold several caches.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+    /// The largest entry accepted. Redis holds each in memory, whole.
+    #[serde(default = "default_redis_max_blob")]
+    pub max_blob_size: ByteSize,
+    /// Memory that unfinished writes may hold, all together, before they are sent.
+    #[serde(default = "default_redis_in_flight")]
+    pub max_in_flight: ByteSize,
+    /// A command not answered within this long fails as UNAVAILABLE.
+    #[serde(default = "default_redis_timeout")]
+    pub request_timeout_seconds: u64,
+    /// When set, entries expire this long after they were last written or read.
+    #[serde(default)]
+    pub expire_seconds: Option<u64>,
+}
+
 /// A local tier in front of a shared one. Writes go to both and are acknowledged only once
 /// the slow tier has them; reads try the fast tier, and a slow-tier hit is verified and
 /// copied into the fast one.
@@ -183,11 +219,12 @@ impl<'de> Deserialize<'de> for StoreConfig {
             "filesystem" => StoreConfig::Filesystem(variant(&kind, table)?),
             "memory" => StoreConfig::Memory(variant(&kind, table)?),
             "s3" => StoreConfig::S3(variant(&kind, table)?),
+            "redis" => StoreConfig::Redis(variant(&kind, table)?),
             "fast-slow" | "fast_slow" => StoreConfig::FastSlow(variant(&kind, table)?),
             other => {
                 return Err(D::Error::custom(format!(
-                    "unknown store kind {other:?}; expected \"filesystem\", \"memory\", \"s3\" \
-                     or \"fast-slow\""
+                    "unknown store kind {other:?}; expected \"filesystem\", \"memory\", \"s3\", \
+                     \"redis\" or \"fast-slow\""
                 )))
             }
         })
@@ -234,6 +271,49 @@ impl S3Config {
             request_timeout_seconds: default_s3_timeout(),
         }
     }
+}
+
+impl RedisConfig {
+    /// A config for `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> RedisConfig {
+        RedisConfig {
+            url: url.into(),
+            username: None,
+            password_file: None,
+            allow_plaintext: false,
+            prefix: default_redis_prefix(),
+            max_blob_size: default_redis_max_blob(),
+            max_in_flight: default_redis_in_flight(),
+            request_timeout_seconds: default_redis_timeout(),
+            expire_seconds: None,
+        }
+    }
+
+    /// The host the URL names, for the plaintext rule; `None` when it does not parse.
+    fn host(&self) -> Option<String> {
+        let rest = self.url.strip_prefix("redis://")?;
+        let authority = rest.split('/').next()?;
+        let host_port = authority.rsplit('@').next()?;
+        let host = match host_port.strip_prefix('[') {
+            Some(v6) => v6.split(']').next()?,
+            None => host_port.split(':').next()?,
+        };
+        Some(host.to_owned())
+    }
+}
+
+fn default_redis_prefix() -> String {
+    "lre:".to_owned()
+}
+fn default_redis_max_blob() -> ByteSize {
+    // Action results are a few KiB; a result with thousands of outputs stays far below.
+    ByteSize(16 << 20)
+}
+fn default_redis_in_flight() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_redis_timeout() -> u64 {
+    10
 }
 
 fn default_max_size() -> ByteSize {
@@ -284,6 +364,7 @@ impl StoreConfig {
             StoreConfig::Filesystem(c) => c.max_size.0,
             StoreConfig::Memory(c) => c.max_size.0,
             StoreConfig::S3(c) => c.max_blob_size.0,
+            StoreConfig::Redis(c) => c.max_blob_size.0,
             StoreConfig::FastSlow(c) => c.fast.capacity().min(c.slow.capacity()),
         }
     }
@@ -342,6 +423,63 @@ impl StoreConfig {
                     return Err((key("request_timeout_seconds"), "must be at least 1".into()));
                 }
             }
+            StoreConfig::Redis(c) => {
+                let Some(host) = c.host() else {
+                    return Err((
+                        key("url"),
+                        format!(
+                            "{:?} is not a redis://host:port/db URL (TLS, rediss://, is not \
+                             built in: reach a remote Redis through a TLS tunnel on this host)",
+                            c.url
+                        ),
+                    ));
+                };
+                if c.url.contains('@') {
+                    return Err((
+                        key("url"),
+                        format!(
+                            "holds credentials; put the password in {} (and the user in {}) \
+                             so the URL can be logged",
+                            key("password_file"),
+                            key("username")
+                        ),
+                    ));
+                }
+                let loopback = host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback && !c.allow_plaintext {
+                    return Err((
+                        key("url"),
+                        format!(
+                            "{:?} is plain TCP to another host: action results would cross \
+                             the network unencrypted; tunnel it through TLS to a loopback \
+                             port, or set {} = true on a network you trust",
+                            c.url,
+                            key("allow_plaintext")
+                        ),
+                    ));
+                }
+                if c.max_blob_size.0 == 0 || c.max_blob_size.0 > 512 << 20 {
+                    return Err((
+                        key("max_blob_size"),
+                        "must be between 1 byte and 512MiB (Redis's largest string)".into(),
+                    ));
+                }
+                if c.max_in_flight.0 < c.max_blob_size.0 {
+                    return Err((
+                        key("max_in_flight"),
+                        "must be at least max_blob_size".into(),
+                    ));
+                }
+                if c.request_timeout_seconds == 0 {
+                    return Err((key("request_timeout_seconds"), "must be at least 1".into()));
+                }
+                if c.expire_seconds == Some(0) {
+                    return Err((key("expire_seconds"), "must be at least 1".into()));
+                }
+            }
             StoreConfig::FastSlow(c) => {
                 c.fast.validate(&key("fast"))?;
                 c.slow.validate(&key("slow"))?;
@@ -369,7 +507,7 @@ impl StoreConfig {
         match self {
             StoreConfig::Filesystem(c) => Some(&mut c.max_size),
             StoreConfig::Memory(c) => Some(&mut c.max_size),
-            StoreConfig::S3(_) => None,
+            StoreConfig::S3(_) | StoreConfig::Redis(_) => None,
             StoreConfig::FastSlow(c) => match c.fast.local_max_size_mut() {
                 Some(m) => Some(m),
                 None => c.slow.local_max_size_mut(),
@@ -442,6 +580,34 @@ mod tests {
         assert!(e.contains("bucket"), "{e}");
         let e = parse("[store]\nkind = \"memory\"\npath = \"/x\"\n").unwrap_err();
         assert!(e.contains("path"), "{e}");
+    }
+
+    #[test]
+    fn redis_urls_are_checked() {
+        let at = |url: &str, extra: &str| {
+            parse(&format!(
+                "[store]\nkind = \"redis\"\nurl = {url:?}\n{extra}"
+            ))
+            .unwrap()
+            .validate("ac")
+        };
+        at("redis://127.0.0.1:6379/0", "").unwrap();
+        at("redis://localhost", "").unwrap();
+        at("redis://[::1]:6379", "").unwrap();
+        let (k, m) = at("redis://redis.internal:6379", "").unwrap_err();
+        assert_eq!(k, "ac.url");
+        assert!(m.contains("ac.allow_plaintext"), "{m}");
+        at("redis://redis.internal:6379", "allow_plaintext = true\n").unwrap();
+        let (k, m) = at("redis://:hunter2@127.0.0.1", "").unwrap_err();
+        assert!(k == "ac.url" && m.contains("ac.password_file"), "{m}");
+        let (_, m) = at("rediss://127.0.0.1", "").unwrap_err();
+        assert!(m.contains("TLS"), "{m}");
+        assert_eq!(
+            at("redis://127.0.0.1", "max_blob_size = \"1GiB\"\n")
+                .unwrap_err()
+                .0,
+            "ac.max_blob_size"
+        );
     }
 
     #[test]

@@ -5,9 +5,11 @@ pub mod fast_slow;
 mod fs;
 mod lru_index;
 mod memory;
+pub mod redis;
 pub mod s3;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,6 +20,7 @@ use tokio::io::AsyncRead;
 pub use fast_slow::FastSlowStore;
 pub use fs::{FsOptions, FsStore};
 pub use memory::MemStore;
+pub use redis::RedisStore;
 pub use s3::S3Store;
 
 use crate::config::StoreConfig;
@@ -98,6 +101,7 @@ fn build_inner<'a>(
                 .await?,
             ),
             StoreConfig::S3(c) => Arc::new(S3Store::open(c).await?),
+            StoreConfig::Redis(c) => Arc::new(RedisStore::open(c).await?),
             StoreConfig::FastSlow(c) => {
                 let fast = build_inner(&c.fast, metrics).await?;
                 let slow = build_inner(&c.slow, metrics).await?;
@@ -145,6 +149,47 @@ pub trait BlobWriter: Send {
     }
     /// Throws the data away now (dropping does too, but may finish later, off this task).
     async fn discard(self: Box<Self>) {}
+}
+
+/// Memory that unfinished uploads of a remote store hold in buffers, all together, bounded
+/// by its `max_in_flight`. Taking more than is left fails at once (retryable), rather than
+/// waiting: a client stuck behind others' uploads would only time out later.
+pub(crate) struct Budget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: u64) -> Budget {
+        Budget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    pub(crate) fn take(&self, n: u64) -> Result<()> {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.limit {
+                return Err(Error::UploadSpaceExhausted {
+                    needed: n,
+                    in_flight: cur,
+                    capacity: self.limit,
+                });
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub(crate) fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 fn no_room(needed: u64, e: lru_index::NoRoom) -> Error {

@@ -12,7 +12,6 @@
 //! never a blob anyone reads.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +26,7 @@ use object_store::{
 };
 use tokio_util::io::StreamReader;
 
-use super::{check_fits, BlobReader, BlobStore, BlobWriter, Key};
+use super::{check_fits, BlobReader, BlobStore, BlobWriter, Budget, Key};
 use crate::config::S3Config;
 use crate::error::{Result, StoreError as Error};
 
@@ -48,38 +47,6 @@ pub struct S3Store {
     prefix: String,
     capacity: u64,
     budget: Arc<Budget>,
-}
-
-/// Memory held by part buffers of unfinished uploads, bounded by `max_in_flight`.
-struct Budget {
-    used: AtomicU64,
-    limit: u64,
-}
-
-impl Budget {
-    fn take(&self, n: u64) -> Result<()> {
-        let mut cur = self.used.load(Ordering::Relaxed);
-        loop {
-            if cur + n > self.limit {
-                return Err(Error::UploadSpaceExhausted {
-                    needed: n,
-                    in_flight: cur,
-                    capacity: self.limit,
-                });
-            }
-            match self
-                .used
-                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Ok(()),
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    fn give(&self, n: u64) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
-    }
 }
 
 impl S3Store {
@@ -144,10 +111,7 @@ impl S3Store {
             name,
             prefix: config.prefix.clone(),
             capacity: config.max_blob_size.0,
-            budget: Arc::new(Budget {
-                used: AtomicU64::new(0),
-                limit: config.max_in_flight.0,
-            }),
+            budget: Arc::new(Budget::new(config.max_in_flight.0)),
         };
         // A HEAD of a name that never exists: NotFound proves endpoint, bucket and key.
         let probe = Path::from(format!("{}lre-probe", store.prefix));

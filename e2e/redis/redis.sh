@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# A throwaway redis-server on a loopback port, for the Rust tests and the e2e scripts alike.
+#
+#   redis.sh up DIR [redis-server args...]   start it; writes DIR/env (REDIS_URL, REDIS_PORT)
+#   redis.sh kill DIR                        SIGKILL, as a crashed machine (data is lost:
+#                                            no persistence, as a cache's Redis runs)
+#   redis.sh start DIR                       start it again on the same port and arguments
+#   redis.sh down DIR                        stop it
+set -euo pipefail
+cmd=${1:?usage: redis.sh up|kill|start|down DIR} dir=${2:?DIR}
+bin=$(command -v redis-server || echo /usr/sbin/redis-server)
+
+wait_up() {
+  local port=$1
+  for _ in $(seq 1 100); do
+    # No redis-cli needed: a PING over bash's /dev/tcp. NOAUTH also proves it listens.
+    if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+      printf 'PING\r\n' >&3
+      if read -r -t 2 reply <&3 && [[ $reply == +PONG* || $reply == -NOAUTH* ]]; then
+        exec 3>&-
+        return 0
+      fi
+      exec 3>&-
+    fi
+    sleep 0.1
+  done
+  echo "redis.sh: redis-server on port $port did not answer; its log:" >&2
+  tail -20 "$dir/log" >&2
+  return 1
+}
+
+launch() {
+  local port; port=$(cat "$dir/port")
+  local -a args; mapfile -t args < "$dir/args"
+  "$bin" --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$dir" \
+    --daemonize no "${args[@]}" >>"$dir/log" 2>&1 &
+  echo $! > "$dir/pid"
+  wait_up "$port"
+}
+
+stop() {
+  local sig=$1
+  [[ -f $dir/pid ]] || return 0
+  local pid; pid=$(cat "$dir/pid")
+  kill "-$sig" "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  rm -f "$dir/pid"
+}
+
+case $cmd in
+  up)
+    shift 2
+    mkdir -p "$dir"
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' > "$dir/port"
+    printf '%s\n' "$@" | sed '/^$/d' > "$dir/args"
+    launch
+    port=$(cat "$dir/port")
+    printf 'REDIS_PORT=%s\nREDIS_URL=redis://127.0.0.1:%s/0\n' "$port" "$port" > "$dir/env"
+    ;;
+  kill) stop KILL ;;
+  start) launch ;;
+  down) stop TERM ;;
+  *) echo "redis.sh: unknown command $cmd" >&2; exit 2 ;;
+esac

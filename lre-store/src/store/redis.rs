@@ -1,0 +1,277 @@
+//! A Redis (or Valkey) store: each entry is one string key, written whole by one `SET`, so
+//! a reader on any replica sees all of an entry or none of it. Meant for action results,
+//! which are small, read on every build, and must be shared by every replica at once.
+//!
+//! Commands go through the `redis` crate's `ConnectionManager`, which reconnects on its own
+//! after Redis restarts; every command is also bounded here by `request_timeout_seconds`, so
+//! a Redis that went away is UNAVAILABLE to the client, never a hung call.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
+
+use super::{check_fits, BlobReader, BlobStore, BlobWriter, Budget, Key};
+use crate::config::RedisConfig;
+use crate::error::{Result, StoreError as Error};
+
+/// Keys asked about in one pipeline; a FindMissingBlobs of 100k digests is sent in parts,
+/// so neither side buffers one huge reply.
+const LOOKUP_CHUNK: usize = 4096;
+
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    conn: ConnectionManager,
+    /// Said in every error, so an operator knows which backend failed. Holds no secret:
+    /// config validation refuses credentials in the URL.
+    name: String,
+    prefix: String,
+    capacity: u64,
+    budget: Budget,
+    timeout: Duration,
+    expire_seconds: Option<u64>,
+}
+
+impl RedisStore {
+    /// Connects and sends a PING, so a wrong address or password is an error at start that
+    /// names the server, not a failure on the first build.
+    pub async fn open(config: &RedisConfig) -> Result<RedisStore> {
+        let name = format!("redis at {}", config.url);
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &config.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(file) = &config.password_file {
+            let password = tokio::fs::read_to_string(file).await.map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "{name}: reading password_file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            settings = settings.set_password(password.trim_end_matches(['\r', '\n']));
+        }
+        let client = redis::Client::open(info.set_redis_settings(settings))
+            .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
+        let timeout = Duration::from_secs(config.request_timeout_seconds);
+        // A few quick reconnects per failed command, then UNAVAILABLE: Bazel retries too.
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.min(Duration::from_secs(5))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = match tokio::time::timeout(
+            timeout,
+            ConnectionManager::new_with_config(client, manager),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(unavailable(&name, "connecting at start", e)),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "{name}: connecting at start: no answer within {}s",
+                    timeout.as_secs()
+                )))
+            }
+        };
+        let store = RedisStore {
+            shared: Arc::new(Shared {
+                conn,
+                name,
+                prefix: config.prefix.clone(),
+                capacity: config.max_blob_size.0,
+                budget: Budget::new(config.max_in_flight.0),
+                timeout,
+                expire_seconds: config.expire_seconds,
+            }),
+        };
+        let pong: String = store
+            .shared
+            .run("checking the server at start", &redis::cmd("PING"))
+            .await?;
+        if pong != "PONG" {
+            return Err(Error::Unavailable(format!(
+                "{}: PING answered {pong:?}",
+                store.shared.name
+            )));
+        }
+        Ok(store)
+    }
+}
+
+impl Shared {
+    fn key(&self, key: &Key) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, cmd.query_async(&mut conn)).await
+    }
+
+    async fn run_pipe<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        p: &redis::Pipeline,
+    ) -> Result<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, p.query_async(&mut conn)).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| unavailable(&self.name, what, e)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{}: {what}: no answer within {}s",
+                self.name,
+                self.timeout.as_secs()
+            ))),
+        }
+    }
+}
+
+/// Every Redis failure is the backend's, and worth retrying (UNAVAILABLE), except a Redis
+/// at its `maxmemory` with a policy that refuses writes: that is a full store.
+fn unavailable(name: &str, what: &str, e: redis::RedisError) -> Error {
+    let message = format!("{name}: {what}: {e}");
+    if e.code() == Some("OOM") {
+        Error::StorageFull(message)
+    } else {
+        Error::Unavailable(message)
+    }
+}
+
+#[async_trait]
+impl BlobStore for RedisStore {
+    async fn lookup(&self, keys: &[Key]) -> Result<Vec<Option<u64>>> {
+        let s = &self.shared;
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(LOOKUP_CHUNK) {
+            // EXISTS as well as STRLEN: an empty action result is a present, empty string.
+            let mut p = redis::pipe();
+            for key in chunk {
+                let k = s.key(key);
+                p.cmd("EXISTS").arg(&k).cmd("STRLEN").arg(&k);
+                if let Some(ttl) = s.expire_seconds {
+                    p.cmd("EXPIRE").arg(&k).arg(ttl).ignore();
+                }
+            }
+            let replies: Vec<u64> = s.run_pipe("looking up entries", &p).await?;
+            if replies.len() != chunk.len() * 2 {
+                return Err(Error::Unavailable(format!(
+                    "{}: looking up {} entries: {} replies",
+                    s.name,
+                    chunk.len(),
+                    replies.len()
+                )));
+            }
+            out.extend(replies.chunks(2).map(|r| (r[0] == 1).then_some(r[1])));
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+        let s = &self.shared;
+        let cmd = match s.expire_seconds {
+            Some(ttl) => {
+                let mut c = redis::cmd("GETEX");
+                c.arg(s.key(key)).arg("EX").arg(ttl);
+                c
+            }
+            None => {
+                let mut c = redis::cmd("GET");
+                c.arg(s.key(key));
+                c
+            }
+        };
+        let value: Option<Vec<u8>> = s.run(&format!("reading {key}"), &cmd).await?;
+        Ok(value.map(Bytes::from))
+    }
+
+    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+        let Some(data) = self.get(key).await? else {
+            return Ok(None);
+        };
+        let size = data.len() as u64;
+        let mut cursor = Cursor::new(data);
+        cursor.set_position(offset.min(size));
+        Ok(Some((size, Box::pin(cursor) as BlobReader)))
+    }
+
+    async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
+        check_fits(size_hint, self.shared.capacity)?;
+        Ok(Box::new(RedisWriter {
+            shared: self.shared.clone(),
+            buf: Vec::new(),
+        }))
+    }
+
+    async fn remove(&self, key: &Key) -> Result<()> {
+        let s = &self.shared;
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(s.key(key));
+        let _: u64 = s.run(&format!("removing {key}"), &cmd).await?;
+        Ok(())
+    }
+
+    fn capacity(&self) -> u64 {
+        self.shared.capacity
+    }
+}
+
+/// An entry being written: held in memory (counted against `max_in_flight`) and sent with
+/// one SET at commit, so Redis never holds half of it.
+struct RedisWriter {
+    shared: Arc<Shared>,
+    buf: Vec<u8>,
+}
+
+#[async_trait]
+impl BlobWriter for RedisWriter {
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        let s = &self.shared;
+        if self.buf.len() as u64 + data.len() as u64 > s.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "{}: an entry of more than {} bytes (max_blob_size)",
+                s.name, s.capacity
+            )));
+        }
+        s.budget.take(data.len() as u64)?;
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>, key: Key) -> Result<()> {
+        let s = self.shared.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(s.key(&key)).arg(&self.buf);
+        if let Some(ttl) = s.expire_seconds {
+            cmd.arg("EX").arg(ttl);
+        }
+        let _: () = s.run(&format!("writing {key}"), &cmd).await?;
+        Ok(())
+    }
+}
+
+impl Drop for RedisWriter {
+    fn drop(&mut self) {
+        self.shared.budget.give(self.buf.len() as u64);
+    }
+}

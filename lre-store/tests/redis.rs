@@ -1,0 +1,285 @@
+//! The Redis store against a real redis-server on loopback (started by `e2e/redis/redis.sh`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::{dead_port, Redis};
+use lre_store::config::RedisConfig;
+use lre_store::error::StoreError;
+use lre_store::store::{BlobStore, Key, RedisStore};
+
+fn config(url: &str) -> RedisConfig {
+    let mut c = RedisConfig::new(url);
+    c.request_timeout_seconds = 2;
+    c
+}
+
+async fn set(store: &dyn BlobStore, key: Key, data: &[u8]) -> Result<(), StoreError> {
+    let mut w = store.writer(Some(data.len() as u64)).await?;
+    w.write(data).await?;
+    w.commit(key).await
+}
+
+fn ac(n: u8) -> Key {
+    Key::ac("main", &[n; 32])
+}
+
+#[tokio::test]
+async fn entries_round_trip_and_an_empty_entry_is_present() {
+    let redis = Redis::up(&[]);
+    let store = RedisStore::open(&config(&redis.url)).await.unwrap();
+    set(&store, ac(1), b"").await.unwrap();
+    set(&store, ac(2), b"an action result").await.unwrap();
+    assert_eq!(
+        store.lookup(&[ac(1), ac(2), ac(3)]).await.unwrap(),
+        vec![Some(0), Some(16), None],
+        "an empty result (exit code 0, no outputs) encodes to no bytes and must still hit"
+    );
+    assert_eq!(store.get(&ac(1)).await.unwrap().as_deref(), Some(&b""[..]));
+    assert_eq!(
+        common::read_all(&store, &ac(2), 10).await.as_deref(),
+        Some(&b"result"[..])
+    );
+    assert!(store.get(&ac(3)).await.unwrap().is_none());
+    store.remove(&ac(2)).await.unwrap();
+    assert!(store.get(&ac(2)).await.unwrap().is_none());
+
+    // 10k keys go in several pipelines and come back in order.
+    let keys: Vec<Key> = (0..10_000u32)
+        .map(|i| Key::Cas(common::sha(&i.to_le_bytes())))
+        .collect();
+    set(&store, keys[9_999], b"last").await.unwrap();
+    let found = store.lookup(&keys).await.unwrap();
+    assert_eq!(found.len(), 10_000);
+    assert_eq!(found.iter().filter(|f| f.is_some()).count(), 1);
+    assert_eq!(found[9_999], Some(4));
+}
+
+#[tokio::test]
+async fn a_written_entry_is_invisible_until_committed_and_a_dropped_one_never_appears() {
+    let redis = Redis::up(&[]);
+    let store = RedisStore::open(&config(&redis.url)).await.unwrap();
+    let mut w = store.writer(None).await.unwrap();
+    w.write(b"half").await.unwrap();
+    assert!(store.get(&ac(1)).await.unwrap().is_none());
+    drop(w);
+    assert!(store.get(&ac(1)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn oversized_entries_and_a_spent_budget_are_refused() {
+    let redis = Redis::up(&[]);
+    let mut c = config(&redis.url);
+    c.max_blob_size = lre_store::config::ByteSize(1024);
+    c.max_in_flight = lre_store::config::ByteSize(1536);
+    let store = RedisStore::open(&c).await.unwrap();
+    assert!(matches!(
+        store.writer(Some(1025)).await.err(),
+        Some(StoreError::InvalidArgument(_))
+    ));
+    let mut w = store.writer(None).await.unwrap();
+    let e = w.write(&[0; 1025]).await.unwrap_err();
+    assert!(
+        matches!(e, StoreError::InvalidArgument(ref m) if m.contains("max_blob_size")),
+        "{e}"
+    );
+
+    let mut a = store.writer(None).await.unwrap();
+    a.write(&[1; 1024]).await.unwrap();
+    let mut b = store.writer(None).await.unwrap();
+    let e = b.write(&[2; 1024]).await.unwrap_err();
+    assert!(matches!(e, StoreError::UploadSpaceExhausted { .. }), "{e}");
+    drop(a);
+    b.write(&[2; 1024]).await.unwrap();
+    b.commit(ac(7)).await.unwrap();
+    assert_eq!(store.lookup(&[ac(7)]).await.unwrap(), vec![Some(1024)]);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_start_is_an_error_naming_it() {
+    let port = dead_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let e = RedisStore::open(&config(&url))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+    assert!(
+        e.to_string().contains(&url),
+        "the message names the server: {e}"
+    );
+}
+
+#[tokio::test]
+async fn a_password_is_read_from_its_file_and_a_wrong_one_fails_at_start() {
+    let redis = Redis::up(&["--requirepass", "s3cret-pass"]);
+    let e = RedisStore::open(&config(&redis.url))
+        .await
+        .err()
+        .expect("no password");
+    assert!(e.to_string().contains(&redis.url), "{e}");
+    let file = redis.dir().join("password");
+    std::fs::write(&file, "wrong\n").unwrap();
+    let mut c = config(&redis.url);
+    c.password_file = Some(file.clone());
+    let e = RedisStore::open(&c).await.err().expect("wrong password");
+    assert!(
+        !e.to_string().contains("wrong"),
+        "the password is not echoed: {e}"
+    );
+    std::fs::write(&file, "s3cret-pass\n").unwrap();
+    let store = RedisStore::open(&c).await.unwrap();
+    set(&store, ac(1), b"ok").await.unwrap();
+    assert_eq!(
+        store.get(&ac(1)).await.unwrap().as_deref(),
+        Some(&b"ok"[..])
+    );
+}
+
+/// While Redis is gone every call fails as UNAVAILABLE (never a miss that would make a
+/// client rebuild, never a partial entry), and the store recovers once Redis is back.
+#[tokio::test]
+async fn a_redis_that_goes_away_is_unavailable_and_the_store_recovers() {
+    let redis = Redis::up(&[]);
+    let store = RedisStore::open(&config(&redis.url)).await.unwrap();
+    set(&store, ac(1), b"before").await.unwrap();
+    redis.kill();
+    for _ in 0..3 {
+        let e = store.get(&ac(1)).await.expect_err("Redis is down");
+        assert!(
+            matches!(e, StoreError::Unavailable(ref m) if m.contains(&redis.url)),
+            "{e}"
+        );
+        assert_eq!(e.grpc_code(), tonic::Code::Unavailable);
+    }
+    assert!(matches!(
+        store.lookup(&[ac(1)]).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        set(&store, ac(2), b"x").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.remove(&ac(1)).await,
+        Err(StoreError::Unavailable(_))
+    ));
+
+    redis.start();
+    let mut recovered = None;
+    for _ in 0..50 {
+        match set(&store, ac(3), b"after").await {
+            Ok(()) => {
+                recovered = Some(());
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("unexpected error while reconnecting: {e}"),
+        }
+    }
+    recovered.expect("the store reconnects to the restarted Redis");
+    assert_eq!(
+        store.get(&ac(3)).await.unwrap().as_deref(),
+        Some(&b"after"[..])
+    );
+    assert!(
+        store.get(&ac(1)).await.unwrap().is_none(),
+        "a Redis without persistence lost its data: a miss, not an error"
+    );
+}
+
+/// A Redis that accepts connections but answers nothing (stopped, swapping, partitioned)
+/// must not hang the client: the call ends as UNAVAILABLE after request_timeout.
+#[tokio::test]
+async fn a_redis_that_stops_answering_is_unavailable_not_a_hang() {
+    let redis = Redis::up(&[]);
+    let mut c = config(&redis.url);
+    c.request_timeout_seconds = 1;
+    let store = RedisStore::open(&c).await.unwrap();
+    set(&store, ac(1), b"x").await.unwrap();
+    let pid = std::fs::read_to_string(redis.dir().join("pid")).unwrap();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    let got = tokio::time::timeout(Duration::from_secs(30), store.get(&ac(1))).await;
+    signal("-CONT");
+    let e = got
+        .expect("bounded by request_timeout, not the test's 30 s")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(Some(v)) = store.get(&ac(1)).await {
+            assert_eq!(&v[..], b"x");
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "answers again once Redis does");
+}
+
+#[tokio::test]
+async fn a_full_redis_is_resource_exhausted() {
+    let redis = Redis::up(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
+    let store = RedisStore::open(&config(&redis.url)).await.unwrap();
+    let mut full = None;
+    for i in 0..64u8 {
+        if let Err(e) = set(&store, ac(i), &[i; 256 << 10]).await {
+            full = Some(e);
+            break;
+        }
+    }
+    let e = full.expect("2 MiB of Redis fills up");
+    assert!(matches!(e, StoreError::StorageFull(_)), "{e}");
+    assert_eq!(e.grpc_code(), tonic::Code::ResourceExhausted);
+    assert!(
+        store.get(&ac(0)).await.unwrap().is_some(),
+        "what was stored is still served"
+    );
+}
+
+#[tokio::test]
+async fn expire_seconds_sets_and_refreshes_a_ttl() {
+    let redis = Redis::up(&[]);
+    let mut c = config(&redis.url);
+    c.expire_seconds = Some(1000);
+    let store = RedisStore::open(&c).await.unwrap();
+    set(&store, ac(1), b"x").await.unwrap();
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        let key = format!("lre:{}", ac(1));
+        async move {
+            redis::cmd("TTL")
+                .arg(key)
+                .query_async::<i64>(&mut raw)
+                .await
+                .unwrap()
+        }
+    };
+    assert!((990..=1000).contains(&ttl(&mut raw).await));
+    redis::cmd("EXPIRE")
+        .arg(format!("lre:{}", ac(1)))
+        .arg(5)
+        .query_async::<()>(&mut raw)
+        .await
+        .unwrap();
+    store.get(&ac(1)).await.unwrap().expect("present");
+    assert!(ttl(&mut raw).await > 5, "a read refreshes the TTL");
+    redis::cmd("EXPIRE")
+        .arg(format!("lre:{}", ac(1)))
+        .arg(5)
+        .query_async::<()>(&mut raw)
+        .await
+        .unwrap();
+    store.lookup(&[ac(1)]).await.unwrap();
+    assert!(ttl(&mut raw).await > 5, "a lookup refreshes the TTL");
+}
