@@ -315,8 +315,9 @@ main() {
   # ---- H: Redis goes away while running, and comes back
   local probe; probe="$(printf 'cluster-h' | sha256sum | cut -d' ' -f1)"
   : >"$SCEN/empty-result" # an ActionResult with exit code 0 and no outputs: zero bytes
-  check "H: an action result stored through HAProxy" "PUT HTTP $(ac_http PUT "$probe" "$SCEN/empty-result")" \
-    on_every_replica GET "$probe" 200
+  local put; put="$(ac_http PUT "$probe" "$SCEN/empty-result")"
+  check "H: an action result stored through HAProxy" "PUT HTTP $put" [ "$put" = 200 ]
+  check "H: ... every replica serves it" "" on_every_replica GET "$probe" 200
   bash "$REDIS" kill "$redis_dir"
   check "H: Redis killed: every replica answers 502 (UNAVAILABLE) for it, not 404" "" \
     on_every_replica GET "$probe" 502

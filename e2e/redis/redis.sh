@@ -11,8 +11,10 @@ cmd=${1:?usage: redis.sh up|kill|start|down DIR} dir=${2:?DIR}
 bin=$(command -v redis-server || echo /usr/sbin/redis-server)
 
 wait_up() {
-  local port=$1
+  local port=$1 pid=$2
   for _ in $(seq 1 100); do
+    # Our process, not another test's Redis that took the port meanwhile.
+    kill -0 "$pid" 2>/dev/null || break
     # No redis-cli needed: a PING over bash's /dev/tcp. NOAUTH also proves it listens.
     if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
       printf 'PING\r\n' >&3
@@ -24,18 +26,19 @@ wait_up() {
     fi
     sleep 0.1
   done
-  echo "redis.sh: redis-server on port $port did not answer; its log:" >&2
+  echo "redis.sh: redis-server (pid $pid) on port $port did not answer; its log:" >&2
   tail -20 "$dir/log" >&2
   return 1
 }
 
 launch() {
   local port; port=$(cat "$dir/port")
-  local -a args; mapfile -t args < "$dir/args"
+  local -a args=(); mapfile -d '' -t args < "$dir/args"
   "$bin" --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$dir" \
     --daemonize no "${args[@]}" >>"$dir/log" 2>&1 &
-  echo $! > "$dir/pid"
-  wait_up "$port"
+  local pid=$!
+  echo "$pid" > "$dir/pid"
+  wait_up "$port" "$pid"
 }
 
 stop() {
@@ -43,7 +46,12 @@ stop() {
   [[ -f $dir/pid ]] || return 0
   local pid; pid=$(cat "$dir/pid")
   kill "-$sig" "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  local i
+  for i in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || break
+    [ "$i" = 60 ] && kill -KILL "$pid" 2>/dev/null # TERM not heeded in 3 s
+    sleep 0.05
+  done
   rm -f "$dir/pid"
 }
 
@@ -52,7 +60,8 @@ case $cmd in
     shift 2
     mkdir -p "$dir"
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' > "$dir/port"
-    printf '%s\n' "$@" | sed '/^$/d' > "$dir/args"
+    # NUL-separated, so an empty argument (--save '') survives.
+    if (($#)); then printf '%s\0' "$@" > "$dir/args"; else : > "$dir/args"; fi
     launch
     port=$(cat "$dir/port")
     printf 'REDIS_PORT=%s\nREDIS_URL=redis://127.0.0.1:%s/0\n' "$port" "$port" > "$dir/env"

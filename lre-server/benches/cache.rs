@@ -277,17 +277,19 @@ async fn main() {
         t.elapsed(),
     );
 
-    // FindMissingBlobs with 10,000 digests, half of them present.
-    let mut digests: Vec<re::Digest> = Vec::new();
+    // FindMissingBlobs with 1k, 10k and 100k digests, half of them present: how its cost
+    // grows with the request (the 1k request's cost per digest is the baseline).
+    let present_n: u32 = if quick { 5_000 } else { 50_000 };
+    let mut present: Vec<re::Digest> = Vec::new();
     let mut batch = Vec::new();
-    for i in 0..5000u32 {
+    for i in 0..present_n {
         let data = format!("small blob {i}").into_bytes();
-        digests.push(re::Digest {
+        present.push(re::Digest {
             hash: hex::encode(Sha256::digest(&data)),
             size_bytes: data.len() as i64,
         });
         batch.push(re::batch_update_blobs_request::Request {
-            digest: digests.last().cloned(),
+            digest: present.last().cloned(),
             data,
             compressor: 0,
         });
@@ -302,35 +304,44 @@ async fn main() {
             .await
             .unwrap();
     }
-    for i in 0..5000u32 {
-        let data = format!("absent blob {i}").into_bytes();
-        digests.push(re::Digest {
-            hash: hex::encode(Sha256::digest(&data)),
-            size_bytes: data.len() as i64,
-        });
+    let mut per_digest_1k = None;
+    for n in [1_000usize, 10_000, 100_000].map(|n| if quick { n / 10 } else { n }) {
+        let mut digests: Vec<re::Digest> = present[..n / 2].to_vec();
+        for i in 0..n / 2 {
+            let data = format!("absent blob {i}").into_bytes();
+            digests.push(re::Digest {
+                hash: hex::encode(Sha256::digest(&data)),
+                size_bytes: data.len() as i64,
+            });
+        }
+        let mut times = Vec::new();
+        for _ in 0..if n >= 100_000 { 7 } else { 20 } {
+            let t = Instant::now();
+            let missing = ContentAddressableStorageClient::new(ch.clone())
+                .max_encoding_message_size(64 << 20)
+                .find_missing_blobs(re::FindMissingBlobsRequest {
+                    instance_name: String::new(),
+                    blob_digests: digests.clone(),
+                    digest_function: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .missing_blob_digests;
+            times.push(t.elapsed());
+            assert_eq!(missing.len(), n / 2);
+        }
+        times.sort();
+        let median = percentile(&times, 0.5);
+        let per = median.as_secs_f64() * 1e6 / n as f64;
+        let base = *per_digest_1k.get_or_insert(per);
+        println!(
+            "find_missing_blobs {n} digests ({} present)  median {median:?}  p99 {:?}  {per:.2} µs/digest ({:.2} of the smallest request's)",
+            n / 2,
+            percentile(&times, 0.99),
+            per / base
+        );
     }
-    let mut times = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let missing = ContentAddressableStorageClient::new(ch.clone())
-            .find_missing_blobs(re::FindMissingBlobsRequest {
-                instance_name: String::new(),
-                blob_digests: digests.clone(),
-                digest_function: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .missing_blob_digests;
-        times.push(t.elapsed());
-        assert_eq!(missing.len(), 5000);
-    }
-    times.sort();
-    println!(
-        "find_missing_blobs 10,000 digests (5,000 present)  median {:?}  p99 {:?}",
-        percentile(&times, 0.5),
-        percentile(&times, 0.99)
-    );
 
     // GetActionResult on a hit with two outputs (completeness check included).
     let action = re::Digest {
@@ -343,7 +354,7 @@ async fn main() {
             digest: Some(small[0].clone()),
             ..Default::default()
         }],
-        stdout_digest: Some(digests[0].clone()),
+        stdout_digest: Some(present[0].clone()),
         ..Default::default()
     };
     let mut ac = ActionCacheClient::new(ch.clone());

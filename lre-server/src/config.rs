@@ -366,6 +366,17 @@ impl Config {
         if let Some(ac) = &self.action_cache_store {
             ac.validate("action_cache_store")
                 .map_err(|(k, m)| invalid(k, m))?;
+            let cas_dirs = self.store.filesystem_dirs();
+            if let Some(dir) = ac.filesystem_dirs().iter().find(|d| cas_dirs.contains(d)) {
+                return Err(invalid(
+                    "action_cache_store",
+                    format!(
+                        "uses {}, a directory of `store` too: two stores in one directory \
+                         would evict each other's files; give it a path of its own",
+                        dir.display()
+                    ),
+                ));
+            }
         }
         let e = &self.execution;
         if e.default_timeout_seconds == 0 || e.default_timeout_seconds > e.max_timeout_seconds {
@@ -561,5 +572,25 @@ mod tests {
         assert!(e.contains("connections.header_read_timeout_seconds"), "{e}");
         let e = Config::from_toml("[connections]\nidle_timeout = 5\n").unwrap_err();
         assert!(e.contains("idle_timeout"), "{e}");
+    }
+
+    #[test]
+    fn the_action_cache_store_cannot_share_the_cas_directory() {
+        let text = "[store]\npath = \"/srv/lre\"\n[action_cache_store]\nkind = \"verify\"\n\
+                    [action_cache_store.backend]\npath = \"/srv/lre\"\n";
+        let e = Config::from_toml(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("action_cache_store") && e.contains("/srv/lre"),
+            "{e}"
+        );
+        let ok = text.replace(
+            "backend]\npath = \"/srv/lre\"",
+            "backend]\npath = \"/srv/lre-ac\"",
+        );
+        Config::from_toml(&ok).unwrap().validate().unwrap();
     }
 }

@@ -124,17 +124,18 @@ pub async fn open_stores(
     config: &Config,
     metrics: &Metrics,
 ) -> Result<(Arc<dyn BlobStore>, Arc<dyn BlobStore>), StartError> {
-    let open = |key, c| async move {
-        crate::store::build(c, metrics.store.clone())
+    // The metrics go to the CAS: a local action-cache store would overwrite its gauges.
+    let open = |key, c, metrics| async move {
+        crate::store::build(c, metrics)
             .await
             .map_err(|e| StartError::OpenStore {
                 key,
                 error: e.into(),
             })
     };
-    let cas = open("store", &config.store).await?;
+    let cas = open("store", &config.store, metrics.store.clone()).await?;
     let ac = match &config.action_cache_store {
-        Some(c) => open("action_cache_store", c).await?,
+        Some(c) => open("action_cache_store", c, Default::default()).await?,
         None => cas.clone(),
     };
     Ok((cas, ac))

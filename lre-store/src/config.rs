@@ -77,6 +77,7 @@ pub enum StoreConfig {
     S3(S3Config),
     Redis(RedisConfig),
     FastSlow(FastSlowConfig),
+    Verify(VerifyConfig),
 }
 
 /// The local disk: an LRU-bounded directory of content-addressed files.
@@ -184,6 +185,14 @@ pub struct FastSlowConfig {
     pub slow: Box<StoreConfig>,
 }
 
+/// Hashes every CAS blob read from `backend`; one that does not match its name is never
+/// served whole (see `store::verify`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    pub backend: Box<StoreConfig>,
+}
+
 impl<'de> Deserialize<'de> for StoreConfig {
     /// By hand because `kind` may be left out (the filesystem store, as before layers
     /// existed), which serde's internally tagged enums do not allow.
@@ -221,10 +230,11 @@ impl<'de> Deserialize<'de> for StoreConfig {
             "s3" => StoreConfig::S3(variant(&kind, table)?),
             "redis" => StoreConfig::Redis(variant(&kind, table)?),
             "fast-slow" | "fast_slow" => StoreConfig::FastSlow(variant(&kind, table)?),
+            "verify" => StoreConfig::Verify(variant(&kind, table)?),
             other => {
                 return Err(D::Error::custom(format!(
                     "unknown store kind {other:?}; expected \"filesystem\", \"memory\", \"s3\", \
-                     \"redis\" or \"fast-slow\""
+                     \"redis\", \"fast-slow\" or \"verify\""
                 )))
             }
         })
@@ -302,6 +312,8 @@ impl RedisConfig {
     }
 }
 
+const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+
 fn default_redis_prefix() -> String {
     "lre:".to_owned()
 }
@@ -366,6 +378,7 @@ impl StoreConfig {
             StoreConfig::S3(c) => c.max_blob_size.0,
             StoreConfig::Redis(c) => c.max_blob_size.0,
             StoreConfig::FastSlow(c) => c.fast.capacity().min(c.slow.capacity()),
+            StoreConfig::Verify(c) => c.backend.capacity(),
         }
     }
 
@@ -476,10 +489,23 @@ impl StoreConfig {
                 if c.request_timeout_seconds == 0 {
                     return Err((key("request_timeout_seconds"), "must be at least 1".into()));
                 }
-                if c.expire_seconds == Some(0) {
-                    return Err((key("expire_seconds"), "must be at least 1".into()));
+                if c.expire_seconds.is_some_and(|t| t == 0 || t > TEN_YEARS) {
+                    return Err((
+                        key("expire_seconds"),
+                        format!("must be between 1 and {TEN_YEARS} (ten years)"),
+                    ));
+                }
+                if c.username.is_some() && c.password_file.is_none() {
+                    return Err((
+                        key("password_file"),
+                        format!(
+                            "is needed with {}: Redis takes the user only with its password",
+                            key("username")
+                        ),
+                    ));
                 }
             }
+            StoreConfig::Verify(c) => c.backend.validate(&key("backend"))?,
             StoreConfig::FastSlow(c) => {
                 c.fast.validate(&key("fast"))?;
                 c.slow.validate(&key("slow"))?;
@@ -501,6 +527,22 @@ impl StoreConfig {
         Ok(())
     }
 
+    /// Every directory a filesystem store in this config uses (its default when unset).
+    pub fn filesystem_dirs(&self) -> Vec<PathBuf> {
+        match self {
+            StoreConfig::Filesystem(c) => {
+                vec![c.path.clone().unwrap_or_else(default_store_path)]
+            }
+            StoreConfig::Memory(_) | StoreConfig::S3(_) | StoreConfig::Redis(_) => Vec::new(),
+            StoreConfig::Verify(c) => c.backend.filesystem_dirs(),
+            StoreConfig::FastSlow(c) => {
+                let mut v = c.fast.filesystem_dirs();
+                v.extend(c.slow.filesystem_dirs());
+                v
+            }
+        }
+    }
+
     /// The size limit of the first local (filesystem or memory) store, fast tier first:
     /// what a command-line `--max-size` sets.
     pub fn local_max_size_mut(&mut self) -> Option<&mut ByteSize> {
@@ -508,6 +550,7 @@ impl StoreConfig {
             StoreConfig::Filesystem(c) => Some(&mut c.max_size),
             StoreConfig::Memory(c) => Some(&mut c.max_size),
             StoreConfig::S3(_) | StoreConfig::Redis(_) => None,
+            StoreConfig::Verify(c) => c.backend.local_max_size_mut(),
             StoreConfig::FastSlow(c) => match c.fast.local_max_size_mut() {
                 Some(m) => Some(m),
                 None => c.slow.local_max_size_mut(),
@@ -608,6 +651,27 @@ mod tests {
                 .0,
             "ac.max_blob_size"
         );
+        assert_eq!(
+            at("redis://127.0.0.1", "username = \"lre\"\n")
+                .unwrap_err()
+                .0,
+            "ac.password_file",
+            "Redis drops a user sent without a password"
+        );
+        assert_eq!(
+            at("redis://127.0.0.1", "expire_seconds = 999999999999\n").map_err(|e| e.0),
+            Err("ac.expire_seconds".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_verify_layer_wraps_any_store_and_errors_name_its_key() {
+        let c =
+            parse("[store]\nkind = \"verify\"\n[store.backend]\nkind = \"memory\"\nmax_size = 0\n")
+                .unwrap();
+        assert_eq!(c.validate("store").unwrap_err().0, "store.backend.max_size");
+        let e = parse("[store]\nkind = \"verify\"\n").unwrap_err();
+        assert!(e.contains("backend"), "{e}");
     }
 
     #[test]

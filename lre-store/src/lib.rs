@@ -3,7 +3,7 @@
 //!
 //! - `digest`, `instance_name`, `resource_name`: the names.
 //! - `store`: the `BlobStore` trait and one file per kind (filesystem, memory, s3,
-//!   fast_slow), composed from a recursive `config::StoreConfig`.
+//!   redis, fast_slow), composed from a recursive `config::StoreConfig`.
 
 pub mod config;
 pub mod digest;

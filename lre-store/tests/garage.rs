@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use lre_store::metrics::StoreMetrics;
-use lre_store::store::{BlobStore, CasUpload, FastSlowStore, Key, MemStore, S3Store};
+use lre_store::store::{BlobStore, CasUpload, FastSlowStore, Key, MemStore, S3Store, VerifyStore};
 use lre_store::StoreError;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
@@ -147,6 +147,33 @@ async fn the_fast_tier_refills_from_the_slow_one_and_a_corrupt_slow_blob_is_neve
     put(&tiers, &good).await;
     fast.remove(&name).await.unwrap();
     assert!(tiers.get(&name).await.unwrap().unwrap() == good);
+
+    // The same tampering under a `verify` layer straight over S3: a stream of the bad
+    // object ends in an error, never a clean EOF, and the object is removed.
+    let verified = VerifyStore::new(slow.clone());
+    assert!(read_all(&verified, &name, 100).await.unwrap() == good[100..]);
+    g.raw(1)
+        .put(
+            &Path::from(name.to_string()),
+            PutPayload::from(noise(5000, 7)),
+        )
+        .await
+        .unwrap();
+    let (_, mut r) = verified.open(&name, 0).await.unwrap().expect("listed");
+    let mut sink = Vec::new();
+    let e = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut sink)
+        .await
+        .expect_err("a corrupt object never reads clean");
+    assert!(e.to_string().contains("not served"), "{e}");
+    let mut removed = false;
+    for _ in 0..50 {
+        if slow.lookup(&[name]).await.unwrap() == vec![None] {
+            removed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(removed, "the corrupt object is deleted from the bucket");
 }
 
 #[tokio::test]

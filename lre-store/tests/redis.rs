@@ -113,22 +113,25 @@ async fn an_unreachable_redis_at_start_is_an_error_naming_it() {
 
 #[tokio::test]
 async fn a_password_is_read_from_its_file_and_a_wrong_one_fails_at_start() {
-    let redis = Redis::up(&["--requirepass", "s3cret-pass"]);
+    let secret = format!("pw-{}", std::process::id() as u64 * 7919 + 1234567);
+    let redis = Redis::up(&["--requirepass", &secret]);
     let e = RedisStore::open(&config(&redis.url))
         .await
         .err()
         .expect("no password");
     assert!(e.to_string().contains(&redis.url), "{e}");
     let file = redis.dir().join("password");
-    std::fs::write(&file, "wrong\n").unwrap();
+    let wrong = format!("{secret}-not-it");
+    std::fs::write(&file, format!("{wrong}\n")).unwrap();
     let mut c = config(&redis.url);
     c.password_file = Some(file.clone());
     let e = RedisStore::open(&c).await.err().expect("wrong password");
     assert!(
-        !e.to_string().contains("wrong"),
+        !e.to_string().contains(&wrong),
         "the password is not echoed: {e}"
     );
-    std::fs::write(&file, "s3cret-pass\n").unwrap();
+    assert!(e.to_string().contains(&redis.url), "{e}");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
     let store = RedisStore::open(&c).await.unwrap();
     set(&store, ac(1), b"ok").await.unwrap();
     assert_eq!(
@@ -239,8 +242,17 @@ async fn a_full_redis_is_resource_exhausted() {
     let e = full.expect("2 MiB of Redis fills up");
     assert!(matches!(e, StoreError::StorageFull(_)), "{e}");
     assert_eq!(e.grpc_code(), tonic::Code::ResourceExhausted);
-    assert!(
-        store.get(&ac(0)).await.unwrap().is_some(),
+    let stored = store
+        .lookup(&(0..64).map(ac).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let first = stored
+        .iter()
+        .position(|s| s.is_some())
+        .expect("some writes fit first");
+    assert_eq!(
+        store.get(&ac(first as u8)).await.unwrap().map(|v| v.len()),
+        Some(256 << 10),
         "what was stored is still served"
     );
 }
@@ -282,4 +294,113 @@ async fn expire_seconds_sets_and_refreshes_a_ttl() {
         .unwrap();
     store.lookup(&[ac(1)]).await.unwrap();
     assert!(ttl(&mut raw).await > 5, "a lookup refreshes the TTL");
+}
+
+/// A user the ACL does not allow the store's commands: refused at start (the probe), as a
+/// misconfiguration (not retryable), naming the server.
+#[tokio::test]
+async fn a_user_without_the_commands_it_needs_is_refused_at_start() {
+    let redis = Redis::up(&[
+        "--user",
+        "reader",
+        "on",
+        ">reader-pw",
+        "~*",
+        "+ping",
+        "+get",
+        "+hello",
+        "+client",
+    ]);
+    let file = redis.dir().join("password");
+    std::fs::write(&file, "reader-pw").unwrap();
+    let mut c = config(&redis.url);
+    c.username = Some("reader".into());
+    c.password_file = Some(file);
+    let e = RedisStore::open(&c)
+        .await
+        .err()
+        .expect("SET is not allowed");
+    assert!(matches!(e, StoreError::Internal(_)), "{e}");
+    assert!(
+        e.to_string().contains(&redis.url) && e.to_string().to_lowercase().contains("noperm"),
+        "{e}"
+    );
+}
+
+/// A connection that goes silent without breaking (a partition, a NAT or load balancer
+/// dropping it, a crashed host): the call is UNAVAILABLE after request_timeout, and the
+/// store dials a new connection instead of waiting on the dead one forever.
+#[tokio::test]
+async fn a_connection_that_goes_silent_is_replaced() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let redis = Redis::up(&[]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    // Connections numbered below `dead_before` are black-holed: their bytes are read (so
+    // TCP acknowledges them) and dropped, in both directions, and the socket stays open.
+    let dead_before = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let upstream = format!("127.0.0.1:{}", redis.port);
+    {
+        let (dead_before, accepted) = (dead_before.clone(), accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let id = accepted.fetch_add(1, Ordering::SeqCst);
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let d1 = dead_before.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        if id >= d1.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let d2 = dead_before.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                        if id >= d2.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let mut c = config(&format!("redis://{proxy}/0"));
+    c.request_timeout_seconds = 1;
+    let store = RedisStore::open(&c).await.unwrap();
+    set(&store, ac(1), b"through the proxy").await.unwrap();
+
+    dead_before.store(accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    let e = tokio::time::timeout(Duration::from_secs(30), store.get(&ac(1)))
+        .await
+        .expect("bounded by request_timeout")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+
+    let mut served = None;
+    for _ in 0..20 {
+        if let Ok(Some(v)) = store.get(&ac(1)).await {
+            served = Some(v);
+            break;
+        }
+    }
+    assert_eq!(
+        served.as_deref(),
+        Some(&b"through the proxy"[..]),
+        "a new connection is dialled instead of waiting on the silent one"
+    );
+    assert!(accepted.load(Ordering::SeqCst) >= 2, "it dialled again");
 }

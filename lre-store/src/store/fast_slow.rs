@@ -9,14 +9,12 @@
 //! - `lookup` asks the slow tier only for what the fast one lacks, so an action result
 //!   whose outputs were evicted locally is still complete if the shared tier has them.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::AsyncReadExt;
 
 use super::{BlobReader, BlobStore, BlobWriter, Key};
 use crate::error::{Result, StoreError as Error};
@@ -101,20 +99,7 @@ impl FastSlowStore {
     /// `key` straight from the slow tier, not kept: a CAS blob is hashed as it streams
     /// (the skipped prefix too), and a mismatch is an error at its end, never a clean EOF.
     async fn open_slow(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        let Key::Cas(hash) = key else {
-            return self.slow.open(key, offset).await;
-        };
-        let Some((size, inner)) = self.slow.open(key, 0).await? else {
-            return Ok(None);
-        };
-        let reader = Verifying {
-            inner,
-            hasher: Sha256::new(),
-            expected: *hash,
-            skip: offset.min(size),
-            scratch: vec![0u8; CHUNK],
-        };
-        Ok(Some((size, Box::pin(reader))))
+        super::verify::open_verified(&self.slow, key, offset).await
     }
 }
 
@@ -128,57 +113,6 @@ impl Fill {
     fn bypass(key: &Key, e: Error) -> Fill {
         tracing::warn!(key = %key, error = %e, "the fast tier cannot take a blob; serving it from the slow tier");
         Fill::Bypass
-    }
-}
-
-/// Hashes everything read, drops the first `skip` bytes, and fails at the end if the
-/// content is not what its name says.
-struct Verifying {
-    inner: BlobReader,
-    hasher: Sha256,
-    expected: [u8; 32],
-    skip: u64,
-    scratch: Vec<u8>,
-}
-
-impl AsyncRead for Verifying {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        while this.skip > 0 {
-            let want = this.scratch.len().min(this.skip as usize);
-            let mut sb = ReadBuf::new(&mut this.scratch[..want]);
-            std::task::ready!(this.inner.as_mut().poll_read(cx, &mut sb))?;
-            if sb.filled().is_empty() {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the slow tier's copy ended before the read offset",
-                )));
-            }
-            this.hasher.update(sb.filled());
-            this.skip -= sb.filled().len() as u64;
-        }
-        let room = buf.remaining() > 0;
-        let before = buf.filled().len();
-        std::task::ready!(this.inner.as_mut().poll_read(cx, buf))?;
-        let new = &buf.filled()[before..];
-        if new.is_empty() && room {
-            let actual: [u8; 32] = std::mem::take(&mut this.hasher).finalize().into();
-            if actual != this.expected {
-                let e = Error::Internal(format!(
-                    "the slow tier's copy of cas/{} hashes to {}",
-                    hex::encode(this.expected),
-                    hex::encode(actual)
-                ));
-                return Poll::Ready(Err(e.into_io()));
-            }
-        } else {
-            this.hasher.update(new);
-        }
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -7,6 +7,7 @@ mod lru_index;
 mod memory;
 pub mod redis;
 pub mod s3;
+pub mod verify;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ pub use fs::{FsOptions, FsStore};
 pub use memory::MemStore;
 pub use redis::RedisStore;
 pub use s3::S3Store;
+pub use verify::VerifyStore;
 
 use crate::config::StoreConfig;
 use crate::digest::Digest;
@@ -102,6 +104,9 @@ fn build_inner<'a>(
             ),
             StoreConfig::S3(c) => Arc::new(S3Store::open(c).await?),
             StoreConfig::Redis(c) => Arc::new(RedisStore::open(c).await?),
+            StoreConfig::Verify(c) => {
+                Arc::new(VerifyStore::new(build_inner(&c.backend, metrics).await?))
+            }
             StoreConfig::FastSlow(c) => {
                 let fast = build_inner(&c.fast, metrics).await?;
                 let slow = build_inner(&c.slow, metrics).await?;

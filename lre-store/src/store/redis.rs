@@ -3,8 +3,11 @@
 //! which are small, read on every build, and must be shared by every replica at once.
 //!
 //! Commands go through the `redis` crate's `ConnectionManager`, which reconnects on its own
-//! after Redis restarts; every command is also bounded here by `request_timeout_seconds`, so
-//! a Redis that went away is UNAVAILABLE to the client, never a hung call.
+//! when a connection breaks (Redis restarted). A connection that goes *silent* (a crashed
+//! host, a partition, a NAT dropping it) breaks nothing, so the manager would keep it:
+//! every command is bounded here by `request_timeout_seconds`, and a command that times out
+//! replaces the manager, so the next one dials afresh. TCP keepalive and `TCP_USER_TIMEOUT`
+//! close such a socket from the kernel's side too.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -12,7 +15,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::sync::Mutex;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
 use redis::IntoConnectionInfo;
 
 use super::{check_fits, BlobReader, BlobStore, BlobWriter, Budget, Key};
@@ -28,7 +34,10 @@ pub struct RedisStore {
 }
 
 struct Shared {
-    conn: ConnectionManager,
+    /// Replaced after a command times out (see the module documentation).
+    conn: Mutex<ConnectionManager>,
+    client: redis::Client,
+    manager: ConnectionManagerConfig,
     /// Said in every error, so an operator knows which backend failed. Holds no secret:
     /// config validation refuses credentials in the URL.
     name: String,
@@ -43,6 +52,13 @@ impl RedisStore {
     /// Connects and sends a PING, so a wrong address or password is an error at start that
     /// names the server, not a failure on the first build.
     pub async fn open(config: &RedisConfig) -> Result<RedisStore> {
+        // Validation refuses credentials in the URL; say so here too, so a caller that did
+        // not validate cannot put a password into every error message.
+        if config.url.contains('@') {
+            return Err(Error::InvalidArgument(
+                "redis url: credentials go in password_file, not in the URL".into(),
+            ));
+        }
         let name = format!("redis at {}", config.url);
         let info = config
             .url
@@ -62,9 +78,17 @@ impl RedisStore {
             })?;
             settings = settings.set_password(password.trim_end_matches(['\r', '\n']));
         }
-        let client = redis::Client::open(info.set_redis_settings(settings))
-            .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
         let timeout = Duration::from_secs(config.request_timeout_seconds);
+        let tcp = TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(
+                socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(5)),
+            )
+            .set_user_timeout(timeout * 2);
+        let client = redis::Client::open(info.set_redis_settings(settings).set_tcp_settings(tcp))
+            .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
         // A few quick reconnects per failed command, then UNAVAILABLE: Bazel retries too.
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.min(Duration::from_secs(5))))
@@ -74,12 +98,12 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         let conn = match tokio::time::timeout(
             timeout,
-            ConnectionManager::new_with_config(client, manager),
+            ConnectionManager::new_with_config(client.clone(), manager.clone()),
         )
         .await
         {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(unavailable(&name, "connecting at start", e)),
+            Ok(Err(e)) => return Err(classify(&name, "connecting at start", e)),
             Err(_) => {
                 return Err(Error::Unavailable(format!(
                     "{name}: connecting at start: no answer within {}s",
@@ -89,7 +113,9 @@ impl RedisStore {
         };
         let store = RedisStore {
             shared: Arc::new(Shared {
-                conn,
+                conn: Mutex::new(conn),
+                client,
+                manager,
                 name,
                 prefix: config.prefix.clone(),
                 capacity: config.max_blob_size.0,
@@ -98,17 +124,50 @@ impl RedisStore {
                 expire_seconds: config.expire_seconds,
             }),
         };
-        let pong: String = store
-            .shared
-            .run("checking the server at start", &redis::cmd("PING"))
-            .await?;
-        if pong != "PONG" {
-            return Err(Error::Unavailable(format!(
-                "{}: PING answered {pong:?}",
-                store.shared.name
+        store.probe().await?;
+        Ok(store)
+    }
+}
+
+impl RedisStore {
+    /// Every command the store sends, once, on a key of its own: a user the ACL does not
+    /// allow them, a read-only replica, a Redis without GETEX (before 6.2, with
+    /// `expire_seconds`) or a Redis Cluster fail here, naming the server, not on each request.
+    async fn probe(&self) -> Result<()> {
+        let s = &self.shared;
+        let what = "checking the server at start";
+        let key = format!("{}lre-probe", s.prefix);
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg("probe").arg("EX").arg(60);
+        let _: () = s.run(what, &set).await?;
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("EXISTS")
+            .arg(&key)
+            .cmd("STRLEN")
+            .arg(&key)
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(60)
+            .ignore();
+        let _: Vec<u64> = s.run_pipe(what, &p).await?;
+        let mut get = redis::cmd(if s.expire_seconds.is_some() {
+            "GETEX"
+        } else {
+            "GET"
+        });
+        get.arg(&key);
+        let got: Option<Vec<u8>> = s.run(what, &get).await?;
+        let mut del = redis::cmd("DEL");
+        del.arg(&key);
+        let _: u64 = s.run(what, &del).await?;
+        if got.as_deref() != Some(&b"probe"[..]) {
+            return Err(Error::Internal(format!(
+                "{}: {what}: a value written was read back as {got:?}",
+                s.name
             )));
         }
-        Ok(store)
+        Ok(())
     }
 }
 
@@ -117,8 +176,15 @@ impl Shared {
         format!("{}{key}", self.prefix)
     }
 
+    fn conn(&self) -> ConnectionManager {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.bounded(what, cmd.query_async(&mut conn)).await
     }
 
@@ -127,7 +193,7 @@ impl Shared {
         what: &str,
         p: &redis::Pipeline,
     ) -> Result<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.bounded(what, p.query_async(&mut conn)).await
     }
 
@@ -137,24 +203,56 @@ impl Shared {
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
         match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(|e| unavailable(&self.name, what, e)),
-            Err(_) => Err(Error::Unavailable(format!(
-                "{}: {what}: no answer within {}s",
-                self.name,
-                self.timeout.as_secs()
-            ))),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.redial();
+                }
+                Err(classify(&self.name, what, e))
+            }
+            Err(_) => {
+                self.redial();
+                Err(Error::Unavailable(format!(
+                    "{}: {what}: no answer within {}s",
+                    self.name,
+                    self.timeout.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// A silent connection is not a broken one, so the manager would keep using it:
+    /// replace it with one that dials on its next command.
+    fn redial(&self) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone()) {
+            Ok(fresh) => {
+                tracing::warn!(server = %self.name, "redis did not answer in time; reconnecting");
+                *self
+                    .conn
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+            }
+            Err(e) => tracing::warn!(server = %self.name, error = %e, "cannot reconnect to redis"),
         }
     }
 }
 
-/// Every Redis failure is the backend's, and worth retrying (UNAVAILABLE), except a Redis
-/// at its `maxmemory` with a policy that refuses writes: that is a full store.
-fn unavailable(name: &str, what: &str, e: redis::RedisError) -> Error {
+/// What a Redis failure means for the caller. A connection that failed or timed out, or a
+/// server that is loading, failing over or busy: UNAVAILABLE, worth retrying. A Redis at
+/// its `maxmemory` refusing writes: a full store. Anything else (an ACL refusal, a read-only
+/// replica, an unknown command, a key of another type) is a misconfiguration that retrying
+/// will not fix: INTERNAL, so it is not mistaken for an outage.
+fn classify(name: &str, what: &str, e: redis::RedisError) -> Error {
     let message = format!("{name}: {what}: {e}");
-    if e.code() == Some("OOM") {
-        Error::StorageFull(message)
-    } else {
-        Error::Unavailable(message)
+    match e.code() {
+        Some("OOM") => Error::StorageFull(message),
+        // NOAUTH / WRONGPASS too: also what a restarted Redis says before its password is
+        // set, and a rotated password may come back.
+        Some(
+            "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "BUSY" | "CLUSTERDOWN" | "NOAUTH" | "WRONGPASS",
+        ) => Error::Unavailable(message),
+        Some(_) => Error::Internal(message),
+        None => Error::Unavailable(message),
     }
 }
 
@@ -165,7 +263,9 @@ impl BlobStore for RedisStore {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             // EXISTS as well as STRLEN: an empty action result is a present, empty string.
+            // MULTI/EXEC, so no key is removed between its two answers.
             let mut p = redis::pipe();
+            p.atomic();
             for key in chunk {
                 let k = s.key(key);
                 p.cmd("EXISTS").arg(&k).cmd("STRLEN").arg(&k);
@@ -202,6 +302,13 @@ impl BlobStore for RedisStore {
             }
         };
         let value: Option<Vec<u8>> = s.run(&format!("reading {key}"), &cmd).await?;
+        // Larger than this store writes: not ours (another writer under the prefix).
+        if value.as_ref().is_some_and(|v| v.len() as u64 > s.capacity) {
+            return Err(Error::Internal(format!(
+                "{}: {key} holds more than max_blob_size ({} bytes)",
+                s.name, s.capacity
+            )));
+        }
         Ok(value.map(Bytes::from))
     }
 
