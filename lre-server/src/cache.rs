@@ -1,10 +1,9 @@
 //! The cache both protocols share: gRPC services and the HTTP handlers call these methods,
 //! so a blob written over one is readable over the other and the rules are enforced once.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Tree};
+use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use bytes::Bytes;
 use prost::Message;
 use tokio::io::AsyncReadExt as _;
@@ -14,13 +13,14 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
-use crate::store::{BlobReader, BlobStore, CasUpload, Key};
+use crate::store::{BlobReader, BlobStore, CasUpload, CompletenessChecking, Key};
 
 pub struct Cache {
     /// The CAS.
     pub store: Arc<dyn BlobStore>,
-    /// Action results and remembered asset fetches: `[action_cache_store]`, or `store`.
-    pub action_results: Arc<dyn BlobStore>,
+    /// Action results, read through the completeness rule; under it, unchecked, the
+    /// Remote Asset API's remembered fetches. `[action_cache_store]`, or `store`.
+    pub action_results: Arc<CompletenessChecking>,
     pub metrics: Arc<Metrics>,
     pub instances: Instances,
     pub auth: Authenticator,
@@ -33,6 +33,20 @@ pub struct Cache {
 pub struct AcHit {
     pub result: ActionResult,
     pub raw: Bytes,
+}
+
+/// The action-cache store `results` behind the completeness rule, over `cas`, counting
+/// what it withholds in `metrics`.
+pub fn checked_results(
+    results: Arc<dyn BlobStore>,
+    cas: Arc<dyn BlobStore>,
+    metrics: Arc<Metrics>,
+) -> Arc<CompletenessChecking> {
+    Arc::new(CompletenessChecking::new(
+        results,
+        cas,
+        Box::new(move |_| metrics.ac("incomplete")),
+    ))
 }
 
 impl Cache {
@@ -154,33 +168,24 @@ impl Cache {
         Ok(())
     }
 
-    /// Returns an action result only if everything it references is in the CAS, so a
-    /// client that trusts the hit (Build without the Bytes) never meets an evicted blob.
+    /// Returns an action result only if everything it references is in the CAS (the
+    /// `CompletenessChecking` layer's rule), so a client that trusts the hit (Build without
+    /// the Bytes) never meets an evicted blob.
     pub async fn get_action_result(
         &self,
         instance: &str,
         action_hash: [u8; 32],
     ) -> Result<Option<AcHit>> {
         let key = Key::ac(instance, &action_hash);
-        let action = hex::encode(action_hash);
         let Some(raw) = self.action_results.get(&key).await? else {
             self.metrics.ac("miss");
             return Ok(None);
         };
-        let result = match ActionResult::decode(raw.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(%action, error = %e, "dropping undecodable action cache entry");
-                self.action_results.remove(&key).await?;
-                self.metrics.ac("miss");
-                return Ok(None);
-            }
-        };
-        if let Some(missing) = self.first_missing_output(&result).await? {
-            tracing::debug!(%action, %missing, "action result incomplete: treating as a miss");
-            self.metrics.ac("incomplete");
-            return Ok(None);
-        }
+        let result = ActionResult::decode(raw.clone()).map_err(|e| {
+            Error::Internal(format!(
+                "the completeness layer passed an undecodable result: {e}"
+            ))
+        })?;
         self.metrics.ac("hit");
         Ok(Some(AcHit { result, raw }))
     }
@@ -201,40 +206,6 @@ impl Cache {
         w.commit(Key::ac(instance, &action_hash)).await?;
         self.metrics.bytes_received.inc_by(raw.len() as u64);
         Ok(())
-    }
-
-    /// The first blob `result` references that the CAS lacks: output files, stdout/stderr,
-    /// output directory trees and every file inside them. Looking them up also refreshes them.
-    async fn first_missing_output(&self, result: &ActionResult) -> Result<Option<Digest>> {
-        let mut wanted: Vec<Digest> = Vec::new();
-        for f in &result.output_files {
-            wanted.extend(Digest::from_opt_proto(&f.digest)?);
-        }
-        wanted.extend(Digest::from_opt_proto(&result.stdout_digest)?);
-        wanted.extend(Digest::from_opt_proto(&result.stderr_digest)?);
-        for dir in &result.output_directories {
-            let Some(tree_digest) = Digest::from_opt_proto(&dir.tree_digest)? else {
-                continue;
-            };
-            let Some(raw) = self.read_blob(&tree_digest).await? else {
-                return Ok(Some(tree_digest));
-            };
-            let tree = match Tree::decode(raw) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%tree_digest, error = %e, "output tree is not a Tree message");
-                    return Ok(Some(tree_digest));
-                }
-            };
-            for d in tree.root.iter().chain(tree.children.iter()) {
-                for f in &d.files {
-                    wanted.extend(Digest::from_opt_proto(&f.digest)?);
-                }
-            }
-        }
-        let mut seen = HashSet::new();
-        wanted.retain(|d| seen.insert(*d));
-        Ok(self.find_missing(&wanted).await?.first().copied())
     }
 }
 
@@ -343,7 +314,7 @@ mod tests {
         };
         let store: Arc<dyn BlobStore> = Arc::new(store);
         let cache = Cache {
-            action_results: store.clone(),
+            action_results: checked_results(store.clone(), store.clone(), metrics.clone()),
             store,
             metrics,
             instances: Instances::new(None),

@@ -29,7 +29,8 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub store: StoreMetrics,
-    /// Action-cache lookups by result: hit, miss, incomplete (referenced blobs gone).
+    /// Action-cache lookups by result: hit or miss; `incomplete` counts, again, the misses
+    /// whose result was stored but withheld because a blob it references is gone.
     pub ac_lookups: Family<ResultLabel, Counter>,
     /// CAS blob lookups by result: hit, miss.
     pub cas_lookups: Family<ResultLabel, Counter>,

@@ -148,8 +148,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens)
         .map_err(StartError::Store)?;
     let cache = Arc::new(Cache {
+        action_results: crate::cache::checked_results(
+            action_results,
+            store.clone(),
+            metrics.clone(),
+        ),
         store,
-        action_results,
         metrics,
         instances: Instances::new(config.instances.clone()),
         auth,

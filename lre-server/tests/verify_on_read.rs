@@ -34,7 +34,11 @@ async fn serve(dir: &Path, verify_on_read: bool) -> Channel {
     .unwrap();
     let store: Arc<dyn lre_server::store::BlobStore> = Arc::new(store);
     let cache = Arc::new(Cache {
-        action_results: store.clone(),
+        action_results: lre_server::cache::checked_results(
+            store.clone(),
+            store.clone(),
+            metrics.clone(),
+        ),
         store,
         metrics,
         instances: Instances::new(None),

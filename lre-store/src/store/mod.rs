@@ -1,6 +1,7 @@
 //! Blob storage. A store is a size-bounded LRU map from `Key` to bytes; it knows nothing of
 //! REAPI. Content verification lives in `CasUpload`, one layer up, so every store gets it.
 
+pub mod completeness;
 pub mod fast_slow;
 mod fs;
 mod lru_index;
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncRead;
 
+pub use completeness::CompletenessChecking;
 pub use fast_slow::FastSlowStore;
 pub use fs::{FsOptions, FsStore};
 pub use memory::MemStore;
