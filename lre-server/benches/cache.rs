@@ -4,6 +4,9 @@
 //!
 //! Prints numbers; asserts nothing. LRE_BENCH_QUICK=1 shrinks the sizes for a smoke run.
 
+#[path = "../../lre-store/tests/common/noise.rs"]
+mod noise;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,17 +169,7 @@ async fn main() {
     let big = if quick { 32 * MIB } else { 256 * MIB };
     let huge = if quick { 128 * MIB } else { 1024 * MIB };
     let small_count = if quick { 20 } else { 200 };
-    let base: Vec<u8> = {
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        (0..CHUNK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let base: Vec<u8> = noise::noise(CHUNK, 1);
 
     // Baseline: raw SHA-256 over the same kind of data, in this process.
     let t = Instant::now();

@@ -327,6 +327,23 @@ async fn a_user_without_the_commands_it_needs_is_refused_at_start() {
     );
 }
 
+/// Copies `from` to `to` while connection `id` is not black-holed; after, reads and drops.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    id: u64,
+    dead_before: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        let live = id >= dead_before.load(std::sync::atomic::Ordering::SeqCst);
+        if live && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A connection that goes silent without breaking (a partition, a NAT or load balancer
 /// dropping it, a crashed host): the call is UNAVAILABLE after request_timeout, and the
 /// store dials a new connection instead of waiting on the dead one forever.
@@ -334,8 +351,6 @@ async fn a_user_without_the_commands_it_needs_is_refused_at_start() {
 async fn a_connection_that_goes_silent_is_replaced() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     let redis = Redis::up(&[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
@@ -353,28 +368,10 @@ async fn a_connection_that_goes_silent_is_replaced() {
                 };
                 let id = accepted.fetch_add(1, Ordering::SeqCst);
                 let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let d1 = dead_before.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 << 10];
-                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
-                        if id >= d1.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-                let d2 = dead_before.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 << 10];
-                    while let Ok(n @ 1..) = sr.read(&mut buf).await {
-                        if id >= d2.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, id, dead_before.clone()));
+                tokio::spawn(pump(sr, cw, id, dead_before.clone()));
             }
         });
     }

@@ -73,20 +73,12 @@ pub fn hash_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+#[path = "../../../lre-store/tests/common/noise.rs"]
+mod noise;
+
 /// Deterministic pseudo-random bytes (incompressible enough to exercise zstd honestly).
 pub fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    noise::noise(len, seed)
 }
 
 pub fn authed<T>(msg: T, bearer: Option<&str>) -> Request<T> {

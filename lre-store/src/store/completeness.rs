@@ -10,7 +10,6 @@
 //! leave it out.
 
 use std::collections::HashSet;
-use std::io::Cursor;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,7 +17,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Tree}
 use bytes::Bytes;
 use prost::Message;
 
-use super::{BlobReader, BlobStore, BlobWriter, Key};
+use super::{reader_over, BlobReader, BlobStore, BlobWriter, Key};
 use crate::digest::Digest;
 use crate::error::Result;
 
@@ -152,13 +151,7 @@ impl BlobStore for CompletenessChecking {
     }
 
     async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        let Some(data) = self.get(key).await? else {
-            return Ok(None);
-        };
-        let size = data.len() as u64;
-        let mut cursor = Cursor::new(data);
-        cursor.set_position(offset.min(size));
-        Ok(Some((size, Box::pin(cursor) as BlobReader)))
+        Ok(self.get(key).await?.map(|data| reader_over(data, offset)))
     }
 
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {

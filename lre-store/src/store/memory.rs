@@ -1,13 +1,12 @@
 //! The in-memory store: the same LRU semantics as the filesystem store, nothing durable.
 
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::lru_index::LruIndex;
-use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key};
+use super::{check_fits, no_room, reader_over, BlobReader, BlobStore, BlobWriter, Key};
 use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
 
@@ -56,13 +55,7 @@ impl BlobStore for MemStore {
     }
 
     async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        let Some(data) = self.get(key).await? else {
-            return Ok(None);
-        };
-        let size = data.len() as u64;
-        let mut cursor = Cursor::new(data);
-        cursor.set_position(offset.min(size));
-        Ok(Some((size, Box::pin(cursor))))
+        Ok(self.get(key).await?.map(|data| reader_over(data, offset)))
     }
 
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {

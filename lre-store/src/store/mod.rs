@@ -120,6 +120,15 @@ fn build_inner<'a>(
 
 pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
 
+/// A reader over an entry held whole (memory, Redis, a checked action result), positioned at
+/// `offset` (at most the end), with the entry's size.
+pub(crate) fn reader_over(data: Bytes, offset: u64) -> (u64, BlobReader) {
+    let size = data.len() as u64;
+    let mut cursor = std::io::Cursor::new(data);
+    cursor.set_position(offset.min(size));
+    (size, Box::pin(cursor))
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// The size of each key that is present. Present entries count as used (LRU refresh).

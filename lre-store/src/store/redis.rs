@@ -9,7 +9,6 @@
 //! replaces the manager, so the next one dials afresh. TCP keepalive and `TCP_USER_TIMEOUT`
 //! close such a socket from the kernel's side too.
 
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::IntoConnectionInfo;
 
-use super::{check_fits, BlobReader, BlobStore, BlobWriter, Budget, Key};
+use super::{check_fits, reader_over, BlobReader, BlobStore, BlobWriter, Budget, Key};
 use crate::config::RedisConfig;
 use crate::error::{Result, StoreError as Error};
 
@@ -313,13 +312,7 @@ impl BlobStore for RedisStore {
     }
 
     async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        let Some(data) = self.get(key).await? else {
-            return Ok(None);
-        };
-        let size = data.len() as u64;
-        let mut cursor = Cursor::new(data);
-        cursor.set_position(offset.min(size));
-        Ok(Some((size, Box::pin(cursor) as BlobReader)))
+        Ok(self.get(key).await?.map(|data| reader_over(data, offset)))
     }
 
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {

@@ -3,7 +3,11 @@
 
 #![allow(dead_code)]
 
+pub mod noise;
 pub mod redis;
+
+#[allow(unused_imports)]
+pub use noise::noise;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -130,19 +134,6 @@ impl Drop for Garage {
 
 pub fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
-}
-
-/// Deterministic bytes that do not compress (a xorshift stream).
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Uploads `data` as a CAS blob through the verified path every server write takes.
