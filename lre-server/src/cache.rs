@@ -45,7 +45,11 @@ pub fn checked_results(
     Arc::new(CompletenessChecking::new(
         results,
         cas,
-        Box::new(move |_| metrics.ac("incomplete")),
+        Box::new(move |why| {
+            if why == lre_store::store::completeness::Withheld::Incomplete {
+                metrics.ac("incomplete")
+            }
+        }),
     ))
 }
 
@@ -111,8 +115,18 @@ impl Cache {
         let data = match self.store.open(&Key::cas(d), 0).await? {
             Some((size, reader)) if size == d.size => {
                 let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 20));
-                reader.take(size).read_to_end(&mut buf).await?;
-                (buf.len() as u64 == size).then(|| Bytes::from(buf))
+                match reader.take(size).read_to_end(&mut buf).await {
+                    Ok(_) => (buf.len() as u64 == size).then(|| Bytes::from(buf)),
+                    Err(e) => match lre_store::StoreError::from(e) {
+                        // A verify layer found the bytes do not match: the blob is gone, a
+                        // miss the client repairs by uploading it again.
+                        lre_store::StoreError::Corrupt(m) => {
+                            tracing::warn!(digest = %d, error = %m, "corrupt blob read as a miss");
+                            None
+                        }
+                        other => return Err(other.into()),
+                    },
+                }
             }
             _ => None,
         };

@@ -23,6 +23,11 @@ use tonic::Code;
 
 /// Serves ByteStream and CAS over a filesystem store in `dir`; returns a connected channel.
 async fn serve(dir: &Path, verify_on_read: bool) -> Channel {
+    serve_with(dir, verify_on_read, false).await
+}
+
+/// `layer`: the filesystem store under the generic `verify` layer.
+async fn serve_with(dir: &Path, verify_on_read: bool, layer: bool) -> Channel {
     let metrics = Arc::new(Metrics::new());
     let store = FsStore::open_with(
         dir.to_path_buf(),
@@ -32,7 +37,10 @@ async fn serve(dir: &Path, verify_on_read: bool) -> Channel {
     )
     .await
     .unwrap();
-    let store: Arc<dyn lre_server::store::BlobStore> = Arc::new(store);
+    let mut store: Arc<dyn lre_server::store::BlobStore> = Arc::new(store);
+    if layer {
+        store = Arc::new(lre_server::store::VerifyStore::new(store));
+    }
     let cache = Arc::new(Cache {
         action_results: lre_server::cache::checked_results(
             store.clone(),
@@ -159,4 +167,60 @@ async fn without_verify_on_read_the_same_damage_is_served() {
         .unwrap();
     assert_eq!(got.len(), bad.len());
     assert_ne!(got, bad);
+}
+
+/// The generic `verify` layer (for stores like S3 that cannot check before serving), over a
+/// filesystem store without `verify_on_read`, behind the real services: a blob damaged in
+/// place is never streamed whole (the ByteStream read ends in DATA_LOSS), BatchReadBlobs
+/// says NOT_FOUND, and the copy is removed so the next upload repairs it.
+#[tokio::test]
+async fn the_verify_layer_never_serves_a_damaged_blob_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = serve_with(dir.path(), false, true).await;
+    let good = blob(3 << 20, 4);
+    let bad = blob(3 << 20, 5);
+    upload(&ch, &good, "good").await;
+    upload(&ch, &bad, "bad").await;
+    assert_eq!(
+        bs_read(ch.clone(), &read_name("", &good), 1 << 20, 0, None)
+            .await
+            .unwrap(),
+        good[1 << 20..]
+    );
+    let path = blob_path(dir.path(), &bad);
+    corrupt(&path);
+    let err = bs_read(ch.clone(), &read_name("", &bad), 0, 0, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    let mut removed = false;
+    for _ in 0..100 {
+        if !path.exists() {
+            removed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(removed, "the damaged file is removed");
+
+    upload(&ch, &bad, "bad-again").await;
+    corrupt(&path);
+    let resp = CasClient::new(ch.clone())
+        .batch_read_blobs(
+            bazel_remote_apis::build::bazel::remote::execution::v2::BatchReadBlobsRequest {
+                instance_name: String::new(),
+                digests: vec![digest(&bad[..]), digest(&good[..])],
+                acceptable_compressors: vec![],
+                digest_function: 0,
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().map_or(0, |s| s.code))
+        .collect();
+    assert_eq!(codes, vec![Code::NotFound as i32, Code::Ok as i32]);
 }

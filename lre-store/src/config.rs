@@ -505,7 +505,19 @@ impl StoreConfig {
                     ));
                 }
             }
-            StoreConfig::Verify(c) => c.backend.validate(&key("backend"))?,
+            StoreConfig::Verify(c) => {
+                if let StoreConfig::FastSlow(_) = &*c.backend {
+                    // A bad local copy would make it delete the shared, good one: the
+                    // fast-slow layer already hashes what it reads from the slow tier.
+                    return Err((
+                        key("backend"),
+                        "is a fast-slow store: put the verify layer on its slow tier instead \
+                         (and verify_on_read on a filesystem fast tier)"
+                            .into(),
+                    ));
+                }
+                c.backend.validate(&key("backend"))?
+            }
             StoreConfig::FastSlow(c) => {
                 c.fast.validate(&key("fast"))?;
                 c.slow.validate(&key("slow"))?;
@@ -672,6 +684,13 @@ mod tests {
         assert_eq!(c.validate("store").unwrap_err().0, "store.backend.max_size");
         let e = parse("[store]\nkind = \"verify\"\n").unwrap_err();
         assert!(e.contains("backend"), "{e}");
+        let over_tiers = parse(
+            "[store]\nkind = \"verify\"\n[store.backend]\nkind = \"fast-slow\"\n\
+             [store.backend.fast]\nkind = \"memory\"\n[store.backend.slow]\nkind = \"memory\"\n",
+        )
+        .unwrap();
+        let (k, m) = over_tiers.validate("store").unwrap_err();
+        assert!(k == "store.backend" && m.contains("slow tier"), "{k}: {m}");
     }
 
     #[test]

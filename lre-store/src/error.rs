@@ -38,6 +38,11 @@ pub enum StoreError {
     #[error("unavailable: {0}")]
     Unavailable(String),
 
+    /// A stored blob's bytes do not match its name (bit rot, a tampered bucket): it is
+    /// never served whole, and reads as a miss where a miss can still be said.
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+
     #[error("I/O error: {0}")]
     Io(io::Error),
 
@@ -84,6 +89,7 @@ impl StoreError {
                 Code::ResourceExhausted
             }
             StoreError::Unavailable(_) => Code::Unavailable,
+            StoreError::Corrupt(_) => Code::DataLoss,
             StoreError::Io(_) | StoreError::Internal(_) => Code::Internal,
         }
     }

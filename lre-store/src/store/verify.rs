@@ -36,17 +36,34 @@ impl VerifyStore {
     }
 }
 
-fn corrupt(store: &Arc<dyn BlobStore>, key: Key, actual: &[u8; 32]) {
-    tracing::error!(key = %key, actual = %hex::encode(actual), "a stored blob does not match its digest; removing it");
-    let store = store.clone();
-    // From a reader's poll or a sync context: the removal runs on its own task.
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            if let Err(e) = store.remove(&key).await {
-                tracing::warn!(key = %key, error = %e, "could not remove a corrupt blob");
+/// Removes `key` from `store` if what it holds now still does not hash to its name: a
+/// correct upload that replaced the bad copy while it was being read must survive.
+async fn remove_if_still_corrupt(store: Arc<dyn BlobStore>, key: Key) {
+    let Key::Cas(expected) = key else { return };
+    let still_bad = match store.open(&key, 0).await {
+        Ok(Some((_, mut r))) => {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; SKIP_CHUNK];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut r, &mut buf).await {
+                    Ok(0) => break <[u8; 32]>::from(hasher.finalize()) != expected,
+                    Ok(n) => hasher.update(&buf[..n]),
+                    // Unreadable now: leave it for the next read to judge.
+                    Err(_) => break false,
+                }
             }
-        });
+        }
+        _ => false,
+    };
+    if still_bad {
+        if let Err(e) = store.remove(&key).await {
+            tracing::warn!(key = %key, error = %e, "could not remove a corrupt blob");
+        }
     }
+}
+
+fn log_corrupt(key: &Key, actual: &[u8; 32]) {
+    tracing::error!(key = %key, actual = %hex::encode(actual), "a stored blob does not match its digest; removing it");
 }
 
 /// `key` from `store`, a CAS blob hashed as it streams (its skipped prefix too). Shared by
@@ -66,9 +83,12 @@ pub(crate) async fn open_verified(
         inner,
         hasher: Sha256::new(),
         expected: *hash,
+        size,
+        seen: 0,
         skip: offset.min(size),
         scratch: Vec::new(),
         store: store.clone(),
+        done: None,
     };
     Ok(Some((size, Box::pin(reader))))
 }
@@ -86,7 +106,8 @@ impl BlobStore for VerifyStore {
         if let Key::Cas(hash) = key {
             let actual: [u8; 32] = Sha256::digest(&data).into();
             if &actual != hash {
-                corrupt(&self.inner, *key, &actual);
+                log_corrupt(key, &actual);
+                remove_if_still_corrupt(self.inner.clone(), *key).await;
                 return Ok(None);
             }
         }
@@ -110,15 +131,61 @@ impl BlobStore for VerifyStore {
     }
 }
 
-/// Hashes everything read, drops the first `skip` bytes, and fails at the end if the
-/// content is not what its name says (removing the copy from `store`).
+/// Hashes everything read, drops the first `skip` bytes, and checks the hash on the read
+/// that brings the count to the blob's `size`: consumers stop there (a `take(size)`, an
+/// HTTP body of that length) and never ask for the EOF after it. On a mismatch that last
+/// chunk is withheld and the read fails, so no consumer ever holds the whole bad blob; the
+/// copy is removed from `store`. The outcome is final: later polls repeat it.
 struct Verifying {
     inner: BlobReader,
     hasher: Sha256,
     expected: [u8; 32],
+    size: u64,
+    /// Bytes read from `inner`, skipped ones included.
+    seen: u64,
     skip: u64,
     scratch: Vec<u8>,
     store: Arc<dyn BlobStore>,
+    done: Option<Result<(), String>>,
+}
+
+impl Verifying {
+    fn failed(&mut self, message: String) -> std::io::Error {
+        self.done = Some(Err(message.clone()));
+        Error::Corrupt(message).into_io()
+    }
+
+    /// Called once `seen == size`: the verdict.
+    fn finish(&mut self) -> Result<(), std::io::Error> {
+        let actual: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+        if actual == self.expected {
+            self.done = Some(Ok(()));
+            return Ok(());
+        }
+        let key = Key::Cas(self.expected);
+        log_corrupt(&key, &actual);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(remove_if_still_corrupt(self.store.clone(), key))),
+            Err(_) => tracing::warn!(key = %key, "no runtime to remove a corrupt blob on"),
+        }
+        Err(self.failed(format!(
+            "the stored copy of {key} hashes to {}: not served",
+            hex::encode(actual)
+        )))
+    }
+
+    fn took(&mut self, n: usize) -> Result<(), std::io::Error> {
+        self.seen += n as u64;
+        if self.seen > self.size {
+            let m = format!(
+                "the stored copy of cas/{} is longer than its {} bytes",
+                hex::encode(self.expected),
+                self.size
+            );
+            return Err(self.failed(m));
+        }
+        Ok(())
+    }
 }
 
 impl AsyncRead for Verifying {
@@ -128,6 +195,11 @@ impl AsyncRead for Verifying {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        match &this.done {
+            Some(Ok(())) => return Poll::Ready(Ok(())), // EOF, as before
+            Some(Err(m)) => return Poll::Ready(Err(Error::Corrupt(m.clone()).into_io())),
+            None => {}
+        }
         while this.skip > 0 {
             if this.scratch.is_empty() {
                 this.scratch = vec![0u8; SKIP_CHUNK];
@@ -135,36 +207,49 @@ impl AsyncRead for Verifying {
             let want = this.scratch.len().min(this.skip as usize);
             let mut sb = ReadBuf::new(&mut this.scratch[..want]);
             std::task::ready!(this.inner.as_mut().poll_read(cx, &mut sb))?;
-            if sb.filled().is_empty() {
-                return Poll::Ready(Err(Error::Unavailable(format!(
+            let n = sb.filled().len();
+            if n == 0 {
+                let m = format!(
                     "the stored copy of cas/{} ended before the read offset",
                     hex::encode(this.expected)
-                ))
-                .into_io()));
+                );
+                return Poll::Ready(Err(this.failed(m)));
             }
-            this.hasher.update(sb.filled());
-            this.skip -= sb.filled().len() as u64;
+            this.hasher.update(&this.scratch[..n]);
+            this.skip -= n as u64;
+            this.took(n)?;
             if this.skip == 0 {
                 this.scratch = Vec::new();
             }
         }
+        if this.seen == this.size {
+            // Nothing left to serve (a read from the end, or an empty blob): decide now.
+            this.finish()?;
+            return Poll::Ready(Ok(()));
+        }
         let room = buf.remaining() > 0;
         let before = buf.filled().len();
         std::task::ready!(this.inner.as_mut().poll_read(cx, buf))?;
-        let new = &buf.filled()[before..];
-        if new.is_empty() && room {
-            let actual: [u8; 32] = std::mem::take(&mut this.hasher).finalize().into();
-            if actual != this.expected {
-                corrupt(&this.store, Key::Cas(this.expected), &actual);
-                let e = Error::Internal(format!(
-                    "the stored copy of cas/{} hashes to {}: not served",
-                    hex::encode(this.expected),
-                    hex::encode(actual)
-                ));
-                return Poll::Ready(Err(e.into_io()));
+        let n = buf.filled().len() - before;
+        if n == 0 && room {
+            let m = format!(
+                "the stored copy of cas/{} ended after {} of its {} bytes",
+                hex::encode(this.expected),
+                this.seen,
+                this.size
+            );
+            return Poll::Ready(Err(this.failed(m)));
+        }
+        this.hasher.update(&buf.filled()[before..]);
+        if let Err(e) = this.took(n) {
+            buf.set_filled(before);
+            return Poll::Ready(Err(e));
+        }
+        if this.seen == this.size {
+            if let Err(e) = this.finish() {
+                buf.set_filled(before); // the bad blob's last bytes are never handed out
+                return Poll::Ready(Err(e));
             }
-        } else {
-            this.hasher.update(new);
         }
         Poll::Ready(Ok(()))
     }
@@ -234,6 +319,51 @@ mod tests {
         // Truncated: fewer bytes than the name's content, also caught.
         raw_put(mem.as_ref(), claimed, b"what the name").await;
         assert!(read(&store, &claimed, 0).await.is_err());
+
+        // Same-size damage read the way the server reads (`take(size)`, a body of that
+        // length): the consumer never asks for EOF, and still gets an error, never the
+        // whole blob; reading again after the verdict repeats it, and a clean EOF stays one.
+        raw_put(mem.as_ref(), good, &good_data).await;
+        let mut rotten = good_data.clone();
+        rotten[199_999] ^= 1;
+        let other = Key::Cas(Sha256::digest(&good_data[..100]).into());
+        raw_put(mem.as_ref(), other, &rotten[..100]).await; // intact, for the clean-EOF check
+        let damaged = Key::Cas(Sha256::digest(b"damaged in place").into());
+        raw_put(mem.as_ref(), damaged, b"damaged in plaCe").await;
+        let (size, r) = store.open(&damaged, 0).await.unwrap().unwrap();
+        let mut r = r.take(size);
+        let mut got = Vec::new();
+        let e = r.read_to_end(&mut got).await.unwrap_err();
+        assert!(e.to_string().contains("not served"), "{e}");
+        assert!(
+            got.len() < size as usize,
+            "the last chunk is withheld: {} bytes",
+            got.len()
+        );
+        let mut inner = r.into_inner();
+        let mut more = [0u8; 8];
+        assert!(inner.read(&mut more).await.is_err(), "the verdict is final");
+        assert!(gone(mem.as_ref(), &damaged).await);
+
+        let (size, mut r) = store.open(&other, 0).await.unwrap().unwrap();
+        let mut got = vec![0u8; size as usize];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, &good_data[..100]);
+        assert_eq!(r.read(&mut more).await.unwrap(), 0);
+        assert_eq!(
+            r.read(&mut more).await.unwrap(),
+            0,
+            "EOF stays EOF, no second verdict"
+        );
+        assert!(
+            mem.lookup(&[other]).await.unwrap()[0].is_some(),
+            "a good blob is never removed"
+        );
+
+        // A read starting at the very end hashes everything while skipping: still judged.
+        raw_put(mem.as_ref(), damaged, b"damaged in plaCe").await;
+        let (_, mut r) = store.open(&damaged, 16).await.unwrap().unwrap();
+        assert!(r.read(&mut more).await.is_err());
 
         // Action results are not content-addressed: passed through as stored.
         let ac = Key::ac("", &[1; 32]);
