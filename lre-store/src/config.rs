@@ -146,16 +146,25 @@ pub struct S3Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`. The password goes in `password_file`, not in the URL, so the
-    /// URL can be logged and said in errors.
+    /// `rediss://host:port/db` (TLS) or `redis://host:port/db`. The password goes in
+    /// `password_file`, not in the URL, so the URL can be logged and said in errors.
     pub url: String,
     /// The ACL user (Redis 6+); absent means the default user.
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// Redis here speaks plain TCP: results would cross the network unencrypted and
-    /// unauthenticated against a man in the middle. Off-host Redis must be asked for.
+    /// `rediss://`: the CA (PEM) that signed the server's certificate; absent means the
+    /// system's roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` with client certificates (Redis `tls-auth-clients yes`): both, PEM.
+    #[serde(default)]
+    pub tls_client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_client_key_file: Option<PathBuf>,
+    /// A plain `redis://` URL to another host must be asked for: results would cross the
+    /// network unencrypted, open to a man in the middle. Use `rediss://` instead.
     #[serde(default)]
     pub allow_plaintext: bool,
     /// Prepended to every key, so one Redis can hold several caches.
@@ -290,6 +299,9 @@ impl RedisConfig {
             url: url.into(),
             username: None,
             password_file: None,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
             allow_plaintext: false,
             prefix: default_redis_prefix(),
             max_blob_size: default_redis_max_blob(),
@@ -299,9 +311,17 @@ impl RedisConfig {
         }
     }
 
+    /// Whether the URL asks for TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.url.starts_with("rediss://")
+    }
+
     /// The host the URL names, for the plaintext rule; `None` when it does not parse.
     fn host(&self) -> Option<String> {
-        let rest = self.url.strip_prefix("redis://")?;
+        let rest = self
+            .url
+            .strip_prefix("redis://")
+            .or_else(|| self.url.strip_prefix("rediss://"))?;
         let authority = rest.split('/').next()?;
         let host_port = authority.rsplit('@').next()?;
         let host = match host_port.strip_prefix('[') {
@@ -441,8 +461,7 @@ impl StoreConfig {
                     return Err((
                         key("url"),
                         format!(
-                            "{:?} is not a redis://host:port/db URL (TLS, rediss://, is not \
-                             built in: reach a remote Redis through a TLS tunnel on this host)",
+                            "{:?} is not a rediss://host:port/db (TLS) or redis://host:port/db URL",
                             c.url
                         ),
                     ));
@@ -462,13 +481,29 @@ impl StoreConfig {
                     || host
                         .parse::<std::net::IpAddr>()
                         .is_ok_and(|ip| ip.is_loopback());
-                if !loopback && !c.allow_plaintext {
+                if !c.tls()
+                    && (c.tls_ca_file.is_some()
+                        || c.tls_client_cert_file.is_some()
+                        || c.tls_client_key_file.is_some())
+                {
+                    return Err((
+                        key("url"),
+                        "TLS files are set but the URL is not rediss://".into(),
+                    ));
+                }
+                if c.tls_client_cert_file.is_some() != c.tls_client_key_file.is_some() {
+                    return Err((
+                        key("tls_client_key_file"),
+                        "tls_client_cert_file and tls_client_key_file go together".into(),
+                    ));
+                }
+                if !c.tls() && !loopback && !c.allow_plaintext {
                     return Err((
                         key("url"),
                         format!(
                             "{:?} is plain TCP to another host: action results would cross \
-                             the network unencrypted; tunnel it through TLS to a loopback \
-                             port, or set {} = true on a network you trust",
+                             the network unencrypted; use rediss:// (TLS), or set {} = true \
+                             on a network you trust",
                             c.url,
                             key("allow_plaintext")
                         ),
@@ -655,8 +690,14 @@ mod tests {
         at("redis://redis.internal:6379", "allow_plaintext = true\n").unwrap();
         let (k, m) = at("redis://:hunter2@127.0.0.1", "").unwrap_err();
         assert!(k == "ac.url" && m.contains("ac.password_file"), "{m}");
-        let (_, m) = at("rediss://127.0.0.1", "").unwrap_err();
-        assert!(m.contains("TLS"), "{m}");
+        at("rediss://redis.internal:6380/0", "").unwrap();
+        at("rediss://redis.internal", "tls_ca_file = \"/ca.pem\"\n").unwrap();
+        let (k, m) = at("redis://127.0.0.1", "tls_ca_file = \"/ca.pem\"\n").unwrap_err();
+        assert!(k == "ac.url" && m.contains("rediss://"), "{m}");
+        let (k, _) = at("rediss://r", "tls_client_cert_file = \"/c.pem\"\n").unwrap_err();
+        assert_eq!(k, "ac.tls_client_key_file");
+        let (_, m) = at("valkey://127.0.0.1", "").unwrap_err();
+        assert!(m.contains("rediss://"), "{m}");
         assert_eq!(
             at("redis://127.0.0.1", "max_blob_size = \"1GiB\"\n")
                 .unwrap_err()

@@ -401,3 +401,111 @@ async fn a_connection_that_goes_silent_is_replaced() {
     );
     assert!(accepted.load(Ordering::SeqCst) >= 2, "it dialled again");
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in
+/// `dir`; and a second, unrelated CA.
+fn pki(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca = |file: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.distinguished_name.push(DnType::CommonName, file);
+        std::fs::write(dir.join(file), p.self_signed(&key).unwrap().pem()).unwrap();
+        Issuer::new(p, key)
+    };
+    let issuer = ca("ca.crt");
+    ca("other-ca.crt");
+    for (name, sans, eku) in [
+        (
+            "server",
+            vec!["127.0.0.1".to_owned()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        (
+            "client",
+            vec!["lre.test".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.extended_key_usages = vec![eku];
+        std::fs::write(
+            dir.join(format!("{name}.crt")),
+            p.signed_by(&key, &issuer).unwrap().pem(),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// `rediss://`: the server is verified against `tls_ca_file`, and presents a client
+/// certificate when Redis asks for one. A wrong CA, a missing client certificate and plain
+/// TCP to a TLS port are refused at start, naming the server.
+#[tokio::test]
+async fn redis_over_tls_verifies_the_server_and_presents_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let path = |f: &str| dir.path().join(f);
+    let s = |f: &str| path(f).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (s("server.crt"), s("server.key"), s("ca.crt"));
+    let redis = Redis::up(&[
+        "--port",
+        "0",
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    assert!(redis.url.starts_with("rediss://"), "{}", redis.url);
+    let mut c = config(&redis.url);
+    c.tls_ca_file = Some(path("ca.crt"));
+    c.tls_client_cert_file = Some(path("client.crt"));
+    c.tls_client_key_file = Some(path("client.key"));
+    let store = RedisStore::open(&c).await.unwrap();
+    set(&store, ac(1), b"over tls").await.unwrap();
+    assert_eq!(
+        store.get(&ac(1)).await.unwrap().as_deref(),
+        Some(&b"over tls"[..])
+    );
+
+    let mut no_client_cert = c.clone();
+    no_client_cert.tls_client_cert_file = None;
+    no_client_cert.tls_client_key_file = None;
+    let e = RedisStore::open(&no_client_cert)
+        .await
+        .err()
+        .expect("Redis wants a client cert");
+    assert!(e.to_string().contains(&redis.url), "{e}");
+
+    let mut wrong_ca = c.clone();
+    wrong_ca.tls_ca_file = Some(path("other-ca.crt"));
+    let e = RedisStore::open(&wrong_ca)
+        .await
+        .err()
+        .expect("the server is not trusted");
+    assert!(e.to_string().contains(&redis.url), "{e}");
+
+    let plain = config(&redis.url.replace("rediss://", "redis://"));
+    let e = tokio::time::timeout(Duration::from_secs(30), RedisStore::open(&plain))
+        .await
+        .expect("bounded")
+        .err()
+        .expect("plain TCP to a TLS port");
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+}

@@ -86,8 +86,13 @@ impl RedisStore {
                     .with_interval(Duration::from_secs(5)),
             )
             .set_user_timeout(timeout * 2);
-        let client = redis::Client::open(info.set_redis_settings(settings).set_tcp_settings(tcp))
-            .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
+        let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
+        let client = if config.tls() {
+            tls_client(config, &name, info).await?
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))?;
         // A few quick reconnects per failed command, then UNAVAILABLE: Bazel retries too.
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.min(Duration::from_secs(5))))
@@ -126,6 +131,47 @@ impl RedisStore {
         store.probe().await?;
         Ok(store)
     }
+}
+
+/// A client for `rediss://`: the server verified against `tls_ca_file` (or the system's
+/// roots), with a client certificate when one is configured.
+async fn tls_client(
+    config: &RedisConfig,
+    name: &str,
+    info: redis::ConnectionInfo,
+) -> Result<redis::RedisResult<redis::Client>> {
+    // rustls needs a process-wide provider; ring is the one lre builds with (the server's
+    // TLS uses it too). Already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |key: &'static str, path: &Option<std::path::PathBuf>| {
+        let path = path.clone();
+        let name = name.to_owned();
+        async move {
+            match path {
+                None => Ok(None),
+                Some(p) => tokio::fs::read(&p).await.map(Some).map_err(|e| {
+                    Error::InvalidArgument(format!("{name}: reading {key} {}: {e}", p.display()))
+                }),
+            }
+        }
+    };
+    let root_cert = read("tls_ca_file", &config.tls_ca_file).await?;
+    let cert = read("tls_client_cert_file", &config.tls_client_cert_file).await?;
+    let key = read("tls_client_key_file", &config.tls_client_key_file).await?;
+    let client_tls = match (cert, key) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    Ok(redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    ))
 }
 
 impl RedisStore {
