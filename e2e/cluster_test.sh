@@ -5,8 +5,8 @@
 #   - Garage, 3 nodes, replication factor 3 (e2e/garage/cluster.sh);
 #   - 3 lre-server replicas, each a fast-slow store: its own filesystem tier in front of
 #     Garage, reached through HAProxy so that one Garage node's loss is invisible;
-#   - Redis (e2e/redis/redis.sh, append-only file on) holding the action cache all
-#     replicas share;
+#   - Redis (e2e/redis/redis.sh, over TLS, append-only file on) holding the action cache
+#     all replicas share;
 #   - HAProxy in front of the replicas (gRPC over h2c, and the HTTP cache) and in front
 #     of Garage's S3 API.
 #
@@ -76,6 +76,7 @@ request_timeout_seconds = 30
 [action_cache_store]
 kind = "redis"
 url = "$REDIS_URL"
+tls_ca_file = "$SCEN/pki/ca.crt"
 request_timeout_seconds = 5
 EOF
 }
@@ -162,7 +163,9 @@ on_every_replica() {
   done
 }
 
-redis_ac_keys() { redis-cli -p "$REDIS_PORT" --scan --pattern 'lre:ac/*' 2>/dev/null | wc -l; }
+redis_ac_keys() {
+  redis-cli --tls --cacert "$SCEN/pki/ca.crt" -p "$REDIS_PORT" --scan --pattern 'lre:ac/*' 2>/dev/null | wc -l
+}
 
 # s3 METHOD KEY: a signed request to Garage (through HAProxy); prints the HTTP status.
 s3() {
@@ -191,9 +194,13 @@ main() {
   . "$garage_dir/env"
   local redis_dir="$SCEN/redis"
   E2E_CLEANUP_HOOKS+=("bash '$REDIS' down '$redis_dir'")
-  # Append-only, fsynced per write: a Redis that is killed comes back with what it held.
-  check "redis: started, with an append-only file" "${redis_dir#"$RUN_DIR"/}" \
-    bash "$REDIS" up "$redis_dir" --appendonly yes --appendfsync always || { summary; exit 1; }
+  # TLS (the replicas verify it against the test CA), and append-only, fsynced per write: a
+  # Redis that is killed comes back with what it held.
+  make_pki "$SCEN/pki"
+  check "redis: started, over TLS, with an append-only file" "${redis_dir#"$RUN_DIR"/}" \
+    bash "$REDIS" up "$redis_dir" --appendonly yes --appendfsync always --port 0 --tls-port '{port}' \
+    --tls-cert-file "$SCEN/pki/server.crt" --tls-key-file "$SCEN/pki/server.key" \
+    --tls-ca-cert-file "$SCEN/pki/ca.crt" --tls-auth-clients no || { summary; exit 1; }
   # shellcheck disable=SC1091
   . "$redis_dir/env"
 
@@ -304,13 +311,13 @@ main() {
     refused_naming "$rc" "127.0.0.1:$dead" "$SCEN/dead.log"
 
   local dead_redis; dead_redis="$(free_port)"
-  sed "s|redis://127.0.0.1:[0-9]*|redis://127.0.0.1:$dead_redis|; s|grpc_listen = .*|grpc_listen = \"127.0.0.1:$(free_port)\"|; s|http_listen = .*|http_listen = \"127.0.0.1:$(free_port)\"|; s|path = .*|path = \"$SCEN/dead-fast2\"|" \
+  sed "s|rediss://127.0.0.1:[0-9]*|rediss://127.0.0.1:$dead_redis|; s|grpc_listen = .*|grpc_listen = \"127.0.0.1:$(free_port)\"|; s|http_listen = .*|http_listen = \"127.0.0.1:$(free_port)\"|; s|path = .*|path = \"$SCEN/dead-fast2\"|" \
     "$SCEN/r1.toml" >"$SCEN/dead-redis.toml"
   timeout 60 "$LRE_SERVER" --config "$SCEN/dead-redis.toml" >"$SCEN/dead-redis.log" 2>&1
   rc=$?
   check "G: a replica whose Redis is not there refuses to start, naming it" \
     "exit $rc: $(grep -m1 "^Error" "$SCEN/dead-redis.log")" \
-    refused_naming "$rc" "redis://127.0.0.1:$dead_redis" "$SCEN/dead-redis.log"
+    refused_naming "$rc" "rediss://127.0.0.1:$dead_redis" "$SCEN/dead-redis.log"
 
   # ---- H: Redis goes away while running, and comes back
   local probe; probe="$(printf 'cluster-h' | sha256sum | cut -d' ' -f1)"
