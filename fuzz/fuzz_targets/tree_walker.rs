@@ -341,8 +341,15 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 fn new_cache() -> Arc<Cache> {
     static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
     let metrics = METRICS.get_or_init(|| Arc::new(Metrics::new())).clone();
+    let store: Arc<dyn lre_server::store::BlobStore> =
+        Arc::new(MemStore::new(1 << 30, metrics.store.clone()));
     Arc::new(Cache {
-        store: Arc::new(MemStore::new(1 << 30, metrics.store.clone())),
+        action_results: lre_server::cache::checked_results(
+            store.clone(),
+            store.clone(),
+            metrics.clone(),
+        ),
+        store,
         metrics,
         instances: Instances::new(None),
         auth: Authenticator::open(),
