@@ -73,6 +73,26 @@ async fn serve_with(dir: &Path, verify_on_read: bool, layer: bool) -> Channel {
         .unwrap()
 }
 
+/// BatchReadBlobs of `blobs`: each one's status code.
+async fn batch_read_codes(ch: &Channel, blobs: &[&[u8]]) -> Vec<i32> {
+    CasClient::new(ch.clone())
+        .batch_read_blobs(
+            bazel_remote_apis::build::bazel::remote::execution::v2::BatchReadBlobsRequest {
+                instance_name: String::new(),
+                digests: blobs.iter().map(|b| digest(b)).collect(),
+                acceptable_compressors: vec![],
+                digest_function: 0,
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().map_or(0, |s| s.code))
+        .collect()
+}
+
 fn blob_path(dir: &Path, data: &[u8]) -> PathBuf {
     let h = hash_hex(data);
     dir.join("cas").join(&h[..2]).join(h)
@@ -133,24 +153,10 @@ async fn a_corrupted_blob_is_not_served_but_removed_so_clients_upload_it_again()
         bad
     );
     corrupt(&path);
-    let resp = CasClient::new(ch.clone())
-        .batch_read_blobs(
-            bazel_remote_apis::build::bazel::remote::execution::v2::BatchReadBlobsRequest {
-                instance_name: String::new(),
-                digests: vec![digest(&bad[..]), digest(&good[..])],
-                acceptable_compressors: vec![],
-                digest_function: 0,
-            },
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    let codes: Vec<i32> = resp
-        .responses
-        .iter()
-        .map(|r| r.status.as_ref().map_or(0, |s| s.code))
-        .collect();
-    assert_eq!(codes, vec![Code::NotFound as i32, Code::Ok as i32]);
+    assert_eq!(
+        batch_read_codes(&ch, &[&bad, &good]).await,
+        vec![Code::NotFound as i32, Code::Ok as i32]
+    );
     assert!(!path.exists());
 }
 
@@ -205,22 +211,8 @@ async fn the_verify_layer_never_serves_a_damaged_blob_whole() {
 
     upload(&ch, &bad, "bad-again").await;
     corrupt(&path);
-    let resp = CasClient::new(ch.clone())
-        .batch_read_blobs(
-            bazel_remote_apis::build::bazel::remote::execution::v2::BatchReadBlobsRequest {
-                instance_name: String::new(),
-                digests: vec![digest(&bad[..]), digest(&good[..])],
-                acceptable_compressors: vec![],
-                digest_function: 0,
-            },
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    let codes: Vec<i32> = resp
-        .responses
-        .iter()
-        .map(|r| r.status.as_ref().map_or(0, |s| s.code))
-        .collect();
-    assert_eq!(codes, vec![Code::NotFound as i32, Code::Ok as i32]);
+    assert_eq!(
+        batch_read_codes(&ch, &[&bad, &good]).await,
+        vec![Code::NotFound as i32, Code::Ok as i32]
+    );
 }

@@ -25,6 +25,18 @@ fn ac(n: u8) -> Key {
     Key::ac("main", &[n; 32])
 }
 
+/// `key`'s entry once the store answers again (Redis back, a new connection dialled):
+/// `get` retried up to 50 times, 100 ms apart.
+async fn get_when_back(store: &RedisStore, key: Key) -> Option<bytes::Bytes> {
+    for _ in 0..50 {
+        if let Ok(Some(v)) = store.get(&key).await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 #[tokio::test]
 async fn entries_round_trip_and_an_empty_entry_is_present() {
     let redis = Redis::up(&[]);
@@ -216,16 +228,11 @@ async fn a_redis_that_stops_answering_is_unavailable_not_a_hang() {
         .expect("bounded by request_timeout, not the test's 30 s")
         .unwrap_err();
     assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
-    let mut ok = false;
-    for _ in 0..50 {
-        if let Ok(Some(v)) = store.get(&ac(1)).await {
-            assert_eq!(&v[..], b"x");
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "answers again once Redis does");
+    assert_eq!(
+        get_when_back(&store, ac(1)).await.as_deref(),
+        Some(&b"x"[..]),
+        "answers again once Redis does"
+    );
 }
 
 #[tokio::test]
@@ -387,15 +394,8 @@ async fn a_connection_that_goes_silent_is_replaced() {
         .unwrap_err();
     assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
 
-    let mut served = None;
-    for _ in 0..20 {
-        if let Ok(Some(v)) = store.get(&ac(1)).await {
-            served = Some(v);
-            break;
-        }
-    }
     assert_eq!(
-        served.as_deref(),
+        get_when_back(&store, ac(1)).await.as_deref(),
         Some(&b"through the proxy"[..]),
         "a new connection is dialled instead of waiting on the silent one"
     );
