@@ -296,9 +296,12 @@ pub struct Spawn<'a> {
     pub uid: Option<u32>,
 }
 
-/// Runs the command, output to the given files. On timeout the whole sandbox is killed:
-/// bwrap is PID 1's parent with --die-with-parent, and killing PID 1 of a PID namespace
-/// takes every process in it along.
+/// Runs the command, output to the given files. On timeout the whole sandbox is killed, and
+/// gone before this returns: bwrap reports its sandbox's PID 1 (`--info-fd`), the timeout
+/// kills that process, and the kernel kills every other process of the PID namespace before
+/// PID 1 is reaped; bwrap exits only then. (Killing bwrap instead would leave PID 1 to die of
+/// `--die-with-parent` a moment later, with the action's processes still running meanwhile,
+/// writing into an exec root the worker is already collecting.)
 pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
     let Spawn {
         exec_root,
@@ -353,6 +356,13 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
         }
     }
     bind(&mut cmd, "--bind", exec_root)?;
+    let (info_read, info_write) = std::io::pipe()?;
+    let info_write = OwnedFd::from(info_write);
+    {
+        use std::os::fd::AsRawFd;
+        cmd.arg("--info-fd").arg(info_write.as_raw_fd().to_string());
+    }
+    fds.push(info_write);
     cmd.arg("--chdir").arg(workdir).arg("--clearenv");
     for (k, v) in env {
         cmd.arg("--setenv").arg(k).arg(v);
@@ -374,6 +384,10 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
     let mut child = cmd
         .spawn()
         .map_err(|e| WorkerError::Sandbox(format!("cannot start {}: {e}", cfg.bwrap.display())))?;
+    // Our copy of the info pipe's write end lives in `cmd`: closed now, so the reader sees
+    // EOF once bwrap has closed its own.
+    drop(cmd);
+    let sandbox_pid = tokio::task::spawn_blocking(move || sandbox_pid(info_read));
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(status) => {
             let status = status?;
@@ -388,11 +402,47 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
             })
         }
         Err(_) => {
-            let _ = child.kill().await;
+            let pid = match tokio::time::timeout(Duration::from_secs(1), sandbox_pid).await {
+                Ok(Ok(pid)) => pid,
+                _ => None,
+            };
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            // bwrap exits once PID 1 has been reaped, that is once the namespace is empty.
+            if pid.is_none()
+                || tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("sandbox did not end with its PID 1; killing bwrap");
+                let _ = child.kill().await;
+            }
             Ok(Outcome {
                 exit_code: -1,
                 timed_out: true,
             })
         }
     }
+}
+
+/// The host pid of the sandbox's PID 1, from bwrap's `--info-fd` JSON (`{"child-pid": N}`),
+/// read until the object closes (not to EOF: the write end may stay open while the action
+/// runs). Blocking.
+fn sandbox_pid(mut pipe: std::io::PipeReader) -> Option<rustix::process::Pid> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    // bwrap writes a few dozen bytes; the bound keeps a confused bwrap from growing this.
+    while !text.contains(&b'}') && text.len() < 64 << 10 {
+        let n = pipe.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    let end = text.iter().position(|&b| b == b'}')? + 1;
+    let value: serde_json::Value = serde_json::from_slice(&text[..end]).ok()?;
+    let pid = value.get("child-pid")?.as_i64()?;
+    rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)
 }

@@ -208,7 +208,9 @@ async fn escape_attempts_are_clear_errors_and_the_worker_carries_on() {
 #[tokio::test]
 async fn a_timeout_kills_the_whole_process_tree() {
     let e = env().await;
-    let script = "sleep 300 & sleep 301 & echo started > out; sleep 302";
+    // Durations no other process on the machine is likely to sleep for: pgrep looks at every
+    // process, and a shell elsewhere running `sleep 300` once failed this test.
+    let script = "sleep 7301 & sleep 7302 & echo started > out; sleep 7303";
     let f = e
         .run(&re::Directory::default(), script, &["out"], 1_000)
         .await;
@@ -224,7 +226,7 @@ async fn a_timeout_kills_the_whole_process_tree() {
         "a timed-out action still reports its logs"
     );
     let survivors = std::process::Command::new("pgrep")
-        .args(["-f", "sleep 30[012]"])
+        .args(["-f", "^sleep 730[123]$"])
         .output()
         .unwrap();
     assert!(
