@@ -221,6 +221,19 @@ pub struct ExecutionConfig {
     /// Operations tracked at once (queued, running, and finished ones for WaitExecution).
     #[serde(default = "default_max_operations")]
     pub max_operations: usize,
+    /// Share the queue, operations, in-flight deduplication and worker registrations
+    /// with every replica that names the same Redis (keys under its `prefix` + "sched:").
+    /// Absent: this process schedules alone, in memory.
+    #[serde(default)]
+    pub redis: Option<lre_store::config::RedisConfig>,
+    /// With `redis`: how long a replica's hold on an executing action lasts without being
+    /// renewed. A replica that dies loses its actions to the others after this long.
+    #[serde(default = "default_lease")]
+    pub lease_seconds: u64,
+}
+
+fn default_lease() -> u64 {
+    15
 }
 
 impl Default for ExecutionConfig {
@@ -234,6 +247,8 @@ impl Default for ExecutionConfig {
             known_platforms: vec![],
             max_queued_actions: default_max_queued(),
             max_operations: default_max_operations(),
+            redis: None,
+            lease_seconds: default_lease(),
         }
     }
 }
@@ -401,6 +416,17 @@ impl Config {
             return Err(invalid(
                 "execution.max_operations",
                 "must be at least execution.max_queued_actions",
+            ));
+        }
+        if let Some(r) = &e.redis {
+            lre_store::config::StoreConfig::Redis(r.clone())
+                .validate("execution.redis")
+                .map_err(|(k, m)| invalid(k, m))?;
+        }
+        if !(3..=600).contains(&e.lease_seconds) {
+            return Err(invalid(
+                "execution.lease_seconds",
+                "must be between 3 and 600 (leases are renewed every 2 seconds)",
             ));
         }
         self.status.validate().map_err(|(k, m)| invalid(k, m))?;

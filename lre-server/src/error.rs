@@ -55,6 +55,25 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The scheduler's answers keep their code: no worker could run it (FAILED_PRECONDITION),
+/// the queue is full (RESOURCE_EXHAUSTED), the cluster's Redis is away (UNAVAILABLE).
+impl From<crate::scheduler::Failure> for Error {
+    fn from(f: crate::scheduler::Failure) -> Self {
+        use tonic::Code;
+        let m = f.message;
+        match f.code {
+            Code::FailedPrecondition => Error::FailedPrecondition(m),
+            Code::ResourceExhausted => Error::ResourceExhausted(m),
+            Code::Unavailable => Error::Unavailable(m),
+            Code::DeadlineExceeded => Error::DeadlineExceeded(m),
+            Code::InvalidArgument => Error::InvalidArgument(m),
+            Code::NotFound => Error::NotFound(m),
+            Code::Aborted | Code::Cancelled => Error::Aborted(m),
+            _ => Error::Internal(m),
+        }
+    }
+}
+
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         // A full disk or quota stays StorageFull: the caller's to back off from.

@@ -25,7 +25,8 @@ use crate::cache::Cache;
 use crate::config::ExecutionConfig;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::{Error, Result};
-use crate::scheduler::{ActionKey, Properties, Scheduler, Stage};
+use crate::scheduler::cluster::Cluster;
+use crate::scheduler::{ActionKey, Failure, Properties, Scheduler, Stage, Submitted};
 use crate::status::RequestMeta;
 
 /// What a worker needs to run one action; shared by every waiter of a deduplicated action.
@@ -42,6 +43,59 @@ pub struct Job {
 }
 
 pub type ExecScheduler = Scheduler<Arc<Job>, ExecuteResponse>;
+
+/// Where operations live: this process's scheduler alone, or the state every replica
+/// shares in Redis (`execution.redis`), run on this process's scheduler when its workers
+/// claim them.
+#[derive(Clone)]
+pub enum Scheduling {
+    Local(Arc<ExecScheduler>),
+    Cluster(Arc<Cluster>),
+}
+
+impl Scheduling {
+    pub async fn submit(
+        &self,
+        job: Arc<Job>,
+        platform: Properties,
+        priority: i32,
+    ) -> std::result::Result<Submitted<ExecuteResponse>, Failure> {
+        match self {
+            Scheduling::Local(s) => {
+                let timeout = Some(job.timeout);
+                s.submit_with_timeout(job.key.clone(), platform, priority, job, timeout)
+            }
+            Scheduling::Cluster(c) => c.submit(job, platform, priority).await,
+        }
+    }
+
+    pub async fn snapshot(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Option<(ActionKey, Stage<ExecuteResponse>)>, Failure> {
+        match self {
+            Scheduling::Local(s) => Ok(s.snapshot(name)),
+            Scheduling::Cluster(c) => c.snapshot(name).await,
+        }
+    }
+
+    pub async fn watch(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Option<watch::Receiver<Stage<ExecuteResponse>>>, Failure> {
+        match self {
+            Scheduling::Local(s) => Ok(s.watch(name)),
+            Scheduling::Cluster(c) => c.watch(name).await,
+        }
+    }
+
+    pub async fn cancel(&self, name: &str) -> std::result::Result<bool, Failure> {
+        match self {
+            Scheduling::Local(s) => Ok(s.cancel(name)),
+            Scheduling::Cluster(c) => c.cancel(name).await,
+        }
+    }
+}
 
 const EXECUTE_RESPONSE: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
@@ -134,7 +188,7 @@ pub fn operation_stream(
 
 pub struct ExecutionService {
     cache: Arc<Cache>,
-    scheduler: Arc<ExecScheduler>,
+    scheduler: Scheduling,
     config: ExecutionConfig,
 }
 
@@ -193,7 +247,7 @@ fn properties(
 }
 
 impl ExecutionService {
-    pub fn new(cache: Arc<Cache>, scheduler: Arc<ExecScheduler>, config: ExecutionConfig) -> Self {
+    pub fn new(cache: Arc<Cache>, scheduler: Scheduling, config: ExecutionConfig) -> Self {
         ExecutionService {
             cache,
             scheduler,
@@ -350,11 +404,12 @@ impl ExecutionService {
             .as_ref()
             .map(|p| p.priority)
             .unwrap_or(0);
-        let timeout = Some(job.timeout);
-        let submitted = self
-            .scheduler
-            .submit_with_timeout(job.key.clone(), platform, priority, job, timeout)
-            .map_err(|f| Error::FailedPrecondition(f.message))?;
+        let submitted = match self.scheduler.submit(job, platform, priority).await {
+            Ok(s) => s,
+            // No worker could ever run it (FAILED_PRECONDITION), the queue is full
+            // (RESOURCE_EXHAUSTED), the cluster's Redis is away (UNAVAILABLE).
+            Err(f) => return Err(f.into()),
+        };
         if submitted.deduplicated {
             tracing::debug!(operation = %submitted.operation, %action_digest, "joined an identical action in flight");
         }
@@ -388,12 +443,16 @@ impl Execution for ExecutionService {
         let (key, _) = self
             .scheduler
             .snapshot(name)
+            .await
+            .map_err(Error::from)?
             .ok_or_else(|| Error::NotFound(format!("no operation {name:?}")))?;
         self.cache
             .authorize_grpc(&request, &key.instance, Access::Read)?;
         let rx = self
             .scheduler
             .watch(name)
+            .await
+            .map_err(Error::from)?
             .ok_or_else(|| Error::NotFound(format!("no operation {name:?}")))?;
         Ok(Response::new(operation_stream(
             name.clone(),

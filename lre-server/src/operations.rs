@@ -14,20 +14,20 @@ use tonic::{Request, Response, Status};
 use crate::auth::Access;
 use crate::cache::Cache;
 use crate::error::Error;
-use crate::execution::{operation, ExecScheduler};
+use crate::execution::{operation, Scheduling};
 use crate::scheduler::Stage;
 
 pub struct OperationsService {
     cache: Arc<Cache>,
-    scheduler: Arc<ExecScheduler>,
+    scheduler: Scheduling,
 }
 
 impl OperationsService {
-    pub fn new(cache: Arc<Cache>, scheduler: Arc<ExecScheduler>) -> Self {
+    pub fn new(cache: Arc<Cache>, scheduler: Scheduling) -> Self {
         OperationsService { cache, scheduler }
     }
 
-    fn current<T>(
+    async fn current<T>(
         &self,
         request: &Request<T>,
         name: &str,
@@ -36,6 +36,7 @@ impl OperationsService {
         let (key, stage) = self
             .scheduler
             .snapshot(name)
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no operation {name:?}")))?;
         self.cache.authorize_grpc(request, &key.instance, access)?;
         Ok(operation(name, &key.action, &stage))
@@ -49,11 +50,9 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let name = request.get_ref().name.clone();
-        Ok(Response::new(self.current(
-            &request,
-            &name,
-            Access::Read,
-        )?))
+        Ok(Response::new(
+            self.current(&request, &name, Access::Read).await?,
+        ))
     }
 
     async fn cancel_operation(
@@ -62,8 +61,8 @@ impl Operations for OperationsService {
     ) -> Result<Response<Empty>, Status> {
         let name = request.get_ref().name.clone();
         // Cancelling stops work others may be waiting on, so it takes execute access.
-        self.current(&request, &name, Access::Execute)?;
-        self.scheduler.cancel(&name);
+        self.current(&request, &name, Access::Execute).await?;
+        self.scheduler.cancel(&name).await.map_err(Error::from)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -72,7 +71,7 @@ impl Operations for OperationsService {
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let name = request.get_ref().name.clone();
-        self.current(&request, &name, Access::Read)?;
+        self.current(&request, &name, Access::Read).await?;
         let limit = request
             .get_ref()
             .timeout
@@ -80,15 +79,13 @@ impl Operations for OperationsService {
             .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(60));
-        if let Some(mut rx) = self.scheduler.watch(&name) {
+        if let Some(mut rx) = self.scheduler.watch(&name).await.map_err(Error::from)? {
             let _ = tokio::time::timeout(limit, rx.wait_for(|s| matches!(s, Stage::Completed(_))))
                 .await;
         }
-        Ok(Response::new(self.current(
-            &request,
-            &name,
-            Access::Read,
-        )?))
+        Ok(Response::new(
+            self.current(&request, &name, Access::Read).await?,
+        ))
     }
 
     async fn list_operations(

@@ -29,10 +29,11 @@ use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::{Config, ConfigError};
 use crate::connections::{spawn_acceptor, Conn, Limits};
-use crate::execution::{ExecScheduler, ExecutionService};
+use crate::execution::{ExecScheduler, ExecutionService, Scheduling};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
 use crate::operations::OperationsService;
+use crate::scheduler::cluster::{Cluster, ClusterConfig};
 use crate::scheduler::SchedulerConfig;
 use crate::store::BlobStore;
 use crate::worker_service::WorkerEndpoint;
@@ -243,20 +244,57 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             .add_service(FetchServer::from_arc(asset.clone()))
             .add_service(PushServer::from_arc(asset));
     }
-    let scheduler = exec.enabled.then(|| {
-        Arc::new(ExecScheduler::new(SchedulerConfig {
-            max_attempts: exec.max_attempts,
-            max_queued: exec.max_queued_actions,
-            max_operations: exec.max_operations,
-            known_platforms: exec
-                .known_platforms
-                .iter()
-                .map(|m| m.clone().into_iter().collect())
-                .collect(),
-            ..SchedulerConfig::default()
-        }))
-    });
-    if let Some(scheduler) = &scheduler {
+    let known_platforms: Vec<crate::scheduler::Properties> = exec
+        .known_platforms
+        .iter()
+        .map(|m| m.clone().into_iter().collect())
+        .collect();
+    let sched_config = SchedulerConfig {
+        max_attempts: exec.max_attempts,
+        max_queued: exec.max_queued_actions,
+        max_operations: exec.max_operations,
+        known_platforms: known_platforms.clone(),
+        ..SchedulerConfig::default()
+    };
+    let mut scheduling = None;
+    let scheduler = match (&exec.redis, exec.enabled) {
+        (_, false) => None,
+        (None, true) => {
+            let s = Arc::new(ExecScheduler::new(sched_config));
+            scheduling = Some(Scheduling::Local(s.clone()));
+            Some(s)
+        }
+        (Some(redis), true) => {
+            let conn = lre_store::store::RedisConnection::open(redis)
+                .await
+                .map_err(|e| StartError::OpenStore {
+                    key: "execution.redis",
+                    error: e.into(),
+                })?;
+            let keep_finished = sched_config.keep_finished;
+            let (s, leases) = ExecScheduler::with_leases(sched_config);
+            let s = Arc::new(s);
+            let cluster = Arc::new(Cluster::new(
+                conn,
+                ClusterConfig {
+                    prefix: format!("{}sched:", redis.prefix),
+                    max_attempts: exec.max_attempts,
+                    max_queued: exec.max_queued_actions,
+                    keep_finished,
+                    lease: Duration::from_secs(exec.lease_seconds),
+                    known_platforms,
+                },
+                s.clone(),
+            ));
+            if let Err(e) = cluster.prime().await {
+                tracing::warn!(error = %e.message, "reading the cluster's worker registrations");
+            }
+            tasks_early.extend(cluster.start(leases, rx.clone()));
+            scheduling = Some(Scheduling::Cluster(cluster));
+            Some(s)
+        }
+    };
+    if let (Some(scheduler), Some(scheduling)) = (&scheduler, scheduling) {
         // The scheduler enforces action deadlines itself: a worker that keeps sending
         // keepalives but never finishes must not hold an action forever.
         let (sched, mut stop) = (scheduler.clone(), rx.clone());
@@ -273,12 +311,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         router = router
             .add_service(ExecutionServer::new(ExecutionService::new(
                 cache.clone(),
-                scheduler.clone(),
+                scheduling.clone(),
                 exec.clone(),
             )))
             .add_service(OperationsServer::new(OperationsService::new(
                 cache.clone(),
-                scheduler.clone(),
+                scheduling,
             )))
             .add_service(
                 WorkerServiceServer::new(WorkerEndpoint::new(

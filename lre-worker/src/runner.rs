@@ -75,13 +75,16 @@ impl Runner {
             Err(e) => Err(e),
         };
         match outcome {
-            Ok((result, status)) => ActionFinished {
-                operation: run.operation.clone(),
-                status_code: status.as_ref().map(|(c, _)| *c as i32).unwrap_or(0),
-                status_message: status.map(|(_, m)| m).unwrap_or_default(),
-                result: result.encode_to_vec(),
-                missing_blobs: vec![],
-            },
+            Ok((result, status)) => {
+                tracing::info!(operation = %run.operation, exit_code = result.exit_code, attempt = run.attempt, "action ran");
+                ActionFinished {
+                    operation: run.operation.clone(),
+                    status_code: status.as_ref().map(|(c, _)| *c as i32).unwrap_or(0),
+                    status_message: status.map(|(_, m)| m).unwrap_or_default(),
+                    result: result.encode_to_vec(),
+                    missing_blobs: vec![],
+                }
+            }
             Err(e) => {
                 tracing::info!(operation = %run.operation, error = %e, "action failed before or after running");
                 let missing_blobs = match &e {

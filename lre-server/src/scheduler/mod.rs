@@ -7,6 +7,7 @@
 //! Everything happens under one mutex with no awaits inside, so the state machine is easy
 //! to reason about: each public method is one atomic transition.
 
+pub mod cluster;
 pub mod platform;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -96,6 +97,14 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// What the scheduler tells the cluster (`cluster::Cluster`) about an operation it runs on
+/// a lease from the shared queue: it finished, or its worker was lost and it goes back.
+#[derive(Debug)]
+pub enum LeaseEvent<R> {
+    Finished(OperationId, Result<R, Failure>),
+    Released(OperationId),
+}
+
 /// What `submit` hands back: the operation to watch, and whether it joined one in flight.
 pub struct Submitted<R> {
     pub operation: OperationId,
@@ -119,6 +128,9 @@ struct Operation<J, R> {
     /// The action's own timeout, and when the worker running it must have answered.
     timeout: Option<Duration>,
     deadline: Option<Instant>,
+    /// Taken from the cluster's shared queue: its outcome, or its loss, goes back there
+    /// (`LeaseEvent`) rather than to local waiters or the local queue.
+    claimed: bool,
 }
 
 /// What a worker offers when it connects.
@@ -187,9 +199,22 @@ struct State<J, R> {
 pub struct Scheduler<J, R> {
     state: Mutex<State<J, R>>,
     config: SchedulerConfig,
+    leases: Option<mpsc::UnboundedSender<LeaseEvent<R>>>,
+    /// Woken when a slot may have come free (a worker connected, an action ended), so the
+    /// cluster's puller claims more work.
+    freed: tokio::sync::Notify,
 }
 
 impl<J: Clone, R: Clone> Scheduler<J, R> {
+    /// A scheduler that also runs actions claimed from a cluster's shared queue: what
+    /// becomes of each arrives on the receiver.
+    pub fn with_leases(config: SchedulerConfig) -> (Self, mpsc::UnboundedReceiver<LeaseEvent<R>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut s = Scheduler::new(config);
+        s.leases = Some(tx);
+        (s, rx)
+    }
+
     pub fn new(mut config: SchedulerConfig) -> Self {
         config.known_platforms = config
             .known_platforms
@@ -206,7 +231,104 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 finished: VecDeque::new(),
             }),
             config,
+            leases: None,
+            freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Notified when a slot may have come free.
+    pub fn freed(&self) -> &tokio::sync::Notify {
+        &self.freed
+    }
+
+    /// Whether a connected worker, or a configured platform, could run it.
+    pub fn could_run(&self, instance: &str, platform: &Properties) -> bool {
+        let st = self.state();
+        self.matchable(&st, instance, &platform::normalize(platform.clone()))
+    }
+
+    /// Why nothing here can run it, for the user.
+    pub fn explain(&self, instance: &str, platform: &Properties) -> String {
+        let st = self.state();
+        self.explain_unmatchable(&st, instance, &platform::normalize(platform.clone()))
+    }
+
+    /// The operations claimed from the cluster that this scheduler holds.
+    pub fn claimed_operations(&self) -> Vec<OperationId> {
+        let st = self.state();
+        st.operations
+            .iter()
+            .filter(|(_, o)| o.claimed)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Connected workers with free slots: their properties, instances and free slots.
+    pub fn idle_workers(&self) -> Vec<(Properties, Option<Vec<String>>, usize)> {
+        let st = self.state();
+        st.workers
+            .values()
+            .filter(|w| w.running.len() < w.spec.capacity)
+            .map(|w| {
+                (
+                    w.spec.properties.clone(),
+                    w.spec.instances.clone(),
+                    w.spec.capacity - w.running.len(),
+                )
+            })
+            .collect()
+    }
+
+    /// Runs an operation claimed from the cluster's queue, on attempt `attempt`, on a local
+    /// worker at once. False when no local worker can take it now (the caller gives it
+    /// back) or the id is known here already.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_claimed(
+        &self,
+        id: OperationId,
+        key: ActionKey,
+        platform: Properties,
+        job: J,
+        timeout: Option<Duration>,
+        attempt: u32,
+    ) -> bool {
+        let platform = platform::normalize(platform);
+        let mut st = self.state();
+        if st.operations.contains_key(&id) {
+            return false;
+        }
+        let runnable = st.workers.values().any(|w| {
+            w.running.len() < w.spec.capacity
+                && w.spec.serves(&key.instance)
+                && platform::satisfies(&w.spec.properties, &platform)
+        });
+        if !runnable {
+            return false;
+        }
+        // Ahead of everything queued locally: it waited in the shared queue already.
+        let rank = (i32::MIN, st.next_seq);
+        st.next_seq += 1;
+        let (tx, _) = watch::channel(Stage::Queued);
+        st.operations.insert(
+            id.clone(),
+            Operation {
+                key,
+                platform,
+                job,
+                rank,
+                attempts: attempt.saturating_sub(1),
+                worker: None,
+                stage: tx,
+                finished_at: None,
+                submitted_at: Instant::now(),
+                timeout,
+                deadline: None,
+                claimed: true,
+            },
+        );
+        st.queue.insert(rank, id);
+        self.dispatch(&mut st);
+        true
     }
 
     fn state(&self) -> MutexGuard<'_, State<J, R>> {
@@ -270,6 +392,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 submitted_at: Instant::now(),
                 timeout,
                 deadline: None,
+                claimed: false,
             },
         );
         st.in_flight.insert(key, id.clone());
@@ -473,6 +596,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             },
         );
         self.dispatch(&mut st);
+        self.freed.notify_one();
         Ok((session, rx))
     }
 
@@ -577,6 +701,16 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 continue;
             };
             o.worker = None;
+            if o.claimed {
+                // The cluster decides: back to the shared queue, or failed after its
+                // attempts, for whichever replica's worker is free.
+                tracing::warn!(operation = %op, worker = id, "worker lost; giving its action back to the cluster's queue");
+                st.operations.remove(&op);
+                if let Some(tx) = &self.leases {
+                    let _ = tx.send(LeaseEvent::Released(op));
+                }
+                continue;
+            }
             if o.attempts >= self.config.max_attempts {
                 let msg = format!(
                     "the action's worker was lost {} times; giving up",
@@ -640,6 +774,15 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             return;
         };
         st.queue.remove(&op.rank);
+        self.freed.notify_one();
+        if op.claimed {
+            // Its waiters watch the cluster's record of it, not this one.
+            st.operations.remove(id);
+            if let Some(tx) = &self.leases {
+                let _ = tx.send(LeaseEvent::Finished(id.to_string(), result));
+            }
+            return;
+        }
         op.worker = None;
         op.finished_at = Some(Instant::now());
         let _ = op.stage.send(Stage::Completed(result));

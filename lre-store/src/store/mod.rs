@@ -23,7 +23,7 @@ pub use completeness::CompletenessChecking;
 pub use fast_slow::FastSlowStore;
 pub use fs::{FsOptions, FsStore};
 pub use memory::MemStore;
-pub use redis::RedisStore;
+pub use redis::{RedisConnection, RedisStore};
 pub use s3::S3Store;
 pub use verify::VerifyStore;
 

@@ -33,6 +33,17 @@ pub struct RedisStore {
 }
 
 struct Shared {
+    redis: RedisConnection,
+    prefix: String,
+    capacity: u64,
+    budget: Budget,
+    expire_seconds: Option<u64>,
+}
+
+/// One Redis server as lre talks to it: every command bounded by the request timeout, a
+/// silent connection replaced, failures classified. The store here and the scheduler's
+/// shared state (lre-server) both go through it.
+pub struct RedisConnection {
     /// Replaced after a command times out (see the module documentation).
     conn: Mutex<ConnectionManager>,
     client: redis::Client,
@@ -40,17 +51,32 @@ struct Shared {
     /// Said in every error, so an operator knows which backend failed. Holds no secret:
     /// config validation refuses credentials in the URL.
     name: String,
-    prefix: String,
-    capacity: u64,
-    budget: Budget,
     timeout: Duration,
-    expire_seconds: Option<u64>,
 }
 
 impl RedisStore {
-    /// Connects and sends a PING, so a wrong address or password is an error at start that
-    /// names the server, not a failure on the first build.
+    /// Connects and tries every command the store sends, so a wrong address, password or
+    /// ACL is an error at start that names the server, not a failure on the first build.
     pub async fn open(config: &RedisConfig) -> Result<RedisStore> {
+        let redis = RedisConnection::open(config).await?;
+        let store = RedisStore {
+            shared: Arc::new(Shared {
+                redis,
+                prefix: config.prefix.clone(),
+                capacity: config.max_blob_size.0,
+                budget: Budget::new(config.max_in_flight.0),
+                expire_seconds: config.expire_seconds,
+            }),
+        };
+        store.probe().await?;
+        Ok(store)
+    }
+}
+
+impl RedisConnection {
+    /// Connects (the connection fields of `config` only), so a wrong address or password
+    /// is an error at start that names the server.
+    pub async fn open(config: &RedisConfig) -> Result<RedisConnection> {
         // Validation refuses credentials in the URL; say so here too, so a caller that did
         // not validate cannot put a password into every error message.
         if config.url.contains('@') {
@@ -115,21 +141,13 @@ impl RedisStore {
                 )))
             }
         };
-        let store = RedisStore {
-            shared: Arc::new(Shared {
-                conn: Mutex::new(conn),
-                client,
-                manager,
-                name,
-                prefix: config.prefix.clone(),
-                capacity: config.max_blob_size.0,
-                budget: Budget::new(config.max_in_flight.0),
-                timeout,
-                expire_seconds: config.expire_seconds,
-            }),
-        };
-        store.probe().await?;
-        Ok(store)
+        Ok(RedisConnection {
+            conn: Mutex::new(conn),
+            client,
+            manager,
+            name,
+            timeout,
+        })
     }
 }
 
@@ -184,7 +202,7 @@ impl RedisStore {
         let key = format!("{}lre-probe", s.prefix);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg("probe").arg("EX").arg(60);
-        let _: () = s.run(what, &set).await?;
+        let _: () = s.redis.run(what, &set).await?;
         let mut p = redis::pipe();
         p.atomic()
             .cmd("EXISTS")
@@ -195,21 +213,21 @@ impl RedisStore {
             .arg(&key)
             .arg(60)
             .ignore();
-        let _: Vec<u64> = s.run_pipe(what, &p).await?;
+        let _: Vec<u64> = s.redis.run_pipe(what, &p).await?;
         let mut get = redis::cmd(if s.expire_seconds.is_some() {
             "GETEX"
         } else {
             "GET"
         });
         get.arg(&key);
-        let got: Option<Vec<u8>> = s.run(what, &get).await?;
+        let got: Option<Vec<u8>> = s.redis.run(what, &get).await?;
         let mut del = redis::cmd("DEL");
         del.arg(&key);
-        let _: u64 = s.run(what, &del).await?;
+        let _: u64 = s.redis.run(what, &del).await?;
         if got.as_deref() != Some(&b"probe"[..]) {
             return Err(Error::Internal(format!(
                 "{}: {what}: a value written was read back as {got:?}",
-                s.name
+                s.redis.name
             )));
         }
         Ok(())
@@ -220,6 +238,23 @@ impl Shared {
     fn key(&self, key: &Key) -> String {
         format!("{}{key}", self.prefix)
     }
+}
+
+impl RedisConnection {
+    /// The server as errors name it ("redis at URL").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The client, for what a shared connection cannot do (a pub/sub subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// The request timeout every command is bounded by.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
 
     fn conn(&self) -> ConnectionManager {
         self.conn
@@ -228,12 +263,23 @@ impl Shared {
             .clone()
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
+    pub async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
         let mut conn = self.conn();
         self.bounded(what, cmd.query_async(&mut conn)).await
     }
 
-    async fn run_pipe<T: redis::FromRedisValue>(
+    /// Runs a Lua script (EVALSHA, loading it first if the server lacks it): one atomic
+    /// step, however many keys it touches.
+    pub async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let mut conn = self.conn();
+        self.bounded(what, script.invoke_async(&mut conn)).await
+    }
+
+    pub async fn run_pipe<T: redis::FromRedisValue>(
         &self,
         what: &str,
         p: &redis::Pipeline,
@@ -318,11 +364,11 @@ impl BlobStore for RedisStore {
                     p.cmd("EXPIRE").arg(&k).arg(ttl).ignore();
                 }
             }
-            let replies: Vec<u64> = s.run_pipe("looking up entries", &p).await?;
+            let replies: Vec<u64> = s.redis.run_pipe("looking up entries", &p).await?;
             if replies.len() != chunk.len() * 2 {
                 return Err(Error::Unavailable(format!(
                     "{}: looking up {} entries: {} replies",
-                    s.name,
+                    s.redis.name,
                     chunk.len(),
                     replies.len()
                 )));
@@ -346,12 +392,12 @@ impl BlobStore for RedisStore {
                 c
             }
         };
-        let value: Option<Vec<u8>> = s.run(&format!("reading {key}"), &cmd).await?;
+        let value: Option<Vec<u8>> = s.redis.run(&format!("reading {key}"), &cmd).await?;
         // Larger than this store writes: not ours (another writer under the prefix).
         if value.as_ref().is_some_and(|v| v.len() as u64 > s.capacity) {
             return Err(Error::Internal(format!(
                 "{}: {key} holds more than max_blob_size ({} bytes)",
-                s.name, s.capacity
+                s.redis.name, s.capacity
             )));
         }
         Ok(value.map(Bytes::from))
@@ -373,7 +419,7 @@ impl BlobStore for RedisStore {
         let s = &self.shared;
         let mut cmd = redis::cmd("DEL");
         cmd.arg(s.key(key));
-        let _: u64 = s.run(&format!("removing {key}"), &cmd).await?;
+        let _: u64 = s.redis.run(&format!("removing {key}"), &cmd).await?;
         Ok(())
     }
 
@@ -396,7 +442,7 @@ impl BlobWriter for RedisWriter {
         if self.buf.len() as u64 + data.len() as u64 > s.capacity {
             return Err(Error::InvalidArgument(format!(
                 "{}: an entry of more than {} bytes (max_blob_size)",
-                s.name, s.capacity
+                s.redis.name, s.capacity
             )));
         }
         s.budget.take(data.len() as u64)?;
@@ -411,7 +457,7 @@ impl BlobWriter for RedisWriter {
         if let Some(ttl) = s.expire_seconds {
             cmd.arg("EX").arg(ttl);
         }
-        let _: () = s.run(&format!("writing {key}"), &cmd).await?;
+        let _: () = s.redis.run(&format!("writing {key}"), &cmd).await?;
         Ok(())
     }
 }

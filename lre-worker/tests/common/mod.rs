@@ -101,9 +101,8 @@ pub async fn upload(
     Ok(())
 }
 
-/// Uploads the action and executes it uncached; the final ExecuteResponse, or the status
-/// the call or the operation ended with.
-pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, tonic::Status> {
+/// Uploads the action and everything it needs; its digest.
+pub async fn prepare(ch: &Channel, e: &Exec<'_>) -> Result<re::Digest, tonic::Status> {
     let cmd = re::Command {
         arguments: e.argv.iter().map(|a| a.to_string()).collect(),
         environment_variables: vec![re::command::EnvironmentVariable {
@@ -136,11 +135,18 @@ pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, t
         [cmd, root, act.clone(), e.input.to_vec()],
     )
     .await?;
+    Ok(digest_of(&act))
+}
+
+/// Uploads the action and executes it uncached; the final ExecuteResponse, or the status
+/// the call or the operation ended with.
+pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, tonic::Status> {
+    let action = prepare(ch, &e).await?;
     let mut ops = ExecutionClient::new(ch.clone())
         .execute(with_metadata(
             re::ExecuteRequest {
                 instance_name: e.instance.into(),
-                action_digest: Some(digest_of(&act)),
+                action_digest: Some(action),
                 skip_cache_lookup: true,
                 ..Default::default()
             },
@@ -153,6 +159,13 @@ pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, t
     while let Some(op) = ops.message().await? {
         last = Some(op);
     }
+    outcome(last)
+}
+
+/// The ExecuteResponse a finished operation holds, or the status it ended with.
+pub fn outcome(
+    last: Option<bazel_remote_apis::google::longrunning::Operation>,
+) -> Result<re::ExecuteResponse, tonic::Status> {
     match last.and_then(|o| o.result) {
         Some(operation::Result::Response(a)) => re::ExecuteResponse::decode(&a.value[..])
             .map_err(|err| tonic::Status::internal(err.to_string())),

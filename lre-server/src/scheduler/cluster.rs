@@ -1,0 +1,1090 @@
+//! Execution state shared by every lre-server replica, in Redis, so that any replica
+//! accepts Execute, a worker attached to any replica runs it, WaitExecution and
+//! GetOperation answer anywhere, identical actions run once across replicas, and a
+//! replica's restart (or `kill -9`) loses no queued action.
+//!
+//! What Redis holds, under the configured prefix (`P`):
+//! - `P op:ID`, a hash per operation: its instance and action, the job a worker needs
+//!   (`StoredJob`), its priority and queue position, its stage, its attempts, the replica
+//!   holding its lease and, once done, its outcome (`StoredOutcome`). A finished one expires
+//!   after `keep_finished`.
+//! - `P inflight:ACTION:INSTANCE` → the operation running it, for deduplication.
+//! - `P queue:QID`, a sorted set per (instance, platform): score = priority, member =
+//!   sequence number + id, so equal priorities run first come, first served, and a requeued
+//!   action keeps its place. `P queues` maps each QID to its (instance, platform).
+//! - `P leases`, a sorted set of the operations being executed, scored by when their
+//!   lease runs out. The replica whose worker runs one renews it; a replica that dies stops
+//!   renewing, and any replica's reaper puts the action back in its queue.
+//! - `P live`, the unfinished operations (bounds the queue: `max_queued`).
+//! - `P replicas` and `P workers:REPLICA`: each replica's connected workers, rewritten
+//!   every few seconds with a TTL, so Execute on a replica without workers knows whether
+//!   some replica has one that can run the action.
+//! - The channel `P events`: "work" when something was queued, "stage ID" when an
+//!   operation changed. Waiters re-read the hash, so a lost message costs only latency:
+//!   every watched operation is also re-read every `POLL`.
+//!
+//! Every change of state is one Lua script, so it is atomic however many keys it touches
+//! (standalone Redis or a primary with replicas; Redis Cluster is not supported). Times
+//! come from Redis's clock (`TIME`), so replicas' clocks need not agree.
+//!
+//! A replica runs claimed operations on its own in-memory `Scheduler` (`run_claimed`),
+//! which tells this module how each ends (`LeaseEvent`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    platform::Property, Digest as ProtoDigest, ExecuteResponse, Platform,
+};
+use bytes::Bytes;
+use lre_store::store::RedisConnection;
+use lre_store::StoreError;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::{platform, ActionKey, Failure, LeaseEvent, OperationId, Properties, Stage, Submitted};
+use crate::digest::Digest;
+use crate::execution::{ExecScheduler, Job};
+use crate::status::RequestMeta;
+
+/// Watched operations are re-read this often, in case a stage message was lost.
+const POLL: Duration = Duration::from_secs(2);
+/// Leases renewed, registrations rewritten and expired leases reaped this often.
+const TICK: Duration = Duration::from_secs(2);
+/// A replica's worker registrations outlive it by this much.
+const REGISTRATION_TTL_SECONDS: u64 = 10;
+/// Distinct (instance, platform) queues; past this, an Execute for a new one is refused,
+/// so a client cannot grow the registry without bound.
+pub const MAX_QUEUES: usize = 1024;
+/// Expired leases handled by one reaper run.
+const REAP_BATCH: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Prefix of every key and of the channel.
+    pub prefix: String,
+    pub max_attempts: u32,
+    pub max_queued: usize,
+    pub keep_finished: Duration,
+    /// How long a replica's claim on an executing action lasts without renewal.
+    pub lease: Duration,
+    pub known_platforms: Vec<Properties>,
+}
+
+/// What a worker needs, as stored in the operation's hash.
+#[derive(Clone, PartialEq, Message)]
+struct StoredJob {
+    #[prost(string, tag = "1")]
+    instance: String,
+    #[prost(message, optional, tag = "2")]
+    action_digest: Option<ProtoDigest>,
+    #[prost(bytes = "bytes", tag = "3")]
+    action: Bytes,
+    #[prost(bytes = "bytes", tag = "4")]
+    command: Bytes,
+    #[prost(uint64, tag = "5")]
+    timeout_ms: u64,
+    #[prost(bool, tag = "6")]
+    do_not_cache: bool,
+    #[prost(string, tag = "7")]
+    first_output: String,
+    #[prost(message, optional, tag = "8")]
+    platform: Option<Platform>,
+    /// The client's RequestMetadata for the status page: invocation, correlated
+    /// invocations, mnemonic, target, tool (empty when it sent none).
+    #[prost(string, repeated, tag = "9")]
+    meta: Vec<String>,
+}
+
+/// How an operation ended.
+#[derive(Clone, PartialEq, Message)]
+struct StoredOutcome {
+    #[prost(message, optional, tag = "1")]
+    response: Option<ExecuteResponse>,
+    #[prost(int32, tag = "2")]
+    code: i32,
+    #[prost(string, tag = "3")]
+    message: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct QueueMeta {
+    instance: String,
+    platform: Properties,
+}
+
+/// A worker connected to some replica, as that replica registered it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Registration {
+    properties: Properties,
+    instances: Option<Vec<String>>,
+    capacity: usize,
+}
+
+impl Registration {
+    fn can_run(&self, instance: &str, platform: &Properties) -> bool {
+        self.instances
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|i| i == instance))
+            && platform::satisfies(&self.properties, platform)
+    }
+}
+
+/// Completes an operation: shared by the scripts that can end one.
+const FINISH: &str = r#"
+local function finish(p, id, outcome, keep)
+  local op = p .. 'op:' .. id
+  local f = redis.call('HMGET', op, 'queue', 'member', 'action', 'instance')
+  if f[1] and f[2] then redis.call('ZREM', f[1], f[2]) end
+  redis.call('ZREM', p .. 'leases', id)
+  redis.call('SREM', p .. 'live', id)
+  if f[3] and f[4] then
+    local inflight = p .. 'inflight:' .. f[3] .. ':' .. f[4]
+    if redis.call('GET', inflight) == id then redis.call('DEL', inflight) end
+  end
+  redis.call('HSET', op, 'stage', 'completed', 'result', outcome)
+  redis.call('HDEL', op, 'lease', 'job')
+  redis.call('EXPIRE', op, keep)
+  redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Back to its queue, or failed once its attempts are used up.
+local function release(p, id, max_attempts, failed, keep)
+  local op = p .. 'op:' .. id
+  local f = redis.call('HMGET', op, 'stage', 'attempts', 'queue', 'member', 'priority', 'qid', 'qmeta')
+  redis.call('ZREM', p .. 'leases', id)
+  if f[1] ~= 'executing' then return 0 end
+  if tonumber(f[2]) >= tonumber(max_attempts) then
+    finish(p, id, failed, keep)
+    return 2
+  end
+  redis.call('HSET', op, 'stage', 'queued')
+  redis.call('HDEL', op, 'lease')
+  redis.call('ZADD', f[3], f[5], f[4])
+  -- The reaper forgets queues that were empty meanwhile: name this one again.
+  redis.call('HSET', p .. 'queues', f[6], f[7])
+  redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
+  redis.call('PUBLISH', p .. 'events', 'work')
+  return 1
+end
+"#;
+
+/// ARGV: prefix, id, job, instance, action, priority, queue key, qid, queue meta,
+/// max_queued, max_queues, inflight key. Returns {id, 1} (queued), {id, 0} (joined the
+/// identical operation in flight), {'', 2} (queue full) or {'', 3} (too many queues).
+const SUBMIT: &str = r#"
+local p = ARGV[1]
+local existing = redis.call('GET', ARGV[12])
+if existing then
+  local st = redis.call('HGET', p .. 'op:' .. existing, 'stage')
+  if st and st ~= 'completed' then return {existing, 0} end
+end
+if redis.call('SCARD', p .. 'live') >= tonumber(ARGV[10]) then return {'', 2} end
+if redis.call('HEXISTS', p .. 'queues', ARGV[8]) == 0
+   and redis.call('HLEN', p .. 'queues') >= tonumber(ARGV[11]) then return {'', 3} end
+local seq = redis.call('INCR', p .. 'seq')
+local member = string.format('%016x', seq) .. ARGV[2]
+local op = p .. 'op:' .. ARGV[2]
+redis.call('HSET', op, 'job', ARGV[3], 'instance', ARGV[4], 'action', ARGV[5],
+  'priority', ARGV[6], 'queue', ARGV[7], 'member', member, 'stage', 'queued', 'attempts', 0,
+  'qid', ARGV[8], 'qmeta', ARGV[9])
+redis.call('SET', ARGV[12], ARGV[2])
+redis.call('SADD', p .. 'live', ARGV[2])
+redis.call('ZADD', ARGV[7], ARGV[6], member)
+redis.call('HSET', p .. 'queues', ARGV[8], ARGV[9])
+redis.call('PUBLISH', p .. 'events', 'work')
+return {ARGV[2], 1}
+"#;
+
+/// ARGV: prefix, queue key, replica, lease ms. Returns {id, job, attempt} or nil.
+const CLAIM: &str = r#"
+local p = ARGV[1]
+for _ = 1, 16 do
+  local m = redis.call('ZPOPMIN', ARGV[2])
+  if #m == 0 then return false end
+  local id = string.sub(m[1], 17)
+  local op = p .. 'op:' .. id
+  if redis.call('HGET', op, 'stage') == 'queued' then
+    local attempt = redis.call('HINCRBY', op, 'attempts', 1)
+    redis.call('HSET', op, 'stage', 'executing', 'lease', ARGV[3])
+    redis.call('ZADD', p .. 'leases', now_ms() + tonumber(ARGV[4]), id)
+    redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
+    return {id, redis.call('HGET', op, 'job'), attempt}
+  end
+end
+return false
+"#;
+
+/// ARGV: prefix, replica, lease ms, ids... Returns the ids this replica no longer holds.
+const RENEW: &str = r#"
+local p = ARGV[1]
+local lost = {}
+local until_ms = now_ms() + tonumber(ARGV[3])
+for i = 4, #ARGV do
+  local f = redis.call('HMGET', p .. 'op:' .. ARGV[i], 'stage', 'lease')
+  if f[1] == 'executing' and f[2] == ARGV[2] then
+    redis.call('ZADD', p .. 'leases', 'XX', until_ms, ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"#;
+
+/// ARGV: prefix, id, replica ('' for any), outcome, keep seconds. 1 if it ended it.
+const COMPLETE: &str = r#"
+local f = redis.call('HMGET', ARGV[1] .. 'op:' .. ARGV[2], 'stage', 'lease')
+if not f[1] or f[1] == 'completed' then return 0 end
+if ARGV[3] ~= '' and f[2] ~= ARGV[3] then return 0 end
+finish(ARGV[1], ARGV[2], ARGV[4], ARGV[5])
+return 1
+"#;
+
+/// ARGV: prefix, id, replica, max attempts, failed outcome, keep seconds.
+const RELEASE: &str = r#"
+if redis.call('HGET', ARGV[1] .. 'op:' .. ARGV[2], 'lease') ~= ARGV[3] then return 0 end
+return release(ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6])
+"#;
+
+/// ARGV: prefix, max attempts, failed outcome, keep seconds, batch. Requeues operations
+/// whose lease ran out, and forgets empty queues. Returns how many it requeued or failed.
+const REAP: &str = r#"
+local p = ARGV[1]
+local due = redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[5]))
+for _, id in ipairs(due) do release(p, id, ARGV[2], ARGV[3], ARGV[4]) end
+local queues = redis.call('HKEYS', p .. 'queues')
+for _, q in ipairs(queues) do
+  if redis.call('EXISTS', p .. 'queue:' .. q) == 0 then redis.call('HDEL', p .. 'queues', q) end
+end
+return #due
+"#;
+
+struct Scripts {
+    submit: redis::Script,
+    claim: redis::Script,
+    renew: redis::Script,
+    complete: redis::Script,
+    release: redis::Script,
+    reap: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let with_helpers = |body: &str| redis::Script::new(&format!("{FINISH}\n{body}"));
+        Scripts {
+            submit: redis::Script::new(SUBMIT),
+            claim: with_helpers(CLAIM),
+            renew: with_helpers(RENEW),
+            complete: with_helpers(COMPLETE),
+            release: with_helpers(RELEASE),
+            reap: with_helpers(REAP),
+        }
+    }
+}
+
+pub struct Cluster {
+    redis: RedisConnection,
+    config: ClusterConfig,
+    /// This process, as leases name it.
+    replica: String,
+    local: Arc<ExecScheduler>,
+    scripts: Scripts,
+    watchers: Mutex<HashMap<OperationId, watch::Sender<Stage<ExecuteResponse>>>>,
+    /// Every replica's workers, as last read.
+    registered: Mutex<Vec<Registration>>,
+    /// Something was queued somewhere: claim.
+    work: Notify,
+}
+
+fn failure(e: StoreError) -> Failure {
+    Failure::new(e.grpc_code(), e.to_string())
+}
+
+/// Operation names are UUIDs; anything else is not one of ours (and never reaches a key).
+fn valid_name(name: &str) -> bool {
+    name.len() == 36 && name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+fn encode_outcome(result: &Result<ExecuteResponse, Failure>) -> Vec<u8> {
+    match result {
+        Ok(resp) => StoredOutcome {
+            response: Some(resp.clone()),
+            code: 0,
+            message: String::new(),
+        },
+        Err(f) => StoredOutcome {
+            response: None,
+            code: f.code as i32,
+            message: f.message.clone(),
+        },
+    }
+    .encode_to_vec()
+}
+
+fn decode_outcome(raw: &[u8]) -> Result<ExecuteResponse, Failure> {
+    match StoredOutcome::decode(raw) {
+        Ok(StoredOutcome {
+            response: Some(r), ..
+        }) => Ok(r),
+        Ok(o) => Err(Failure::new(tonic::Code::from(o.code), o.message)),
+        Err(e) => Err(Failure::new(
+            tonic::Code::Internal,
+            format!("the cluster's record of the outcome is undecodable: {e}"),
+        )),
+    }
+}
+
+impl Cluster {
+    pub fn new(redis: RedisConnection, config: ClusterConfig, local: Arc<ExecScheduler>) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let replica = format!(
+            "{}-{}-{}",
+            host.trim(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let config = ClusterConfig {
+            known_platforms: config
+                .known_platforms
+                .into_iter()
+                .map(platform::normalize)
+                .collect(),
+            ..config
+        };
+        Cluster {
+            redis,
+            config,
+            replica,
+            local,
+            scripts: Scripts::new(),
+            watchers: Mutex::new(HashMap::new()),
+            registered: Mutex::new(Vec::new()),
+            work: Notify::new(),
+        }
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.config.prefix)
+    }
+
+    fn watchers(
+        &self,
+    ) -> MutexGuard<'_, HashMap<OperationId, watch::Sender<Stage<ExecuteResponse>>>> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keep_seconds(&self) -> u64 {
+        self.config.keep_finished.as_secs().max(1)
+    }
+
+    fn lost_outcome(&self) -> Vec<u8> {
+        encode_outcome(&Err(Failure::new(
+            tonic::Code::Unavailable,
+            format!(
+                "the action's worker (or its replica) was lost {} times; giving up",
+                self.config.max_attempts
+            ),
+        )))
+    }
+
+    /// Whether a worker connected to any replica, or a configured platform, could run it.
+    fn matchable(&self, instance: &str, platform: &Properties) -> bool {
+        self.local.could_run(instance, platform)
+            || self
+                .registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|r| r.can_run(instance, platform))
+    }
+
+    /// Queues an action for whichever replica's worker is free, or joins the identical
+    /// one in flight on any replica.
+    pub async fn submit(
+        &self,
+        job: Arc<Job>,
+        platform: Properties,
+        priority: i32,
+    ) -> Result<Submitted<ExecuteResponse>, Failure> {
+        let platform = platform::normalize(platform);
+        let key = &job.key;
+        if !self.matchable(&key.instance, &platform) {
+            return Err(Failure::new(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "no worker on any replica can run it: {}",
+                    self.local.explain(&key.instance, &platform)
+                ),
+            ));
+        }
+        let meta = job.meta.as_ref().map_or_else(Vec::new, |m| {
+            vec![
+                m.invocation.clone(),
+                m.correlated.clone(),
+                m.mnemonic.clone(),
+                m.target.clone(),
+                m.tool.clone(),
+            ]
+        });
+        let stored = StoredJob {
+            instance: key.instance.clone(),
+            action_digest: Some(key.action.to_proto()),
+            action: job.action.clone(),
+            command: job.command.clone(),
+            timeout_ms: job.timeout.as_millis() as u64,
+            do_not_cache: job.do_not_cache,
+            first_output: job.first_output.clone(),
+            platform: Some(Platform {
+                properties: platform
+                    .iter()
+                    .map(|(name, value)| Property {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+            }),
+            meta,
+        };
+        let queue_meta = serde_json::to_string(&QueueMeta {
+            instance: key.instance.clone(),
+            platform: platform.clone(),
+        })
+        .map_err(|e| Failure::new(tonic::Code::Internal, e.to_string()))?;
+        let qid = Digest::of(queue_meta.as_bytes()).hex()[..32].to_string();
+        let action = format!("{}/{}", key.action.hex(), key.action.size);
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut inv = self.scripts.submit.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(&id)
+            .arg(stored.encode_to_vec())
+            .arg(&key.instance)
+            .arg(&action)
+            .arg(priority)
+            .arg(self.key(&format!("queue:{qid}")))
+            .arg(&qid)
+            .arg(&queue_meta)
+            .arg(self.config.max_queued)
+            .arg(MAX_QUEUES)
+            .arg(self.key(&format!("inflight:{action}:{}", key.instance)));
+        let (operation, status): (String, i64) = self
+            .redis
+            .run_script("queueing an action", &inv)
+            .await
+            .map_err(failure)?;
+        match status {
+            2 => {
+                return Err(Failure::new(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "the cluster's execution queue is full ({} actions, execution.max_queued_actions); retry later",
+                        self.config.max_queued
+                    ),
+                ))
+            }
+            3 => {
+                return Err(Failure::new(
+                    tonic::Code::ResourceExhausted,
+                    format!("the cluster has {MAX_QUEUES} distinct (instance, platform) queues already"),
+                ))
+            }
+            _ => {}
+        }
+        let stage = self.watch(&operation).await?.ok_or_else(|| {
+            Failure::new(
+                tonic::Code::Unavailable,
+                format!("operation {operation} vanished from the cluster's state"),
+            )
+        })?;
+        Ok(Submitted {
+            operation,
+            stage,
+            deduplicated: status == 0,
+        })
+    }
+
+    /// An operation's action and stage, from any replica.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+    ) -> Result<Option<(ActionKey, Stage<ExecuteResponse>)>, Failure> {
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key(&format!("op:{name}")))
+            .arg(&["instance", "action", "stage", "attempts", "result"]);
+        let f: Vec<Option<Vec<u8>>> = self
+            .redis
+            .run("reading an operation", &cmd)
+            .await
+            .map_err(failure)?;
+        let text = |i: usize| {
+            f.get(i)
+                .and_then(|v| v.as_deref())
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let (Some(instance), Some(action), Some(stage)) = (text(0), text(1), text(2)) else {
+            return Ok(None);
+        };
+        let Some(action) = action
+            .split_once('/')
+            .and_then(|(h, s)| Digest::parse(h, s).ok())
+        else {
+            return Err(Failure::new(
+                tonic::Code::Internal,
+                format!("the cluster's record of operation {name} names no valid action"),
+            ));
+        };
+        let stage = match stage.as_str() {
+            "queued" => Stage::Queued,
+            "executing" => Stage::Executing {
+                worker: String::new(),
+                attempt: text(3).and_then(|a| a.parse().ok()).unwrap_or(1),
+            },
+            _ => Stage::Completed(decode_outcome(
+                f.get(4).and_then(|v| v.as_deref()).unwrap_or_default(),
+            )),
+        };
+        Ok(Some((ActionKey { instance, action }, stage)))
+    }
+
+    /// Stage changes of an operation, fed by the cluster's messages.
+    pub async fn watch(
+        &self,
+        name: &str,
+    ) -> Result<Option<watch::Receiver<Stage<ExecuteResponse>>>, Failure> {
+        if let Some(tx) = self.watchers().get(name) {
+            return Ok(Some(tx.subscribe()));
+        }
+        let Some((_, stage)) = self.snapshot(name).await? else {
+            return Ok(None);
+        };
+        let mut w = self.watchers();
+        let tx = w
+            .entry(name.to_string())
+            .or_insert_with(|| watch::channel(stage).0);
+        Ok(Some(tx.subscribe()))
+    }
+
+    /// Cancels an operation wherever it runs (its replica sees it end and tells its
+    /// worker). False if it is unknown or done.
+    pub async fn cancel(&self, name: &str) -> Result<bool, Failure> {
+        if !valid_name(name) {
+            return Ok(false);
+        }
+        let outcome = encode_outcome(&Err(Failure::new(
+            tonic::Code::Cancelled,
+            "cancelled by CancelOperation",
+        )));
+        let mut inv = self.scripts.complete.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(name)
+            .arg("")
+            .arg(outcome)
+            .arg(self.keep_seconds());
+        let done: i64 = self
+            .redis
+            .run_script("cancelling an operation", &inv)
+            .await
+            .map_err(failure)?;
+        Ok(done == 1)
+    }
+
+    /// Reads every replica's worker registrations once, so a replica that just started
+    /// does not refuse, for want of a worker it has not heard of, an action another
+    /// replica's worker can run.
+    pub async fn prime(&self) -> Result<(), Failure> {
+        self.register().await
+    }
+
+    /// Starts the replica's part: claiming for its idle workers, reporting how claimed
+    /// operations end, renewing leases, reaping dead replicas' ones, registering workers
+    /// and feeding watchers. Runs until `stop` turns true.
+    pub fn start(
+        self: &Arc<Self>,
+        leases: mpsc::UnboundedReceiver<LeaseEvent<ExecuteResponse>>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().report(leases, stop.clone())),
+            tokio::spawn(self.clone().pull(stop.clone())),
+            tokio::spawn(self.clone().maintain(stop.clone())),
+            tokio::spawn(self.clone().listen(stop)),
+        ]
+    }
+
+    /// Sends how each claimed operation ended to Redis; retried while Redis is away (a
+    /// lost report only costs a rerun: the lease runs out and the action is queued again).
+    async fn report(
+        self: Arc<Self>,
+        mut leases: mpsc::UnboundedReceiver<LeaseEvent<ExecuteResponse>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let event = tokio::select! {
+                e = leases.recv() => e,
+                // What is reported already still goes (workers' streams ending at shutdown
+                // give their actions back); then stop: the scheduler outlives this task.
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    leases.try_recv().ok()
+                }
+            };
+            let Some(event) = event else { return };
+            let stopping = *stop.borrow();
+            let (what, id, inv) = match &event {
+                LeaseEvent::Finished(id, result) => {
+                    let mut inv = self.scripts.complete.prepare_invoke();
+                    inv.arg(&self.config.prefix)
+                        .arg(id)
+                        .arg(&self.replica)
+                        .arg(encode_outcome(result))
+                        .arg(self.keep_seconds());
+                    ("reporting an outcome", id, inv)
+                }
+                LeaseEvent::Released(id) => {
+                    let mut inv = self.scripts.release.prepare_invoke();
+                    inv.arg(&self.config.prefix)
+                        .arg(id)
+                        .arg(&self.replica)
+                        .arg(self.config.max_attempts)
+                        .arg(self.lost_outcome())
+                        .arg(self.keep_seconds());
+                    ("giving an action back", id, inv)
+                }
+            };
+            let mut delay = Duration::from_millis(100);
+            let give_up = tokio::time::Instant::now() + self.config.lease;
+            loop {
+                match self.redis.run_script::<i64>(what, &inv).await {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() < give_up => {
+                        tracing::warn!(operation = %id, error = %e, "{what}; retrying");
+                        if stopping {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        tracing::error!(operation = %id, error = %e, "{what}: giving up; its lease will run out and it will run again");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims queued operations while a local worker has a free slot.
+    async fn pull(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut turn = 0usize;
+        loop {
+            tokio::select! {
+                _ = self.local.freed().notified() => {}
+                _ = self.work.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            turn = turn.wrapping_add(1);
+            if let Err(e) = self.claim_while_idle(turn).await {
+                tracing::warn!(error = %e.message, "claiming queued actions");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    async fn claim_while_idle(&self, turn: usize) -> Result<(), Failure> {
+        loop {
+            let idle = self.local.idle_workers();
+            if idle.is_empty() {
+                return Ok(());
+            }
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(self.key("queues"));
+            let mut queues: Vec<(String, String)> = self
+                .redis
+                .run("listing queues", &cmd)
+                .await
+                .map_err(failure)?;
+            queues.sort();
+            // Each round starts at another queue, so none starves the others.
+            let n = queues.len().max(1);
+            queues.rotate_left(turn % n);
+            let mut claimed = false;
+            for (qid, meta) in &queues {
+                let Ok(meta) = serde_json::from_str::<QueueMeta>(meta) else {
+                    continue;
+                };
+                let fits = idle.iter().any(|(props, instances, _)| {
+                    Registration {
+                        properties: props.clone(),
+                        instances: instances.clone(),
+                        capacity: 1,
+                    }
+                    .can_run(&meta.instance, &meta.platform)
+                });
+                if !fits {
+                    continue;
+                }
+                if self.claim(qid, meta.platform).await? {
+                    claimed = true;
+                    break;
+                }
+            }
+            if !claimed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Claims the head of one queue and runs it here. False if the queue was empty.
+    async fn claim(&self, qid: &str, platform: Properties) -> Result<bool, Failure> {
+        let mut inv = self.scripts.claim.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(self.key(&format!("queue:{qid}")))
+            .arg(&self.replica)
+            .arg(self.config.lease.as_millis() as u64);
+        let got: Option<(String, Vec<u8>, u32)> = self
+            .redis
+            .run_script("claiming an action", &inv)
+            .await
+            .map_err(failure)?;
+        let Some((id, raw, attempt)) = got else {
+            return Ok(false);
+        };
+        let job = match decode_job(&raw) {
+            Ok(job) => job,
+            Err(why) => {
+                tracing::error!(operation = %id, %why, "undecodable job in the cluster's queue");
+                let _ = self
+                    .report_now(&id, &Err(Failure::new(tonic::Code::Internal, why)))
+                    .await;
+                return Ok(true);
+            }
+        };
+        let key = job.key.clone();
+        let timeout = Some(job.timeout);
+        if !self
+            .local
+            .run_claimed(id.clone(), key, platform, Arc::new(job), timeout, attempt)
+        {
+            // The worker went between looking and claiming: back to the queue; it counts
+            // as an attempt, as any lost worker does.
+            self.give_back(&id).await?;
+        }
+        Ok(true)
+    }
+
+    async fn report_now(
+        &self,
+        id: &str,
+        result: &Result<ExecuteResponse, Failure>,
+    ) -> Result<(), Failure> {
+        let mut inv = self.scripts.complete.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(id)
+            .arg(&self.replica)
+            .arg(encode_outcome(result))
+            .arg(self.keep_seconds());
+        let _: i64 = self
+            .redis
+            .run_script("reporting an outcome", &inv)
+            .await
+            .map_err(failure)?;
+        Ok(())
+    }
+
+    async fn give_back(&self, id: &str) -> Result<(), Failure> {
+        let mut inv = self.scripts.release.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(id)
+            .arg(&self.replica)
+            .arg(self.config.max_attempts)
+            .arg(self.lost_outcome())
+            .arg(self.keep_seconds());
+        let _: i64 = self
+            .redis
+            .run_script("giving an action back", &inv)
+            .await
+            .map_err(failure)?;
+        Ok(())
+    }
+
+    /// Every TICK: renew this replica's leases (and cancel here what it no longer holds),
+    /// rewrite its worker registrations, read everyone's, reap expired leases.
+    async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_poll = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            for (what, r) in [
+                ("renewing leases", self.renew().await),
+                ("registering workers", self.register().await),
+                ("reaping expired leases", self.reap().await),
+            ] {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e.message, "{what}");
+                }
+            }
+            if last_poll.elapsed() >= POLL {
+                last_poll = tokio::time::Instant::now();
+                self.refresh_watchers().await;
+            }
+        }
+    }
+
+    async fn renew(&self) -> Result<(), Failure> {
+        let held = self.local.claimed_operations();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.scripts.renew.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(&self.replica)
+            .arg(self.config.lease.as_millis() as u64);
+        for id in &held {
+            inv.arg(id);
+        }
+        let lost: Vec<String> = self
+            .redis
+            .run_script("renewing leases", &inv)
+            .await
+            .map_err(failure)?;
+        for id in lost {
+            // Cancelled, or reaped while this replica could not reach Redis: another
+            // worker may have it now. Stop running it here.
+            tracing::warn!(operation = %id, "this replica no longer holds the action's lease; cancelling it here");
+            self.local.cancel(&id);
+        }
+        Ok(())
+    }
+
+    async fn register(&self) -> Result<(), Failure> {
+        let mine: Vec<(String, String)> = self
+            .local
+            .overview()
+            .workers
+            .into_iter()
+            .filter_map(|w| {
+                let r = Registration {
+                    properties: w.properties,
+                    instances: w.instances,
+                    capacity: w.capacity,
+                };
+                Some((w.id, serde_json::to_string(&r).ok()?))
+            })
+            .collect();
+        let hash = self.key(&format!("workers:{}", self.replica));
+        let replicas = self.key("replicas");
+        let mut p = redis::pipe();
+        p.atomic().cmd("DEL").arg(&hash).ignore();
+        if !mine.is_empty() {
+            p.cmd("HSET").arg(&hash).arg(&mine).ignore();
+            p.cmd("EXPIRE")
+                .arg(&hash)
+                .arg(REGISTRATION_TTL_SECONDS)
+                .ignore();
+        }
+        p.cmd("SADD").arg(&replicas).arg(&self.replica).ignore();
+        p.cmd("SMEMBERS").arg(&replicas);
+        let (members,): (Vec<String>,) = self
+            .redis
+            .run_pipe("registering workers", &p)
+            .await
+            .map_err(failure)?;
+        let mut all = Vec::new();
+        let mut gone = Vec::new();
+        for replica in members.iter().take(MAX_QUEUES) {
+            let mut cmd = redis::cmd("HVALS");
+            cmd.arg(self.key(&format!("workers:{replica}")));
+            let vals: Vec<String> = self
+                .redis
+                .run("reading worker registrations", &cmd)
+                .await
+                .map_err(failure)?;
+            if vals.is_empty() && replica != &self.replica {
+                gone.push(replica.clone());
+            }
+            all.extend(vals.iter().filter_map(|v| serde_json::from_str(v).ok()));
+        }
+        if !gone.is_empty() {
+            let mut cmd = redis::cmd("SREM");
+            cmd.arg(&replicas).arg(&gone);
+            let _: i64 = self
+                .redis
+                .run("forgetting replicas", &cmd)
+                .await
+                .map_err(failure)?;
+        }
+        *self.registered.lock().unwrap_or_else(|p| p.into_inner()) = all;
+        Ok(())
+    }
+
+    async fn reap(&self) -> Result<(), Failure> {
+        let mut inv = self.scripts.reap.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(self.config.max_attempts)
+            .arg(self.lost_outcome())
+            .arg(self.keep_seconds())
+            .arg(REAP_BATCH);
+        let n: i64 = self
+            .redis
+            .run_script("reaping expired leases", &inv)
+            .await
+            .map_err(failure)?;
+        if n > 0 {
+            tracing::warn!(
+                actions = n,
+                "requeued actions whose replica stopped renewing their lease"
+            );
+        }
+        Ok(())
+    }
+
+    /// Re-reads every watched operation (a stage message may have been lost) and forgets
+    /// the ones nobody watches any more.
+    async fn refresh_watchers(&self) {
+        let names: Vec<String> = {
+            let mut w = self.watchers();
+            w.retain(|_, tx| tx.receiver_count() > 0);
+            w.keys().cloned().collect()
+        };
+        for name in names {
+            self.update(&name).await;
+        }
+    }
+
+    /// Reads an operation and tells its watchers, if it changed.
+    async fn update(&self, name: &str) {
+        if !self.watchers().contains_key(name) {
+            return;
+        }
+        match self.snapshot(name).await {
+            Ok(Some((_, stage))) => {
+                let done = matches!(stage, Stage::Completed(_));
+                let mut w = self.watchers();
+                if let Some(tx) = w.get(name) {
+                    tx.send_if_modified(|s| {
+                        let changed = *s != stage;
+                        *s = stage;
+                        changed
+                    });
+                }
+                if done {
+                    w.remove(name);
+                }
+            }
+            // Expired: its watchers see the channel close (UNAVAILABLE), as locally.
+            Ok(None) => {
+                self.watchers().remove(name);
+            }
+            Err(e) => {
+                tracing::debug!(operation = name, error = %e.message, "reading a watched operation")
+            }
+        }
+    }
+
+    /// The cluster's messages: wake the puller on new work; on a stage change, tell
+    /// watchers, and cancel here an operation that ended elsewhere (CancelOperation).
+    async fn listen(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        use futures::StreamExt;
+        let channel = self.key("events");
+        loop {
+            let connected = async {
+                let mut pubsub = self.redis.client().get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                r = tokio::time::timeout(self.redis.timeout(), connected) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let mut stream = match pubsub {
+                Ok(Ok(p)) => p.into_on_message(),
+                Ok(Err(e)) => {
+                    tracing::warn!(server = self.redis.name(), error = %e, "subscribing to the cluster's events");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        server = self.redis.name(),
+                        "subscribing to the cluster's events: no answer"
+                    );
+                    continue;
+                }
+            };
+            // Whatever happened while unsubscribed.
+            self.work.notify_one();
+            self.refresh_watchers().await;
+            loop {
+                let msg = tokio::select! {
+                    m = stream.next() => m,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let Some(msg) = msg else {
+                    tracing::warn!(
+                        server = self.redis.name(),
+                        "the cluster's event subscription ended; resubscribing"
+                    );
+                    break;
+                };
+                let payload = msg.get_payload_bytes();
+                if payload == b"work" {
+                    self.work.notify_one();
+                } else if let Some(id) = payload.strip_prefix(b"stage ") {
+                    let id = String::from_utf8_lossy(id).into_owned();
+                    self.update(&id).await;
+                    self.cancel_if_ended_elsewhere(&id).await;
+                }
+            }
+        }
+    }
+
+    async fn cancel_if_ended_elsewhere(&self, id: &str) {
+        if self.local.snapshot(id).is_none() {
+            return;
+        }
+        if let Ok(Some((_, Stage::Completed(_)))) = self.snapshot(id).await {
+            tracing::info!(
+                operation = id,
+                "the action ended elsewhere (cancelled); cancelling it here"
+            );
+            self.local.cancel(id);
+        }
+    }
+}
+
+fn decode_job(raw: &[u8]) -> Result<Job, String> {
+    let j = StoredJob::decode(raw).map_err(|e| e.to_string())?;
+    let action = Digest::from_opt_proto(&j.action_digest)
+        .map_err(|e| e.to_string())?
+        .ok_or("no action digest")?;
+    let meta = (j.meta.len() == 5).then(|| RequestMeta {
+        invocation: j.meta[0].clone(),
+        correlated: j.meta[1].clone(),
+        mnemonic: j.meta[2].clone(),
+        target: j.meta[3].clone(),
+        tool: j.meta[4].clone(),
+    });
+    Ok(Job {
+        key: ActionKey {
+            instance: j.instance,
+            action,
+        },
+        action: j.action,
+        command: j.command,
+        timeout: Duration::from_millis(j.timeout_ms),
+        do_not_cache: j.do_not_cache,
+        meta,
+        first_output: j.first_output,
+    })
+}
