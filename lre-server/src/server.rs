@@ -286,6 +286,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 },
                 s.clone(),
             ));
+            cluster
+                .check_eviction()
+                .await
+                .map_err(|f| StartError::OpenStore {
+                    key: "execution.redis",
+                    error: f.into(),
+                })?;
             if let Err(e) = cluster.prime().await {
                 tracing::warn!(error = %e.message, "reading the cluster's worker registrations");
             }

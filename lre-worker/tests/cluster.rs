@@ -311,6 +311,16 @@ async fn redis_away_is_unavailable_at_start_and_while_running_and_recovery_follo
         "{msg}"
     );
 
+    // A Redis that may evict any key could drop the queue or a lease: refused at start.
+    let lru = Redis::up(&["--maxmemory-policy", "allkeys-lru"]);
+    let e = lre_server::start(replica_config(&lru.url))
+        .await
+        .err()
+        .expect("an allkeys-lru Redis must be refused");
+    let msg = e.to_string();
+    assert!(msg.contains("execution.redis") && msg.contains("allkeys-lru"), "{msg}");
+    drop(lru);
+
     let redis = Redis::up(&[]);
     let a = replica(&redis).await;
     let ca = channel(&a).await;
@@ -346,6 +356,62 @@ async fn redis_away_is_unavailable_at_start_and_while_running_and_recovery_follo
         .await
         .unwrap();
     assert_eq!(stdout_of(&ca, "", None, &r).await, "after\n");
+    w.stop().await;
+    a.shutdown().await;
+}
+
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(redis.port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_lost_while_the_action_still_runs_here_is_taken_back_not_failed() {
+    let redis = Redis::up(&[]);
+    let a = replica(&redis).await;
+    let ca = channel(&a).await;
+    let w = attach(&a, "only");
+    wait_registered(&a, 1).await;
+    let mut argv = vec![];
+    let action = prepare(&ca, &sh("sleep 5; echo kept", &mut argv)).await.unwrap();
+    let mut ops = start_execute(&ca, &action).await;
+    let name = ops.message().await.unwrap().unwrap().name;
+    let mut running = false;
+    for _ in 0..100 {
+        if a.scheduler.as_ref().unwrap().overview().executing == 1 {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the worker never got the action");
+    // As if this replica had not renewed in time (a Redis blip): the lease runs out, a
+    // reaper requeues the action, and this replica, the only one with a worker, claims it
+    // again while its first run goes on.
+    // What the reaper does to an expired lease, done here so it happens now.
+    let requeue = "local op = 'lre:sched:op:' .. ARGV[1]
+        local f = redis.call('HMGET', op, 'queue', 'member', 'priority', 'qid', 'qmeta')
+        redis.call('HSET', op, 'stage', 'queued')
+        redis.call('HDEL', op, 'lease')
+        redis.call('ZREM', 'lre:sched:leases', ARGV[1])
+        redis.call('ZADD', f[1], f[3], f[2])
+        redis.call('HSET', 'lre:sched:queues', f[4], f[5])
+        redis.call('PUBLISH', 'lre:sched:events', 'work')
+        return 1";
+    assert_eq!(redis_cli(&redis, &["EVAL", requeue, "0", &name]), "1");
+    let (r, _) = finish(ops).await;
+    let r = r.expect("the action is not failed as lost");
+    assert_eq!(stdout_of(&ca, "", None, &r).await, "kept\n");
+    assert_eq!(
+        redis_cli(&redis, &["HGET", &format!("lre:sched:op:{name}"), "attempts"]),
+        "2",
+        "requeued once, claimed again once, and the running attempt reported under it"
+    );
     w.stop().await;
     a.shutdown().await;
 }

@@ -44,7 +44,9 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{platform, ActionKey, Failure, LeaseEvent, OperationId, Properties, Stage, Submitted};
+use super::{
+    platform, ActionKey, Claim, Failure, LeaseEvent, OperationId, Properties, Stage, Submitted,
+};
 use crate::digest::Digest;
 use crate::execution::{ExecScheduler, Job};
 use crate::status::RequestMeta;
@@ -201,7 +203,10 @@ redis.call('PUBLISH', p .. 'events', 'work')
 return {ARGV[2], 1}
 "#;
 
-/// ARGV: prefix, queue key, replica, lease ms. Returns {id, job, attempt} or nil.
+/// ARGV: prefix, queue key, replica, lease ms. Returns {id, job, attempt} or nil. The
+/// lease names the replica and the attempt ("REPLICA/ATTEMPT"): the claim, not just the
+/// replica, so a late report from an earlier claim of the same replica is not taken for
+/// this one's.
 const CLAIM: &str = r#"
 local p = ARGV[1]
 for _ = 1, 16 do
@@ -211,7 +216,7 @@ for _ = 1, 16 do
   local op = p .. 'op:' .. id
   if redis.call('HGET', op, 'stage') == 'queued' then
     local attempt = redis.call('HINCRBY', op, 'attempts', 1)
-    redis.call('HSET', op, 'stage', 'executing', 'lease', ARGV[3])
+    redis.call('HSET', op, 'stage', 'executing', 'lease', ARGV[3] .. '/' .. attempt)
     redis.call('ZADD', p .. 'leases', now_ms() + tonumber(ARGV[4]), id)
     redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
     return {id, redis.call('HGET', op, 'job'), attempt}
@@ -220,14 +225,15 @@ end
 return false
 "#;
 
-/// ARGV: prefix, replica, lease ms, ids... Returns the ids this replica no longer holds.
+/// ARGV: prefix, lease ms, then pairs of id and lease. Returns the ids whose lease is
+/// no longer the one given.
 const RENEW: &str = r#"
 local p = ARGV[1]
 local lost = {}
-local until_ms = now_ms() + tonumber(ARGV[3])
-for i = 4, #ARGV do
+local until_ms = now_ms() + tonumber(ARGV[2])
+for i = 3, #ARGV - 1, 2 do
   local f = redis.call('HMGET', p .. 'op:' .. ARGV[i], 'stage', 'lease')
-  if f[1] == 'executing' and f[2] == ARGV[2] then
+  if f[1] == 'executing' and f[2] == ARGV[i + 1] then
     redis.call('ZADD', p .. 'leases', 'XX', until_ms, ARGV[i])
   else
     table.insert(lost, ARGV[i])
@@ -236,7 +242,7 @@ end
 return lost
 "#;
 
-/// ARGV: prefix, id, replica ('' for any), outcome, keep seconds. 1 if it ended it.
+/// ARGV: prefix, id, lease ('' for any), outcome, keep seconds. 1 if it ended it.
 const COMPLETE: &str = r#"
 local f = redis.call('HMGET', ARGV[1] .. 'op:' .. ARGV[2], 'stage', 'lease')
 if not f[1] or f[1] == 'completed' then return 0 end
@@ -245,9 +251,12 @@ finish(ARGV[1], ARGV[2], ARGV[4], ARGV[5])
 return 1
 "#;
 
-/// ARGV: prefix, id, replica, max attempts, failed outcome, keep seconds.
+/// ARGV: prefix, id, lease, max attempts, failed outcome, keep seconds, uncount ('1':
+/// the claim never ran, so it is not counted as an attempt).
 const RELEASE: &str = r#"
-if redis.call('HGET', ARGV[1] .. 'op:' .. ARGV[2], 'lease') ~= ARGV[3] then return 0 end
+local op = ARGV[1] .. 'op:' .. ARGV[2]
+if redis.call('HGET', op, 'lease') ~= ARGV[3] then return 0 end
+if ARGV[7] == '1' then redis.call('HINCRBY', op, 'attempts', -1) end
 return release(ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6])
 "#;
 
@@ -260,6 +269,10 @@ for _, id in ipairs(due) do release(p, id, ARGV[2], ARGV[3], ARGV[4]) end
 local queues = redis.call('HKEYS', p .. 'queues')
 for _, q in ipairs(queues) do
   if redis.call('EXISTS', p .. 'queue:' .. q) == 0 then redis.call('HDEL', p .. 'queues', q) end
+end
+-- Unfinished operations whose record is gone (a Redis that evicted it) no longer count.
+for _, id in ipairs(redis.call('SRANDMEMBER', p .. 'live', 64)) do
+  if redis.call('EXISTS', p .. 'op:' .. id) == 0 then redis.call('SREM', p .. 'live', id) end
 end
 return #due
 "#;
@@ -297,6 +310,9 @@ pub struct Cluster {
     watchers: Mutex<HashMap<OperationId, watch::Sender<Stage<ExecuteResponse>>>>,
     /// Every replica's workers, as last read.
     registered: Mutex<Vec<Registration>>,
+    /// Claimed operations that ended here and whose report is not through yet: their
+    /// leases are still renewed.
+    pending: Mutex<HashMap<OperationId, u32>>,
     /// Something was queued somewhere: claim.
     work: Notify,
 }
@@ -364,6 +380,7 @@ impl Cluster {
             scripts: Scripts::new(),
             watchers: Mutex::new(HashMap::new()),
             registered: Mutex::new(Vec::new()),
+            pending: Mutex::new(HashMap::new()),
             work: Notify::new(),
         }
     }
@@ -602,6 +619,37 @@ impl Cluster {
         self.register().await
     }
 
+    /// The scheduler's unfinished state has no TTL and must not be evicted: a Redis that
+    /// evicts any key at `maxmemory` (`allkeys-*`) could drop a queue or a lease and lose
+    /// actions. Refused at start; `noeviction` or `volatile-*` (which evict only keys with
+    /// a TTL: finished operations, action results with `expire_seconds`) are fine. A Redis
+    /// that does not let us ask (CONFIG denied, as on some managed services) is warned of.
+    pub async fn check_eviction(&self) -> Result<(), Failure> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        match self
+            .redis
+            .run::<Vec<String>>("asking for maxmemory-policy", &cmd)
+            .await
+        {
+            Ok(v) => match v.get(1) {
+                Some(policy) if policy.starts_with("allkeys") => Err(Failure::new(
+                    tonic::Code::FailedPrecondition,
+                    format!(
+                        "{}: maxmemory-policy is {policy}, which may evict the scheduler's queue and leases; use noeviction or volatile-lru (or a Redis of its own)",
+                        self.redis.name()
+                    ),
+                )),
+                _ => Ok(()),
+            },
+            Err(StoreError::Unavailable(m)) => Err(Failure::new(tonic::Code::Unavailable, m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy; it must not be allkeys-*");
+                Ok(())
+            }
+        }
+    }
+
     /// Starts the replica's part: claiming for its idle workers, reporting how claimed
     /// operations end, renewing leases, reaping dead replicas' ones, registering workers
     /// and feeding watchers. Runs until `stop` turns true.
@@ -613,6 +661,7 @@ impl Cluster {
         vec![
             tokio::spawn(self.clone().report(leases, stop.clone())),
             tokio::spawn(self.clone().pull(stop.clone())),
+            tokio::spawn(self.clone().keep_leases(stop.clone())),
             tokio::spawn(self.clone().maintain(stop.clone())),
             tokio::spawn(self.clone().listen(stop)),
         ]
@@ -620,54 +669,69 @@ impl Cluster {
 
     /// Sends how each claimed operation ended to Redis; retried while Redis is away (a
     /// lost report only costs a rerun: the lease runs out and the action is queued again).
+    /// Until a report is through, its lease is still renewed (`pending`), so a backlog of
+    /// reports does not make other replicas rerun what already finished here.
     async fn report(
         self: Arc<Self>,
         mut leases: mpsc::UnboundedReceiver<LeaseEvent<ExecuteResponse>>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let mut backlog = std::collections::VecDeque::new();
         loop {
-            let event = tokio::select! {
-                e = leases.recv() => e,
-                // What is reported already still goes (workers' streams ending at shutdown
-                // give their actions back); then stop: the scheduler outlives this task.
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    leases.try_recv().ok()
+            if backlog.is_empty() {
+                let event = tokio::select! {
+                    e = leases.recv() => e,
+                    // What is reported already still goes (workers' streams ending at
+                    // shutdown give their actions back); then stop: the scheduler outlives
+                    // this task.
+                    _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        leases.try_recv().ok()
+                    }
+                };
+                let Some(event) = event else { return };
+                backlog.push_back(event);
+            }
+            while let Ok(e) = leases.try_recv() {
+                backlog.push_back(e);
+            }
+            {
+                let mut pending = self.pending();
+                for e in &backlog {
+                    let (LeaseEvent::Finished(id, a, _) | LeaseEvent::Released(id, a)) = e;
+                    pending.insert(id.clone(), *a);
                 }
+            }
+            let Some(event) = backlog.pop_front() else {
+                continue;
             };
-            let Some(event) = event else { return };
             let stopping = *stop.borrow();
             let (what, id, inv) = match &event {
-                LeaseEvent::Finished(id, result) => {
+                LeaseEvent::Finished(id, attempt, result) => {
                     let mut inv = self.scripts.complete.prepare_invoke();
                     inv.arg(&self.config.prefix)
                         .arg(id)
-                        .arg(&self.replica)
+                        .arg(self.lease_name(*attempt))
                         .arg(encode_outcome(result))
                         .arg(self.keep_seconds());
                     ("reporting an outcome", id, inv)
                 }
-                LeaseEvent::Released(id) => {
-                    let mut inv = self.scripts.release.prepare_invoke();
-                    inv.arg(&self.config.prefix)
-                        .arg(id)
-                        .arg(&self.replica)
-                        .arg(self.config.max_attempts)
-                        .arg(self.lost_outcome())
-                        .arg(self.keep_seconds());
-                    ("giving an action back", id, inv)
-                }
+                LeaseEvent::Released(id, attempt) => (
+                    "giving an action back",
+                    id,
+                    self.release_invocation(id, *attempt, false),
+                ),
             };
             let mut delay = Duration::from_millis(100);
             let give_up = tokio::time::Instant::now() + self.config.lease;
             loop {
                 match self.redis.run_script::<i64>(what, &inv).await {
                     Ok(_) => break,
-                    Err(e) if tokio::time::Instant::now() < give_up => {
+                    // Only an outage is worth waiting out; a refusal would be refused again.
+                    Err(e @ StoreError::Unavailable(_))
+                        if tokio::time::Instant::now() < give_up && !stopping =>
+                    {
                         tracing::warn!(operation = %id, error = %e, "{what}; retrying");
-                        if stopping {
-                            break;
-                        }
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(2));
                     }
@@ -677,7 +741,34 @@ impl Cluster {
                     }
                 }
             }
+            self.pending().remove(id);
         }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<OperationId, u32>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What this replica's claim on attempt `attempt` is called in the lease.
+    fn lease_name(&self, attempt: u32) -> String {
+        format!("{}/{attempt}", self.replica)
+    }
+
+    fn release_invocation(
+        &self,
+        id: &str,
+        attempt: u32,
+        uncount: bool,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.scripts.release.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(id)
+            .arg(self.lease_name(attempt))
+            .arg(self.config.max_attempts)
+            .arg(self.lost_outcome())
+            .arg(self.keep_seconds())
+            .arg(if uncount { "1" } else { "0" });
+        inv
     }
 
     /// Claims queued operations while a local worker has a free slot.
@@ -762,33 +853,42 @@ impl Cluster {
             Err(why) => {
                 tracing::error!(operation = %id, %why, "undecodable job in the cluster's queue");
                 let _ = self
-                    .report_now(&id, &Err(Failure::new(tonic::Code::Internal, why)))
+                    .report_now(&id, attempt, &Err(Failure::new(tonic::Code::Internal, why)))
                     .await;
                 return Ok(true);
             }
         };
         let key = job.key.clone();
         let timeout = Some(job.timeout);
-        if !self
+        match self
             .local
             .run_claimed(id.clone(), key, platform, Arc::new(job), timeout, attempt)
         {
-            // The worker went between looking and claiming: back to the queue; it counts
-            // as an attempt, as any lost worker does.
-            self.give_back(&id).await?;
+            Claim::Started | Claim::AlreadyHere => Ok(true),
+            Claim::NoWorker => {
+                // The worker went between looking and claiming: back to the queue, not
+                // counted as an attempt (it never ran), and no more claims this round.
+                let inv = self.release_invocation(&id, attempt, true);
+                let _: i64 = self
+                    .redis
+                    .run_script("giving an action back", &inv)
+                    .await
+                    .map_err(failure)?;
+                Ok(false)
+            }
         }
-        Ok(true)
     }
 
     async fn report_now(
         &self,
         id: &str,
+        attempt: u32,
         result: &Result<ExecuteResponse, Failure>,
     ) -> Result<(), Failure> {
         let mut inv = self.scripts.complete.prepare_invoke();
         inv.arg(&self.config.prefix)
             .arg(id)
-            .arg(&self.replica)
+            .arg(self.lease_name(attempt))
             .arg(encode_outcome(result))
             .arg(self.keep_seconds());
         let _: i64 = self
@@ -799,24 +899,23 @@ impl Cluster {
         Ok(())
     }
 
-    async fn give_back(&self, id: &str) -> Result<(), Failure> {
-        let mut inv = self.scripts.release.prepare_invoke();
-        inv.arg(&self.config.prefix)
-            .arg(id)
-            .arg(&self.replica)
-            .arg(self.config.max_attempts)
-            .arg(self.lost_outcome())
-            .arg(self.keep_seconds());
-        let _: i64 = self
-            .redis
-            .run_script("giving an action back", &inv)
-            .await
-            .map_err(failure)?;
-        Ok(())
+    /// Every TICK: renew this replica's leases, and cancel here what it no longer holds.
+    /// A task of its own, so nothing slow (many watchers) can delay it past the lease.
+    async fn keep_leases(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.renew().await {
+                tracing::warn!(error = %e.message, "renewing leases");
+            }
+        }
     }
 
-    /// Every TICK: renew this replica's leases (and cancel here what it no longer holds),
-    /// rewrite its worker registrations, read everyone's, reap expired leases.
+    /// Every TICK: rewrite this replica's worker registrations, read everyone's, reap
+    /// expired leases; every POLL, re-read watched operations.
     async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         let mut last_poll = tokio::time::Instant::now();
@@ -826,7 +925,6 @@ impl Cluster {
                 _ = stop.wait_for(|s| *s) => return,
             }
             for (what, r) in [
-                ("renewing leases", self.renew().await),
                 ("registering workers", self.register().await),
                 ("reaping expired leases", self.reap().await),
             ] {
@@ -842,16 +940,16 @@ impl Cluster {
     }
 
     async fn renew(&self) -> Result<(), Failure> {
-        let held = self.local.claimed_operations();
+        let mut held = self.local.claimed_operations();
+        held.extend(self.pending().iter().map(|(id, a)| (id.clone(), *a)));
         if held.is_empty() {
             return Ok(());
         }
         let mut inv = self.scripts.renew.prepare_invoke();
         inv.arg(&self.config.prefix)
-            .arg(&self.replica)
             .arg(self.config.lease.as_millis() as u64);
-        for id in &held {
-            inv.arg(id);
+        for (id, attempt) in &held {
+            inv.arg(id).arg(self.lease_name(*attempt));
         }
         let lost: Vec<String> = self
             .redis
@@ -859,6 +957,9 @@ impl Cluster {
             .await
             .map_err(failure)?;
         for id in lost {
+            if self.pending().contains_key(&id) {
+                continue; // finished here; its report is on the way
+            }
             // Cancelled, or reaped while this replica could not reach Redis: another
             // worker may have it now. Stop running it here.
             tracing::warn!(operation = %id, "this replica no longer holds the action's lease; cancelling it here");

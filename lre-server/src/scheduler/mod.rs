@@ -99,10 +99,24 @@ impl Default for SchedulerConfig {
 
 /// What the scheduler tells the cluster (`cluster::Cluster`) about an operation it runs on
 /// a lease from the shared queue: it finished, or its worker was lost and it goes back.
+/// Each names the attempt it is about, which is what the cluster's lease names too: a
+/// report from an attempt the cluster has since given to another claim is dropped.
 #[derive(Debug)]
 pub enum LeaseEvent<R> {
-    Finished(OperationId, Result<R, Failure>),
-    Released(OperationId),
+    Finished(OperationId, u32, Result<R, Failure>),
+    Released(OperationId, u32),
+}
+
+/// What became of an operation claimed from the cluster's queue.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Dispatched to a local worker.
+    Started,
+    /// It runs here already (the cluster requeued it while this replica could not renew
+    /// its lease): it goes on, under the new attempt.
+    AlreadyHere,
+    /// No local worker can take it now; give it back.
+    NoWorker,
 }
 
 /// What `submit` hands back: the operation to watch, and whether it joined one in flight.
@@ -254,12 +268,12 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
     }
 
     /// The operations claimed from the cluster that this scheduler holds.
-    pub fn claimed_operations(&self) -> Vec<OperationId> {
+    pub fn claimed_operations(&self) -> Vec<(OperationId, u32)> {
         let st = self.state();
         st.operations
             .iter()
             .filter(|(_, o)| o.claimed)
-            .map(|(id, _)| id.clone())
+            .map(|(id, o)| (id.clone(), o.attempts))
             .collect()
     }
 
@@ -280,8 +294,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
     }
 
     /// Runs an operation claimed from the cluster's queue, on attempt `attempt`, on a local
-    /// worker at once. False when no local worker can take it now (the caller gives it
-    /// back) or the id is known here already.
+    /// worker at once.
     #[allow(clippy::too_many_arguments)]
     pub fn run_claimed(
         &self,
@@ -291,11 +304,15 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         job: J,
         timeout: Option<Duration>,
         attempt: u32,
-    ) -> bool {
+    ) -> Claim {
         let platform = platform::normalize(platform);
         let mut st = self.state();
-        if st.operations.contains_key(&id) {
-            return false;
+        if let Some(op) = st.operations.get_mut(&id) {
+            if !op.claimed {
+                return Claim::NoWorker;
+            }
+            op.attempts = attempt;
+            return Claim::AlreadyHere;
         }
         let runnable = st.workers.values().any(|w| {
             w.running.len() < w.spec.capacity
@@ -303,7 +320,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 && platform::satisfies(&w.spec.properties, &platform)
         });
         if !runnable {
-            return false;
+            return Claim::NoWorker;
         }
         // Ahead of everything queued locally: it waited in the shared queue already.
         let rank = (i32::MIN, st.next_seq);
@@ -328,7 +345,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         );
         st.queue.insert(rank, id);
         self.dispatch(&mut st);
-        true
+        Claim::Started
     }
 
     fn state(&self) -> MutexGuard<'_, State<J, R>> {
@@ -705,9 +722,10 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 // The cluster decides: back to the shared queue, or failed after its
                 // attempts, for whichever replica's worker is free.
                 tracing::warn!(operation = %op, worker = id, "worker lost; giving its action back to the cluster's queue");
+                let attempt = o.attempts;
                 st.operations.remove(&op);
                 if let Some(tx) = &self.leases {
-                    let _ = tx.send(LeaseEvent::Released(op));
+                    let _ = tx.send(LeaseEvent::Released(op, attempt));
                 }
                 continue;
             }
@@ -777,9 +795,10 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         self.freed.notify_one();
         if op.claimed {
             // Its waiters watch the cluster's record of it, not this one.
+            let attempt = op.attempts;
             st.operations.remove(id);
             if let Some(tx) = &self.leases {
-                let _ = tx.send(LeaseEvent::Finished(id.to_string(), result));
+                let _ = tx.send(LeaseEvent::Finished(id.to_string(), attempt, result));
             }
             return;
         }
