@@ -11,9 +11,13 @@
 #   - two lre-worker processes, w1 attached to replica 1 and w2 to replica 2 (replica 3
 #     has none: whatever HAProxy sends it runs on the others' workers).
 #
+# Bazel builds with the toolchain `lre generate` writes (`--config=lre`: zig and a Java
+# runtime from /nix/store, see e2e/toolchains), its endpoint HAProxy; the workers offer that
+# toolchain's platform (its container-image), as `lre up --toolchain` does.
+#
 # Steps, in order (each a fresh checkout and output root):
-#   A  `bazel test //...` with --remote_executor through HAProxy: every spawn runs
-#      remotely, both workers ran actions, the tests pass, the binary prints its line
+#   A  `bazel build //...` with --config=lre through HAProxy: every spawn runs remotely,
+#      both workers ran actions, the binary prints its line
 #   B  a second checkout: 100% remote cache hits
 #   C  replica 2 is SIGKILLed while its worker runs one of four slow actions: its lease
 #      runs out, another replica's worker runs it, the build succeeds, all remotely
@@ -21,9 +25,7 @@
 #   E  Execute with no worker anywhere, then every replica restarts: the queued action
 #      is still there and runs when a worker attaches (WaitExecution on another replica)
 #
-# Bazel uses the host toolchain here (as e2e/exec_test.sh does; the Nix toolchain under
-# remote execution is e2e/toolchain_test.sh's). Prints PASS/FAIL per check and, last,
-# "N passed, M failed".
+# Prints PASS/FAIL per check and, last, "N passed, M failed".
 set -uo pipefail
 
 # shellcheck source=lib.sh
@@ -33,6 +35,8 @@ CLUSTER="$E2E_DIR/garage/cluster.sh"
 REDIS="$E2E_DIR/redis/redis.sh"
 HAPROXY="${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}"
 LRE_WORKER="${LRE_WORKER:-$REPO_ROOT/target/debug/lre-worker}"
+LRE="${LRE:-$REPO_ROOT/target/debug/lre}"
+BAZEL_VERB=build
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin" # where `cargo install garage` put it
 REPLICAS=3
 
@@ -98,11 +102,29 @@ start_replica() {
   R_PID[$i]="$SERVER_PID"
 }
 
-# start_worker NAME REPLICA
+# start_worker NAME REPLICA: offering the generated toolchain's platform (WORKER_PROPS).
 start_worker() {
   start_bg "$1" "$LRE_WORKER" --server "http://127.0.0.1:${R_GRPC[$2]}" --id "$1" --capacity 2 \
-    --token-file "$SCEN/worker.token" --work-dir "$SCEN/$1"
+    --token-file "$SCEN/worker.token" --work-dir "$SCEN/$1" "${WORKER_PROPS[@]}"
   W_PID[$2]="$BG_PID"
+}
+
+# lre_checkout NAME: a fresh checkout of the LRE fixture (CL_WS, CL_OUR) with its
+# .bazelrc.lre and toolchain repository generated for HAProxy's address.
+lre_checkout() {
+  lre_client "$SCEN" "$1"
+  (cd "$CL_WS" && "$LRE" generate --cc "$TC_DIR/cc.nix" --java "$TC_DIR/java.nix" --prefix lre \
+    --bazel-version 4.2.3 --endpoint "grpc://127.0.0.1:$LB_GRPC") >"$SCEN/gen-$1.log" 2>&1
+}
+
+# toolchain_props MANIFEST: --property flags for the platform lre.json describes.
+toolchain_props() {
+  python3 - "$1" <<'PYEOF'
+import json, sys
+props = {"OSFamily": "Linux", **json.load(open(sys.argv[1]))["exec_properties"]}
+for k, v in sorted(props.items()):
+    print(f"--property={k}={v}")
+PYEOF
 }
 
 # The scheduler's shared keys, for the checks.
@@ -173,9 +195,11 @@ main() {
   e2e_init
   log "run directory $RUN_DIR; server $LRE_SERVER; worker $LRE_WORKER"
   new_scenario cluster-exec
-  check "preflight: garage, haproxy, redis, bazel, the worker binary" "" \
-    bash -c '[ -x "$1" ] && [ -x "$2" ] && command -v "$0" && command -v "${GARAGE:-garage}" && command -v redis-server && command -v redis-cli' \
-    "$HAPROXY" "$BAZEL" "$LRE_WORKER" >/dev/null || { summary; exit 1; }
+  check "preflight: garage, haproxy, redis, bazel, nix, lre and lre-worker" "" \
+    bash -c '[ -x "$1" ] && [ -x "$2" ] && [ -x "$3" ] && command -v "$0" && command -v "${GARAGE:-garage}" && command -v redis-server && command -v redis-cli && command -v nix-build' \
+    "$HAPROXY" "$BAZEL" "$LRE_WORKER" "$LRE" >/dev/null || { summary; exit 1; }
+  check "toolchain: zig, busybox and a Java runtime imported into /nix/store" "" \
+    bash "$E2E_DIR/toolchains/prepare.sh" "$TC_DIR" || { summary; exit 1; }
 
   local garage_dir="$SCEN/garage"
   E2E_CLEANUP_HOOKS+=("bash '$CLUSTER' down '$garage_dir'")
@@ -201,6 +225,14 @@ main() {
     R_HTTP[$i]="${P[$((2 * i - 1))]}"
   done
   LB_GRPC="${P[$((2 * REPLICAS))]}" LB_S3="${P[$((2 * REPLICAS + 1))]}"
+  lre_checkout A
+  local manifest="$CL_WS/.lre/local-remote-execution/lre.json"
+  check "lre generate: .bazelrc.lre and the toolchain for HAProxy's address" "$(tail -n1 "$SCEN/gen-A.log")" \
+    grep -q "grpc://127.0.0.1:$LB_GRPC" "$CL_WS/.bazelrc.lre" || { summary; exit 1; }
+  mapfile -t WORKER_PROPS < <(toolchain_props "$manifest")
+  check "the workers offer the toolchain's container-image" "${WORKER_PROPS[*]}" \
+    grep -q -- "--property=container-image=lre-closure:sha256:" <<<"${WORKER_PROPS[*]}"
+  local a_ws="$CL_WS" a_our="$CL_OUR"
   haproxy_config
   "$HAPROXY" -db -f "$SCEN/haproxy.cfg" >"$SCEN/haproxy.log" 2>&1 &
   E2E_SERVER_PIDS+=("$!")
@@ -217,35 +249,40 @@ main() {
     { summary; exit 1; }
   sleep 1
 
-  local -a remote=("--remote_executor=grpc://127.0.0.1:$LB_GRPC" --remote_timeout=60 --remote_retries=5)
+  # The endpoint comes from .bazelrc.lre; Bazel retries what a killed replica dropped.
+  local -a remote=(--config=lre --remote_timeout=60 --remote_retries=5)
 
   # ---- A
-  new_client "$SCEN" A
-  bazel_run "$CL_WS" "$CL_OUR" "${remote[@]}"
+  bazel_run "$a_ws" "$a_our" "${remote[@]}"
   A_CACHEABLE="$CACHEABLE"
-  check "A: bazel test //... through HAProxy runs every spawn remotely" "exit $BZ_RC; '$SUM_LINE'" \
+  check "A: bazel build //... --config=lre through HAProxy runs every spawn remotely" "exit $BZ_RC; '$SUM_LINE'" \
     all_remote "$(remote_count)"
-  BIN_OUT="$(run_binary "$CL_WS")"
-  check "A: bazel-bin/app/hello prints the expected line" "got '$BIN_OUT'" output_ok
+  BIN_OUT="$(run_binary "$a_ws")"
+  check "A: bazel-bin/app/hello, built with the Nix toolchain on the workers, prints the expected line" "got '$BIN_OUT'" output_ok
+  check "A: the Java genrule ran java -version from /nix/store on a worker" "" \
+    grep -q 'openjdk version' "$a_ws/bazel-bin/java/java_version.txt"
+  check "A: the compile and link commands ran the pinned compiler from /nix/store" "" \
+    grep -qE '"/nix/store/[a-z0-9]{32}-lre-cc-zig/bin/[^"]*"' "$BZ_EXECLOG"
   local r1 r2; r1="$(ran_on w1)" r2="$(ran_on w2)"
   check "A: both workers ran actions" "w1 ran $r1, w2 ran $r2" both_ran "$r1" "$r2"
 
   # ---- B
-  new_client "$SCEN" B
+  lre_checkout B
+  check "B: another checkout gets the same .bazelrc.lre" "" cmp -s "$a_ws/.bazelrc.lre" "$CL_WS/.bazelrc.lre"
   build_b "B through haproxy" "$CL_WS" "$CL_OUR" "${remote[@]}"
 
   # ---- C: kill -9 replica 2 while its worker runs a slow action
-  new_client "$SCEN" C
+  lre_checkout C
   slow_workspace
   local -a saved=("${BAZEL_TARGETS[@]}")
   BAZEL_TARGETS=(//slow:slow_0 //slow:slow_1 //slow:slow_2 //slow:slow_3)
-  BAZEL_VERB=build
   (
     deadline=$((SECONDS + 120))
     while [ "$SECONDS" -lt "$deadline" ]; do
-      for p in $(pgrep -x sleep); do
-        case "$(readlink "/proc/$p/cwd" 2>/dev/null)" in
-          "$SCEN/w2"/*) kill -KILL "${R_PID[2]}"; echo "killed replica 2 (pid ${R_PID[2]}) while w2 ran sleep pid $p" >"$SCEN/kill.log"; exit 0 ;;
+      # Any process working in one of w2's exec roots (busybox's sh may sleep as a builtin).
+      for p in /proc/[0-9]*; do
+        case "$(readlink "$p/cwd" 2>/dev/null)" in
+          "$SCEN/w2"/*) kill -KILL "${R_PID[2]}"; echo "killed replica 2 (pid ${R_PID[2]}) while w2 ran ${p#/proc/} ($(cat "$p/comm" 2>/dev/null))" >"$SCEN/kill.log"; exit 0 ;;
         esac
       done
       sleep 0.1
@@ -256,7 +293,6 @@ main() {
   wait "$killer" 2>/dev/null
   forget_pid "${R_PID[2]}"
   BAZEL_TARGETS=("${saved[@]}")
-  BAZEL_VERB=test
   check "C: replica 2 got SIGKILL while its worker ran an action" "$(cat "$SCEN/kill.log" 2>/dev/null)" [ -s "$SCEN/kill.log" ]
   local outs=0 f
   for f in "$CL_WS"/bazel-bin/slow/slow_*.txt; do [ -s "$f" ] && outs=$((outs + 1)); done
@@ -273,7 +309,7 @@ main() {
   start_worker w1 1
   start_worker w2 2
   check "D: every replica and worker restarted" "$up replicas up" d_ok "$up"
-  new_client "$SCEN" D
+  lre_checkout D
   build_b "D after a full restart" "$CL_WS" "$CL_OUR" "${remote[@]}"
 
   # ---- E: an action queued with no worker anywhere survives a restart of every replica
@@ -283,7 +319,6 @@ main() {
   slow_workspace
   sed -i 's/sleep 5; echo slow/echo queued/' "$CL_WS/slow/BUILD"
   BAZEL_TARGETS=(//slow:slow_0)
-  BAZEL_VERB=build
   ( bazel_run "$CL_WS" "$CL_OUR" "--remote_executor=grpc://127.0.0.1:$LB_GRPC" --remote_timeout=600 --remote_retries=0 --remote_local_fallback=false >/dev/null 2>&1 ) &
   local bz=$! live=0
   t=0
@@ -302,7 +337,6 @@ main() {
   check "E: a worker attached afterwards ran it" "stage $(rcli HGET "lre:sched:op:$op" stage)" \
     [ "$(rcli HGET "lre:sched:op:$op" stage)" = completed ]
   BAZEL_TARGETS=("${saved[@]}")
-  BAZEL_VERB=test
 
   local clean=1
   for i in $(seq 1 $REPLICAS); do stop_server "${R_PID[$i]}" >/dev/null 2>&1 || true; done

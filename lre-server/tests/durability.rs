@@ -332,7 +332,7 @@ async fn a_second_server_on_the_same_directory_is_refused() {
         .err()
         .expect("second server must fail");
     assert!(
-        err.to_string().contains("in use by another lre-server"),
+        err.to_string().contains("in use by another process"),
         "{err}"
     );
     s.shutdown().await;

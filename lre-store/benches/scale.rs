@@ -178,7 +178,7 @@ async fn main() {
             keys.iter()
                 .filter(|k| match k {
                     Key::Cas(h) => map.contains_key(h),
-                    Key::Ac(_) => false,
+                    Key::CasExecutable(_) | Key::Ac(_) => false,
                 })
                 .count()
         })

@@ -1,28 +1,21 @@
-//! The worker's side of the CAS: a local, size-bounded cache of blobs on disk that input
-//! roots are hard-linked from, and uploads of outputs to the server.
+//! The worker's local CAS: lre-store's filesystem store, size-bounded and LRU, that input
+//! roots are hard-linked from, with a read-through layer over the server's CAS in front.
+//! Every digest passes the server's rule (lre-store's `Digest`) before it names a file, and
+//! every fetched blob is hashed as it is written (`CasUpload`), so nothing the server sends
+//! wrong is ever linked into an action.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
-use crate::client::ServerChannel;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use bazel_remote_apis::google::bytestream::{
-    byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
-};
-use re::content_addressable_storage_client::ContentAddressableStorageClient;
-use sha2::{Digest as _, Sha256};
+use lre_store::store::{BlobStore, CasUpload, FsStore, Key, Pinned};
+use lre_store::{Digest, StoreError};
 use tokio::io::AsyncReadExt;
 
 use crate::error::{Result, WorkerError};
-use lre_store::Digest;
+use crate::server_cas::{ServerCas, BATCH_BLOB, BATCH_TOTAL};
 
-/// Blobs up to this size travel in batch calls; larger ones over ByteStream.
-const BATCH_BLOB: i64 = 1 << 20;
-const BATCH_TOTAL: i64 = 3 << 20;
-const CHUNK: usize = 1 << 20;
+pub use crate::server_cas::Upload;
 
 pub fn digest_of(data: &[u8]) -> re::Digest {
     Digest::of(data).to_proto()
@@ -30,48 +23,10 @@ pub fn digest_of(data: &[u8]) -> re::Digest {
 
 /// The server's rule (lre-store), so that a digest the server would refuse (uppercase hex,
 /// a negative size) is refused here before it names a file in the cache.
-pub fn valid(d: &re::Digest) -> Result<()> {
-    Digest::from_proto(d).map(|_| ()).map_err(|e| {
+pub fn valid(d: &re::Digest) -> Result<Digest> {
+    Digest::from_proto(d).map_err(|e| {
         WorkerError::InvalidInput(format!("input digest {}/{}: {e}", d.hash, d.size_bytes))
     })
-}
-
-pub struct LocalCas {
-    dir: PathBuf,
-    channel: ServerChannel,
-    max_bytes: u64,
-    index: Arc<Mutex<CacheIndex>>,
-}
-
-/// The LRU bookkeeping. Evicting a file that an exec root still links is safe: the link
-/// keeps the content.
-#[derive(Default)]
-struct CacheIndex {
-    /// path → (size, last use)
-    entries: HashMap<PathBuf, (u64, SystemTime)>,
-    total: u64,
-    /// Files an action is about to link, with how many actions want each: not evicted.
-    pinned: HashMap<PathBuf, usize>,
-}
-
-/// Cache files one action needs, kept from eviction until it has linked them.
-pub struct Pinned<'a> {
-    cas: &'a LocalCas,
-    paths: Vec<PathBuf>,
-}
-
-impl Drop for Pinned<'_> {
-    fn drop(&mut self) {
-        let mut idx = self.cas.index.lock().unwrap_or_else(|p| p.into_inner());
-        for p in &self.paths {
-            if let Some(n) = idx.pinned.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    idx.pinned.remove(p);
-                }
-            }
-        }
-    }
 }
 
 /// The SHA-256 digest of a file, read a buffer at a time (never whole into memory).
@@ -79,97 +34,55 @@ pub fn file_digest(path: &Path) -> Result<re::Digest> {
     Ok(Digest::of_reader(std::fs::File::open(path)?)?.to_proto())
 }
 
+/// Executable and plain copies are separate entries: hard links share their mode.
+fn key(d: &Digest, executable: bool) -> Key {
+    match executable {
+        true => Key::cas_executable(d),
+        false => Key::cas(d),
+    }
+}
+
+pub struct LocalCas {
+    store: FsStore,
+    server: ServerCas,
+    max_bytes: u64,
+    /// Room for blobs being written, in ROOM_UNITs: a fetch takes its whole size before its
+    /// first byte, so concurrent fetches never hold more than the store (whose writes
+    /// would then fail) and never wait on each other half way (no deadlock).
+    room: tokio::sync::Semaphore,
+    room_units: u32,
+}
+
+/// The unit of `room`: permits are u32, and a cache may hold more than 4 GiB.
+const ROOM_UNIT: u64 = 1024;
+
 impl LocalCas {
-    pub fn open(dir: PathBuf, channel: ServerChannel, max_bytes: u64) -> Result<LocalCas> {
-        std::fs::create_dir_all(dir.join("tmp"))?;
-        let mut map = HashMap::new();
-        let mut total = 0;
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            if e.file_name() == "tmp" {
-                // Leftovers of fetches a previous run did not finish.
-                let _ = std::fs::remove_dir_all(e.path());
-                std::fs::create_dir_all(dir.join("tmp"))?;
-                continue;
-            }
-            let m = e.metadata()?;
-            if m.is_file() {
-                total += m.len();
-                map.insert(
-                    e.path(),
-                    (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
-                );
-            }
-        }
+    pub async fn open(dir: PathBuf, server: ServerCas, max_bytes: u64) -> Result<LocalCas> {
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || drop_old_layout(&d))
+            .await
+            .map_err(|e| WorkerError::Sandbox(format!("opening the local cache: {e}")))??;
+        let store = FsStore::open(dir, max_bytes, Default::default())
+            .await
+            .map_err(WorkerError::Cache)?;
+        // Rounded down, and each blob's size up: what is in flight never exceeds the store.
+        let room_units = (max_bytes / ROOM_UNIT).clamp(1, u32::MAX as u64) as u32;
         Ok(LocalCas {
-            dir,
-            channel,
+            store,
+            server,
             max_bytes,
-            index: Arc::new(Mutex::new(CacheIndex {
-                entries: map,
-                total,
-                pinned: HashMap::new(),
-            })),
+            room: tokio::sync::Semaphore::new(room_units as usize),
+            room_units,
         })
     }
 
-    /// Where a blob lives locally. Executable and plain copies are separate files, since
-    /// hard links share their mode.
-    pub fn path(&self, d: &re::Digest, executable: bool) -> PathBuf {
-        self.dir.join(format!(
-            "{}-{}{}",
-            d.hash,
-            d.size_bytes,
-            if executable { "-x" } else { "" }
-        ))
+    pub fn server(&self) -> &ServerCas {
+        &self.server
     }
 
-    fn touch(&self, path: &Path, size: u64) {
-        let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        if idx
-            .entries
-            .insert(path.to_path_buf(), (size, SystemTime::now()))
-            .is_none()
-        {
-            idx.total += size;
-        }
-    }
-
-    /// Deletes least recently used, unpinned files until the cache fits. On a blocking
-    /// thread, holding the index lock throughout: an `ensure` that finds a file must not
-    /// see it deleted after the lock is let go.
-    async fn evict(&self) {
-        let index = self.index.clone();
-        let max_bytes = self.max_bytes;
-        if let Err(e) =
-            tokio::task::spawn_blocking(move || Self::evict_blocking(&index, max_bytes)).await
-        {
-            tracing::warn!(error = %e, "cache eviction task failed");
-        }
-    }
-
-    fn evict_blocking(index: &Mutex<CacheIndex>, max_bytes: u64) {
-        let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
-        if idx.total <= max_bytes {
-            return;
-        }
-        let mut by_age: Vec<(SystemTime, PathBuf, u64)> = idx
-            .entries
-            .iter()
-            .map(|(p, (s, t))| (*t, p.clone(), *s))
-            .collect();
-        by_age.sort();
-        for (_, p, s) in by_age {
-            if idx.total <= max_bytes {
-                break;
-            }
-            if idx.pinned.contains_key(&p) {
-                continue;
-            }
-            let _ = std::fs::remove_file(&p);
-            idx.entries.remove(&p);
-            idx.total -= s;
-        }
+    /// Where a blob lives locally (whether it is there or not).
+    pub fn path(&self, d: &re::Digest, executable: bool) -> Result<PathBuf> {
+        Ok(self.store.file_path(&key(&valid(d)?, executable)))
     }
 
     /// A fingerprint of a cached file that no process can forge: any write or chmod through
@@ -181,434 +94,256 @@ impl LocalCas {
             .map(|m| (m.ctime(), m.ctime_nsec(), m.len()))
     }
 
-    /// Whether a cached file still holds exactly what its name says, with its read-only mode.
-    /// Called when its fingerprint moved: another action hard-linking the same file (at
-    /// capacity > 1) changes the ctime too, and that must not count as tampering.
-    pub fn intact(path: &Path) -> bool {
+    /// Whether a cached file still holds exactly its digest's content, with the mode the
+    /// store gave it. Blocking. Called when its fingerprint moved: another action
+    /// hard-linking the same file (at capacity > 1) changes the ctime too, and that must
+    /// not count as tampering.
+    pub fn intact(&self, d: &re::Digest, executable: bool) -> bool {
         use std::os::unix::fs::PermissionsExt;
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            return false;
-        };
-        let (rest, executable) = match name.strip_suffix("-x") {
-            Some(r) => (r, true),
-            None => (name, false),
-        };
-        let Some((hash, size)) = rest.split_once('-') else {
-            return false;
-        };
+        let Ok(digest) = valid(d) else { return false };
+        let path = self.store.file_path(&key(&digest, executable));
         let want_mode = if executable { 0o555 } else { 0o444 };
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
             return false;
         };
         if !meta.is_file()
             || meta.permissions().mode() & 0o7777 != want_mode
-            || size.parse() != Ok(meta.len())
+            || meta.len() != digest.size
         {
             return false;
         }
         // Streamed: a cached input may be many GiB.
-        match std::fs::File::open(path).and_then(Digest::of_reader) {
-            Ok(d) => d.hex() == hash,
-            Err(_) => false,
-        }
+        std::fs::File::open(&path)
+            .and_then(Digest::of_reader)
+            .is_ok_and(|found| found == digest)
     }
 
-    /// Drops a cached file whose content can no longer be trusted.
-    pub fn discard(&self, path: &Path) {
-        let _ = std::fs::remove_file(path);
-        let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((size, _)) = idx.entries.remove(path) {
-            idx.total -= size;
-        }
+    /// Drops a cached copy whose content can no longer be trusted; the next action that
+    /// needs it fetches it again.
+    pub async fn discard(&self, d: &re::Digest, executable: bool) -> Result<()> {
+        let k = key(&valid(d)?, executable);
+        self.store.remove(&k).await.map_err(WorkerError::Cache)
     }
 
     /// Makes every (digest, executable) present locally, fetching what is missing, and
     /// keeps them from eviction while the returned pin lives.
-    pub async fn ensure(
-        &self,
-        instance: &str,
-        wanted: &[(re::Digest, bool)],
-    ) -> Result<Pinned<'_>> {
-        let mut missing: Vec<re::Digest> = Vec::new();
-        let mut pinned = Pinned {
-            cas: self,
-            paths: Vec::with_capacity(wanted.len()),
-        };
+    pub async fn ensure(&self, instance: &str, wanted: &[(re::Digest, bool)]) -> Result<Pinned> {
+        let mut keys = Vec::with_capacity(wanted.len());
         for (d, x) in wanted {
-            valid(d)?;
-            if d.size_bytes as u64 > self.max_bytes {
+            let digest = valid(d)?;
+            if digest.size > self.max_bytes {
                 return Err(WorkerError::InvalidInput(format!(
                     "input {}/{} is larger than this worker's whole cache ({} bytes)",
                     d.hash, d.size_bytes, self.max_bytes
                 )));
             }
-            let p = self.path(d, *x);
-            // Pinned before it is looked at, so an eviction cannot come in between.
-            {
-                let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                *idx.pinned.entry(p.clone()).or_default() += 1;
+            keys.push(key(&digest, *x));
+        }
+        // Pinned before it is looked at, so an eviction cannot come in between.
+        let pinned = self.store.pin(keys.clone());
+        let present = self.store.lookup(&keys).await.map_err(WorkerError::Cache)?;
+        // Each missing digest once, with the modes it is wanted in.
+        let mut missing: Vec<(&re::Digest, Vec<Key>)> = Vec::new();
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        for (((d, _), k), have) in wanted.iter().zip(&keys).zip(present) {
+            if have.is_some() {
+                continue;
             }
-            pinned.paths.push(p.clone());
-            if p.exists() {
-                self.touch(&p, d.size_bytes as u64);
-            } else if !missing.contains(d) {
-                missing.push(d.clone());
+            match at.get(d.hash.as_str()) {
+                Some(&i) if missing[i].1.contains(k) => {}
+                Some(&i) => missing[i].1.push(*k),
+                None => {
+                    at.insert(&d.hash, missing.len());
+                    missing.push((d, vec![*k]));
+                }
             }
         }
         let mut small: Vec<re::Digest> = Vec::new();
+        let mut modes: HashMap<String, Vec<Key>> = HashMap::new();
         let mut batch_size = 0;
-        for d in &missing {
+        for (d, ks) in missing {
             if d.size_bytes > BATCH_BLOB {
-                self.fetch_to_file(instance, d, wanted).await?;
+                self.fetch_streamed(instance, d, &ks).await?;
                 continue;
             }
             if batch_size + d.size_bytes > BATCH_TOTAL {
-                self.fetch_batch(instance, std::mem::take(&mut small), wanted)
+                self.fetch_batch(instance, std::mem::take(&mut small), &mut modes)
                     .await?;
                 batch_size = 0;
             }
             batch_size += d.size_bytes;
             small.push(d.clone());
+            modes.insert(d.hash.clone(), ks);
         }
         if !small.is_empty() {
-            self.fetch_batch(instance, small, wanted).await?;
+            self.fetch_batch(instance, small, &mut modes).await?;
         }
-        self.evict().await;
         Ok(pinned)
-    }
-
-    /// One BatchReadBlobs call; a blob the CAS does not have is a missing input.
-    pub async fn batch_read(
-        &self,
-        instance: &str,
-        digests: Vec<re::Digest>,
-    ) -> Result<Vec<(re::Digest, Vec<u8>)>> {
-        let resp = ContentAddressableStorageClient::new(self.channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .batch_read_blobs(re::BatchReadBlobsRequest {
-                instance_name: instance.into(),
-                digests,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut out = Vec::with_capacity(resp.responses.len());
-        for r in resp.responses {
-            let d = r.digest.unwrap_or_default();
-            if let Some(s) = r.status.filter(|s| s.code != 0) {
-                return Err(WorkerError::missing(&d, &format!(": {}", s.message)));
-            }
-            out.push((d, r.data));
-        }
-        Ok(out)
     }
 
     async fn fetch_batch(
         &self,
         instance: &str,
         digests: Vec<re::Digest>,
-        wanted: &[(re::Digest, bool)],
+        modes: &mut HashMap<String, Vec<Key>>,
     ) -> Result<()> {
-        for (d, data) in self.batch_read(instance, digests).await? {
-            self.store(&d, &data, wanted).await?;
+        let asked = digests.clone();
+        for (d, data) in self.server.batch_read(instance, digests).await? {
+            // Only what was asked for: a response naming another digest installs nothing.
+            let Some(keys) = modes.remove(&d.hash) else {
+                return Err(WorkerError::missing(
+                    &d,
+                    ": the CAS answered for a blob not asked for",
+                ));
+            };
+            for k in keys {
+                let _room = self.room_for(&d).await?;
+                let mut up = self.upload_for(k, &d).await?;
+                up.write(&data).await.map_err(|e| wrong(&d, e))?;
+                up.finish().await.map_err(|e| wrong(&d, e))?;
+            }
         }
-        Ok(())
+        match asked.iter().find(|d| modes.contains_key(&d.hash)) {
+            Some(d) => Err(WorkerError::missing(d, ": not in the CAS's answer")),
+            None => Ok(()),
+        }
     }
 
-    async fn open_read(
-        &self,
-        instance: &str,
-        d: &re::Digest,
-    ) -> Result<tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>> {
-        let name = format!(
-            "{}{}blobs/{}/{}",
-            instance,
-            if instance.is_empty() { "" } else { "/" },
-            d.hash,
-            d.size_bytes
-        );
-        Ok(ByteStreamClient::new(self.channel.clone())
-            .read(ReadRequest {
-                resource_name: name,
-                read_offset: 0,
-                read_limit: 0,
-            })
-            .await
-            .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
-            .into_inner())
-    }
-
-    /// Reads a blob of bounded size (a Directory message) over ByteStream, into memory:
-    /// what arrives past the digest's size is refused, not buffered.
-    pub async fn read_whole(&self, instance: &str, d: &re::Digest) -> Result<Vec<u8>> {
-        let mut s = self.open_read(instance, d).await?;
-        let mut out = Vec::new();
+    /// Streams a large blob into the store, hashed as it goes, so that an input of any size
+    /// costs one chunk of memory. A second mode is copied from the first, locally.
+    async fn fetch_streamed(&self, instance: &str, d: &re::Digest, keys: &[Key]) -> Result<()> {
+        let Some((first, rest)) = keys.split_first() else {
+            return Ok(());
+        };
+        let room = self.room_for(d).await?;
+        let mut s = self.server.open_read(instance, d).await?;
+        let mut up = self.upload_for(*first, d).await?;
         while let Some(m) = s
             .message()
             .await
             .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
         {
-            if out.len() + m.data.len() > d.size_bytes as usize {
-                return Err(WorkerError::missing(d, ": the CAS sent more than its size"));
-            }
-            out.extend_from_slice(&m.data);
+            up.write(&m.data).await.map_err(|e| wrong(d, e))?;
         }
-        Ok(out)
-    }
-
-    /// Streams a large blob into a temporary file, hashing as it goes, so that an input of
-    /// any size costs one chunk of memory; then installs it as [`Self::store_file`] does.
-    async fn fetch_to_file(
-        &self,
-        instance: &str,
-        d: &re::Digest,
-        wanted: &[(re::Digest, bool)],
-    ) -> Result<()> {
-        use tokio::io::AsyncWriteExt;
-        let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
-        let result = async {
-            let mut s = self.open_read(instance, d).await?;
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            let (mut h, mut n) = (Sha256::new(), 0u64);
-            while let Some(m) = s
-                .message()
-                .await
-                .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
-            {
-                n += m.data.len() as u64;
-                if n > d.size_bytes as u64 {
-                    return Err(WorkerError::missing(d, ": the CAS sent more than its size"));
-                }
-                h.update(&m.data);
-                f.write_all(&m.data).await?;
-            }
-            f.sync_all().await?;
-            if n != d.size_bytes as u64 || hex::encode(h.finalize()) != d.hash {
-                return Err(WorkerError::InvalidInput(format!(
-                    "the CAS returned wrong content for {}/{}",
-                    d.hash, d.size_bytes
-                )));
-            }
-            self.install(d, &tmp, wanted).await
-        }
-        .await;
-        let _ = tokio::fs::remove_file(&tmp).await;
-        result
-    }
-
-    /// Puts a verified temporary file in place under each mode `wanted` asks for (a copy
-    /// for the second: hard links share their mode).
-    async fn install(
-        &self,
-        d: &re::Digest,
-        tmp: &Path,
-        wanted: &[(re::Digest, bool)],
-    ) -> Result<()> {
-        let modes: Vec<bool> = [false, true]
-            .into_iter()
-            .filter(|x| wanted.iter().any(|(w, wx)| w == d && wx == x))
-            .collect();
-        for (i, x) in modes.iter().enumerate() {
-            let src = if i + 1 == modes.len() {
-                tmp.to_path_buf()
-            } else {
-                let copy = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
-                tokio::fs::copy(tmp, &copy).await?;
-                copy
-            };
-            tokio::fs::set_permissions(
-                &src,
-                std::fs::Permissions::from_mode(if *x { 0o555 } else { 0o444 }),
-            )
-            .await?;
-            let dst = self.path(d, *x);
-            tokio::fs::rename(&src, &dst).await?;
-            self.touch(&dst, d.size_bytes as u64);
+        up.finish().await.map_err(|e| wrong(d, e))?;
+        drop(room);
+        for k in rest {
+            let _room = self.room_for(d).await?;
+            self.copy(*first, *k, d).await?;
         }
         Ok(())
     }
 
-    /// Verifies and writes a fetched blob: temp file, then rename, so a crash never leaves
-    /// a wrong file under a digest's name.
-    async fn store(
-        &self,
-        d: &re::Digest,
-        data: &[u8],
-        wanted: &[(re::Digest, bool)],
-    ) -> Result<()> {
-        if digest_of(data) != *d {
-            return Err(WorkerError::InvalidInput(format!(
-                "the CAS returned wrong content for {}/{}",
-                d.hash, d.size_bytes
-            )));
-        }
-        let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
-        tokio::fs::write(&tmp, data).await?;
-        let result = self.install(d, &tmp, wanted).await;
-        let _ = tokio::fs::remove_file(&tmp).await;
-        result
-    }
-
-    /// Uploads the given (digest, file) pairs the server lacks.
-    pub async fn upload(&self, instance: &str, blobs: Vec<(re::Digest, Upload)>) -> Result<()> {
-        if blobs.is_empty() {
-            return Ok(());
-        }
-        let mut cas = ContentAddressableStorageClient::new(self.channel.clone());
-        let missing = cas
-            .find_missing_blobs(re::FindMissingBlobsRequest {
-                instance_name: instance.into(),
-                blob_digests: blobs.iter().map(|(d, _)| d.clone()).collect(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .missing_blob_digests;
-        let mut batch = Vec::new();
-        let mut batch_size = 0;
-        let mut sent = std::collections::HashSet::new();
-        for (d, src) in blobs {
-            if !missing.contains(&d) || !sent.insert(d.hash.clone()) {
-                continue;
-            }
-            if d.size_bytes > BATCH_BLOB {
-                self.write_stream(instance, &d, &src).await?;
-                continue;
-            }
-            if batch_size + d.size_bytes > BATCH_TOTAL {
-                self.put_batch(instance, &mut cas, std::mem::take(&mut batch))
-                    .await?;
-                batch_size = 0;
-            }
-            batch_size += d.size_bytes;
-            batch.push(re::batch_update_blobs_request::Request {
-                data: src.read().await?,
-                digest: Some(d),
-                compressor: 0,
-            });
-        }
-        if !batch.is_empty() {
-            self.put_batch(instance, &mut cas, batch).await?;
-        }
-        Ok(())
-    }
-
-    async fn put_batch(
-        &self,
-        instance: &str,
-        cas: &mut ContentAddressableStorageClient<ServerChannel>,
-        requests: Vec<re::batch_update_blobs_request::Request>,
-    ) -> Result<()> {
-        let resp = cas
-            .batch_update_blobs(re::BatchUpdateBlobsRequest {
-                instance_name: instance.into(),
-                requests,
-                digest_function: 0,
-            })
-            .await?
-            .into_inner();
-        for r in resp.responses {
-            if let Some(s) = r.status.filter(|s| s.code != 0) {
-                return Err(WorkerError::Upload(s.message));
-            }
-        }
-        Ok(())
-    }
-
-    async fn write_stream(&self, instance: &str, d: &re::Digest, src: &Upload) -> Result<()> {
-        let Upload::File(path) = src else {
-            let data = src.read().await?;
-            return self
-                .write_chunks(instance, d, futures::stream::iter(vec![data]))
-                .await;
+    async fn copy(&self, from: Key, to: Key, d: &re::Digest) -> Result<()> {
+        let Some((_, mut reader)) = self
+            .store
+            .open(&from, 0)
+            .await
+            .map_err(WorkerError::Cache)?
+        else {
+            return Err(WorkerError::missing(
+                d,
+                ": evicted from the local cache while pinned",
+            ));
         };
-        // Read lazily, one chunk per message: a large output never sits in memory whole.
-        // A read error ends the stream early; the server then refuses the short upload.
-        let f = tokio::fs::File::open(path).await?;
-        let chunks = futures::stream::unfold(f, |mut f| async move {
-            let mut buf = vec![0u8; CHUNK];
-            match f.read(&mut buf).await {
-                Ok(0) | Err(_) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((buf, f))
-                }
+        let mut up = self.upload_for(to, d).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                break;
             }
-        });
-        self.write_chunks(instance, d, chunks).await
-    }
-
-    async fn write_chunks(
-        &self,
-        instance: &str,
-        d: &re::Digest,
-        chunks: impl futures::Stream<Item = Vec<u8>> + Send + 'static,
-    ) -> Result<()> {
-        use futures::StreamExt;
-        let name = format!(
-            "{}{}uploads/{}/blobs/{}/{}",
-            instance,
-            if instance.is_empty() { "" } else { "/" },
-            uuid::Uuid::new_v4(),
-            d.hash,
-            d.size_bytes
-        );
-        let total = d.size_bytes;
-        let mut offset = 0i64;
-        let reqs = chunks.map(move |data| {
-            let req = WriteRequest {
-                resource_name: if offset == 0 {
-                    name.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: offset,
-                finish_write: offset + data.len() as i64 == total,
-                data,
-            };
-            offset += req.data.len() as i64;
-            req
-        });
-        ByteStreamClient::new(self.channel.clone())
-            .write(reqs)
-            .await?;
+            up.write(&buf[..n]).await.map_err(WorkerError::Cache)?;
+        }
+        up.finish().await.map_err(WorkerError::Cache)?;
         Ok(())
     }
+
+    /// Waits until `d`'s size fits beside the other writes in flight (all of the room for
+    /// a blob bigger than it: such a blob then writes alone).
+    async fn room_for(&self, d: &re::Digest) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let units = (d.size_bytes.max(0) as u64).div_ceil(ROOM_UNIT);
+        self.room
+            .acquire_many(units.clamp(1, self.room_units as u64) as u32)
+            .await
+            .map_err(|e| WorkerError::Sandbox(format!("local cache closed: {e}")))
+    }
+
+    async fn upload_for(&self, k: Key, d: &re::Digest) -> Result<CasUpload> {
+        CasUpload::for_key(&self.store, k, Some(d.size_bytes as u64))
+            .await
+            .map_err(WorkerError::Cache)
+    }
 }
 
-/// Where an output's bytes come from.
-pub enum Upload {
-    File(PathBuf),
-    Bytes(Vec<u8>),
+/// What the server sent does not hash or measure up to its digest; any other store error
+/// (a full disk) is the cache's.
+fn wrong(d: &re::Digest, e: StoreError) -> WorkerError {
+    match e {
+        StoreError::DigestMismatch { .. } | StoreError::SizeMismatch(_) => {
+            WorkerError::InvalidInput(format!(
+                "the CAS returned wrong content for {}/{}: {e}",
+                d.hash, d.size_bytes
+            ))
+        }
+        e => WorkerError::Cache(e),
+    }
 }
 
-impl Upload {
-    async fn read(&self) -> Result<Vec<u8>> {
-        match self {
-            Upload::File(p) => Ok(tokio::fs::read(p).await?),
-            Upload::Bytes(b) => Ok(b.clone()),
+/// Before the worker used lre-store's layout its cache was flat: `<hash>-<size>[-x]` files
+/// and a `tmp/` directory. They would sit outside the new index forever, so they go.
+fn drop_old_layout(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        let old = name.to_str().is_some_and(|n| {
+            n.len() > 65
+                && n.as_bytes()[64] == b'-'
+                && n[..64].bytes().all(|b| b.is_ascii_hexdigit())
+        });
+        if old && e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
-mod intact_tests {
-    use super::LocalCas;
-    use sha2::Digest as _;
+mod tests {
+    use super::{digest_of, re, valid, LocalCas, ServerCas};
     use std::os::unix::fs::PermissionsExt;
 
-    #[test]
-    fn a_new_hard_link_is_not_tampering_but_a_write_or_chmod_is() {
+    #[tokio::test]
+    async fn a_new_hard_link_is_not_tampering_but_a_write_or_chmod_is() {
         let dir = tempfile::tempdir().unwrap();
+        // Never dialled: only the local store is used here.
+        let channel = crate::client::connect(
+            "http://127.0.0.1:9",
+            crate::Credential::none(),
+            &crate::ClientTls::default(),
+        )
+        .unwrap();
+        let cas = LocalCas::open(dir.path().join("cas"), ServerCas::new(channel), 1 << 20)
+            .await
+            .unwrap();
         let data = b"int x;\n";
-        let name = format!(
-            "{}-{}-x",
-            hex::encode(sha2::Sha256::digest(data)),
-            data.len()
+        let d = digest_of(data);
+        let mut up = cas
+            .upload_for(super::key(&valid(&d).unwrap(), true), &d)
+            .await
+            .unwrap();
+        up.write(data).await.unwrap();
+        up.finish().await.unwrap();
+        let path = cas.path(&d, true).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+            0o555
         );
-        let path = dir.path().join(&name);
-        std::fs::write(&path, data).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        assert!(cas.intact(&d, true));
+        assert!(!cas.intact(&d, false), "the plain copy was never stored");
         let before = LocalCas::fingerprint(&path);
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::hard_link(&path, dir.path().join("another-action-input")).unwrap();
@@ -618,21 +353,18 @@ mod intact_tests {
             "a new link moves the ctime"
         );
         assert!(
-            LocalCas::intact(&path),
+            cas.intact(&d, true),
             "…but the content and mode are as cached"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(!LocalCas::intact(&path), "chmod is tampering");
-        std::fs::write(&path, b"int y;\n").unwrap();
+        assert!(!cas.intact(&d, true), "chmod is tampering");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
-        assert!(!LocalCas::intact(&path), "new content is tampering");
-        assert!(!LocalCas::intact(&dir.path().join("not-a-cache-name")));
+        assert!(cas.intact(&d, true));
+        std::fs::write(&path, b"int y;\n").unwrap();
+        assert!(!cas.intact(&d, true), "new content is tampering");
+        cas.discard(&d, true).await.unwrap();
+        assert!(!path.exists(), "a discarded copy is gone");
     }
-}
-
-#[cfg(test)]
-mod digest_rule_tests {
-    use super::{re, valid};
 
     /// The worker accepted uppercase hex the server refuses (issue 11): one rule now.
     #[test]

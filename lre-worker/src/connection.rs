@@ -111,27 +111,33 @@ async fn session(
     };
     tracing::info!(worker = %cfg.worker_id, capacity = cfg.capacity, "registered with the scheduler");
     let ka = tx.clone();
-    let keepalive = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        loop {
-            tick.tick().await;
-            if ka
-                .send(msg(worker_message::Message::Keepalive(Keepalive {})))
-                .await
-                .is_err()
-            {
-                return;
+    let _keepalive = AbortOnDrop(
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                if ka
+                    .send(msg(worker_message::Message::Keepalive(Keepalive {})))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
-        }
-    });
-    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+        })
+        .abort_handle(),
+    );
+    // Aborted when the session ends, and also when it is dropped half way (the worker
+    // shutting down): the scheduler requeues what we were running, and a detached action
+    // must neither run twice nor report from a worker that has stopped.
+    let mut running = Running::default();
     let result = loop {
         let m = match inbound.message().await {
             Ok(Some(m)) => m,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        running.retain(|_, h| !h.is_finished());
+        running.0.retain(|_, h| !h.is_finished());
         match m.message {
             Some(server_message::Message::Run(run)) => {
                 tracing::debug!(operation = %run.operation, attempt = run.attempt, "running action");
@@ -142,21 +148,36 @@ async fn session(
                         .send(msg(worker_message::Message::Finished(finished)))
                         .await;
                 });
-                running.insert(op, task.abort_handle());
+                running.0.insert(op, task.abort_handle());
             }
             Some(server_message::Message::Cancel(c)) => {
                 // Aborting drops the sandbox's process handle, which kills it.
-                if let Some(h) = running.remove(&c.operation) {
+                if let Some(h) = running.0.remove(&c.operation) {
                     h.abort();
                 }
             }
             _ => {}
         }
     };
-    // The scheduler requeues whatever we were running; do not let it run twice.
-    for (_, h) in running {
-        h.abort();
-    }
-    keepalive.abort();
     result
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The actions a session runs, by operation: aborted when it drops.
+#[derive(Default)]
+struct Running(HashMap<String, tokio::task::AbortHandle>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for h in self.0.values() {
+            h.abort();
+        }
+    }
 }

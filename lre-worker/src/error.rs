@@ -25,6 +25,9 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("server: {0}")]
     Rpc(#[from] tonic::Status),
+    /// The local cache failed (a full disk): the store's error says where.
+    #[error("local cache: {0}")]
+    Cache(lre_store::StoreError),
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -39,6 +42,7 @@ impl WorkerError {
             WorkerError::Upload(_) | WorkerError::Rpc(_) => Code::Unavailable,
             WorkerError::Sandbox(_) | WorkerError::Io(_) => Code::Internal,
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
+            WorkerError::Cache(e) => e.grpc_code(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod materialize;
 pub mod outputs;
 pub mod runner;
 pub mod sandbox;
+pub mod server_cas;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,11 +98,14 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error:
         std::fs::remove_dir_all(&actions)?;
     }
     std::fs::create_dir_all(&actions)?;
-    let cas = Arc::new(cas::LocalCas::open(
-        opts.work_dir.join("cas"),
-        channel.clone(),
-        opts.cache_bytes,
-    )?);
+    let cas = Arc::new(
+        cas::LocalCas::open(
+            opts.work_dir.join("cas"),
+            server_cas::ServerCas::new(channel.clone()),
+            opts.cache_bytes,
+        )
+        .await?,
+    );
     let uids = sandbox::UidPool::resolve(&opts.sandbox, opts.connection.capacity, &actions).await?;
     let runner = Arc::new(runner::Runner {
         worker_id: opts.connection.worker_id.clone(),

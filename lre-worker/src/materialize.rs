@@ -58,19 +58,19 @@ async fn fetch_tree(
                 )));
             }
             if d.size_bytes > BATCH_BYTES {
-                fetched.push((d.clone(), cas.read_whole(instance, d).await?));
+                fetched.push((d.clone(), cas.server().read_whole(instance, d).await?));
                 continue;
             }
             if batch_bytes + d.size_bytes > BATCH_BYTES {
                 let full = std::mem::take(&mut batch);
-                fetched.extend(cas.batch_read(instance, full).await?);
+                fetched.extend(cas.server().batch_read(instance, full).await?);
                 batch_bytes = 0;
             }
             batch_bytes += d.size_bytes;
             batch.push(d.clone());
         }
         if !batch.is_empty() {
-            fetched.extend(cas.batch_read(instance, batch).await?);
+            fetched.extend(cas.server().batch_read(instance, batch).await?);
         }
         let mut next = Vec::new();
         for (d, data) in fetched {
@@ -146,7 +146,14 @@ pub fn expanded_size(dirs: &HashMap<String, re::Directory>, root: &str) -> Resul
 }
 
 /// A cache file linked into an exec root, with its fingerprint at link time.
-pub type Linked = Vec<(std::path::PathBuf, Option<(i64, i64, u64)>)>;
+pub struct LinkedInput {
+    pub digest: re::Digest,
+    pub executable: bool,
+    pub path: std::path::PathBuf,
+    pub print: Option<(i64, i64, u64)>,
+}
+
+pub type Linked = Vec<LinkedInput>;
 
 /// Materializes the input root `root` into the (existing, empty) directory `dest`, and
 /// returns the cache files it linked so the caller can check the action left them alone.
@@ -220,10 +227,14 @@ fn write_tree(
         for f in &dir.files {
             check_name(&f.name)?;
             let digest = f.digest.clone().unwrap_or_default();
-            let cached = cas.path(&digest, f.is_executable);
+            let cached = cas.path(&digest, f.is_executable)?;
             std::fs::hard_link(&cached, path.join(&f.name))?;
-            let print = LocalCas::fingerprint(&cached);
-            linked.push((cached, print));
+            linked.push(LinkedInput {
+                print: LocalCas::fingerprint(&cached),
+                path: cached,
+                digest,
+                executable: f.is_executable,
+            });
         }
         for s in &dir.symlinks {
             check_name(&s.name)?;

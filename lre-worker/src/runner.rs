@@ -192,28 +192,27 @@ impl Runner {
         // alone may be a concurrent action's hard link, so the content and mode decide. With
         // an action uid of its own this cannot happen; the check stays as a second line.
         let cas = self.cas.clone();
-        let mut tampered = tokio::task::spawn_blocking(move || {
-            let mut tampered = Vec::new();
-            for (path, before) in &linked {
-                if LocalCas::fingerprint(path) != *before && !LocalCas::intact(path) {
-                    cas.discard(path);
-                    tampered.push(
-                        path.file_name()
-                            .unwrap_or_default()
-                            .to_string_lossy()
-                            .into_owned(),
-                    );
-                }
-            }
-            tampered
+        let tampered = tokio::task::spawn_blocking(move || {
+            linked
+                .into_iter()
+                .filter(|l| {
+                    LocalCas::fingerprint(&l.path) != l.print
+                        && !cas.intact(&l.digest, l.executable)
+                })
+                .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| WorkerError::Sandbox(format!("checking inputs: {e}")))?;
         if !tampered.is_empty() {
-            tampered.dedup();
+            let mut names = Vec::new();
+            for l in &tampered {
+                self.cas.discard(&l.digest, l.executable).await?;
+                names.push(format!("{}/{}", l.digest.hash, l.digest.size_bytes));
+            }
+            names.dedup();
             return Err(WorkerError::InvalidInput(format!(
                 "the action modified its input file(s) {}; inputs are read-only, and the worker's cached copies were discarded",
-                tampered.join(", ")
+                names.join(", ")
             )));
         }
 
@@ -240,6 +239,7 @@ impl Runner {
                 .push((err_digest.clone(), Upload::File(stderr)));
             let upload_start = SystemTime::now();
             self.cas
+                .server()
                 .upload(&run.instance_name, std::mem::take(&mut collected.uploads))
                 .await?;
             Ok::<_, WorkerError>((collected, out_digest, err_digest, upload_start))

@@ -318,7 +318,10 @@ async fn redis_away_is_unavailable_at_start_and_while_running_and_recovery_follo
         .err()
         .expect("an allkeys-lru Redis must be refused");
     let msg = e.to_string();
-    assert!(msg.contains("execution.redis") && msg.contains("allkeys-lru"), "{msg}");
+    assert!(
+        msg.contains("execution.redis") && msg.contains("allkeys-lru"),
+        "{msg}"
+    );
     drop(lru);
 
     let redis = Redis::up(&[]);
@@ -378,7 +381,9 @@ async fn a_lease_lost_while_the_action_still_runs_here_is_taken_back_not_failed(
     let w = attach(&a, "only");
     wait_registered(&a, 1).await;
     let mut argv = vec![];
-    let action = prepare(&ca, &sh("sleep 5; echo kept", &mut argv)).await.unwrap();
+    let action = prepare(&ca, &sh("sleep 5; echo kept", &mut argv))
+        .await
+        .unwrap();
     let mut ops = start_execute(&ca, &action).await;
     let name = ops.message().await.unwrap().unwrap().name;
     let mut running = false;
@@ -408,10 +413,57 @@ async fn a_lease_lost_while_the_action_still_runs_here_is_taken_back_not_failed(
     let r = r.expect("the action is not failed as lost");
     assert_eq!(stdout_of(&ca, "", None, &r).await, "kept\n");
     assert_eq!(
-        redis_cli(&redis, &["HGET", &format!("lre:sched:op:{name}"), "attempts"]),
+        redis_cli(
+            &redis,
+            &["HGET", &format!("lre:sched:op:{name}"), "attempts"]
+        ),
         "2",
         "requeued once, claimed again once, and the running attempt reported under it"
     );
     w.stop().await;
     a.shutdown().await;
+}
+
+/// As in one process, an action no worker can run any more fails, naming why, instead of
+/// waiting forever: here the only worker (on replica B) leaves while one action of replica
+/// A's runs on it and another waits, and there are no `known_platforms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_actions_no_worker_anywhere_can_run_any_more_fail_instead_of_waiting() {
+    let redis = Redis::up(&[]);
+    let mut config = replica_config(&redis.url);
+    config.execution.known_platforms = vec![];
+    let a = lre_server::start(config.clone()).await.unwrap();
+    let b = lre_server::start(config).await.unwrap();
+    let ca = channel(&a).await;
+    let w = attach(&b, "the-only-worker");
+    wait_registered(&b, 1).await;
+
+    let (mut argv1, mut argv2) = (vec![], vec![]);
+    let running = prepare(&ca, &sh("sleep 300", &mut argv1)).await.unwrap();
+    let waiting = prepare(&ca, &sh("echo never", &mut argv2)).await.unwrap();
+    let first = start_execute(&ca, &running).await;
+    // Capacity 1: once the first runs, the second waits in the queue.
+    let mut t = 0;
+    while redis_cli(&redis, &["ZCARD", "lre:sched:leases"]) != "1" {
+        t += 1;
+        assert!(t < 100, "the first action never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = start_execute(&ca, &waiting).await;
+    w.stop().await;
+
+    for (what, ops) in [("the running action", first), ("the queued action", second)] {
+        let (r, _) = finish(ops).await;
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+        assert!(
+            e.message()
+                .contains("no worker on any replica can run it any more")
+                && e.message().contains("no worker is connected or configured"),
+            "{what}: {e:?}"
+        );
+    }
+    assert_eq!(redis_cli(&redis, &["SCARD", "lre:sched:live"]).trim(), "0");
+    a.shutdown().await;
+    b.shutdown().await;
 }

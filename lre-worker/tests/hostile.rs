@@ -226,9 +226,10 @@ async fn outputs_that_cannot_be_uploaded_before_the_timeout_are_deadline_exceede
     e.runner.cas = std::sync::Arc::new(
         lre_worker::cas::LocalCas::open(
             e.work.path().join("cas-via-proxy"),
-            channel.clone(),
+            lre_worker::server_cas::ServerCas::new(channel.clone()),
             1 << 30,
         )
+        .await
         .unwrap(),
     );
     e.runner.channel = channel;

@@ -35,7 +35,13 @@ async fn env(blobs: &[Vec<u8>], max_bytes: u64) -> Env {
         &lre_worker::ClientTls::default(),
     )
     .unwrap();
-    let cas = LocalCas::open(work.path().join("cas"), worker_channel, max_bytes).unwrap();
+    let cas = LocalCas::open(
+        work.path().join("cas"),
+        lre_worker::server_cas::ServerCas::new(worker_channel),
+        max_bytes,
+    )
+    .await
+    .unwrap();
     Env {
         _server: server,
         cas: Arc::new(cas),
@@ -58,7 +64,7 @@ async fn pinned_files_survive_eviction_and_unpinned_ones_go_oldest_first() {
     let data = blobs(4, 400);
     let e = env(&data, 1000).await;
     let d: Vec<re::Digest> = data.iter().map(|b| digest_of(b)).collect();
-    let path = |i: usize| e.cas.path(&d[i], false);
+    let path = |i: usize| e.cas.path(&d[i], false).unwrap();
 
     let pin_a = e.cas.ensure("", &[(d[0].clone(), false)]).await.unwrap();
     let pin_bc = e
@@ -103,9 +109,10 @@ async fn concurrent_actions_never_lose_an_input_they_were_promised() {
                     .unwrap();
                 tokio::task::yield_now().await;
                 for k in [i, j] {
-                    let got = std::fs::read(cas.path(&d[k], false)).unwrap_or_else(|err| {
-                        panic!("task {t} round {round}: promised blob {k} is gone: {err}")
-                    });
+                    let got =
+                        std::fs::read(cas.path(&d[k], false).unwrap()).unwrap_or_else(|err| {
+                            panic!("task {t} round {round}: promised blob {k} is gone: {err}")
+                        });
                     assert_eq!(got, data[k]);
                 }
                 drop(pin);
@@ -118,7 +125,7 @@ async fn concurrent_actions_never_lose_an_input_they_were_promised() {
     // And with nothing pinned any more, the next fetch brings it back within its size.
     let _pin = e.cas.ensure("", &[(d[0].clone(), false)]).await.unwrap();
     let kept: u64 = (0..10)
-        .filter_map(|k| std::fs::metadata(e.cas.path(&d[k], false)).ok())
+        .filter_map(|k| std::fs::metadata(e.cas.path(&d[k], false).unwrap()).ok())
         .map(|m| m.len())
         .sum();
     assert!(kept <= 1000, "{kept} bytes kept in a 1000-byte cache");

@@ -62,6 +62,13 @@ const REGISTRATION_TTL_SECONDS: u64 = 10;
 pub const MAX_QUEUES: usize = 1024;
 /// Expired leases handled by one reaper run.
 const REAP_BATCH: usize = 64;
+/// A queue no registered worker (nor `known_platforms`) can serve for this long has its
+/// actions failed, as one process fails them when its last able worker goes. Not at once:
+/// registrations are rewritten every TICK and a worker reconnecting to a restarted replica
+/// is away for a moment.
+const STRANDED_AFTER: Duration = Duration::from_secs(REGISTRATION_TTL_SECONDS);
+/// Stranded operations failed per queue and run.
+const STRAND_BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -277,8 +284,26 @@ end
 return #due
 "#;
 
+/// ARGV: prefix, queue key, outcome, keep seconds, batch. Fails the queued operations at
+/// the head of a queue nobody can serve; returns how many.
+const STRAND: &str = r#"
+local p = ARGV[1]
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', ARGV[2], 0, tonumber(ARGV[5]) - 1)) do
+  local id = string.sub(m, 17)
+  if redis.call('HGET', p .. 'op:' .. id, 'stage') == 'queued' then
+    finish(p, id, ARGV[3], ARGV[4])
+    n = n + 1
+  else
+    redis.call('ZREM', ARGV[2], m)
+  end
+end
+return n
+"#;
+
 struct Scripts {
     submit: redis::Script,
+    strand: redis::Script,
     claim: redis::Script,
     renew: redis::Script,
     complete: redis::Script,
@@ -296,6 +321,7 @@ impl Scripts {
             complete: with_helpers(COMPLETE),
             release: with_helpers(RELEASE),
             reap: with_helpers(REAP),
+            strand: with_helpers(STRAND),
         }
     }
 }
@@ -315,6 +341,8 @@ pub struct Cluster {
     pending: Mutex<HashMap<OperationId, u32>>,
     /// Something was queued somewhere: claim.
     work: Notify,
+    /// Queues (by id) that no worker could serve at the last looks, and since when.
+    unservable: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 fn failure(e: StoreError) -> Failure {
@@ -382,6 +410,7 @@ impl Cluster {
             registered: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
             work: Notify::new(),
+            unservable: Mutex::new(HashMap::new()),
         }
     }
 
@@ -924,9 +953,16 @@ impl Cluster {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            let registered = self.register().await;
+            // Only with registrations read just now: stale ones could strand anything.
+            let stranded = match registered {
+                Ok(()) => self.fail_stranded().await,
+                Err(_) => Ok(()),
+            };
             for (what, r) in [
-                ("registering workers", self.register().await),
+                ("registering workers", registered),
                 ("reaping expired leases", self.reap().await),
+                ("failing actions no worker can run", stranded),
             ] {
                 if let Err(e) = r {
                     tracing::warn!(error = %e.message, "{what}");
@@ -1026,6 +1062,67 @@ impl Cluster {
                 .map_err(failure)?;
         }
         *self.registered.lock().unwrap_or_else(|p| p.into_inner()) = all;
+        Ok(())
+    }
+
+    /// Fails the queued actions of every queue that no worker on any replica (nor a
+    /// configured platform) has been able to serve for STRANDED_AFTER: they would wait
+    /// forever, and a client is better told why.
+    async fn fail_stranded(&self) -> Result<(), Failure> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.key("queues"));
+        let queues: HashMap<String, String> = self
+            .redis
+            .run("reading the queues", &cmd)
+            .await
+            .map_err(failure)?;
+        let now = std::time::Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut since = self.unservable.lock().unwrap_or_else(|p| p.into_inner());
+            since.retain(|qid, _| queues.contains_key(qid));
+            for (qid, meta) in queues.iter().take(MAX_QUEUES) {
+                let Ok(m) = serde_json::from_str::<QueueMeta>(meta) else {
+                    continue;
+                };
+                if self.matchable(&m.instance, &m.platform) {
+                    since.remove(qid);
+                    continue;
+                }
+                let first = *since.entry(qid.clone()).or_insert(now);
+                if now.duration_since(first) >= STRANDED_AFTER {
+                    due.push((qid.clone(), m));
+                }
+            }
+        }
+        for (qid, m) in due {
+            let why = Failure::new(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "no worker on any replica can run it any more: {}",
+                    self.local.explain(&m.instance, &m.platform)
+                ),
+            );
+            let mut inv = self.scripts.strand.prepare_invoke();
+            inv.arg(&self.config.prefix)
+                .arg(self.key(&format!("queue:{qid}")))
+                .arg(encode_outcome(&Err(why)))
+                .arg(self.keep_seconds())
+                .arg(STRAND_BATCH);
+            let n: i64 = self
+                .redis
+                .run_script("failing actions no worker can run", &inv)
+                .await
+                .map_err(failure)?;
+            if n > 0 {
+                tracing::warn!(
+                    actions = n,
+                    instance = %m.instance,
+                    platform = ?m.platform,
+                    "failed queued actions that no worker on any replica can run any more"
+                );
+            }
+        }
         Ok(())
     }
 

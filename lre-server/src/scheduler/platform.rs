@@ -31,6 +31,9 @@ pub fn explain_unmatchable<'a>(
     let show = |p: &(String, String)| format!("{}={}", p.0, p.1);
     let all: Vec<String> = needed.iter().map(show).collect();
     if candidates.clone().next().is_none() {
+        if all.is_empty() {
+            return "no worker is connected or configured".into();
+        }
         return format!(
             "no worker is connected or configured (the action needs {})",
             all.join(", ")

@@ -1,4 +1,7 @@
-//! The filesystem store: one file per entry at `{cas,ac}/<first byte>/<hex hash>`.
+//! The filesystem store: one file per entry at `{cas,cas-x,ac}/<first byte>/<hex hash>`.
+//!
+//! Committed files are read-only (0444; 0555 for `cas-x`, the executable copies), so the
+//! worker can hard-link them into exec roots as they are: see [`FsStore::pin`].
 //!
 //! Crash safety comes from the write protocol, not from a journal: data goes to `tmp/`,
 //! is fsynced, renamed into place, and the directory is fsynced before the write is
@@ -31,6 +34,24 @@ use super::lru_index::LruIndex;
 use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key};
 use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
+
+type MakeKey = fn([u8; 32]) -> Key;
+
+/// Every kind of key, with the directory its files live in.
+const KINDS: [(&str, MakeKey); 3] = [
+    ("cas", Key::Cas),
+    ("cas-x", Key::CasExecutable),
+    ("ac", Key::Ac),
+];
+
+/// The mode a committed file gets: hard links share it, so it must already be what an
+/// action may see.
+fn file_mode(key: &Key) -> u32 {
+    match key {
+        Key::CasExecutable(_) => 0o555,
+        Key::Cas(_) | Key::Ac(_) => 0o444,
+    }
+}
 
 /// How stale an entry's on-disk mtime may get before a hit rewrites it. The mtime only
 /// orders the LRU after a restart, so it need not be exact, and rewriting it on every hit
@@ -195,7 +216,7 @@ impl FsStore {
             .open(root.join("LOCK"))?;
         lock.try_lock().map_err(|_| {
             Error::Internal(format!(
-                "store directory {} is in use by another lre-server",
+                "store directory {} is in use by another process (an lre-server or lre-worker)",
                 root.display()
             ))
         })?;
@@ -205,7 +226,7 @@ impl FsStore {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        for kind in ["cas", "ac"] {
+        for (kind, _) in KINDS {
             for b in 0..=255u8 {
                 fs::create_dir_all(root.join(kind).join(hex::encode([b])))?;
             }
@@ -216,7 +237,7 @@ impl FsStore {
         sync_dir(&root)?;
 
         let mut found = Vec::new();
-        for (kind, make) in [("cas", Key::Cas as fn([u8; 32]) -> Key), ("ac", Key::Ac)] {
+        for (kind, make) in KINDS {
             for b in 0..=255u8 {
                 let dir = root.join(kind).join(hex::encode([b]));
                 for entry in fs::read_dir(&dir)? {
@@ -269,6 +290,41 @@ impl FsStore {
     pub fn root(&self) -> &Path {
         &self.inner.root
     }
+
+    /// Where `key`'s file lives. Only for hard-linking it while it is pinned: the file is
+    /// read-only, and writing to it through a link would change the stored entry.
+    pub fn file_path(&self, key: &Key) -> PathBuf {
+        self.inner.path(key)
+    }
+
+    /// Keeps `keys` from eviction until the returned guard drops, whether they are present
+    /// now or committed later: what a worker promised an action stays until it is linked.
+    pub fn pin(&self, keys: Vec<Key>) -> Pinned {
+        let mut index = self.inner.index();
+        for k in &keys {
+            index.pin(*k);
+        }
+        drop(index);
+        Pinned {
+            inner: self.inner.clone(),
+            keys,
+        }
+    }
+}
+
+/// Keys kept from eviction, see [`FsStore::pin`].
+pub struct Pinned {
+    inner: Arc<Inner>,
+    keys: Vec<Key>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut index = self.inner.index();
+        for k in &self.keys {
+            index.unpin(k);
+        }
+    }
 }
 
 #[async_trait]
@@ -294,7 +350,8 @@ impl BlobStore for FsStore {
             let inner = self.inner.clone();
             tokio::task::spawn_blocking(move || {
                 for k in stale {
-                    if let Ok(f) = File::options().write(true).open(inner.path(&k)) {
+                    // Read-only: the file's mode is 0444, and its owner may set its times.
+                    if let Ok(f) = File::open(inner.path(&k)) {
                         let _ = f.set_modified(SystemTime::now());
                     }
                 }
@@ -409,7 +466,7 @@ impl BlobStore for FsStore {
 impl FsStore {
     /// Action-cache entries are named by a hash of the request, not of their content.
     fn verifies(&self, key: &Key) -> bool {
-        self.inner.verify_on_read && key_is_content_addressed(key)
+        self.inner.verify_on_read && key.is_content_addressed()
     }
 }
 
@@ -583,6 +640,9 @@ impl BlobWriter for FsWriter {
                         .await?
                 }
             };
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(fs::Permissions::from_mode(file_mode(&key)))
+                .await?;
             file.sync_all().await
         }
         .await;
@@ -598,7 +658,7 @@ impl BlobWriter for FsWriter {
             let dest = inner.path(&key);
             let mut index = inner.index();
             let reserved = reservation.bytes.swap(0, Ordering::Relaxed);
-            if index.contains(&key) && key_is_content_addressed(&key) {
+            if index.contains(&key) && key.is_content_addressed() {
                 // Same content already stored by a concurrent writer; ours is redundant.
                 index.release(reserved);
                 index.get(&key);
@@ -634,11 +694,6 @@ impl FsWriter {
     fn tmp_path(&self) -> &Path {
         self.tmp.as_ref().map(|t| t.path()).unwrap_or(Path::new(""))
     }
-}
-
-/// CAS entries are immutable (same key, same bytes); action-cache entries may be replaced.
-fn key_is_content_addressed(key: &Key) -> bool {
-    matches!(key, Key::Cas(_))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! The size-bounded LRU bookkeeping both stores share.
 
+use std::collections::HashMap;
+
 use lru::LruCache;
 
 use super::Key;
@@ -19,6 +21,9 @@ pub(super) struct LruIndex<V> {
     reserved: u64,
     capacity: u64,
     metrics: StoreMetrics,
+    /// Keys promised to someone (a worker's action about to hard-link them), with how many
+    /// promises each: never evicted while held, present yet or not.
+    pinned: HashMap<Key, usize>,
 }
 
 /// A reservation could not be made: in-flight uploads alone would exceed the capacity.
@@ -36,6 +41,23 @@ impl<V> LruIndex<V> {
             reserved: 0,
             capacity,
             metrics,
+            pinned: HashMap::new(),
+        }
+    }
+
+    /// Keeps `key` from eviction until as many `unpin`s. A present entry also becomes the
+    /// most recently used, so pinned entries rarely sit where eviction looks first.
+    pub fn pin(&mut self, key: Key) {
+        *self.pinned.entry(key).or_default() += 1;
+        self.map.get(&key);
+    }
+
+    pub fn unpin(&mut self, key: &Key) {
+        if let Some(n) = self.pinned.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.pinned.remove(key);
+            }
         }
     }
 
@@ -99,16 +121,20 @@ impl<V> LruIndex<V> {
         self.publish();
     }
 
-    /// Evicts least recently used entries until entries plus reservations fit, never `keep`.
+    /// Evicts least recently used entries until entries plus reservations fit, never `keep`
+    /// nor a pinned entry. When only those are left the store stays over its size until
+    /// they are unpinned: a promise made to a running action is kept.
     fn evict_for(&mut self, keep: Option<Key>) -> Vec<(Key, Entry<V>)> {
         let mut evicted = Vec::new();
         while self.used + self.reserved > self.capacity {
-            match self.map.peek_lru() {
-                Some((k, _)) if Some(*k) == keep => break,
-                Some(_) => {}
-                None => break,
-            }
-            if let Some((k, e)) = self.map.pop_lru() {
+            let victim = self
+                .map
+                .iter()
+                .rev()
+                .map(|(k, _)| *k)
+                .find(|k| Some(*k) != keep && !self.pinned.contains_key(k));
+            let Some(k) = victim else { break };
+            if let Some(e) = self.map.pop(&k) {
                 self.used -= e.size;
                 self.metrics.evictions.inc();
                 self.metrics.evicted_bytes.inc_by(e.size);
@@ -178,6 +204,30 @@ mod tests {
         idx.reserve(5).unwrap();
         idx.release(5);
         assert!(idx.fits(5) && !idx.fits(6));
+    }
+
+    #[test]
+    fn pinned_entries_are_not_evicted_until_unpinned() {
+        let mut idx = LruIndex::new(20, StoreMetrics::default());
+        idx.insert(k(1), 10, ());
+        idx.insert(k(2), 10, ());
+        idx.pin(k(1));
+        idx.pin(k(1));
+        idx.pin(k(3)); // not there yet: pinned all the same once it comes
+        idx.get(&k(1)); // the oldest is now 2, but pins alone must keep 1 too
+        idx.insert(k(2), 10, ());
+        let ev = idx.insert(k(3), 10, ());
+        assert_eq!(ev.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![k(2)]);
+        // Only pinned entries left: the store goes over its size rather than break a pin.
+        assert!(idx.insert(k(4), 10, ()).is_empty());
+        assert!(idx.contains(&k(1)) && idx.contains(&k(3)) && idx.contains(&k(4)));
+        idx.unpin(&k(1)); // one promise of two: 1 stays
+        let ev = idx.insert(k(5), 1, ());
+        assert_eq!(ev.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![k(4)]);
+        idx.unpin(&k(1));
+        idx.unpin(&k(3));
+        let ev = idx.insert(k(6), 1, ());
+        assert_eq!(ev.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![k(1)]);
     }
 
     #[test]

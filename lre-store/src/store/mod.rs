@@ -21,7 +21,7 @@ use tokio::io::AsyncRead;
 
 pub use completeness::CompletenessChecking;
 pub use fast_slow::FastSlowStore;
-pub use fs::{FsOptions, FsStore};
+pub use fs::{FsOptions, FsStore, Pinned};
 pub use memory::MemStore;
 pub use redis::{RedisConnection, RedisStore};
 pub use s3::S3Store;
@@ -37,6 +37,9 @@ use crate::metrics::StoreMetrics;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Key {
     Cas([u8; 32]),
+    /// The executable copy of a CAS blob, for a store that exec roots are hard-linked from
+    /// (the worker's): links share one mode, so each mode needs a file of its own.
+    CasExecutable([u8; 32]),
     Ac([u8; 32]),
 }
 
@@ -56,17 +59,28 @@ impl Key {
         Key::Ac(h.finalize().into())
     }
 
+    pub fn cas_executable(d: &Digest) -> Key {
+        Key::CasExecutable(d.hash)
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Key::Cas(_) => "cas",
+            Key::CasExecutable(_) => "cas-x",
             Key::Ac(_) => "ac",
         }
     }
 
     fn hash(&self) -> &[u8; 32] {
         match self {
-            Key::Cas(h) | Key::Ac(h) => h,
+            Key::Cas(h) | Key::CasExecutable(h) | Key::Ac(h) => h,
         }
+    }
+
+    /// CAS entries are named by their content's hash (same key, same bytes); action-cache
+    /// entries by a hash of the request, and may be replaced.
+    pub fn is_content_addressed(&self) -> bool {
+        !matches!(self, Key::Ac(_))
     }
 }
 
@@ -230,6 +244,8 @@ fn check_fits(size_hint: Option<u64>, capacity: u64) -> Result<()> {
 pub struct CasUpload {
     inner: Box<dyn BlobWriter>,
     hasher: Sha256,
+    /// What a verified upload is committed as: a CAS key, whose hash is the expected one.
+    key: Key,
     expected_hash: [u8; 32],
     expected_size: Option<u64>,
     written: u64,
@@ -245,10 +261,25 @@ impl CasUpload {
         expected_hash: [u8; 32],
         expected_size: Option<u64>,
     ) -> Result<CasUpload> {
+        Self::for_key(store, Key::Cas(expected_hash), expected_size).await
+    }
+
+    /// An upload committed as `key` (a content-addressed key) if it hashes to key's hash.
+    pub async fn for_key(
+        store: &dyn BlobStore,
+        key: Key,
+        expected_size: Option<u64>,
+    ) -> Result<CasUpload> {
+        if !key.is_content_addressed() {
+            return Err(Error::Internal(format!(
+                "{key} is not content-addressed: nothing to verify it against"
+            )));
+        }
         Ok(CasUpload {
             inner: store.writer(expected_size).await?,
             hasher: Sha256::new(),
-            expected_hash,
+            key,
+            expected_hash: *key.hash(),
             expected_size,
             written: 0,
             in_write: false,
@@ -330,7 +361,7 @@ impl CasUpload {
             hash: actual,
             size: self.written,
         };
-        self.inner.commit(Key::cas(&digest)).await?;
+        self.inner.commit(self.key).await?;
         Ok(digest)
     }
 }

@@ -40,8 +40,15 @@ pub async fn env_with(uids: lre_worker::ActionUids) -> Env {
         &lre_worker::ClientTls::default(),
     )
     .unwrap();
-    let cas =
-        Arc::new(LocalCas::open(work.path().join("cas"), worker_channel.clone(), 1 << 30).unwrap());
+    let cas = Arc::new(
+        LocalCas::open(
+            work.path().join("cas"),
+            lre_worker::server_cas::ServerCas::new(worker_channel.clone()),
+            1 << 30,
+        )
+        .await
+        .unwrap(),
+    );
     let sandbox = SandboxConfig {
         bwrap: "bwrap".into(),
         ro_paths: lre_worker::default_ro_paths(),
