@@ -56,7 +56,8 @@ all_ok() { # "RC REMOTE" pairs: every client exited 0 and ran actions remotely
   local c
   for c in "$@"; do [ "${c%% *}" = 0 ] && [ "${c##* }" -gt 0 ] || return 1; done
 }
-both_ran() { [ "$(find "$1/cas" -type f | wc -l)" -gt 0 ] && [ "$(find "$2/cas" -type f | wc -l)" -gt 0 ]; }
+# Blobs the worker fetched: its cache's cas/ and cas-x/ entries (not the store's LOCK file).
+both_ran() { [ "$(find "$1/cas/cas" "$1/cas/cas-x" -type f | wc -l)" -gt 0 ] && [ "$(find "$2/cas/cas" "$2/cas/cas-x" -type f | wc -l)" -gt 0 ]; }
 rss_bounded() { [ "$1" -gt 0 ] && [ "$1" -lt $((LOAD_RSS_LIMIT_MIB * 1024)) ]; }
 # Every cacheable spawn hit (the execution log's count; test-XML and no-cache spawns aside).
 all_hits() { [ "$BZ_RC" = 0 ] && [ "$CACHEABLE" -gt 0 ] && [ "$HITS" = "$CACHEABLE" ]; }

@@ -196,8 +196,10 @@ impl Runner {
             linked
                 .into_iter()
                 .filter(|l| {
-                    LocalCas::fingerprint(&l.path) != l.print
-                        && !cas.intact(&l.digest, l.executable)
+                    // Gone means evicted by another action's fetch (its pin ended at
+                    // linking): the cache no longer holds that copy, nothing to check.
+                    let now = LocalCas::fingerprint(&l.path);
+                    now.is_some() && now != l.print && !cas.intact(&l.digest, l.executable)
                 })
                 .collect::<Vec<_>>()
         })

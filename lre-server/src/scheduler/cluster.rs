@@ -65,8 +65,8 @@ const REAP_BATCH: usize = 64;
 /// A queue no registered worker (nor `known_platforms`) can serve for this long has its
 /// actions failed, as one process fails them when its last able worker goes. Not at once:
 /// registrations are rewritten every TICK and a worker reconnecting to a restarted replica
-/// is away for a moment.
-const STRANDED_AFTER: Duration = Duration::from_secs(REGISTRATION_TTL_SECONDS);
+/// is away for a moment (its reconnect backoff grows to 10 s, then one TICK to register).
+const STRANDED_AFTER: Duration = Duration::from_secs(30);
 /// Stranded operations failed per queue and run.
 const STRAND_BATCH: usize = 256;
 
