@@ -289,7 +289,9 @@ main() {
     done
   ) &
   local killer=$!
-  bazel_run "$CL_WS" "$CL_OUR" "${remote[@]}"
+  # --jobs=8: all four at once. Bazel's default (the host's cores, 2 in CI) would send two
+  # at a time, and w1 alone could run them all, leaving nothing on w2 to kill (seen in CI).
+  bazel_run "$CL_WS" "$CL_OUR" "${remote[@]}" --jobs=8
   wait "$killer" 2>/dev/null
   forget_pid "${R_PID[2]}"
   BAZEL_TARGETS=("${saved[@]}")

@@ -347,7 +347,8 @@ async fn server_checks(c: &mut Checks, url: &str, instance: &str, m: &Manifest) 
 }
 
 /// Executes `CC --version` (or `java -version`) with the generated platform: the scheduler
-/// refuses it at once when no connected worker offers the properties.
+/// refuses it when no connected worker offers the properties (at once, or after its worker
+/// grace, 30 s, while a worker that could may be reconnecting).
 async fn run_compiler(
     channel: tonic::transport::Channel,
     instance: &str,

@@ -230,6 +230,15 @@ pub struct ExecutionConfig {
     /// renewed. A replica that dies loses its actions to the others after this long.
     #[serde(default = "default_lease")]
     pub lease_seconds: u64,
+    /// How long an action waits for a worker that may be reconnecting instead of failing
+    /// as one no worker can run: after start while no worker is connected, and after the
+    /// last worker offering its platform left. 0 fails such actions at once.
+    #[serde(default = "default_worker_grace")]
+    pub worker_grace_seconds: u64,
+}
+
+fn default_worker_grace() -> u64 {
+    30
 }
 
 fn default_lease() -> u64 {
@@ -249,6 +258,7 @@ impl Default for ExecutionConfig {
             max_operations: default_max_operations(),
             redis: None,
             lease_seconds: default_lease(),
+            worker_grace_seconds: default_worker_grace(),
         }
     }
 }
@@ -410,6 +420,12 @@ impl Config {
             return Err(invalid(
                 "execution.max_queued_actions",
                 "must be at least 1",
+            ));
+        }
+        if e.worker_grace_seconds > 3600 {
+            return Err(invalid(
+                "execution.worker_grace_seconds",
+                "must be at most 3600",
             ));
         }
         if e.max_operations < e.max_queued_actions {

@@ -254,6 +254,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         max_queued: exec.max_queued_actions,
         max_operations: exec.max_operations,
         known_platforms: known_platforms.clone(),
+        worker_grace: Duration::from_secs(exec.worker_grace_seconds),
         ..SchedulerConfig::default()
     };
     let mut scheduling = None;
@@ -303,13 +304,18 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     };
     if let (Some(scheduler), Some(scheduling)) = (&scheduler, scheduling) {
         // The scheduler enforces action deadlines itself: a worker that keeps sending
-        // keepalives but never finishes must not hold an action forever.
+        // keepalives but never finishes must not hold an action forever. Actions kept
+        // waiting for a worker that did not come back fail here too.
         let (sched, mut stop) = (scheduler.clone(), rx.clone());
         tasks_early.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => { sched.enforce_deadlines(std::time::Instant::now()); }
+                    _ = tick.tick() => {
+                        let now = std::time::Instant::now();
+                        sched.enforce_deadlines(now);
+                        sched.expire_graces(now);
+                    }
                     _ = stopped(&mut stop) => break,
                 }
             }

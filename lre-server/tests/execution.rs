@@ -174,9 +174,12 @@ async fn missing_inputs_are_named_in_a_precondition_failure() {
     s.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_action_no_worker_can_run_fails_at_once_naming_the_property() {
-    let s = start(exec_config()).await;
+/// A server without workers, with `worker_grace_seconds = grace`, holding an action that
+/// needs a container image: its Execute's operations (or refusal).
+async fn execute_without_workers(grace: u64) -> Result<Vec<Operation>, tonic::Status> {
+    let mut c = exec_config();
+    c.execution.worker_grace_seconds = grace;
+    let s = start(c).await;
     let ch = channel(&s).await;
     let f = fixture(
         &[("container-image", "docker://registry/lre@sha256:0123")],
@@ -184,7 +187,14 @@ async fn an_action_no_worker_can_run_fails_at_once_naming_the_property() {
     );
     let refs: Vec<&[u8]> = f.blobs.iter().map(|b| b.as_slice()).collect();
     batch_put(ch.clone(), "", &refs, None).await.unwrap();
-    let err = execute(ch.clone(), &f.action).await.unwrap_err();
+    let r = execute(ch.clone(), &f.action).await;
+    s.shutdown().await;
+    r
+}
+
+#[tokio::test]
+async fn an_action_no_worker_can_run_fails_at_once_naming_the_property() {
+    let err = execute_without_workers(0).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message()
@@ -192,7 +202,28 @@ async fn an_action_no_worker_can_run_fails_at_once_naming_the_property() {
         "{}",
         err.message()
     );
-    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_no_worker_yet_an_action_waits_out_the_grace_then_fails_naming_why() {
+    // Just started, no worker connected: it may be reconnecting, so the action is queued,
+    // and failed only when `worker_grace_seconds` has passed without one.
+    let ops = execute_without_workers(2)
+        .await
+        .expect("queued, not refused");
+    assert!(ops.len() >= 2, "a queued stage first: {ops:?}");
+    let status = match &ops.last().unwrap().result {
+        Some(operation::Result::Error(status)) => status.clone(),
+        other => panic!("the operation did not fail: {other:?}"),
+    };
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert!(
+        status
+            .message
+            .contains("no worker is connected or configured"),
+        "{}",
+        status.message
+    );
 }
 
 #[tokio::test]

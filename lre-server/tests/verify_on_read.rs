@@ -103,7 +103,13 @@ fn corrupt(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
+    // Committed files are read-only: as a disk fault would, keep the mode (and work for a
+    // user other than root).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).unwrap().permissions();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, mode).unwrap();
 }
 
 async fn upload(ch: &Channel, data: &[u8], id: &str) {

@@ -42,6 +42,14 @@ fn key(d: &Digest, executable: bool) -> Key {
     }
 }
 
+/// What `LocalCas::fingerprint` records of a cached file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub ino: u64,
+    pub ctime: (i64, i64),
+    pub len: u64,
+}
+
 pub struct LocalCas {
     store: FsStore,
     server: ServerCas,
@@ -58,13 +66,14 @@ const ROOM_UNIT: u64 = 1024;
 
 impl LocalCas {
     pub async fn open(dir: PathBuf, server: ServerCas, max_bytes: u64) -> Result<LocalCas> {
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || drop_old_layout(&d))
-            .await
-            .map_err(|e| WorkerError::Sandbox(format!("opening the local cache: {e}")))??;
-        let store = FsStore::open(dir, max_bytes, Default::default())
+        // The store's LOCK first: a second worker on this directory stops here, touching
+        // nothing of the first's.
+        let store = FsStore::open(dir.clone(), max_bytes, Default::default())
             .await
             .map_err(WorkerError::Cache)?;
+        tokio::task::spawn_blocking(move || drop_old_layout(&dir))
+            .await
+            .map_err(|e| WorkerError::Internal(format!("opening the local cache: {e}")))??;
         // Rounded down, and each blob's size up: what is in flight never exceeds the store.
         let room_units = (max_bytes / ROOM_UNIT).clamp(1, u32::MAX as u64) as u32;
         Ok(LocalCas {
@@ -87,11 +96,13 @@ impl LocalCas {
 
     /// A fingerprint of a cached file that no process can forge: any write or chmod through
     /// any of its hard links changes the inode's ctime.
-    pub fn fingerprint(path: &Path) -> Option<(i64, i64, u64)> {
+    pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.ctime(), m.ctime_nsec(), m.len()))
+        std::fs::metadata(path).ok().map(|m| Fingerprint {
+            ino: m.ino(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            len: m.len(),
+        })
     }
 
     /// Whether a cached file still holds exactly its digest's content, with the mode the
@@ -118,11 +129,21 @@ impl LocalCas {
             .is_ok_and(|found| found == digest)
     }
 
-    /// Drops a cached copy whose content can no longer be trusted; the next action that
-    /// needs it fetches it again.
-    pub async fn discard(&self, d: &re::Digest, executable: bool) -> Result<()> {
+    /// Drops a cached copy whose content can no longer be trusted, if the cache still holds
+    /// that very file (`seen`, not a fresh copy fetched since); the next action that needs
+    /// it fetches it again.
+    pub async fn discard(
+        &self,
+        d: &re::Digest,
+        executable: bool,
+        seen: &Fingerprint,
+    ) -> Result<()> {
         let k = key(&valid(d)?, executable);
-        self.store.remove(&k).await.map_err(WorkerError::Cache)
+        self.store
+            .remove_if_inode(&k, seen.ino)
+            .await
+            .map(drop)
+            .map_err(WorkerError::Cache)
     }
 
     /// Makes every (digest, executable) present locally, fetching what is missing, and
@@ -146,10 +167,25 @@ impl LocalCas {
         let mut missing: Vec<(&re::Digest, Vec<Key>)> = Vec::new();
         let mut at: HashMap<&str, usize> = HashMap::new();
         for (((d, _), k), have) in wanted.iter().zip(&keys).zip(present) {
-            if have.is_some() {
-                continue;
+            match have {
+                // Keys name a hash alone, and a hash fixes the size: a digest whose size
+                // disagrees with the content it names is the client's error.
+                Some(size) if size != d.size_bytes as u64 => {
+                    return Err(WorkerError::InvalidInput(format!(
+                        "input digest {}/{}: that content is {size} bytes",
+                        d.hash, d.size_bytes
+                    )));
+                }
+                Some(_) => continue,
+                None => {}
             }
             match at.get(d.hash.as_str()) {
+                Some(&i) if missing[i].0.size_bytes != d.size_bytes => {
+                    return Err(WorkerError::InvalidInput(format!(
+                        "input {} is listed with sizes {} and {}",
+                        d.hash, missing[i].0.size_bytes, d.size_bytes
+                    )));
+                }
                 Some(&i) if missing[i].1.contains(k) => {}
                 Some(&i) => missing[i].1.push(*k),
                 None => {
@@ -159,7 +195,7 @@ impl LocalCas {
             }
         }
         let mut small: Vec<re::Digest> = Vec::new();
-        let mut modes: HashMap<String, Vec<Key>> = HashMap::new();
+        let mut modes: HashMap<String, (re::Digest, Vec<Key>)> = HashMap::new();
         let mut batch_size = 0;
         for (d, ks) in missing {
             if d.size_bytes > BATCH_BLOB {
@@ -173,7 +209,7 @@ impl LocalCas {
             }
             batch_size += d.size_bytes;
             small.push(d.clone());
-            modes.insert(d.hash.clone(), ks);
+            modes.insert(d.hash.clone(), (d.clone(), ks));
         }
         if !small.is_empty() {
             self.fetch_batch(instance, small, &mut modes).await?;
@@ -185,17 +221,26 @@ impl LocalCas {
         &self,
         instance: &str,
         digests: Vec<re::Digest>,
-        modes: &mut HashMap<String, Vec<Key>>,
+        modes: &mut HashMap<String, (re::Digest, Vec<Key>)>,
     ) -> Result<()> {
         let asked = digests.clone();
-        for (d, data) in self.server.batch_read(instance, digests).await? {
-            // Only what was asked for: a response naming another digest installs nothing.
-            let Some(keys) = modes.remove(&d.hash) else {
-                return Err(WorkerError::missing(
-                    &d,
-                    ": the CAS answered for a blob not asked for",
-                ));
+        for (answered, data) in self.server.batch_read(instance, digests).await? {
+            // Only what was asked for: a response naming another digest installs nothing,
+            // and the size that counts is the one asked for, never the one answered.
+            let Some((d, keys)) = modes.remove(&answered.hash) else {
+                return Err(WorkerError::Corrupt(format!(
+                    "the CAS answered for blob {}/{}, which was not asked for",
+                    answered.hash, answered.size_bytes
+                )));
             };
+            if data.len() as u64 != d.size_bytes as u64 {
+                return Err(WorkerError::Corrupt(format!(
+                    "the CAS returned {} bytes for {}/{}",
+                    data.len(),
+                    d.hash,
+                    d.size_bytes
+                )));
+            }
             for k in keys {
                 let _room = self.room_for(&d).await?;
                 let mut up = self.upload_for(k, &d).await?;
@@ -218,11 +263,7 @@ impl LocalCas {
         let room = self.room_for(d).await?;
         let mut s = self.server.open_read(instance, d).await?;
         let mut up = self.upload_for(*first, d).await?;
-        while let Some(m) = s
-            .message()
-            .await
-            .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
-        {
+        while let Some(m) = ServerCas::next_chunk(&mut s, d).await? {
             up.write(&m.data).await.map_err(|e| wrong(d, e))?;
         }
         up.finish().await.map_err(|e| wrong(d, e))?;
@@ -241,10 +282,9 @@ impl LocalCas {
             .await
             .map_err(WorkerError::Cache)?
         else {
-            return Err(WorkerError::missing(
-                d,
-                ": evicted from the local cache while pinned",
-            ));
+            // Pinned keys are never evicted, but another action may have found that copy
+            // tampered with and discarded it: worth a retry, not the action's fault.
+            return Err(gone_meanwhile(d));
         };
         let mut up = self.upload_for(to, d).await?;
         let mut buf = vec![0u8; 1 << 20];
@@ -266,7 +306,7 @@ impl LocalCas {
         self.room
             .acquire_many(units.clamp(1, self.room_units as u64) as u32)
             .await
-            .map_err(|e| WorkerError::Sandbox(format!("local cache closed: {e}")))
+            .map_err(|e| WorkerError::Internal(format!("local cache closed: {e}")))
     }
 
     async fn upload_for(&self, k: Key, d: &re::Digest) -> Result<CasUpload> {
@@ -276,12 +316,21 @@ impl LocalCas {
     }
 }
 
+/// A pinned input that left the cache all the same: discarded by another action's tamper
+/// check. UNAVAILABLE, so the client retries (and the input is fetched again).
+pub fn gone_meanwhile(d: &re::Digest) -> WorkerError {
+    WorkerError::Rpc(tonic::Status::unavailable(format!(
+        "input {}/{} was discarded from the worker's cache while this action needed it; retry",
+        d.hash, d.size_bytes
+    )))
+}
+
 /// What the server sent does not hash or measure up to its digest; any other store error
 /// (a full disk) is the cache's.
 fn wrong(d: &re::Digest, e: StoreError) -> WorkerError {
     match e {
         StoreError::DigestMismatch { .. } | StoreError::SizeMismatch(_) => {
-            WorkerError::InvalidInput(format!(
+            WorkerError::Corrupt(format!(
                 "the CAS returned wrong content for {}/{}: {e}",
                 d.hash, d.size_bytes
             ))
@@ -360,9 +409,20 @@ mod tests {
         assert!(!cas.intact(&d, true), "chmod is tampering");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
         assert!(cas.intact(&d, true));
+        // New content in the right mode (made writable to write it, as a non-root owner must).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(&path, b"int y;\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
         assert!(!cas.intact(&d, true), "new content is tampering");
-        cas.discard(&d, true).await.unwrap();
+        let seen = LocalCas::fingerprint(&path).unwrap();
+        // A fresh copy committed since is not the file found bad: it stays.
+        let stale = super::Fingerprint {
+            ino: seen.ino + 1,
+            ..seen
+        };
+        cas.discard(&d, true, &stale).await.unwrap();
+        assert!(path.exists(), "discarding another inode removed this one");
+        cas.discard(&d, true, &seen).await.unwrap();
         assert!(!path.exists(), "a discarded copy is gone");
     }
 

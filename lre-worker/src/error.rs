@@ -28,6 +28,12 @@ pub enum WorkerError {
     /// The local cache failed (a full disk): the store's error says where.
     #[error("local cache: {0}")]
     Cache(lre_store::StoreError),
+    /// The server's CAS sent content that is not what its digest names.
+    #[error("corrupt input: {0}")]
+    Corrupt(String),
+    /// A broken invariant of the worker's own.
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -43,6 +49,8 @@ impl WorkerError {
             WorkerError::Sandbox(_) | WorkerError::Io(_) => Code::Internal,
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
             WorkerError::Cache(e) => e.grpc_code(),
+            WorkerError::Corrupt(_) => Code::DataLoss,
+            WorkerError::Internal(_) => Code::Internal,
         }
     }
 }

@@ -92,12 +92,8 @@ pub fn default_work_dir() -> PathBuf {
 /// Runs a worker until `shutdown` turns true, reconnecting as needed.
 pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error::Result<()> {
     let channel = client::connect(&opts.server, opts.credential.clone(), &opts.tls)?;
-    let actions = opts.work_dir.join("actions");
-    if actions.exists() {
-        // Exec roots of a previous run that was killed mid-action.
-        std::fs::remove_dir_all(&actions)?;
-    }
-    std::fs::create_dir_all(&actions)?;
+    // The cache first: its lock refuses a second worker on this work dir before anything
+    // of the first one's (its running actions' exec roots) is touched.
     let cas = Arc::new(
         cas::LocalCas::open(
             opts.work_dir.join("cas"),
@@ -106,6 +102,18 @@ pub async fn run(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> error:
         )
         .await?,
     );
+    let actions = opts.work_dir.join("actions");
+    // Exec roots of a previous run that was killed mid-action, or of actions aborted when
+    // it stopped (they are not cleaned up then: the process is on its way out).
+    let clear = actions.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if clear.exists() {
+            confined::remove_tree(&clear)?;
+        }
+        std::fs::create_dir_all(&clear)
+    })
+    .await
+    .map_err(|e| error::WorkerError::Internal(format!("clearing {}: {e}", actions.display())))??;
     let uids = sandbox::UidPool::resolve(&opts.sandbox, opts.connection.capacity, &actions).await?;
     let runner = Arc::new(runner::Runner {
         worker_id: opts.connection.worker_id.clone(),

@@ -75,7 +75,10 @@ async fn fetch_tree(
         let mut next = Vec::new();
         for (d, data) in fetched {
             if digest_of(&data) != d || !level.contains(&d) {
-                return Err(WorkerError::missing(&d, " (an input directory)"));
+                return Err(WorkerError::Corrupt(format!(
+                    "the CAS answered with content that is not input directory {}/{}",
+                    d.hash, d.size_bytes
+                )));
             }
             let dir = re::Directory::decode(&data[..])?;
             for sub in &dir.directories {
@@ -150,7 +153,7 @@ pub struct LinkedInput {
     pub digest: re::Digest,
     pub executable: bool,
     pub path: std::path::PathBuf,
-    pub print: Option<(i64, i64, u64)>,
+    pub print: Option<crate::cas::Fingerprint>,
 }
 
 pub type Linked = Vec<LinkedInput>;
@@ -228,7 +231,12 @@ fn write_tree(
             check_name(&f.name)?;
             let digest = f.digest.clone().unwrap_or_default();
             let cached = cas.path(&digest, f.is_executable)?;
-            std::fs::hard_link(&cached, path.join(&f.name))?;
+            match std::fs::hard_link(&cached, path.join(&f.name)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !cached.exists() => {
+                    return Err(crate::cas::gone_meanwhile(&digest));
+                }
+                r => r?,
+            }
             linked.push(LinkedInput {
                 print: LocalCas::fingerprint(&cached),
                 path: cached,

@@ -195,11 +195,12 @@ impl Runner {
         let tampered = tokio::task::spawn_blocking(move || {
             linked
                 .into_iter()
-                .filter(|l| {
+                .filter_map(|l| {
                     // Gone means evicted by another action's fetch (its pin ended at
                     // linking): the cache no longer holds that copy, nothing to check.
-                    let now = LocalCas::fingerprint(&l.path);
-                    now.is_some() && now != l.print && !cas.intact(&l.digest, l.executable)
+                    let now = LocalCas::fingerprint(&l.path)?;
+                    (Some(now) != l.print && !cas.intact(&l.digest, l.executable))
+                        .then_some((l, now))
                 })
                 .collect::<Vec<_>>()
         })
@@ -207,10 +208,15 @@ impl Runner {
         .map_err(|e| WorkerError::Sandbox(format!("checking inputs: {e}")))?;
         if !tampered.is_empty() {
             let mut names = Vec::new();
-            for l in &tampered {
-                self.cas.discard(&l.digest, l.executable).await?;
+            let mut done = std::collections::HashSet::new();
+            for (l, found) in &tampered {
+                // The file found bad, by its inode: not a fresh copy fetched since.
+                if done.insert((l.digest.hash.clone(), l.executable)) {
+                    self.cas.discard(&l.digest, l.executable, found).await?;
+                }
                 names.push(format!("{}/{}", l.digest.hash, l.digest.size_bytes));
             }
+            names.sort();
             names.dedup();
             return Err(WorkerError::InvalidInput(format!(
                 "the action modified its input file(s) {}; inputs are read-only, and the worker's cached copies were discarded",

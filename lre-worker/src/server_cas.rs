@@ -17,6 +17,43 @@ use crate::error::{Result, WorkerError};
 pub const BATCH_BLOB: i64 = 1 << 20;
 pub const BATCH_TOTAL: i64 = 3 << 20;
 const CHUNK: usize = 1 << 20;
+/// A read that sends nothing for this long is given up: a stalled stream must not hold
+/// the local cache's room, and the action, forever.
+const STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+type ReadStream = tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>;
+
+/// A failed read of `d`: NOT_FOUND is a missing input (the client uploads it again), and
+/// DATA_LOSS (a server verifying what it serves) corrupt content; anything else (the
+/// server away, the worker's credential refused) is the server's trouble, not the
+/// action's, and goes to the client as UNAVAILABLE (`WorkerError::code`), which it retries.
+fn read_failed(d: &re::Digest, status: tonic::Status) -> WorkerError {
+    match status.code() {
+        tonic::Code::NotFound => WorkerError::missing(d, &format!(": {}", status.message())),
+        tonic::Code::DataLoss => WorkerError::Corrupt(format!(
+            "input blob {}/{}: {}",
+            d.hash,
+            d.size_bytes,
+            status.message()
+        )),
+        _ => WorkerError::Rpc(status),
+    }
+}
+
+/// `call`, given up after STALL: a server that accepts a read and never answers must not
+/// hold the action forever.
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+) -> std::result::Result<T, tonic::Status> {
+    match tokio::time::timeout(STALL, call).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::unavailable(format!(
+            "{what}: no answer for {} s",
+            STALL.as_secs()
+        ))),
+    }
+}
 
 #[derive(Clone)]
 pub struct ServerCas {
@@ -34,31 +71,27 @@ impl ServerCas {
         instance: &str,
         digests: Vec<re::Digest>,
     ) -> Result<Vec<(re::Digest, Vec<u8>)>> {
-        let resp = ContentAddressableStorageClient::new(self.channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .batch_read_blobs(re::BatchReadBlobsRequest {
-                instance_name: instance.into(),
-                digests,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut client = ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20);
+        let call = client.batch_read_blobs(re::BatchReadBlobsRequest {
+            instance_name: instance.into(),
+            digests,
+            ..Default::default()
+        });
+        let resp = bounded("reading input blobs", call).await?.into_inner();
         let mut out = Vec::with_capacity(resp.responses.len());
         for r in resp.responses {
             let d = r.digest.unwrap_or_default();
             if let Some(s) = r.status.filter(|s| s.code != 0) {
-                return Err(WorkerError::missing(&d, &format!(": {}", s.message)));
+                let status = tonic::Status::new(tonic::Code::from_i32(s.code), s.message);
+                return Err(read_failed(&d, status));
             }
             out.push((d, r.data));
         }
         Ok(out)
     }
 
-    pub async fn open_read(
-        &self,
-        instance: &str,
-        d: &re::Digest,
-    ) -> Result<tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>> {
+    pub async fn open_read(&self, instance: &str, d: &re::Digest) -> Result<ReadStream> {
         let name = format!(
             "{}{}blobs/{}/{}",
             instance,
@@ -66,15 +99,27 @@ impl ServerCas {
             d.hash,
             d.size_bytes
         );
-        Ok(ByteStreamClient::new(self.channel.clone())
-            .read(ReadRequest {
-                resource_name: name,
-                read_offset: 0,
-                read_limit: 0,
-            })
+        let mut client = ByteStreamClient::new(self.channel.clone());
+        let call = client.read(ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        });
+        Ok(bounded("reading an input blob", call)
             .await
-            .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
+            .map_err(|e| read_failed(d, e))?
             .into_inner())
+    }
+
+    /// The next chunk of a read of `d`, or None at its end; a stall past STALL is an error.
+    pub async fn next_chunk(
+        s: &mut ReadStream,
+        d: &re::Digest,
+    ) -> Result<Option<bazel_remote_apis::google::bytestream::ReadResponse>> {
+        let what = format!("reading input blob {}/{}", d.hash, d.size_bytes);
+        bounded(&what, s.message())
+            .await
+            .map_err(|e| read_failed(d, e))
     }
 
     /// Reads a blob of bounded size (a Directory message) over ByteStream, into memory:
@@ -82,13 +127,12 @@ impl ServerCas {
     pub async fn read_whole(&self, instance: &str, d: &re::Digest) -> Result<Vec<u8>> {
         let mut s = self.open_read(instance, d).await?;
         let mut out = Vec::new();
-        while let Some(m) = s
-            .message()
-            .await
-            .map_err(|e| WorkerError::missing(d, &format!(": {}", e.message())))?
-        {
+        while let Some(m) = Self::next_chunk(&mut s, d).await? {
             if out.len() + m.data.len() > d.size_bytes as usize {
-                return Err(WorkerError::missing(d, ": the CAS sent more than its size"));
+                return Err(WorkerError::Corrupt(format!(
+                    "the CAS sent more than the {} bytes of {}",
+                    d.size_bytes, d.hash
+                )));
             }
             out.extend_from_slice(&m.data);
         }

@@ -225,6 +225,9 @@ async fn only_worker_tokens_attach_and_each_runs_only_its_instances() {
         token("wy", WY, Scope::Worker, Some(&["y"])),
         old,
     ];
+    // Every worker this test has is connected before it asks for instance z: no grace for
+    // one that may be reconnecting, so z is refused at once.
+    c.execution.worker_grace_seconds = 0;
     let s = lre_server::start(c).await.unwrap();
     let url = format!("http://{}", s.grpc_addr);
     let ch = Channel::from_shared(url.clone())

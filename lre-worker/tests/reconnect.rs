@@ -1,5 +1,6 @@
 //! A worker outlives its scheduler: when the server restarts, the worker reconnects with
-//! backoff, registers again, and runs the new server's actions.
+//! backoff, registers again, and runs the new server's actions, including the ones sent
+//! before it was back.
 
 mod common;
 
@@ -39,7 +40,31 @@ async fn run_true(s: &lre_server::RunningServer) -> i32 {
         secret: None,
         invocation: None,
     };
-    execute(&ch, e).await.unwrap().result.unwrap().exit_code
+    match execute(&ch, e).await {
+        Ok(r) => r.result.expect("an ActionResult").exit_code,
+        Err(status) => panic!("the action failed: {status:?}"),
+    }
+}
+
+/// A worker dialling `addr` (over and over, as a real one does), working in `work`; it
+/// stops when the sender is told `true`.
+fn start_worker(
+    addr: std::net::SocketAddr,
+    work: &std::path::Path,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<lre_worker::error::Result<()>>,
+) {
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut opts = lre_worker::WorkerOptions::local(
+        format!("http://{addr}"),
+        "w".into(),
+        work.to_path_buf(),
+        vec![],
+        lre_worker::default_ro_paths(),
+    );
+    opts.credential = lre_worker::Credential::bearer(WORKER_SECRET).unwrap();
+    (stop, tokio::spawn(lre_worker::run(opts, shutdown)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,16 +72,7 @@ async fn the_worker_reconnects_after_a_server_restart() {
     let first = server("127.0.0.1:0".parse().unwrap()).await;
     let addr = first.grpc_addr;
     let work = tempfile::tempdir().unwrap();
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let mut opts = lre_worker::WorkerOptions::local(
-        format!("http://{addr}"),
-        "w".into(),
-        work.path().to_path_buf(),
-        vec![],
-        lre_worker::default_ro_paths(),
-    );
-    opts.credential = lre_worker::Credential::bearer(WORKER_SECRET).unwrap();
-    let worker = tokio::spawn(lre_worker::run(opts, shutdown));
+    let (stop, worker) = start_worker(addr, work.path());
     assert!(wait_workers(&first, 1).await, "worker never registered");
     assert_eq!(run_true(&first).await, 0);
     first.shutdown().await;
@@ -71,4 +87,45 @@ async fn the_worker_reconnects_after_a_server_restart() {
     let _ = stop.send(true);
     worker.await.unwrap().unwrap();
     second.shutdown().await;
+}
+
+/// A restarted server takes Execute before its workers are back (they are in their
+/// reconnect backoff, and Bazel retries at once): the action waits for a worker, within the
+/// scheduler's worker grace, instead of failing for want of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_sent_before_any_worker_is_back_waits_for_one() {
+    let s = server("127.0.0.1:0".parse().unwrap()).await;
+    let sched = s.scheduler.clone().unwrap();
+    let ch = Channel::from_shared(format!("http://{}", s.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let action = tokio::spawn(async move {
+        let e = Exec {
+            instance: "",
+            argv: &["/bin/true"],
+            input: b"",
+            secret: None,
+            invocation: None,
+        };
+        execute(&ch, e).await
+    });
+    let mut waited = 0;
+    while sched.overview().queued == 0 {
+        waited += 1;
+        assert!(waited < 300, "the action was never queued");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(sched.worker_count(), 0);
+
+    let work = tempfile::tempdir().unwrap();
+    let (stop, worker) = start_worker(s.grpc_addr, work.path());
+    match action.await.unwrap() {
+        Ok(r) => assert_eq!(r.result.expect("an ActionResult").exit_code, 0),
+        Err(status) => panic!("the action failed instead of waiting: {status:?}"),
+    }
+    let _ = stop.send(true);
+    worker.await.unwrap().unwrap();
+    s.shutdown().await;
 }

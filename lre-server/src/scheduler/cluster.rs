@@ -62,11 +62,12 @@ const REGISTRATION_TTL_SECONDS: u64 = 10;
 pub const MAX_QUEUES: usize = 1024;
 /// Expired leases handled by one reaper run.
 const REAP_BATCH: usize = 64;
-/// A queue no registered worker (nor `known_platforms`) can serve for this long has its
-/// actions failed, as one process fails them when its last able worker goes. Not at once:
-/// registrations are rewritten every TICK and a worker reconnecting to a restarted replica
-/// is away for a moment (its reconnect backoff grows to 10 s, then one TICK to register).
-const STRANDED_AFTER: Duration = Duration::from_secs(30);
+/// A queue no registered worker (nor `known_platforms`) can serve for the local scheduler's
+/// `worker_grace` has its actions failed, as one process fails them when its last able
+/// worker goes. Never sooner than this: registrations are rewritten every TICK.
+const STRANDED_AT_LEAST: Duration = Duration::from_secs(2 * TICK.as_secs());
+/// Watched operations re-read per Redis round trip.
+const REFRESH_BATCH: usize = 512;
 /// Stranded operations failed per queue and run.
 const STRAND_BATCH: usize = 256;
 
@@ -336,6 +337,12 @@ pub struct Cluster {
     watchers: Mutex<HashMap<OperationId, watch::Sender<Stage<ExecuteResponse>>>>,
     /// Every replica's workers, as last read.
     registered: Mutex<Vec<Registration>>,
+    /// When `registered` was last read whole: actions are failed as stranded only on a
+    /// fresh read (a stale one may lack a worker that registered since).
+    registered_at: Mutex<Option<std::time::Instant>>,
+    /// Every (platform, instances) registered lately, and when last: for the worker grace, a
+    /// worker of another replica that just went (its replica restarting) still counts.
+    seen: Mutex<HashMap<String, (Registration, std::time::Instant)>>,
     /// Claimed operations that ended here and whose report is not through yet: their
     /// leases are still renewed.
     pending: Mutex<HashMap<OperationId, u32>>,
@@ -408,6 +415,8 @@ impl Cluster {
             scripts: Scripts::new(),
             watchers: Mutex::new(HashMap::new()),
             registered: Mutex::new(Vec::new()),
+            registered_at: Mutex::new(None),
+            seen: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             work: Notify::new(),
             unservable: Mutex::new(HashMap::new()),
@@ -438,15 +447,26 @@ impl Cluster {
         )))
     }
 
-    /// Whether a worker connected to any replica, or a configured platform, could run it.
-    fn matchable(&self, instance: &str, platform: &Properties) -> bool {
+    /// Whether a worker connected to any replica, or a configured platform, can run it, or
+    /// (with `grace`) a local worker that could may be about to come back.
+    fn matchable(&self, instance: &str, platform: &Properties, grace: bool) -> bool {
+        if !grace {
+            return self.local.can_run_now(instance, platform)
+                || self
+                    .registered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .any(|r| r.can_run(instance, platform));
+        }
+        let within = self.local.worker_grace();
         self.local.could_run(instance, platform)
             || self
-                .registered
+                .seen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .any(|r| r.can_run(instance, platform))
+                .values()
+                .any(|(r, at)| at.elapsed() < within && r.can_run(instance, platform))
     }
 
     /// Queues an action for whichever replica's worker is free, or joins the identical
@@ -459,7 +479,7 @@ impl Cluster {
     ) -> Result<Submitted<ExecuteResponse>, Failure> {
         let platform = platform::normalize(platform);
         let key = &job.key;
-        if !self.matchable(&key.instance, &platform) {
+        if !self.matchable(&key.instance, &platform, true) {
             return Err(Failure::new(
                 tonic::Code::FailedPrecondition,
                 format!(
@@ -562,13 +582,25 @@ impl Cluster {
             return Ok(None);
         }
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.key(&format!("op:{name}")))
-            .arg(&["instance", "action", "stage", "attempts", "result"]);
+        self.snapshot_args(&mut cmd, name);
         let f: Vec<Option<Vec<u8>>> = self
             .redis
             .run("reading an operation", &cmd)
             .await
             .map_err(failure)?;
+        Self::parse_snapshot(name, &f)
+    }
+
+    /// The HMGET of an operation's fields that `parse_snapshot` reads.
+    fn snapshot_args(&self, cmd: &mut redis::Cmd, name: &str) {
+        cmd.arg(self.key(&format!("op:{name}")))
+            .arg(&["instance", "action", "stage", "attempts", "result"]);
+    }
+
+    fn parse_snapshot(
+        name: &str,
+        f: &[Option<Vec<u8>>],
+    ) -> Result<Option<(ActionKey, Stage<ExecuteResponse>)>, Failure> {
         let text = |i: usize| {
             f.get(i)
                 .and_then(|v| v.as_deref())
@@ -691,6 +723,7 @@ impl Cluster {
             tokio::spawn(self.clone().report(leases, stop.clone())),
             tokio::spawn(self.clone().pull(stop.clone())),
             tokio::spawn(self.clone().keep_leases(stop.clone())),
+            tokio::spawn(self.clone().keep_registered(stop.clone())),
             tokio::spawn(self.clone().maintain(stop.clone())),
             tokio::spawn(self.clone().listen(stop)),
         ]
@@ -943,8 +976,25 @@ impl Cluster {
         }
     }
 
-    /// Every TICK: rewrite this replica's worker registrations, read everyone's, reap
-    /// expired leases; every POLL, re-read watched operations.
+    /// Rewrites this replica's worker registrations (they expire after
+    /// REGISTRATION_TTL_SECONDS) and reads everyone's, every TICK, on a task of its own: a
+    /// slow reaper or watcher refresh must never let them lapse, or the other replicas
+    /// would take this replica's workers for gone.
+    async fn keep_registered(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.register().await {
+                tracing::warn!(error = %e.message, "registering workers");
+            }
+        }
+    }
+
+    /// Every TICK: reap expired leases and fail what no worker can run any more; every
+    /// POLL, re-read watched operations.
     async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         let mut last_poll = tokio::time::Instant::now();
@@ -953,14 +1003,25 @@ impl Cluster {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let registered = self.register().await;
             // Only with registrations read just now: stale ones could strand anything.
-            let stranded = match registered {
-                Ok(()) => self.fail_stranded().await,
-                Err(_) => Ok(()),
+            let fresh = self
+                .registered_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() <= 2 * TICK);
+            let stranded = match fresh {
+                true => self.fail_stranded().await,
+                false => {
+                    // What was unservable before the gap is judged afresh after it: the
+                    // registrations it was judged by may have been missing workers.
+                    self.unservable
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                    Ok(())
+                }
             };
             for (what, r) in [
-                ("registering workers", registered),
                 ("reaping expired leases", self.reap().await),
                 ("failing actions no worker can run", stranded),
             ] {
@@ -1037,18 +1098,25 @@ impl Cluster {
             .run_pipe("registering workers", &p)
             .await
             .map_err(failure)?;
-        let mut all = Vec::new();
-        let mut gone = Vec::new();
-        for replica in members.iter().take(MAX_QUEUES) {
-            let mut cmd = redis::cmd("HVALS");
-            cmd.arg(self.key(&format!("workers:{replica}")));
-            let vals: Vec<String> = self
+        // Every replica's registrations in one round trip.
+        let members: Vec<&String> = members.iter().take(MAX_QUEUES).collect();
+        let mut p = redis::pipe();
+        for replica in &members {
+            p.cmd("HVALS").arg(self.key(&format!("workers:{replica}")));
+        }
+        let each: Vec<Vec<String>> = match members.is_empty() {
+            true => Vec::new(),
+            false => self
                 .redis
-                .run("reading worker registrations", &cmd)
+                .run_pipe("reading worker registrations", &p)
                 .await
-                .map_err(failure)?;
-            if vals.is_empty() && replica != &self.replica {
-                gone.push(replica.clone());
+                .map_err(failure)?,
+        };
+        let mut all: Vec<Registration> = Vec::new();
+        let mut gone = Vec::new();
+        for (replica, vals) in members.iter().zip(&each) {
+            if vals.is_empty() && *replica != &self.replica {
+                gone.push((*replica).clone());
             }
             all.extend(vals.iter().filter_map(|v| serde_json::from_str(v).ok()));
         }
@@ -1061,12 +1129,28 @@ impl Cluster {
                 .await
                 .map_err(failure)?;
         }
+        let now = std::time::Instant::now();
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let grace = self.local.worker_grace().max(STRANDED_AT_LEAST);
+            seen.retain(|_, (_, at)| now.duration_since(*at) < grace);
+            for r in &all {
+                let Ok(id) = serde_json::to_string(&(&r.properties, &r.instances)) else {
+                    continue;
+                };
+                // Bounded like the queues: a flood of distinct platforms is not remembered.
+                if seen.len() < MAX_QUEUES || seen.contains_key(&id) {
+                    seen.insert(id, (r.clone(), now));
+                }
+            }
+        }
         *self.registered.lock().unwrap_or_else(|p| p.into_inner()) = all;
+        *self.registered_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         Ok(())
     }
 
     /// Fails the queued actions of every queue that no worker on any replica (nor a
-    /// configured platform) has been able to serve for STRANDED_AFTER: they would wait
+    /// configured platform) has been able to serve for the worker grace: they would wait
     /// forever, and a client is better told why.
     async fn fail_stranded(&self) -> Result<(), Failure> {
         let mut cmd = redis::cmd("HGETALL");
@@ -1085,12 +1169,12 @@ impl Cluster {
                 let Ok(m) = serde_json::from_str::<QueueMeta>(meta) else {
                     continue;
                 };
-                if self.matchable(&m.instance, &m.platform) {
+                if self.matchable(&m.instance, &m.platform, false) {
                     since.remove(qid);
                     continue;
                 }
                 let first = *since.entry(qid.clone()).or_insert(now);
-                if now.duration_since(first) >= STRANDED_AFTER {
+                if now.duration_since(first) >= self.local.worker_grace().max(STRANDED_AT_LEAST) {
                     due.push((qid.clone(), m));
                 }
             }
@@ -1147,16 +1231,32 @@ impl Cluster {
         Ok(())
     }
 
-    /// Re-reads every watched operation (a stage message may have been lost) and forgets
-    /// the ones nobody watches any more.
+    /// Re-reads every watched operation (a stage message may have been lost), REFRESH_BATCH
+    /// to a round trip, and forgets the ones nobody watches any more.
     async fn refresh_watchers(&self) {
         let names: Vec<String> = {
             let mut w = self.watchers();
             w.retain(|_, tx| tx.receiver_count() > 0);
             w.keys().cloned().collect()
         };
-        for name in names {
-            self.update(&name).await;
+        for chunk in names.chunks(REFRESH_BATCH) {
+            let mut p = redis::pipe();
+            for name in chunk {
+                let mut cmd = redis::cmd("HMGET");
+                self.snapshot_args(&mut cmd, name);
+                p.add_command(cmd);
+            }
+            let each: Vec<Vec<Option<Vec<u8>>>> =
+                match self.redis.run_pipe("reading watched operations", &p).await {
+                    Ok(each) => each,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading watched operations");
+                        return;
+                    }
+                };
+            for (name, fields) in chunk.iter().zip(&each) {
+                self.apply(name, Self::parse_snapshot(name, fields));
+            }
         }
     }
 
@@ -1165,7 +1265,17 @@ impl Cluster {
         if !self.watchers().contains_key(name) {
             return;
         }
-        match self.snapshot(name).await {
+        let read = self.snapshot(name).await;
+        self.apply(name, read);
+    }
+
+    /// Tells an operation's watchers what was just read of it.
+    fn apply(
+        &self,
+        name: &str,
+        read: Result<Option<(ActionKey, Stage<ExecuteResponse>)>, Failure>,
+    ) {
+        match read {
             Ok(Some((_, stage))) => {
                 let done = matches!(stage, Stage::Completed(_));
                 let mut w = self.watchers();

@@ -82,7 +82,17 @@ pub struct SchedulerConfig {
     /// Operations known at once: queued, running and finished ones kept for
     /// `keep_finished`. Finished ones are forgotten early to make room.
     pub max_operations: usize,
+    /// How long actions wait for a worker that may come back instead of failing as
+    /// unrunnable: after start (workers reconnect one by one, each at its own point in its
+    /// backoff), and after the last worker offering their platform left. A restarted server
+    /// or worker reconnects within its backoff (10 s at most), and a build must not fail
+    /// for that moment.
+    pub worker_grace: Duration,
 }
+
+/// Departed workers remembered for `worker_grace`; past this the oldest are forgotten, so
+/// workers connecting with ever new properties cannot grow the list without bound.
+const MAX_DEPARTED: usize = 1024;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -93,6 +103,7 @@ impl Default for SchedulerConfig {
             deadline_grace: Duration::from_secs(60),
             max_queued: 100_000,
             max_operations: 200_000,
+            worker_grace: Duration::from_secs(30),
         }
     }
 }
@@ -192,7 +203,8 @@ pub struct Overview {
     pub queued: usize,
     pub executing: usize,
     pub oldest_queued_ms: Option<u64>,
-    /// Queued actions that no connected worker can run (they wait for a known platform).
+    /// Queued actions that no connected worker can run (they wait for a known platform, or
+    /// for a worker that may be reconnecting: `SchedulerConfig::worker_grace`).
     pub unmatchable: usize,
 }
 
@@ -208,6 +220,11 @@ struct State<J, R> {
     queue: BTreeMap<(i32, u64), OperationId>,
     workers: HashMap<WorkerId, Worker<J>>,
     finished: VecDeque<OperationId>,
+    /// Workers that left, and when: what they served stays runnable for `worker_grace`.
+    departed: VecDeque<(WorkerSpec, Instant)>,
+    /// When a grace (the start's, or a departed worker's) next runs out, so `tick` fails
+    /// the queued actions it covered then, and not on every tick.
+    grace_ends: Option<Instant>,
 }
 
 pub struct Scheduler<J, R> {
@@ -217,6 +234,7 @@ pub struct Scheduler<J, R> {
     /// Woken when a slot may have come free (a worker connected, an action ended), so the
     /// cluster's puller claims more work.
     freed: tokio::sync::Notify,
+    started: Instant,
 }
 
 impl<J: Clone, R: Clone> Scheduler<J, R> {
@@ -235,6 +253,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             .into_iter()
             .map(platform::normalize)
             .collect();
+        let started = Instant::now();
         Scheduler {
             state: Mutex::new(State {
                 next_seq: 0,
@@ -243,10 +262,13 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 queue: BTreeMap::new(),
                 workers: HashMap::new(),
                 finished: VecDeque::new(),
+                departed: VecDeque::new(),
+                grace_ends: started.checked_add(config.worker_grace),
             }),
             config,
             leases: None,
             freed: tokio::sync::Notify::new(),
+            started,
         }
     }
 
@@ -255,10 +277,28 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         &self.freed
     }
 
-    /// Whether a connected worker, or a configured platform, could run it.
+    /// Whether it may wait here for a worker: a connected worker or a configured platform
+    /// can run it, or a worker that could is within its `worker_grace` to come back.
     pub fn could_run(&self, instance: &str, platform: &Properties) -> bool {
         let st = self.state();
+        self.waitable(
+            &st,
+            instance,
+            &platform::normalize(platform.clone()),
+            Instant::now(),
+        )
+    }
+
+    /// Whether a connected worker, or a configured platform, can run it now (no grace: the
+    /// cluster keeps its own, over every replica's workers).
+    pub fn can_run_now(&self, instance: &str, platform: &Properties) -> bool {
+        let st = self.state();
         self.matchable(&st, instance, &platform::normalize(platform.clone()))
+    }
+
+    /// How long an action waits for a worker that may come back.
+    pub fn worker_grace(&self) -> Duration {
+        self.config.worker_grace
     }
 
     /// Why nothing here can run it, for the user.
@@ -384,7 +424,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 deduplicated: true,
             });
         }
-        if !self.matchable(&st, &key.instance, &platform) {
+        if !self.waitable(&st, &key.instance, &platform, Instant::now()) {
             return Err(Failure::new(
                 tonic::Code::FailedPrecondition,
                 self.explain_unmatchable(&st, &key.instance, &platform),
@@ -449,6 +489,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         Ok(())
     }
 
+    /// Whether a connected worker, or a configured platform, can run it.
     fn matchable(&self, st: &State<J, R>, instance: &str, platform: &Properties) -> bool {
         st.workers
             .values()
@@ -458,6 +499,46 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
                 .known_platforms
                 .iter()
                 .any(|k| platform::satisfies(k, platform))
+    }
+
+    /// Whether an action may wait for a worker: one connected or configured can run it, or
+    /// one may be about to (see `SchedulerConfig::worker_grace`).
+    fn waitable(
+        &self,
+        st: &State<J, R>,
+        instance: &str,
+        platform: &Properties,
+        now: Instant,
+    ) -> bool {
+        let within = |since: Instant| now.duration_since(since) < self.config.worker_grace;
+        self.matchable(st, instance, platform)
+            || within(self.started)
+            || st.departed.iter().any(|(spec, left)| {
+                within(*left)
+                    && spec.serves(instance)
+                    && platform::satisfies(&spec.properties, platform)
+            })
+    }
+
+    /// Runs out the graces that have ended by `now`: queued actions they kept waiting, and
+    /// that no worker can run, fail. Called every second, with `enforce_deadlines`.
+    pub fn expire_graces(&self, now: Instant) {
+        let mut st = self.state();
+        if st.grace_ends.is_none_or(|t| t > now) {
+            return;
+        }
+        let grace = self.config.worker_grace;
+        st.departed
+            .retain(|(_, left)| now.duration_since(*left) < grace);
+        // The start's grace too, while it lasts (a clock read a moment late would end it).
+        let start = self.started.checked_add(grace).filter(|t| *t > now);
+        st.grace_ends = st
+            .departed
+            .iter()
+            .filter_map(|(_, left)| left.checked_add(grace))
+            .chain(start)
+            .min();
+        self.fail_stranded(&mut st, now);
     }
 
     /// Why no worker can run an action of `instance` on `platform`, for the user.
@@ -630,7 +711,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
     pub fn worker_lost(&self, id: &str) {
         let mut st = self.state();
         self.remove_worker(&mut st, id);
-        self.fail_stranded(&mut st);
+        self.fail_stranded(&mut st, Instant::now());
         self.dispatch(&mut st);
     }
 
@@ -682,19 +763,24 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             tracing::warn!(worker = %id, "worker held an action past its timeout; dropping it and requeueing its actions");
             self.remove_worker(&mut st, id);
         }
-        self.fail_stranded(&mut st);
+        self.fail_stranded(&mut st, Instant::now());
         self.dispatch(&mut st);
         late
     }
 
     /// Fails the queued actions that no remaining worker (or configured platform) can run.
-    fn fail_stranded(&self, st: &mut State<J, R>) {
+    /// Each (instance, platform) is judged once: a long queue of one platform costs one
+    /// look through the workers, not one per action.
+    fn fail_stranded(&self, st: &mut State<J, R>, now: Instant) {
+        let mut judged: HashMap<(&str, &Properties), bool> = HashMap::new();
         let stranded: Vec<OperationId> = st
             .queue
             .values()
             .filter(|op| {
                 let o = &st.operations[*op];
-                !self.matchable(st, &o.key.instance, &o.platform)
+                !*judged
+                    .entry((o.key.instance.as_str(), &o.platform))
+                    .or_insert_with(|| self.waitable(st, &o.key.instance, &o.platform, now))
             })
             .cloned()
             .collect();
@@ -713,6 +799,17 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
         let Some(worker) = st.workers.remove(id) else {
             return;
         };
+        let now = Instant::now();
+        let spec = &worker.spec;
+        st.departed
+            .retain(|(d, _)| !(d.properties == spec.properties && d.instances == spec.instances));
+        if st.departed.len() >= MAX_DEPARTED {
+            st.departed.pop_front();
+        }
+        st.departed.push_back((worker.spec.clone(), now));
+        if let Some(end) = now.checked_add(self.config.worker_grace) {
+            st.grace_ends = Some(st.grace_ends.map_or(end, |t| t.min(end)));
+        }
         for op in worker.running {
             let Some(o) = st.operations.get_mut(&op) else {
                 continue;
@@ -885,7 +982,7 @@ impl<J: Clone, R: Clone> Scheduler<J, R> {
             }
         }
         if lost {
-            self.fail_stranded(st);
+            self.fail_stranded(st, Instant::now());
         }
     }
 }

@@ -89,9 +89,21 @@ fn routes_by_platform_properties() {
     assert_eq!(on_a, vec!["a0"]);
 }
 
+/// A scheduler whose start grace is long over: an action that waits now waits for a worker
+/// that left, not for the start's.
+fn started_long_ago(config: SchedulerConfig) -> S {
+    let mut s = S::new(config);
+    let ago = s.config.worker_grace + Duration::from_secs(1);
+    s.started = Instant::now()
+        .checked_sub(ago)
+        .expect("the machine has been up longer than the grace");
+    s.state.get_mut().unwrap().grace_ends = None;
+    s
+}
+
 #[test]
 fn unmatchable_actions_fail_at_once_naming_the_property() {
-    let s = S::new(SchedulerConfig::default());
+    let s = started_long_ago(SchedulerConfig::default());
     let _w = s.register_worker("w".into(), linux(), 1);
     let err = s
         .submit(
@@ -109,10 +121,90 @@ fn unmatchable_actions_fail_at_once_naming_the_property() {
         "{}",
         err.message
     );
-    // With no worker at all, the message says so.
-    let empty = S::new(SchedulerConfig::default());
+    // With no worker at all (and no grace for one to connect), the message says so.
+    let empty = S::new(SchedulerConfig {
+        worker_grace: Duration::ZERO,
+        ..Default::default()
+    });
     let err = empty.submit(key(1), linux(), 0, "j".into()).err().unwrap();
     assert!(err.message.contains("no worker"), "{}", err.message);
+}
+
+/// A moment after the default `worker_grace` has run out.
+fn after_grace() -> Instant {
+    Instant::now() + SchedulerConfig::default().worker_grace + Duration::from_secs(1)
+}
+
+#[test]
+fn after_a_restart_actions_wait_for_the_workers_to_reconnect_then_fail() {
+    // A server that just started has no worker yet: its workers are in their reconnect
+    // backoff, and a build retrying at once must not fail for that moment.
+    let s = S::new(SchedulerConfig::default());
+    let early = s.submit(key(1), linux(), 0, "early".into()).unwrap();
+    assert_eq!(*early.stage.borrow(), Stage::Queued);
+    let mut w = s.register_worker("w".into(), linux(), 1);
+    assert_eq!(next_run(&mut w).unwrap().1, "early");
+    // Workers come back one by one: with the Linux one back, the GPU one may still be in
+    // its backoff, so a GPU action waits for it too.
+    let gpu = s
+        .submit(key(2), props(&[("pool", "gpu")]), 0, "gpu".into())
+        .expect("waits during the start's grace");
+    assert_eq!(*gpu.stage.borrow(), Stage::Queued);
+    let mut g = s.register_worker("g".into(), props(&[("pool", "gpu")]), 1);
+    assert_eq!(next_run(&mut g).unwrap().1, "gpu");
+
+    // If no worker ever comes, the queued actions fail when the grace runs out.
+    let lonely = S::new(SchedulerConfig::default());
+    let waits = lonely.submit(key(3), linux(), 0, "j".into()).unwrap();
+    lonely.expire_graces(Instant::now());
+    assert_eq!(
+        *waits.stage.borrow(),
+        Stage::Queued,
+        "failed before its time"
+    );
+    lonely.expire_graces(after_grace());
+    let err = completed(&waits.stage).expect("must not hang").unwrap_err();
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
+    assert!(err.message.contains("no worker"), "{}", err.message);
+}
+
+#[test]
+fn a_worker_back_within_its_grace_runs_what_waited_for_it() {
+    let s = started_long_ago(SchedulerConfig::default());
+    let pool = props(&[("pool", "x")]);
+    let mut w = s.register_worker("w".into(), pool.clone(), 1);
+    let first = s.submit(key(1), pool.clone(), 0, "a".into()).unwrap();
+    assert!(next_run(&mut w).is_some());
+    s.worker_lost("w"); // a restart, say
+    let second = s.submit(key(2), pool.clone(), 0, "b".into()).unwrap();
+    let mut back = s.register_worker("w".into(), pool.clone(), 2);
+    let mut ran: Vec<String> = std::iter::from_fn(|| next_run(&mut back))
+        .map(|r| r.1)
+        .collect();
+    ran.sort();
+    assert_eq!(ran, ["a", "b"]);
+    s.expire_graces(after_grace());
+    for sub in [&first, &second] {
+        assert!(
+            !matches!(&*sub.stage.borrow(), Stage::Completed(_)),
+            "an action running on the worker that came back was failed"
+        );
+    }
+}
+
+#[test]
+fn departed_workers_are_remembered_within_a_bound() {
+    let s = started_long_ago(SchedulerConfig::default());
+    for i in 0..(MAX_DEPARTED + 500) {
+        let id = format!("w{i}");
+        drop(s.register_worker(id.clone(), props(&[("n", &i.to_string())]), 1));
+        s.worker_lost(&id);
+    }
+    assert_eq!(s.state().departed.len(), MAX_DEPARTED);
+    // The newest are the ones kept: the last to leave may still come back.
+    let last = (MAX_DEPARTED + 499).to_string();
+    assert!(s.could_run("", &props(&[("n", &last)])));
+    assert!(!s.could_run("", &props(&[("n", "0")])));
 }
 
 #[test]
@@ -227,7 +319,7 @@ fn retries_are_bounded() {
 
 #[test]
 fn losing_the_only_capable_worker_fails_queued_actions_instead_of_hanging() {
-    let s = S::new(SchedulerConfig::default());
+    let s = started_long_ago(SchedulerConfig::default());
     let mut w = s.register_worker("w".into(), props(&[("pool", "x")]), 1);
     let running = s
         .submit(key(1), props(&[("pool", "x")]), 0, "a".into())
@@ -237,7 +329,15 @@ fn losing_the_only_capable_worker_fails_queued_actions_instead_of_hanging() {
         .unwrap();
     assert!(next_run(&mut w).is_some());
     s.worker_lost("w");
+    // It may be restarting: both wait for it, and run if it is back in time.
     for sub in [&running, &queued] {
+        assert_eq!(*sub.stage.borrow(), Stage::Queued);
+    }
+    let other = s
+        .submit(key(3), props(&[("pool", "x")]), 0, "c".into())
+        .expect("its platform is still servable during the grace");
+    s.expire_graces(after_grace());
+    for sub in [&running, &queued, &other] {
         let err = completed(&sub.stage).expect("must not hang").unwrap_err();
         assert_eq!(err.code, tonic::Code::FailedPrecondition);
         assert!(err.message.contains("pool=x"), "{}", err.message);
@@ -305,7 +405,7 @@ fn connect(
 
 #[test]
 fn a_worker_limited_to_an_instance_never_receives_another_instances_jobs() {
-    let s = S::new(SchedulerConfig::default());
+    let s = started_long_ago(SchedulerConfig::default());
     let mut x = connect(&s, "x", Some(&["x"]));
     // Only the "x" worker is connected: a "y" action has nowhere to go and says why.
     let err = s
@@ -330,7 +430,17 @@ fn a_worker_limited_to_an_instance_never_receives_another_instances_jobs() {
     assert_eq!(next_run(&mut y).map(|r| r.1), Some("y-4".to_string()));
     drop(y);
     s.worker_lost("y");
-    // Requeued (attempt 1 of 3), but no worker serves "y" any more: both fail.
+    // Requeued (attempt 1 of 3), but no worker serves "y" any more: they wait for it to
+    // come back, and once its grace is over, both fail.
+    assert!(next_run(&mut x).is_none(), "a y job moved to the x worker");
+    for sub in [&sub_y, &sub_y2] {
+        assert_eq!(
+            *sub.stage.borrow(),
+            Stage::Queued,
+            "failed within the grace"
+        );
+    }
+    s.expire_graces(after_grace());
     for sub in [&sub_y, &sub_y2] {
         match completed(&sub.stage) {
             Some(Err(f)) => assert_eq!(
@@ -387,14 +497,17 @@ fn work_spreads_over_workers_by_free_slots() {
 
 #[test]
 fn a_worker_whose_channel_died_unnoticed_does_not_strand_its_actions() {
-    let s = S::new(SchedulerConfig::default());
+    let s = started_long_ago(SchedulerConfig::default());
     // The connection's receiver is gone before the scheduler hears of it.
     drop(s.register_worker("gone".into(), props(&[("pool", "only")]), 1));
     let sub = s
         .submit(key(77), props(&[("pool", "only")]), 0, "j".into())
         .unwrap();
     // Dispatching found the channel closed, dropped the worker, and with no other worker
-    // for that platform the action fails instead of waiting forever.
+    // for that platform the action fails (once the worker's grace is over) instead of
+    // waiting forever.
+    assert_eq!(*sub.stage.borrow(), Stage::Queued);
+    s.expire_graces(after_grace());
     match completed(&sub.stage) {
         Some(Err(f)) => assert_eq!(f.code, tonic::Code::FailedPrecondition, "{}", f.message),
         other => panic!("stranded: {other:?}"),

@@ -297,6 +297,32 @@ impl FsStore {
         self.inner.path(key)
     }
 
+    /// Removes `key` only while its file is still the inode `ino`: a caller that found that
+    /// very file bad must not remove a fresh copy committed since. Returns whether it did.
+    pub async fn remove_if_inode(&self, key: &Key, ino: u64) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (inner, key) = (self.inner.clone(), *key);
+        tokio::task::spawn_blocking(move || {
+            let mut index = inner.index();
+            let path = inner.path(&key);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.ino() == ino => {
+                    index.remove(&key);
+                    inner.unlink(&key);
+                    Ok(true)
+                }
+                Ok(_) => Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    index.remove(&key);
+                    Ok(false)
+                }
+                Err(e) => Err(io_context(e, format_args!("inspecting {}", path.display()))),
+            }
+        })
+        .await
+        .map_err(|e| join_error("remove", e))?
+    }
+
     /// Keeps `keys` from eviction until the returned guard drops, whether they are present
     /// now or committed later: what a worker promised an action stays until it is linked.
     pub fn pin(&self, keys: Vec<Key>) -> Pinned {
@@ -777,7 +803,7 @@ pub(super) mod tests {
         let good = put(&store, b"intact blob").await;
         let bad = put(&store, b"blob to rot").await;
         let path = store.inner.path(&bad);
-        fs::write(&path, b"blob to ROT").unwrap(); // same size, other content
+        damage(&path, b"blob to ROT"); // same size, other content
         assert_eq!(
             &store.get(&good).await.unwrap().unwrap()[..],
             b"intact blob"
@@ -791,7 +817,7 @@ pub(super) mod tests {
         // Uploaded again, it is served again.
         put(&store, b"blob to rot").await;
         assert_eq!(&store.get(&bad).await.unwrap().unwrap()[..], b"blob to rot");
-        fs::write(&path, b"blob to rut").unwrap();
+        damage(&path, b"blob to rut");
         assert!(store.get(&bad).await.unwrap().is_none(), "get verifies too");
 
         // Without the option the same damage is served: the check is what stops it.
@@ -800,8 +826,18 @@ pub(super) mod tests {
             .await
             .unwrap();
         put(&store, b"blob to rot").await;
-        fs::write(&path, b"blob to ROT").unwrap();
+        damage(&path, b"blob to ROT");
         assert_eq!(&store.get(&bad).await.unwrap().unwrap()[..], b"blob to ROT");
+    }
+
+    /// Rewrites a committed (read-only) file in place, as a disk fault or a stray process
+    /// would, keeping its mode: a test run by a user other than root cannot write it as is.
+    fn damage(path: &Path, data: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path).unwrap().permissions();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(path, data).unwrap();
+        fs::set_permissions(path, mode).unwrap();
     }
 
     #[tokio::test]

@@ -126,14 +126,26 @@ impl<V> LruIndex<V> {
     /// they are unpinned: a promise made to a running action is kept.
     fn evict_for(&mut self, keep: Option<Key>) -> Vec<(Key, Entry<V>)> {
         let mut evicted = Vec::new();
-        while self.used + self.reserved > self.capacity {
-            let victim = self
-                .map
-                .iter()
-                .rev()
-                .map(|(k, _)| *k)
-                .find(|k| Some(*k) != keep && !self.pinned.contains_key(k));
-            let Some(k) = victim else { break };
+        let Some(mut over) = (self.used + self.reserved).checked_sub(self.capacity) else {
+            return evicted;
+        };
+        if over == 0 {
+            return evicted;
+        }
+        // One pass from the least recently used end, skipping pinned entries once (a scan
+        // per victim would cost victims × pinned under the lock).
+        let mut victims = Vec::new();
+        for (k, e) in self.map.iter().rev() {
+            if Some(*k) == keep || self.pinned.contains_key(k) {
+                continue;
+            }
+            victims.push(*k);
+            over = over.saturating_sub(e.size);
+            if over == 0 {
+                break;
+            }
+        }
+        for k in victims {
             if let Some(e) = self.map.pop(&k) {
                 self.used -= e.size;
                 self.metrics.evictions.inc();
