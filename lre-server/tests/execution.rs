@@ -208,7 +208,7 @@ async fn an_action_no_worker_can_run_fails_at_once_naming_the_property() {
 async fn with_no_worker_yet_an_action_waits_out_the_grace_then_fails_naming_why() {
     // Just started, no worker connected: it may be reconnecting, so the action is queued,
     // and failed only when `worker_grace_seconds` has passed without one.
-    let ops = execute_without_workers(2)
+    let ops = execute_without_workers(5)
         .await
         .expect("queued, not refused");
     assert!(ops.len() >= 2, "a queued stage first: {ops:?}");

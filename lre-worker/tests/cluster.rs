@@ -148,6 +148,30 @@ async fn wait_registered(s: &lre_server::RunningServer, n: usize) {
     tokio::time::sleep(Duration::from_millis(4500)).await;
 }
 
+/// With no grace at all and no `known_platforms`, a replica without workers still takes
+/// an action another replica's registered worker can run (it once refused it: only
+/// registrations seen within the grace counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_grace_a_replica_still_executes_on_another_replicas_worker() {
+    let redis = Redis::up(&[]);
+    let mut config = replica_config(&redis.url);
+    config.execution.known_platforms = vec![];
+    config.execution.worker_grace_seconds = 0;
+    let a = lre_server::start(config.clone()).await.unwrap();
+    let b = lre_server::start(config).await.unwrap();
+    let ca = channel(&a).await;
+    let w = attach(&b, "on-b");
+    wait_registered(&b, 1).await;
+    let mut argv = vec![];
+    let r = common::execute(&ca, sh("echo ran", &mut argv))
+        .await
+        .expect("refused although B's worker can run it");
+    assert_eq!(stdout_of(&ca, "", None, &r).await, "ran\n");
+    w.stop().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn any_replica_executes_on_any_replicas_worker_and_answers_for_any_operation() {
     let redis = Redis::up(&[]);

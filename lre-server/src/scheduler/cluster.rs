@@ -350,6 +350,9 @@ pub struct Cluster {
     work: Notify,
     /// Queues (by id) that no worker could serve at the last looks, and since when.
     unservable: Mutex<HashMap<String, std::time::Instant>>,
+    /// Since when the sweep has been skipped for want of fresh registrations: that gap
+    /// does not count towards `unservable`'s timers.
+    stale_since: Mutex<Option<std::time::Instant>>,
 }
 
 fn failure(e: StoreError) -> Failure {
@@ -420,6 +423,7 @@ impl Cluster {
             pending: Mutex::new(HashMap::new()),
             work: Notify::new(),
             unservable: Mutex::new(HashMap::new()),
+            stale_since: Mutex::new(None),
         }
     }
 
@@ -460,7 +464,8 @@ impl Cluster {
                     .any(|r| r.can_run(instance, platform));
         }
         let within = self.local.worker_grace();
-        self.local.could_run(instance, platform)
+        self.matchable(instance, platform, false)
+            || self.local.could_run(instance, platform)
             || self
                 .seen
                 .lock()
@@ -1010,14 +1015,34 @@ impl Cluster {
                 .unwrap_or_else(|p| p.into_inner())
                 .is_some_and(|t| t.elapsed() <= 2 * TICK);
             let stranded = match fresh {
-                true => self.fail_stranded().await,
-                false => {
-                    // What was unservable before the gap is judged afresh after it: the
-                    // registrations it was judged by may have been missing workers.
-                    self.unservable
+                true => {
+                    // A gap without fresh registrations (Redis slow or away) is not time a
+                    // queue was seen unservable: its timers move on by the gap, rather than
+                    // restart (a Redis failing now and then would then keep them from ever
+                    // running out).
+                    let gap = self
+                        .stale_since
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .clear();
+                        .take()
+                        .map(|t| t.elapsed());
+                    if let Some(gap) = gap {
+                        for since in self
+                            .unservable
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .values_mut()
+                        {
+                            *since = since.checked_add(gap).unwrap_or(*since);
+                        }
+                    }
+                    self.fail_stranded().await
+                }
+                false => {
+                    self.stale_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert_with(std::time::Instant::now);
                     Ok(())
                 }
             };
