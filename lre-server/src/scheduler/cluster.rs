@@ -451,6 +451,12 @@ impl Cluster {
         )))
     }
 
+    /// How long a queue no worker can serve waits before its actions fail: the worker grace,
+    /// and never less than STRANDED_AT_LEAST.
+    fn stranded_after(&self) -> Duration {
+        self.local.worker_grace().max(STRANDED_AT_LEAST)
+    }
+
     /// Whether a worker connected to any replica, or a configured platform, can run it, or
     /// (with `grace`) a local worker that could may be about to come back.
     fn matchable(&self, instance: &str, platform: &Properties, grace: bool) -> bool {
@@ -1157,7 +1163,7 @@ impl Cluster {
         let now = std::time::Instant::now();
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            let grace = self.local.worker_grace().max(STRANDED_AT_LEAST);
+            let grace = self.stranded_after();
             seen.retain(|_, (_, at)| now.duration_since(*at) < grace);
             for r in &all {
                 let Ok(id) = serde_json::to_string(&(&r.properties, &r.instances)) else {
@@ -1199,7 +1205,7 @@ impl Cluster {
                     continue;
                 }
                 let first = *since.entry(qid.clone()).or_insert(now);
-                if now.duration_since(first) >= self.local.worker_grace().max(STRANDED_AT_LEAST) {
+                if now.duration_since(first) >= self.stranded_after() {
                     due.push((qid.clone(), m));
                 }
             }

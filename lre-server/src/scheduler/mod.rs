@@ -222,8 +222,8 @@ struct State<J, R> {
     finished: VecDeque<OperationId>,
     /// Workers that left, and when: what they served stays runnable for `worker_grace`.
     departed: VecDeque<(WorkerSpec, Instant)>,
-    /// When a grace (the start's, or a departed worker's) next runs out, so `tick` fails
-    /// the queued actions it covered then, and not on every tick.
+    /// When a grace (the start's, or a departed worker's) next runs out, so `expire_graces`
+    /// fails the queued actions it covered then, and not on every tick.
     grace_ends: Option<Instant>,
 }
 
