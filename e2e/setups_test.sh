@@ -18,13 +18,18 @@
 #   2 personal   TLS and one read-write token, Bazel on another host; with no token or a
 #                wrong one nothing is read or written; the right token hits 100% elsewhere
 #   3 team       two client hosts, each its own read-write token: the second hits 100%
-#   4 open       CI builds with --remote_executor and a read-write token, workers on both
-#                worker hosts run the actions with worker tokens over TLS; the contributor
-#                (read token, --noremote_upload_local_results) hits 100% and writes
-#                nothing; its Execute is refused; a worker of instance "other" gets no job
-#                of "main" and all of "other"'s; killing a worker host mid-build still
-#                succeeds; expired, wrong and other-instance tokens are refused and store
-#                nothing; a worker with a client token logs one clear line and retries
+#   4 open       instance "main" is executed-only: CI builds with --remote_executor and a
+#                read-write token, workers on both worker hosts run the actions with worker
+#                tokens over TLS; the contributor (read token,
+#                --noremote_upload_local_results) hits 100% and writes nothing; its Execute
+#                is refused; CI's token cannot write a result (Bazel's upload of a local
+#                result and a direct PUT are refused); a no-remote-exec action stays out of
+#                the cache;
+#                every result of "main" was written by a worker (the admin's listing); a
+#                worker of instance "other" gets no job of "main" and all of "other"'s;
+#                killing a worker host mid-build still succeeds; expired, wrong and
+#                other-instance tokens are refused and store nothing; a worker with a
+#                client token logs one clear line and retries
 # Needs root (ip netns), nginx, bwrap, Nix and Bazel. Prints PASS/FAIL lines and, last,
 # "N passed, M failed".
 set -uo pipefail
@@ -335,14 +340,18 @@ all_attached() {
 scenario_open() {
   local n="4 open"
   fresh open
-  local ci dev wk1 wk2 wko cio old
+  local ci dev wk1 wk2 wko cio old ops
   ci="$(new_token ci)"; dev="$(new_token dev)"; wk1="$(new_token wk1)"; wk2="$(new_token wk2)"
-  wko="$(new_token wk-other)"; cio="$(new_token ci-other)"; old="$(new_token old)"
+  wko="$(new_token wk-other)"; cio="$(new_token ci-other)"; old="$(new_token old)"; ops="$(new_token ops)"
   remote_config execution
   {
     echo 'instances = ["main", "other"]'
   } | cat - "$SCEN/server.toml" >"$SCEN/server.toml.new" && mv "$SCEN/server.toml.new" "$SCEN/server.toml"
+  # The setup the README recommends for open remote execution: results of "main" come only
+  # from actions its workers ran, so no client token (CI's included) can poison it.
+  printf '\n[instance_settings.main]\nexecuted_only = true\n' >>"$SCEN/server.toml"
   {
+    token_entry ops "$ops" admin
     token_entry ci "$ci" read-write '["main"]'
     token_entry dev "$dev" read
     token_entry wk1 "$wk1" worker '["main"]'
@@ -354,7 +363,8 @@ scenario_open() {
   check "$n: the server starts: TLS, no anonymous access, execution on" "" start_remote_server || return 0
 
   proxy ci || { check "$n: proxy" "" false; return 0; }
-  client ci C --endpoint "$PROXY" --instance-name main
+  # --read-only: CI never uploads a result itself (its builds write through execution).
+  client ci C --endpoint "$PROXY" --instance-name main --read-only
   local c="$CL_WS" c_our="$CL_OUR"
   IMAGE="$(grep -oE '"container-image": "[^"]+"' "$c/.lre/local-remote-execution/generated/config/BUILD.bazel" | cut -d'"' -f4)"
   start_worker w1 w1 wk1; local w1pid="$BG_PID"
@@ -383,6 +393,41 @@ scenario_open() {
   build_on dev "$d" "$CL_OUR" --config=lre "--remote_header=authorization=Bearer $dev"
   check "$n: the contributor with a read token hits 100%" "$HITS/$CACHEABLE; '$SUM_LINE'" all_hit || show_misses
   check "$n: the contributor wrote nothing: the store is unchanged" "$(store_files) files" [ "$(store_state)" = "$before" ]
+
+  # CI's token cannot write a result. With --remote_executor, Bazel uploads the results of
+  # the actions it runs itself (here one tagged no-remote-exec): the server refuses them
+  # (PERMISSION_DENIED naming executed_only), Bazel warns and goes on, and the result stays
+  # out of the cache; a direct PUT is refused too.
+  local local_rule
+  local_rule="$(printf 'genrule(name = "x", outs = ["x.txt"], cmd = "echo local %s > $@", tags = ["no-remote-exec"])' "$(random_hex 8)")"
+  mkdir -p "$c/local" "$d/local"
+  echo "$local_rule" >"$c/local/BUILD"; echo "$local_rule" >"$d/local/BUILD"
+  local -a saved_targets=("${BAZEL_TARGETS[@]}")
+  BAZEL_TARGETS=(//local:x)
+  build_on ci "$c" "$SCEN/C-local" --config=lre --remote_upload_local_results \
+    "--remote_header=authorization=Bearer $ci"
+  check "$n: CI's no-remote-exec action runs on its host; Bazel's upload of its result is refused" \
+    "exit $BZ_RC; '$SUM_LINE'; $REMOTE_WARNINGS remote warnings" \
+    local_upload_refused
+  build_on dev "$d" "$SCEN/D-local" --config=lre "--remote_header=authorization=Bearer $dev"
+  check "$n: ... so it stays out of the cache: the contributor's build of it misses and runs it" \
+    "exit $BZ_RC; $HITS hits of $CACHEABLE; '$SUM_LINE'" [ "$BZ_RC" = 0 -a "$HITS" = 0 -a "$CACHEABLE" = 1 ]
+  BAZEL_TARGETS=("${saved_targets[@]}")
+  before="$(store_state)"
+  local h_ac; h_ac="$(printf 'poison' | sha256sum | cut -d' ' -f1)"
+  local s_put; s_put="$(http_status ci "$ci" PUT "/main/ac/$h_ac" "$(printf '\x20\x01')")"
+  check "$n: CI's token writing a result directly is 403 (executed_only), and nothing is stored" \
+    "status $s_put" [ "$s_put" = 403 -a "$(store_state)" = "$before" ]
+
+  # Every result "main" holds was written by a worker, and says which: the admin's view.
+  local prov_ci prov_w
+  prov_ci="$(on ci "$LRE" provenance list --server "https://$SRV_IP:$HTTPS" --tls-ca "$PKI/ca.crt" \
+    --token-file "$SCEN/ops.token" --writer token:ci --instance main --json 2>&1)"
+  prov_w="$(on ci "$LRE" provenance list --server "https://$SRV_IP:$HTTPS" --tls-ca "$PKI/ca.crt" \
+    --token-file "$SCEN/ops.token" --writer token:wk1 --instance main --json 2>&1)"
+  check "$n: no result of \"main\" was written by CI's token; worker w1's are listed as executed" \
+    "ci: $(echo "$prov_ci" | tr -d '\n' | cut -c1-200); wk1: $(echo "$prov_w" | tr -d '\n' | cut -c1-200)" \
+    provenance_ok "$prov_ci" "$prov_w"
 
   # Execute with the read token, for an action CI has already uploaded (so the refusal is
   # Execute's, not an upload's), skipping the cache so that no hit can answer instead.
@@ -461,6 +506,20 @@ scenario_open() {
   stop_proxies
 }
 refused_unchanged() { [ "$BZ_RC" != 0 ] && grep -q "$1" "$BZ_LOG" && [ "$(store_state)" = "$2" ]; }
+local_upload_refused() {
+  [ "$BZ_RC" = 0 ] && [ "$(remote_count)" = 0 ] && [ "$REMOTE_WARNINGS" -gt 0 ] &&
+    grep -q "executed_only" "$BZ_LOG"
+}
+# provenance_ok CI_JSON WORKER_JSON: CI wrote nothing; the worker wrote results, all executed.
+provenance_ok() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+ci, w = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+ok = ci["count"] == 0 and w["count"] > 0 and all(
+    e["source"] == "executed" and e["worker"] == "wk1/w1" and e["token"] == "wk1" for e in w["entries"])
+sys.exit(0 if ok else 1)
+PY
+}
 refused_once() {
   pid_alive "$1" && [ "$(grep -c 'refused this worker' "$SCEN/w-bad.log")" = 1 ] &&
     [ "$(grep -c "refused a worker's Attach" "$SCEN/server.log")" -ge 3 ]

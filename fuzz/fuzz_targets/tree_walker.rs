@@ -5,8 +5,10 @@
 //!   directory bombs included) against a plain recursive count;
 //! - the server's GetTree (`CasService::get_tree`: breadth-first, each directory once,
 //!   missing ones left out, paged) against a model of the CAS;
-//! - the server's action-cache completeness check (`Cache::get_action_result` walks every
-//!   output Tree): a hit only when every referenced blob is present;
+//! - the server's action-cache completeness check (what a result references is found from
+//!   its output Trees when it is written, and looked up on every read): a write refused
+//!   when a Tree is missing or names a malformed digest, and a hit only when every
+//!   referenced blob is present;
 //! - the Remote Asset API's whole-tree check (`asset::memory::tree_missing`).
 #![no_main]
 
@@ -525,19 +527,39 @@ async fn check_action_cache(w: &mut World, cache: &Arc<Cache>, input: &Input) {
     put_all(w, cache).await;
     let well_formed =
         |d: &Option<re::Digest>| d.as_ref().is_none_or(|d| Digest::from_proto(d).is_ok());
+    // What a result references is decided when it is written: every output Tree must be in
+    // the CAS then, with well-formed file digests, or the write is refused.
+    let trees_ok = ar.output_directories.iter().zip(&trees).all(|(od, tree)| {
+        w.present_proto(od.tree_digest.as_ref().unwrap())
+            && tree
+                .root
+                .iter()
+                .chain(&tree.children)
+                .flat_map(|d| &d.files)
+                .all(|f| well_formed(&f.digest))
+    });
     let valid = ar
         .output_files
         .iter()
         .all(|f| f.digest.is_some() && well_formed(&f.digest))
-        && well_formed(&ar.stdout_digest);
-    let stored = cache.update_action_result("", input.action, &ar).await;
+        && well_formed(&ar.stdout_digest)
+        && trees_ok;
+    let anonymous = cache.auth.authenticate(None).unwrap();
+    let stored = cache
+        .update_action_result(
+            "",
+            input.action,
+            &ar,
+            lre_server::cache::ResultSource::Uploaded { caller: &anonymous },
+        )
+        .await;
     assert_eq!(stored.is_ok(), valid, "update_action_result: {stored:?}");
     if !valid {
         return;
     }
 
     // The contract: a hit only when every blob it references, down to each file of each
-    // output tree, is in the CAS; a malformed digest inside a tree is an error or a miss.
+    // output tree, is in the CAS.
     let mut incomplete = ar
         .output_files
         .iter()

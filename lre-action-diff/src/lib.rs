@@ -46,10 +46,15 @@ pub struct Report {
     pub store_paths_b: BTreeSet<String>,
 }
 
+/// Differences listed per action before the rest are counted in one line: an action with
+/// a million differing arguments must not make a million lines (or their memory).
+pub const MAX_DIFFERENCES: usize = 200;
+
 pub fn compare(a: &[Spawn], b: &[Spawn]) -> Report {
-    let index = |log: &[Spawn]| -> BTreeMap<String, Spawn> {
-        log.iter().map(|s| (s.identity(), s.clone())).collect()
-    };
+    // By reference: the logs may be large, and only differing actions are copied out.
+    fn index(log: &[Spawn]) -> BTreeMap<String, &Spawn> {
+        log.iter().map(|s| (s.identity(), s)).collect()
+    }
     let (ia, ib) = (index(a), index(b));
     let mut r = Report {
         total_a: a.len(),
@@ -83,69 +88,95 @@ pub fn compare(a: &[Spawn], b: &[Spawn]) -> Report {
         let (pa, pb) = (store_paths(sa), store_paths(sb));
         r.store_paths_a.extend(pa.difference(&pb).cloned());
         r.store_paths_b.extend(pb.difference(&pa).cloned());
-        r.differing.push((sa.clone(), diffs));
+        r.differing.push(((*sa).clone(), diffs));
     }
     r
 }
 
-/// Every part of an action that goes into its key, compared.
+/// Every part of an action that goes into its key, compared: at most `MAX_DIFFERENCES`
+/// lines, then one that counts the rest.
 pub fn differences(a: &Spawn, b: &Spawn) -> Vec<String> {
-    let mut d = Vec::new();
+    let mut d = Lines::default();
+    collect_differences(&mut d, a, b);
+    if d.more > 0 {
+        d.lines
+            .push(format!("… and {} more differences not listed", d.more));
+    }
+    d.lines
+}
+
+/// Lines up to `MAX_DIFFERENCES`, and how many more there were.
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    more: usize,
+}
+
+impl Lines {
+    fn push(&mut self, line: impl FnOnce() -> String) {
+        if self.lines.len() < MAX_DIFFERENCES {
+            self.lines.push(line());
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.more == 0
+    }
+}
+
+fn collect_differences(d: &mut Lines, a: &Spawn, b: &Spawn) {
     if a.args.len() == b.args.len() {
         for (i, (x, y)) in a.args.iter().zip(&b.args).enumerate() {
             if x != y {
-                d.push(format!("argument {i}: {x:?} → {y:?}"));
+                d.push(|| format!("argument {i}: {x:?} → {y:?}"));
             }
         }
     } else {
-        d.push(format!(
-            "argument count: {} → {}",
-            a.args.len(),
-            b.args.len()
-        ));
+        d.push(|| format!("argument count: {} → {}", a.args.len(), b.args.len()));
         let (sa, sb): (BTreeSet<_>, BTreeSet<_>) =
             (a.args.iter().collect(), b.args.iter().collect());
-        d.extend(
-            sa.difference(&sb)
-                .map(|x| format!("argument only in A: {x:?}")),
-        );
-        d.extend(
-            sb.difference(&sa)
-                .map(|x| format!("argument only in B: {x:?}")),
-        );
+        for x in sa.difference(&sb) {
+            d.push(|| format!("argument only in A: {x:?}"));
+        }
+        for x in sb.difference(&sa) {
+            d.push(|| format!("argument only in B: {x:?}"));
+        }
     }
-    map_diff(&mut d, "environment variable", &a.env, &b.env);
-    map_diff(&mut d, "input", &a.inputs, &b.inputs);
-    map_diff(&mut d, "platform property", &a.platform, &b.platform);
+    map_diff(d, "environment variable", &a.env, &b.env);
+    map_diff(d, "input", &a.inputs, &b.inputs);
+    map_diff(d, "platform property", &a.platform, &b.platform);
     if a.outputs != b.outputs {
-        d.push(format!("outputs: {:?} → {:?}", a.outputs, b.outputs));
+        d.push(|| format!("outputs: {:?} → {:?}", a.outputs, b.outputs));
     }
     if d.is_empty() && a.digest != b.digest {
-        d.push(format!(
-            "action key {} → {} with identical logged inputs (a difference the log does not show, e.g. a timeout or an input's tool flag)",
-            a.digest.as_deref().unwrap_or("?"),
-            b.digest.as_deref().unwrap_or("?")
-        ));
+        d.push(|| {
+            format!(
+                "action key {} → {} with identical logged inputs (a difference the log does not show, e.g. a timeout or an input's tool flag)",
+                a.digest.as_deref().unwrap_or("?"),
+                b.digest.as_deref().unwrap_or("?")
+            )
+        });
     }
-    d
 }
 
 fn map_diff(
-    out: &mut Vec<String>,
+    out: &mut Lines,
     what: &str,
     a: &BTreeMap<String, String>,
     b: &BTreeMap<String, String>,
 ) {
     for (k, va) in a {
         match b.get(k) {
-            None => out.push(format!("{what} only in A: {k}={va}")),
-            Some(vb) if vb != va => out.push(format!("{what} {k}: {va:?} → {vb:?}")),
+            None => out.push(|| format!("{what} only in A: {k}={va}")),
+            Some(vb) if vb != va => out.push(|| format!("{what} {k}: {va:?} → {vb:?}")),
             _ => {}
         }
     }
     for (k, vb) in b {
         if !a.contains_key(k) {
-            out.push(format!("{what} only in B: {k}={vb}"));
+            out.push(|| format!("{what} only in B: {k}={vb}"));
         }
     }
 }
@@ -256,6 +287,27 @@ mod tests {
                 "/nix/store/abc-cc".to_string(),
                 "/nix/store/d-e".to_string()
             ])
+        );
+    }
+
+    #[test]
+    fn a_million_differences_are_listed_up_to_the_bound_and_counted() {
+        let a = Spawn {
+            args: (0..1_000_000).map(|i| format!("a{i}")).collect(),
+            ..Default::default()
+        };
+        let b = Spawn {
+            args: (0..1_000_000).map(|i| format!("b{i}")).collect(),
+            ..Default::default()
+        };
+        let d = differences(&a, &b);
+        assert_eq!(d.len(), MAX_DIFFERENCES + 1);
+        assert_eq!(
+            d.last().unwrap(),
+            &format!(
+                "… and {} more differences not listed",
+                1_000_000 - MAX_DIFFERENCES
+            )
         );
     }
 }

@@ -317,8 +317,9 @@ async fn server_checks(c: &mut Checks, url: &str, instance: &str, m: &Manifest) 
         .unwrap_or(false);
     if !update && !read_only {
         c.fail(
-            "the server does not let this client write the cache",
-            "regenerate with --read-only (lre.readOnly = true), or use a read-write token",
+            "the server does not let this client write the cache (a read token, or an executed-only instance)",
+            "regenerate with --read-only (lre.readOnly = true): results then come only from \
+             remote execution; or use a read-write token where the instance allows uploads",
         );
     }
     let exec = caps

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod image;
 pub mod nix;
 pub mod probe;
+pub mod provenance;
 pub mod registry;
 pub mod render;
 pub mod status;

@@ -1,6 +1,8 @@
 //! `lre`: the user-facing command.
 
-use lre_cli::{bazel, doctor, explain, generate, image, nix, registry, status, toolchain, up};
+use lre_cli::{
+    bazel, doctor, explain, generate, image, nix, provenance, registry, status, toolchain, up,
+};
 
 use std::path::PathBuf;
 
@@ -33,6 +35,17 @@ enum Command {
     /// Worker images of the toolchain closure.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Who wrote which action results on a server (an `admin` token).
+    #[command(subcommand)]
+    Provenance(ProvenanceCommand),
+}
+
+#[derive(Subcommand)]
+enum ProvenanceCommand {
+    /// List the action results one token or one worker wrote.
+    List(provenance::ProvenanceArgs),
+    /// Remove every action result one token or one worker wrote (a leaked token's).
+    Purge(provenance::ProvenanceArgs),
 }
 
 #[derive(Subcommand)]
@@ -233,7 +246,8 @@ struct GenerateArgs {
     endpoint: Option<String>,
     #[arg(long)]
     instance_name: Option<String>,
-    /// The user may read the cache but not write it.
+    /// This client never uploads results itself (--noremote_upload_local_results): a read
+    /// token, or CI of an executed-only instance, whose results come from remote execution.
     #[arg(long)]
     read_only: bool,
     /// The endpoint is a cache without execution.
@@ -340,11 +354,17 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Up(args) => up::up(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Generate(args) => tokio::task::block_in_place(|| generate(args)),
         Command::Doctor(args) => doctor::doctor(args).await,
-        Command::Explain(args) => explain::explain(args),
+        Command::Explain(args) => explain::explain(args).await,
         Command::Status(args) => status::status(args).await,
         Command::Image(ImageCommand::Build(args)) => {
             tokio::task::block_in_place(|| image_build(args))
         }
         Command::Image(ImageCommand::Push(args)) => image_push(args).await,
+        Command::Provenance(ProvenanceCommand::List(args)) => {
+            provenance::provenance(args, false).await
+        }
+        Command::Provenance(ProvenanceCommand::Purge(args)) => {
+            provenance::provenance(args, true).await
+        }
     }
 }

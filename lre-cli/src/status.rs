@@ -6,17 +6,24 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::Value;
 
+/// Where a server's HTTP API is and how to reach it: shared by the commands that use it.
 #[derive(clap::Args)]
-pub struct StatusArgs {
+pub struct ServerArgs {
     /// The server's HTTP address (where `/` shows the status page).
     #[arg(long, default_value = "http://127.0.0.1:8981", env = "LRE_STATUS_URL")]
-    server: String,
-    /// A file holding a token (scope read or more), sent as a bearer token.
+    pub server: String,
+    /// A file holding a token, sent as a bearer token (else LRE_TOKEN).
     #[arg(long)]
-    token_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) that an https server's certificate chains to.
     #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    api: ServerArgs,
     /// Print the status and the miss explanation as one JSON document.
     #[arg(long)]
     json: bool,
@@ -34,8 +41,9 @@ pub struct StatusArgs {
     limit: usize,
 }
 
-fn token(args: &StatusArgs) -> anyhow::Result<Option<String>> {
-    if let Some(f) = &args.token_file {
+/// The token in `token_file`, else `LRE_TOKEN`.
+pub fn read_token(token_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    if let Some(f) = token_file {
         let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         return Ok(Some(t.trim().to_string()));
     }
@@ -43,7 +51,7 @@ fn token(args: &StatusArgs) -> anyhow::Result<Option<String>> {
     Ok(std::env::var("LRE_TOKEN").ok().filter(|t| !t.is_empty()))
 }
 
-async fn get(
+pub async fn get(
     http: &reqwest::Client,
     url: &str,
     token: Option<&str>,
@@ -69,18 +77,23 @@ async fn get(
     Ok(Err(format!("{code}: {}", body.trim())))
 }
 
-pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+/// An HTTP client for the server's API, trusting `tls_ca` when given.
+pub fn api_client(tls_ca: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
     let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
-    if let Some(ca) = &args.tls_ca {
+    if let Some(ca) = tls_ca {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         http = http.add_root_certificate(
             reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("{} is not a PEM certificate", ca.display()))?,
         );
     }
-    let http = http.build()?;
-    let token = token(&args)?;
-    let base = args.server.trim_end_matches('/');
+    Ok(http.build()?)
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let http = api_client(args.api.tls_ca.as_deref())?;
+    let token = read_token(args.api.token_file.as_deref())?;
+    let base = args.api.server.trim_end_matches('/');
     let status = match get(&http, &format!("{base}/api/status"), token.as_deref()).await? {
         Ok(v) => v,
         Err(e) => anyhow::bail!("{base}/api/status: {e}"),
@@ -203,6 +216,9 @@ fn print_status(url: &str, v: &Value, limit: usize) {
                 s(&r["exit_code"])
             );
         }
+        if let Some(w) = r.get("written_by").filter(|w| !w.is_null()) {
+            line += &format!("  (result written by {})", s(&w["who"]));
+        }
         if r["has_stderr"] == Value::Bool(true) {
             line += &format!("  (stderr: /api/actions/{}/stderr)", s(&r["id"]));
         }
@@ -233,6 +249,9 @@ fn print_explanation(e: &Value) {
         s(&e["common"]),
         e["differing"].as_array().map_or(0, Vec::len)
     );
+    if !e["stopped"].is_null() && e.get("stopped").is_some() {
+        println!("  {}", s(&e["stopped"]));
+    }
     for d in e["differing"].as_array().into_iter().flatten().take(20) {
         println!(
             "  {} {} {}",

@@ -9,7 +9,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
-use crate::cache::Cache;
+use crate::cache::{Cache, ResultSource};
 use crate::digest::{check_digest_function, Digest};
 use crate::error::Error;
 use crate::status::RequestMeta;
@@ -39,7 +39,8 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let _t = self.cache.metrics.timer("GetActionResult");
         let req = request.get_ref();
-        self.cache
+        let caller = self
+            .cache
             .authorize_grpc(&request, &req.instance_name, Access::Read)?;
         check_digest_function(req.digest_function)?;
         let action = required_digest(&req.action_digest)?;
@@ -47,10 +48,13 @@ impl ActionCache for ActionCacheService {
             .cache
             .get_action_result(&req.instance_name, action.hash)
             .await?;
-        let meta = RequestMeta::of(&request);
-        self.cache
-            .activity
-            .lookup(&req.instance_name, meta.as_ref(), action, found.is_some());
+        let meta = RequestMeta::of_caller(&request, &caller);
+        self.cache.activity.lookup(
+            &req.instance_name,
+            meta.as_ref(),
+            action,
+            found.as_ref().map(|h| h.provenance.as_ref()),
+        );
         match found {
             Some(hit) => Ok(Response::new(hit.result)),
             None => Err(Error::NotFound(format!("no complete action result for {action}")).into()),
@@ -63,7 +67,8 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let _t = self.cache.metrics.timer("UpdateActionResult");
         let req = request.get_ref();
-        self.cache
+        let caller = self
+            .cache
             .authorize_grpc(&request, &req.instance_name, Access::Write)?;
         check_digest_function(req.digest_function)?;
         let action = required_digest(&req.action_digest)?;
@@ -72,7 +77,12 @@ impl ActionCache for ActionCacheService {
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("action_result is required".into()))?;
         self.cache
-            .update_action_result(&req.instance_name, action.hash, result)
+            .update_action_result(
+                &req.instance_name,
+                action.hash,
+                result,
+                ResultSource::Uploaded { caller: &caller },
+            )
             .await?;
         Ok(Response::new(result.clone()))
     }

@@ -1,11 +1,15 @@
 //! Who may do what. A cache writer can poison every reader, so every write path asks
 //! `authorize` before touching the store, and each scope grants only what its holder needs:
 //!
-//! | scope        | read | upload blobs | write action results | Execute | attach as worker |
-//! |--------------|------|--------------|----------------------|---------|------------------|
-//! | `read`       | yes  |              |                      |         |                  |
-//! | `read-write` | yes  | yes          | yes                  | yes     |                  |
-//! | `worker`     | yes  | yes          |                      |         | yes              |
+//! | scope        | read | upload blobs | write action results | Execute | attach as worker | administer |
+//! |--------------|------|--------------|----------------------|---------|------------------|------------|
+//! | `read`       | yes  |              |                      |         |                  |            |
+//! | `read-write` | yes  | yes          | yes                  | yes     |                  |            |
+//! | `worker`     | yes  | yes          |                      |         | yes              |            |
+//! | `admin`      | yes  |              |                      |         |                  | yes        |
+//!
+//! Administering is listing and purging what one token or worker wrote (a leaked token's
+//! results), so it is a scope of its own, given to operators, never to a build.
 //!
 //! A worker uploads outputs (content-verified, so harmless) and reports results to the
 //! scheduler, which writes them to the action cache of the job's instance only: a worker
@@ -26,6 +30,8 @@ pub enum Scope {
     ReadWrite,
     /// Remote-execution workers: see the module's table.
     Worker,
+    /// Operators: see the module's table.
+    Admin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +46,8 @@ pub enum Access {
     Execute,
     /// Attach to the scheduler as a worker.
     Work,
+    /// List and purge action-cache entries by who wrote them.
+    Administer,
 }
 
 impl Scope {
@@ -50,6 +58,7 @@ impl Scope {
             Scope::Read => access == Read,
             Scope::ReadWrite => matches!(access, Read | Upload | Write | Execute),
             Scope::Worker => matches!(access, Read | Upload | Work),
+            Scope::Admin => matches!(access, Read | Administer),
         }
     }
 }
@@ -62,8 +71,9 @@ impl std::str::FromStr for Scope {
             "read" => Ok(Scope::Read),
             "read-write" => Ok(Scope::ReadWrite),
             "worker" => Ok(Scope::Worker),
+            "admin" => Ok(Scope::Admin),
             _ => Err(format!(
-                "{s:?} is not one of none, read, read-write, worker"
+                "{s:?} is not one of none, read, read-write, worker, admin"
             )),
         }
     }
@@ -120,7 +130,7 @@ impl TokenConfig {
         if self.scope == Scope::None {
             return Err((
                 "scope",
-                "a token must grant \"read\", \"read-write\" or \"worker\"".into(),
+                "a token must grant \"read\", \"read-write\", \"worker\" or \"admin\"".into(),
             ));
         }
         if let Some(e) = &self.expires {
@@ -286,6 +296,23 @@ impl Authenticator {
         )))
     }
 
+    /// Listing and purging entries by writer: an `admin` token, for every instance its
+    /// token may read (`instances` still limits it).
+    pub fn authorize_admin(&self, p: &Principal) -> Result<()> {
+        if p.name.is_some() && p.scope.allows(Access::Administer) {
+            return Ok(());
+        }
+        if p.name.is_none() && self.anonymous == Scope::None {
+            return Err(Error::Unauthenticated(
+                "this needs a token with scope = \"admin\"".into(),
+            ));
+        }
+        Err(Error::PermissionDenied(format!(
+            "{} may not list or purge who wrote results (that needs a token with scope = \"admin\")",
+            p.who()
+        )))
+    }
+
     /// The status page and its API: any caller that may read some instance. Each view is
     /// then filtered to the instances the caller may read.
     pub fn authorize_status(&self, p: &Principal) -> Result<()> {
@@ -313,6 +340,7 @@ impl Authenticator {
             Access::Write => "write action results to",
             Access::Execute => "execute actions in",
             Access::Work => "attach as a worker for",
+            Access::Administer => "administer",
         };
         if p.name.is_none() && self.anonymous == Scope::None {
             return Err(Error::Unauthenticated(format!(
@@ -390,13 +418,17 @@ mod tests {
     fn each_scope_grants_only_its_column() {
         use Access::*;
         let table = [
-            (Scope::Read, [true, false, false, false, false]),
-            (Scope::ReadWrite, [true, true, true, true, false]),
-            (Scope::Worker, [true, true, false, false, true]),
-            (Scope::None, [false; 5]),
+            (Scope::Read, [true, false, false, false, false, false]),
+            (Scope::ReadWrite, [true, true, true, true, false, false]),
+            (Scope::Worker, [true, true, false, false, true, false]),
+            (Scope::Admin, [true, false, false, false, false, true]),
+            (Scope::None, [false; 6]),
         ];
         for (scope, row) in table {
-            for (access, want) in [Read, Upload, Write, Execute, Work].into_iter().zip(row) {
+            for (access, want) in [Read, Upload, Write, Execute, Work, Administer]
+                .into_iter()
+                .zip(row)
+            {
                 assert_eq!(scope.allows(access), want, "{scope:?} {access:?}");
             }
         }

@@ -565,12 +565,18 @@ impl ByteStream for ByteStreamService {
             .into());
         }
         let offset = req.read_offset as u64;
-        let Some(reader) = self.cache.open_blob(&res.digest, offset).await? else {
-            return Err(Error::NotFound(format!("blob {} is not in the CAS", res.digest)).into());
-        };
         let mut remaining = match req.read_limit {
             0 => res.digest.size - offset,
             n => (n as u64).min(res.digest.size - offset),
+        };
+        // The limit goes to the store: a verifying layer must judge the whole blob before
+        // the end of a range that stops short of the blob's end.
+        let Some(reader) = self
+            .cache
+            .open_blob(&res.digest, offset, Some(remaining))
+            .await?
+        else {
+            return Err(Error::NotFound(format!("blob {} is not in the CAS", res.digest)).into());
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let metrics = self.cache.metrics.clone();

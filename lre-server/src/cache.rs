@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
 use crate::store::{BlobReader, BlobStore, CasUpload, CompletenessChecking, Key};
+pub use lre_store::ac_entry::Provenance;
+use lre_store::ac_entry::{AcEntry, SOURCE_EXECUTED, SOURCE_UPLOADED};
 
 pub struct Cache {
     /// The CAS.
@@ -29,10 +31,24 @@ pub struct Cache {
     pub activity: crate::status::Activity,
 }
 
-/// An action-cache hit: the decoded result and the exact bytes stored.
+/// An action-cache hit: the decoded result, its exact encoding as served, and who wrote
+/// it (`None` for an entry written before lre recorded that).
 pub struct AcHit {
     pub result: ActionResult,
     pub raw: Bytes,
+    pub provenance: Option<Provenance>,
+}
+
+/// Who is writing an action result, for its provenance.
+pub enum ResultSource<'a> {
+    /// lre's scheduler, storing what `worker` (attached with `token`) ran.
+    Executed {
+        worker: &'a str,
+        token: &'a str,
+        operation: &'a str,
+    },
+    /// A client: UpdateActionResult or an HTTP PUT.
+    Uploaded { caller: &'a Principal },
 }
 
 /// The action-cache store `results` behind the completeness rule, over `cas`, counting
@@ -55,16 +71,32 @@ pub fn checked_results(
 
 impl Cache {
     /// Checks the instance name, authenticates the caller and authorizes the access.
+    ///
+    /// An instance this server does not serve is named as unknown only to a caller who
+    /// could use it if it existed; any other caller is refused exactly as for an instance
+    /// that exists, so instance names cannot be probed for without a token.
     pub fn authorize(
         &self,
         cred: Option<Credential>,
         instance: &str,
         access: Access,
     ) -> Result<Principal> {
-        self.instances.check(instance)?;
+        crate::instance::validate_name(instance)?;
         let p = self.auth.authenticate(cred)?;
         self.auth.authorize(&p, instance, access)?;
+        self.instances.check(instance)?;
+        if access == Access::Write && self.instances.executed_only(instance) {
+            return Err(Error::PermissionDenied(
+                crate::instance::executed_only_refusal(instance),
+            ));
+        }
         Ok(p)
+    }
+
+    /// Whether this caller may write action results to `instance` itself (Capabilities'
+    /// `update_enabled`): its scope allows it and the instance is not executed-only.
+    pub fn may_update_results(&self, p: &Principal, instance: &str) -> bool {
+        p.may(instance, Access::Write) && !self.instances.executed_only(instance)
     }
 
     /// Authenticates a worker's Attach: not tied to one instance (the allow-list of
@@ -112,7 +144,7 @@ impl Cache {
         // The stored size is compared before a byte is read: a digest claiming size 0 for
         // a 200 MB blob passes any check on claimed sizes (a batch's total, say), so it must
         // not make the server read, and hold, the real blob.
-        let data = match self.store.open(&Key::cas(d), 0).await? {
+        let data = match self.store.open(&Key::cas(d), 0, None).await? {
             Some((size, reader)) if size == d.size => {
                 let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 20));
                 match reader.take(size).read_to_end(&mut buf).await {
@@ -138,12 +170,18 @@ impl Cache {
         Ok(data)
     }
 
-    /// Streams a CAS blob from `offset`; the caller accounts for bytes sent.
-    pub async fn open_blob(&self, d: &Digest, offset: u64) -> Result<Option<BlobReader>> {
+    /// Streams a CAS blob from `offset`, of which the caller reads at most `limit` bytes
+    /// (`None`: to the end); the caller accounts for bytes sent.
+    pub async fn open_blob(
+        &self,
+        d: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<BlobReader>> {
         if d.is_empty_blob() {
             return Ok(Some(Box::pin(tokio::io::empty())));
         }
-        let found = match self.store.open(&Key::cas(d), offset).await? {
+        let found = match self.store.open(&Key::cas(d), offset, limit).await? {
             Some((size, reader)) if size == d.size => Some(reader),
             _ => None,
         };
@@ -157,7 +195,7 @@ impl Cache {
         if hash == crate::digest::EMPTY_SHA256 {
             return Ok(Some((0, Box::pin(tokio::io::empty()))));
         }
-        let found = self.store.open(&Key::Cas(hash), 0).await?;
+        let found = self.store.open(&Key::Cas(hash), 0, None).await?;
         self.metrics
             .cas(found.is_some() as u64, found.is_none() as u64);
         Ok(found)
@@ -191,27 +229,60 @@ impl Cache {
         action_hash: [u8; 32],
     ) -> Result<Option<AcHit>> {
         let key = Key::ac(instance, &action_hash);
-        let Some(raw) = self.action_results.get(&key).await? else {
+        let Some(stored) = self.action_results.get(&key).await? else {
             self.metrics.ac("miss");
             return Ok(None);
         };
-        let result = ActionResult::decode(raw.clone()).map_err(|e| {
+        let entry = AcEntry::decode(stored)?;
+        let result = ActionResult::decode(entry.result.clone()).map_err(|e| {
             Error::Internal(format!(
                 "the completeness layer passed an undecodable result: {e}"
             ))
         })?;
         self.metrics.ac("hit");
-        Ok(Some(AcHit { result, raw }))
+        Ok(Some(AcHit {
+            result,
+            raw: entry.result,
+            provenance: entry.provenance,
+        }))
     }
 
+    /// Stores `result` for the action, with who wrote it. Whether a client may write at all
+    /// (its scope, an executed-only instance) is `authorize`'s to decide before this.
     pub async fn update_action_result(
         &self,
         instance: &str,
         action_hash: [u8; 32],
         result: &ActionResult,
+        source: ResultSource<'_>,
     ) -> Result<()> {
         validate_action_result(result)?;
-        let raw = result.encode_to_vec();
+        let written_at_ms = crate::status::unix_ms(std::time::SystemTime::now());
+        let provenance = match source {
+            ResultSource::Executed {
+                worker,
+                token,
+                operation,
+            } => Provenance {
+                instance: instance.into(),
+                action: hex::encode(action_hash),
+                written_at_ms,
+                source: SOURCE_EXECUTED.into(),
+                worker: worker.into(),
+                token: token.into(),
+                operation: operation.into(),
+            },
+            ResultSource::Uploaded { caller } => Provenance {
+                instance: instance.into(),
+                action: hex::encode(action_hash),
+                written_at_ms,
+                source: SOURCE_UPLOADED.into(),
+                worker: String::new(),
+                token: caller.name.clone().unwrap_or_default(),
+                operation: String::new(),
+            },
+        };
+        let raw = self.action_results.entry_for(result, provenance).await?;
         let mut w = self.action_results.writer(Some(raw.len() as u64)).await?;
         if let Err(e) = w.write(&raw).await {
             w.discard().await;
@@ -298,20 +369,32 @@ mod tests {
             }
             Ok(r)
         }
-        async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-            Ok(self.inner.open(key, offset).await?.map(|(size, inner)| {
-                let served = self.served.clone();
-                (
-                    size,
-                    Box::pin(CountingReader { inner, served }) as BlobReader,
-                )
-            }))
+        async fn open(
+            &self,
+            key: &Key,
+            offset: u64,
+            limit: Option<u64>,
+        ) -> Result<Option<(u64, BlobReader)>> {
+            Ok(self
+                .inner
+                .open(key, offset, limit)
+                .await?
+                .map(|(size, inner)| {
+                    let served = self.served.clone();
+                    (
+                        size,
+                        Box::pin(CountingReader { inner, served }) as BlobReader,
+                    )
+                }))
         }
         async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
             self.inner.writer(size_hint).await
         }
         async fn remove(&self, key: &Key) -> Result<()> {
             self.inner.remove(key).await
+        }
+        async fn list(&self, kind: lre_store::store::KeyKind) -> Result<Vec<Key>> {
+            self.inner.list(kind).await
         }
         fn capacity(&self) -> u64 {
             self.inner.capacity()

@@ -54,7 +54,10 @@ impl Capabilities for CapabilitiesService {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: vec![sha256],
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                    update_enabled: principal.may(instance, Access::Write),
+                    // False for a read token, and for every client of an
+                    // executed-only instance: Bazel then refuses to start a build that
+                    // would upload results, rather than fail uploading them.
+                    update_enabled: self.cache.may_update_results(&principal, instance),
                 }),
                 cache_priority_capabilities: None,
                 max_batch_total_size_bytes: self.cache.max_batch_total_size_bytes as i64,

@@ -38,9 +38,18 @@ pub struct Config {
     /// HTTP cache protocol, `/metrics` and `/healthz`. `None` disables the HTTP port.
     #[serde(default = "default_http_listen")]
     pub http_listen: Option<SocketAddr>,
+    /// Host names the HTTP port answers to besides IP addresses and `localhost` (without
+    /// TLS; under TLS every name is served). A request naming another host is refused, so
+    /// a web page cannot reach the server under its own name (DNS rebinding).
+    #[serde(default)]
+    pub http_allowed_hosts: Vec<String>,
     /// Allowed instance names (also HTTP path prefixes). Absent means any name is accepted.
     #[serde(default)]
     pub instances: Option<Vec<String>>,
+    /// Per-instance settings, by instance name (the default instance is `""`):
+    /// `[instance_settings.main] executed_only = true`.
+    #[serde(default)]
+    pub instance_settings: std::collections::BTreeMap<String, crate::instance::InstanceSettings>,
     /// Limit on the summed size of blobs in one BatchUpdateBlobs/BatchReadBlobs call.
     #[serde(default = "default_max_batch")]
     pub max_batch_total_size_bytes: u64,
@@ -319,7 +328,9 @@ impl Default for Config {
         Config {
             grpc_listen: default_grpc_listen(),
             http_listen: default_http_listen(),
+            http_allowed_hosts: Vec::new(),
             instances: None,
+            instance_settings: Default::default(),
             max_batch_total_size_bytes: default_max_batch(),
             store: StoreConfig::default(),
             action_cache_store: None,
@@ -381,6 +392,27 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, String> {
         // toml's messages name the offending key and line, which is what users need.
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// What is allowed but probably a mistake, for `check-config` and the log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let mut stores = vec![("store", &self.store)];
+        if let Some(ac) = &self.action_cache_store {
+            stores.push(("action_cache_store", ac));
+        }
+        for (name, store) in stores {
+            for key in store.shared_without_verify(name) {
+                w.push(format!(
+                    "`{key}` is a shared store (S3 or Redis) whose blobs are served without \
+                     their hash being checked: anyone who can write to it can make this \
+                     server serve anything under any digest. Put it under a verify layer \
+                     (kind = \"verify\", backend = …) or make it the slow tier of a \
+                     fast-slow store"
+                ));
+            }
+        }
+        w
     }
 
     /// Checks everything serde cannot: cross-field rules and files that must exist.
@@ -470,6 +502,25 @@ impl Config {
                     .map_err(|e| invalid("instances", e.to_string()))?;
             }
         }
+        for (name, settings) in &self.instance_settings {
+            let key = format!("instance_settings.{}", crate::instance::toml_key(name));
+            crate::instance::validate_name(name).map_err(|e| invalid(&key, e.to_string()))?;
+            if let Some(allowed) = &self.instances {
+                if !allowed.contains(name) {
+                    return Err(invalid(
+                        &key,
+                        format!("{name:?} is not in the top-level `instances` list"),
+                    ));
+                }
+            }
+            if settings.executed_only && !self.execution.enabled {
+                return Err(invalid(
+                    format!("{key}.executed_only"),
+                    "needs execution.enabled = true: results come only from executions, so \
+                     without them nothing could ever be cached",
+                ));
+            }
+        }
         if let Some(tls) = &self.tls {
             for (key, path) in [
                 ("tls.cert", Some(&tls.cert)),
@@ -496,6 +547,12 @@ impl Config {
             return Err(invalid(
                 "auth.anonymous",
                 "cannot be \"worker\": workers authenticate with a token of scope \"worker\"",
+            ));
+        }
+        if self.auth.anonymous == Scope::Admin {
+            return Err(invalid(
+                "auth.anonymous",
+                "cannot be \"admin\": operators authenticate with a token of scope \"admin\"",
             ));
         }
         let mut seen = std::collections::HashSet::new();
@@ -543,10 +600,78 @@ mod tests {
     #[test]
     fn bad_scope_is_named() {
         let err = Config::from_toml(
-            "[[auth.tokens]]\nname = \"ci\"\nsha256 = \"00\"\nscope = \"admin\"\n",
+            "[[auth.tokens]]\nname = \"ci\"\nsha256 = \"00\"\nscope = \"root\"\n",
         )
         .unwrap_err();
-        assert!(err.contains("admin"), "{err}");
+        assert!(err.contains("root"), "{err}");
+    }
+
+    #[test]
+    fn instance_settings_are_checked_by_key() {
+        let c = Config::from_toml("[instance_settings.main]\nexecuted_only = true\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("instance_settings.main.executed_only") && e.contains("execution.enabled"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            "instances = [\"main\"]\n[execution]\nenabled = true\n\
+             [instance_settings.other]\nexecuted_only = true\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("instance_settings.other") && e.contains("instances"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            "[execution]\nenabled = true\n[instance_settings.\"\"]\nexecuted_only = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(
+            Config::from_toml("[instance_settings.main]\nexecuted = true\n")
+                .unwrap_err()
+                .contains("executed")
+        );
+        let e = Config::from_toml("[auth]\nanonymous = \"admin\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.anonymous"), "{e}");
+    }
+
+    #[test]
+    fn a_shared_store_without_verify_is_warned_about_by_key() {
+        let text = |store: &str| {
+            Config::from_toml(&format!(
+                "[store]\n{store}\n[store.slow]\nkind = \"s3\"\nbucket = \"b\"\n\
+                 endpoint = \"http://127.0.0.1:1\"\nallow_http = true\n"
+            ))
+            .unwrap()
+        };
+        // The slow tier of a fast-slow store is checked by the fast-slow layer.
+        let fs = text("kind = \"fast-slow\"\n[store.fast]\nkind = \"memory\"");
+        assert!(fs.warnings().is_empty(), "{:?}", fs.warnings());
+        let bare = Config::from_toml(
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:1\"\nallow_http = true\n",
+        )
+        .unwrap();
+        let w = bare.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("`store`") && w[0].contains("verify"),
+            "{w:?}"
+        );
+        let c = Config::from_toml(
+            "[action_cache_store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("`action_cache_store`"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub enum Error {
     #[error("not found: {0}")]
     NotFound(String),
 
+    /// An HTTP request for a host name this server does not serve (HTTP 421).
+    #[error("misdirected request: {0}")]
+    MisdirectedHost(String),
+
     #[error("unknown instance name {0:?}: not in this server's `instances` list")]
     UnknownInstance(String),
 
@@ -86,8 +90,8 @@ impl From<lre_store::StoreError> for Error {
         use lre_store::StoreError as S;
         match e {
             S::InvalidArgument(m) => Error::InvalidArgument(m),
-            S::Unavailable(m) => Error::Unavailable(m),
-            S::Internal(m) => Error::Internal(m),
+            S::FailedPrecondition(m) => Error::FailedPrecondition(m),
+            // Kept as the store's: its message names the backend, for the log only.
             other => Error::Store(other),
         }
     }
@@ -105,6 +109,7 @@ impl Error {
         match self {
             Error::InvalidArgument(_) | Error::UnknownInstance(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::MisdirectedHost(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
@@ -123,6 +128,7 @@ impl Error {
         match self {
             Error::InvalidArgument(_) | Error::OutOfRange(_) => StatusCode::BAD_REQUEST,
             Error::UnknownInstance(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -140,11 +146,34 @@ impl Error {
         }
     }
 
+    /// What the client is told. The server's own failures (a backend that is away, an
+    /// internal error) are told by kind only: their messages name internal addresses and
+    /// paths, which go to the log (`log_detail`).
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Store(e) => e.public_message(),
+            Error::Internal(_) => "internal error; the server's log has the details".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Logs the full message of an error whose client message leaves it out.
+    pub fn log_detail(&self) {
+        match self {
+            Error::Internal(_) => tracing::error!(error = %self, "internal error"),
+            Error::Store(e) if e.is_internal_detail() => {
+                tracing::warn!(error = %self, "store error (the client is told only its kind)")
+            }
+            _ => {}
+        }
+    }
+
     /// The `google.rpc.Status` form used inside batch responses.
     pub fn to_rpc_status(&self) -> bazel_remote_apis::google::rpc::Status {
+        self.log_detail();
         bazel_remote_apis::google::rpc::Status {
             code: self.grpc_code() as i32,
-            message: self.to_string(),
+            message: self.public_message(),
             details: vec![],
         }
     }
@@ -152,10 +181,8 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if e.grpc_code() == tonic::Code::Internal {
-            tracing::error!(error = %e, "internal error");
-        }
-        tonic::Status::new(e.grpc_code(), e.to_string())
+        e.log_detail();
+        tonic::Status::new(e.grpc_code(), e.public_message())
     }
 }
 

@@ -318,7 +318,8 @@ impl ExecutionService {
 
     async fn execute_inner(&self, request: Request<ExecuteRequest>) -> Result<OpStream> {
         let req = request.get_ref();
-        self.cache
+        let caller = self
+            .cache
             .authorize_grpc(&request, &req.instance_name, Access::Execute)?;
         check_digest_function(req.digest_function)?;
         let action_digest = Digest::from_opt_proto(&req.action_digest)?
@@ -343,7 +344,7 @@ impl ExecutionService {
             ])) as OpStream)
         };
 
-        let meta = RequestMeta::of(&request);
+        let meta = RequestMeta::of_caller(&request, &caller);
         if !req.skip_cache_lookup {
             if let Some(hit) = self
                 .cache
@@ -351,9 +352,12 @@ impl ExecutionService {
                 .await?
             {
                 // Only hits count here: Bazel looked the key up (and missed) just before.
-                self.cache
-                    .activity
-                    .lookup(&req.instance_name, meta.as_ref(), action_digest, true);
+                self.cache.activity.lookup(
+                    &req.instance_name,
+                    meta.as_ref(),
+                    action_digest,
+                    Some(hit.provenance.as_ref()),
+                );
                 return done_now(ExecuteResponse {
                     result: Some(hit.result),
                     cached_result: true,

@@ -17,7 +17,7 @@ use prost::Message;
 use tokio_util::io::ReaderStream;
 
 use crate::auth::{parse_authorization, Access, Credential};
-use crate::cache::Cache;
+use crate::cache::{Cache, ResultSource};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::execution::ExecScheduler;
@@ -26,7 +26,11 @@ use lre_store::StoreError;
 /// Action results are small; anything bigger is not one.
 const MAX_AC_BODY: usize = 16 << 20;
 
-pub fn router(cache: Arc<Cache>, scheduler: Option<Arc<ExecScheduler>>) -> Router {
+pub fn router(
+    cache: Arc<Cache>,
+    scheduler: Option<Arc<ExecScheduler>>,
+    hosts: HostPolicy,
+) -> Router {
     let status = crate::status::page::routes(crate::status::page::StatusState {
         cache: cache.clone(),
         scheduler,
@@ -38,8 +42,134 @@ pub fn router(cache: Arc<Cache>, scheduler: Option<Arc<ExecScheduler>>) -> Route
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(blob)
-        .with_state(cache)
+        .with_state(cache.clone())
         .merge(status)
+        .merge(crate::provenance::routes(cache))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(hosts), guard))
+}
+
+/// Which `Host` names the HTTP port answers to. A web page a developer visits can reach
+/// a loopback server under its own name once its DNS answers 127.0.0.1 (DNS rebinding),
+/// and the browser then treats the server as that page's own origin: refusing names the
+/// server does not serve closes that door. IP literals and `localhost` are always served
+/// (a page cannot send them as its own host); other names only when configured
+/// (`http_allowed_hosts`). Under TLS every name is served: a page on another name cannot
+/// complete a handshake with this server's certificate.
+#[derive(Clone, Debug, Default)]
+pub struct HostPolicy {
+    pub tls: bool,
+    pub names: Vec<String>,
+}
+
+impl HostPolicy {
+    /// Whether a request whose `Host` (or `Origin` host) is `host` is served. `host` may
+    /// carry a port; names compare without case.
+    pub fn serves(&self, host: &str) -> bool {
+        if self.tls {
+            return true;
+        }
+        let name = host_name(host);
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return true;
+        }
+        let name = name.to_ascii_lowercase();
+        let name = name.trim_end_matches('.');
+        name == "localhost"
+            || name.ends_with(".localhost")
+            || self
+                .names
+                .iter()
+                .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
+    }
+}
+
+/// The name (or address) of a `host[:port]`, IPv6 brackets removed.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Refuses requests for a `Host` the server does not serve, and writes a browser sends on
+/// behalf of another site; adds the headers every response carries.
+async fn guard(
+    State(hosts): State<Arc<HostPolicy>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let refused = if !host.is_empty() && !hosts.serves(host) {
+        Some(Error::MisdirectedHost(format!(
+            "this server does not serve the host name {:?} (a web page rebinding its name to \
+             this address?); if it is one of this server's names, add it to \
+             http_allowed_hosts",
+            crate::status::clip(host_name(host).to_string())
+        )))
+    } else if !matches!(*request.method(), Method::GET | Method::HEAD) && cross_site(headers, host)
+    {
+        Some(Error::PermissionDenied(
+            "a browser sent this write on behalf of another site (its Origin or Sec-Fetch-Site \
+             says so); writes come from build tools, not web pages"
+                .into(),
+        ))
+    } else {
+        None
+    };
+    let mut resp = match refused {
+        Some(e) => {
+            tracing::info!(host, error = %e, "refused an HTTP request");
+            error_response(e)
+        }
+        None => next.run(request).await,
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // The pages are rendered on the server and need no script; their styles are inline.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+/// Whether a browser says this request comes from another site than `host`.
+fn cross_site(headers: &HeaderMap, host: &str) -> bool {
+    let fetch_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if matches!(fetch_site, "cross-site" | "same-site") {
+        return true;
+    }
+    match headers.get(header::ORIGIN).map(|v| v.to_str()) {
+        None => false,
+        // An opaque origin (a sandboxed frame, a file) or one that is not this host.
+        Some(Ok(origin)) => {
+            let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+            origin == "null" || !host_name(authority).eq_ignore_ascii_case(host_name(host))
+        }
+        Some(Err(_)) => true,
+    }
 }
 
 async fn metrics(State(cache): State<Arc<Cache>>, headers: HeaderMap) -> Response {
@@ -77,7 +207,8 @@ pub(crate) fn credential(headers: &HeaderMap) -> Result<Option<Credential>> {
 
 pub(crate) fn error_response(e: Error) -> Response {
     let status = e.http_status();
-    let mut resp = (status, format!("{e}\n")).into_response();
+    e.log_detail();
+    let mut resp = (status, format!("{}\n", e.public_message())).into_response();
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -168,12 +299,12 @@ async fn handle(
     };
     let cred = credential(headers)?;
     // Authorize before reading any of the body: a refused writer stores nothing.
-    cache.authorize(cred, &instance, access)?;
+    let caller = cache.authorize(cred, &instance, access)?;
     match (kind, access) {
         (Kind::Cas, Access::Read) => get_cas(cache, hash, *method == Method::HEAD).await,
         (Kind::Ac, Access::Read) => get_ac(cache, &instance, hash, *method == Method::HEAD).await,
         (Kind::Cas, _) => put_cas(cache, hash, headers, body).await,
-        (Kind::Ac, _) => put_ac(cache, &instance, hash, body).await,
+        (Kind::Ac, _) => put_ac(cache, &instance, hash, body, &caller).await,
     }
 }
 
@@ -247,11 +378,19 @@ async fn put_cas(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn put_ac(cache: &Cache, instance: &str, hash: [u8; 32], body: Body) -> Result<Response> {
+async fn put_ac(
+    cache: &Cache,
+    instance: &str,
+    hash: [u8; 32],
+    body: Body,
+    caller: &crate::auth::Principal,
+) -> Result<Response> {
     let bytes = axum::body::to_bytes(body, MAX_AC_BODY)
         .await
         .map_err(|e| Error::InvalidArgument(format!("action result body: {e}")))?;
     let result = ActionResult::decode(bytes)?;
-    cache.update_action_result(instance, hash, &result).await?;
+    cache
+        .update_action_result(instance, hash, &result, ResultSource::Uploaded { caller })
+        .await?;
     Ok(StatusCode::OK.into_response())
 }

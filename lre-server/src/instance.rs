@@ -1,19 +1,74 @@
-//! Instance names: each one is its own action-cache namespace.
+//! Instance names: each one is its own action-cache namespace, with its own settings
+//! (`[instance_settings."NAME"]`).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
 // The naming rule lives with resource names, in lre-store.
 pub use lre_store::instance_name::{validate_name, MAX_NAME};
 
-/// Which instance names this server serves.
-#[derive(Debug, Clone)]
+/// One instance's settings: the `[instance_settings."NAME"]` table (the default instance
+/// is `""`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSettings {
+    /// The action cache takes results only from lre's own scheduler, that is from actions
+    /// its workers ran: UpdateActionResult, HTTP `PUT /ac/` and Bazel's upload of local
+    /// results are refused for every token, and Capabilities says `update_enabled =
+    /// false`. An entry for an action is then the result of running that action; poisoning
+    /// the cache takes a worker, not a client token.
+    #[serde(default)]
+    pub executed_only: bool,
+}
+
+/// Which instance names this server serves, and how.
+#[derive(Debug, Clone, Default)]
 pub struct Instances {
     allowed: Option<Vec<String>>,
+    settings: BTreeMap<String, InstanceSettings>,
+}
+
+/// Why a client may not write results to an executed-only instance, naming the setting.
+pub fn executed_only_refusal(instance: &str) -> String {
+    format!(
+        "instance {instance:?} is executed-only (instance_settings.{}.executed_only = true): its \
+         action cache takes results only from actions this server's workers ran, so no client \
+         may upload one; build with --remote_executor and --noremote_upload_local_results",
+        toml_key(instance)
+    )
+}
+
+/// `name` as a TOML key: bare when it can be, quoted otherwise.
+pub fn toml_key(name: &str) -> String {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        name.to_string()
+    } else {
+        format!("{name:?}")
+    }
 }
 
 impl Instances {
     pub fn new(allowed: Option<Vec<String>>) -> Self {
-        Instances { allowed }
+        Instances {
+            allowed,
+            settings: BTreeMap::new(),
+        }
+    }
+
+    pub fn with_settings(mut self, settings: BTreeMap<String, InstanceSettings>) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    pub fn executed_only(&self, name: &str) -> bool {
+        self.settings.get(name).is_some_and(|s| s.executed_only)
     }
 
     pub fn check(&self, name: &str) -> Result<()> {
@@ -37,6 +92,25 @@ mod tests {
         assert!(any.check(&"a".repeat(MAX_NAME)).is_ok());
         let e = any.check(&"a".repeat(17 << 20)).unwrap_err().to_string();
         assert!(e.contains("longer than 256") && e.len() < 200, "{e}");
+    }
+
+    #[test]
+    fn executed_only_is_per_instance_and_named_in_the_refusal() {
+        let mut settings = BTreeMap::new();
+        settings.insert(
+            "main".to_string(),
+            InstanceSettings {
+                executed_only: true,
+            },
+        );
+        settings.insert("".to_string(), InstanceSettings::default());
+        let i = Instances::new(None).with_settings(settings);
+        assert!(i.executed_only("main"));
+        assert!(!i.executed_only(""));
+        assert!(!i.executed_only("other"));
+        assert!(executed_only_refusal("main").contains("instance_settings.main.executed_only"));
+        assert!(executed_only_refusal("").contains("instance_settings.\"\".executed_only"));
+        assert!(executed_only_refusal("a/b").contains("instance_settings.\"a/b\".executed_only"));
     }
 
     #[test]

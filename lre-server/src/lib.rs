@@ -16,6 +16,7 @@ pub mod http;
 pub mod instance;
 pub mod metrics;
 pub mod operations;
+pub mod provenance;
 pub mod scheduler;
 pub mod server;
 pub mod status;

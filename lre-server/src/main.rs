@@ -124,7 +124,10 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::CheckConfig) => {
-            load_config(&cli)?;
+            let config = load_config(&cli)?;
+            for w in config.warnings() {
+                println!("warning: {w}");
+            }
             println!("config OK");
             return Ok(());
         }

@@ -144,6 +144,9 @@ pub async fn open_stores(
 
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     config.validate()?;
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::new());
     let (store, action_results) = open_stores(&config, &metrics).await?;
     let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens)
@@ -156,7 +159,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         ),
         store,
         metrics,
-        instances: Instances::new(config.instances.clone()),
+        instances: Instances::new(config.instances.clone())
+            .with_settings(config.instance_settings.clone()),
         auth,
         max_batch_total_size_bytes: config.max_batch_total_size_bytes,
         activity: crate::status::Activity::new(config.status.clone()),
@@ -391,7 +395,14 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 idle_timeout: Some(idle_timeout),
             },
         );
-        let app = crate::http::router(cache.clone(), scheduler.clone());
+        let app = crate::http::router(
+            cache.clone(),
+            scheduler.clone(),
+            crate::http::HostPolicy {
+                tls: config.tls.is_some(),
+                names: config.http_allowed_hosts.clone(),
+            },
+        );
         let stop_all = shutdown.clone();
         let rx = rx.clone();
         let header_timeout = Duration::from_secs(conns.header_read_timeout_seconds);

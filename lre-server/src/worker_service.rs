@@ -14,7 +14,7 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, ResultSource};
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::execution::ExecScheduler;
@@ -91,7 +91,13 @@ fn command_message(cmd: WorkerCommand<Arc<crate::execution::Job>>) -> ServerMess
 
 /// Turns a worker's report into the operation's ExecuteResponse, storing successful
 /// results in the action cache first so a hit is possible the moment waiters see it.
-async fn finish(cache: &Cache, scheduler: &ExecScheduler, worker: &str, f: ActionFinished) {
+async fn finish(
+    cache: &Cache,
+    scheduler: &ExecScheduler,
+    worker: &str,
+    token: &str,
+    f: ActionFinished,
+) {
     let Some(job) = scheduler.job_of(worker, &f.operation) else {
         tracing::debug!(worker, operation = %f.operation, "report for an operation this worker no longer holds");
         return;
@@ -132,7 +138,16 @@ async fn finish(cache: &Cache, scheduler: &ExecScheduler, worker: &str, f: Actio
     if let Some(r) = &result {
         if ok && r.exit_code == 0 && !job.do_not_cache {
             if let Err(e) = cache
-                .update_action_result(&job.key.instance, job.key.action.hash, r)
+                .update_action_result(
+                    &job.key.instance,
+                    job.key.action.hash,
+                    r,
+                    ResultSource::Executed {
+                        worker,
+                        token,
+                        operation: &f.operation,
+                    },
+                )
                 .await
             {
                 tracing::warn!(operation = %f.operation, error = %e, "could not store the action result");
@@ -279,6 +294,8 @@ impl WorkerService for WorkerEndpoint {
             self.scheduler.clone(),
             self.keepalive * 3,
         );
+        // Results this worker runs are stored as written by it and by its token.
+        let token = principal.name.clone().unwrap_or_default();
         let mut shutdown = self.shutdown.clone();
         // The session ends when its token expires: a worker is trusted only as long as
         // its credential is (it reconnects, and is refused, like any new caller).
@@ -314,7 +331,7 @@ impl WorkerService for WorkerEndpoint {
                 match next {
                     Ok(Ok(Some(WorkerMessage {
                         message: Some(worker_message::Message::Finished(f)),
-                    }))) => finish(&cache, &scheduler, &id, f).await,
+                    }))) => finish(&cache, &scheduler, &id, &token, f).await,
                     Ok(Ok(Some(_))) => {} // keepalive
                     Ok(Ok(None)) => break,
                     Ok(Err(e)) => {

@@ -342,11 +342,13 @@ async fn action_results_are_returned_only_when_complete() {
         tree_digest: Some(digest(&tree)),
         ..Default::default()
     });
-    update_ac(ch.clone(), "", &action, result.clone(), None)
+    // What a result references is decided when it is written: its output Trees must be in
+    // the CAS by then (Bazel and lre's workers upload outputs first).
+    let e = update_ac(ch.clone(), "", &action, result.clone(), None)
         .await
-        .unwrap();
-
-    // Nothing referenced is present yet.
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("\"out/dir\""), "{}", e.message());
     assert_eq!(
         get_ac(ch.clone(), "", &action, None)
             .await
@@ -354,7 +356,19 @@ async fn action_results_are_returned_only_when_complete() {
             .code(),
         Code::NotFound
     );
-    batch_put(ch.clone(), "", &[&out, &stdout, &tree], None)
+    batch_put(ch.clone(), "", &[&tree], None).await.unwrap();
+    update_ac(ch.clone(), "", &action, result.clone(), None)
+        .await
+        .unwrap();
+    // The outputs are not there yet.
+    assert_eq!(
+        get_ac(ch.clone(), "", &action, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    batch_put(ch.clone(), "", &[&out, &stdout], None)
         .await
         .unwrap();
     // The tree is there but a file inside it is not.

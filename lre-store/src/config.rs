@@ -574,6 +574,27 @@ impl StoreConfig {
         Ok(())
     }
 
+    /// The keys of shared stores (S3, Redis) whose CAS blobs are served without their hash
+    /// being checked: not under a `verify` layer, nor the slow tier of a fast-slow store
+    /// (which checks what it reads). Whoever can write to the bucket or the Redis could
+    /// then serve anything under any digest.
+    pub fn shared_without_verify(&self, prefix: &str) -> Vec<String> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        match self {
+            StoreConfig::S3(_) | StoreConfig::Redis(_) => vec![prefix.to_string()],
+            StoreConfig::Filesystem(_) | StoreConfig::Memory(_) | StoreConfig::Verify(_) => {
+                Vec::new()
+            }
+            StoreConfig::FastSlow(c) => {
+                let mut v = c.fast.shared_without_verify(&key("fast"));
+                if !matches!(&*c.slow, StoreConfig::S3(_) | StoreConfig::Redis(_)) {
+                    v.extend(c.slow.shared_without_verify(&key("slow")));
+                }
+                v
+            }
+        }
+    }
+
     /// Every directory a filesystem store in this config uses (its default when unset).
     pub fn filesystem_dirs(&self) -> Vec<PathBuf> {
         match self {

@@ -10,6 +10,11 @@ pub enum StoreError {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// What the request needs is not there yet (an output Tree a result names): the caller
+    /// can fix it by uploading first.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+
     #[error("digest mismatch: the uploaded content hashes to {actual}, not {expected}")]
     DigestMismatch { expected: String, actual: String },
 
@@ -79,12 +84,50 @@ impl From<io::Error> for StoreError {
 }
 
 impl StoreError {
+    /// What a client is told: its own mistakes in full, the server's side only by kind.
+    /// Backend failures name internal addresses and paths (a Redis URL, a bucket, a file),
+    /// which stay in the server's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            StoreError::InvalidArgument(_)
+            | StoreError::FailedPrecondition(_)
+            | StoreError::DigestMismatch { .. }
+            | StoreError::SizeMismatch(_)
+            | StoreError::UploadSpaceExhausted { .. } => self.to_string(),
+            StoreError::StorageFull(_) => {
+                "storage full: the server's store has no room left; retry later".into()
+            }
+            StoreError::Unavailable(_) => {
+                "unavailable: the server's storage backend did not answer; retry later".into()
+            }
+            StoreError::Corrupt(_) => {
+                "data loss: a stored blob did not match its digest and was not served".into()
+            }
+            StoreError::Io(_) | StoreError::Internal(_) => {
+                "internal error in the server's store; its log has the details".into()
+            }
+        }
+    }
+
+    /// Whether the full message is for the server's log only (see `public_message`).
+    pub fn is_internal_detail(&self) -> bool {
+        !matches!(
+            self,
+            StoreError::InvalidArgument(_)
+                | StoreError::FailedPrecondition(_)
+                | StoreError::DigestMismatch { .. }
+                | StoreError::SizeMismatch(_)
+                | StoreError::UploadSpaceExhausted { .. }
+        )
+    }
+
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
             StoreError::InvalidArgument(_)
             | StoreError::DigestMismatch { .. }
             | StoreError::SizeMismatch(_) => Code::InvalidArgument,
+            StoreError::FailedPrecondition(_) => Code::FailedPrecondition,
             StoreError::StorageFull(_) | StoreError::UploadSpaceExhausted { .. } => {
                 Code::ResourceExhausted
             }
@@ -97,6 +140,9 @@ impl StoreError {
 
 impl From<StoreError> for tonic::Status {
     fn from(e: StoreError) -> Self {
-        tonic::Status::new(e.grpc_code(), e.to_string())
+        if e.is_internal_detail() {
+            tracing::warn!(error = %e, "store error (the client is told only its kind)");
+        }
+        tonic::Status::new(e.grpc_code(), e.public_message())
     }
 }

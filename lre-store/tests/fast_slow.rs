@@ -34,7 +34,7 @@ async fn a_blob_too_big_for_the_fast_tier_is_served_from_the_slow_one_verified()
     let mut w = slow.writer(None).await.unwrap();
     w.write(&noise(2 << 20, 2)).await.unwrap();
     w.commit(name).await.unwrap();
-    let (_, mut r) = tiers.open(&name, 0).await.unwrap().expect("present");
+    let (_, mut r) = tiers.open(&name, 0, None).await.unwrap().expect("present");
     let mut sink = Vec::new();
     let e = r.read_to_end(&mut sink).await.unwrap_err();
     assert!(e.to_string().contains("hashes to"), "{e}");

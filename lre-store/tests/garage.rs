@@ -55,7 +55,7 @@ async fn small_and_multipart_blobs_round_trip_and_leave_no_temporary_objects() {
     s3.remove(&kb).await.unwrap();
     assert_eq!(s3.lookup(&[kb]).await.unwrap(), vec![None]);
     assert!(s3.get(&kb).await.unwrap().is_none());
-    assert!(s3.open(&kb, 0).await.unwrap().is_none());
+    assert!(s3.open(&kb, 0, None).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -141,7 +141,7 @@ async fn the_fast_tier_refills_from_the_slow_one_and_a_corrupt_slow_blob_is_neve
         .await
         .unwrap();
     assert!(tiers.get(&name).await.unwrap().is_none());
-    assert!(tiers.open(&name, 0).await.unwrap().is_none());
+    assert!(tiers.open(&name, 0, None).await.unwrap().is_none());
     assert_eq!(fast.lookup(&[name]).await.unwrap(), vec![None]);
     assert_eq!(slow.lookup(&[name]).await.unwrap(), vec![None]);
     put(&tiers, &good).await;
@@ -159,7 +159,11 @@ async fn the_fast_tier_refills_from_the_slow_one_and_a_corrupt_slow_blob_is_neve
         )
         .await
         .unwrap();
-    let (_, mut r) = verified.open(&name, 0).await.unwrap().expect("listed");
+    let (_, mut r) = verified
+        .open(&name, 0, None)
+        .await
+        .unwrap()
+        .expect("listed");
     let mut sink = Vec::new();
     let e = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut sink)
         .await
@@ -205,7 +209,10 @@ async fn with_one_garage_node_down_reads_hit_and_writes_go_on() {
     for _ in 0..120 {
         let attempt = async {
             let via3 = S3Store::open(&g.config(3)).await?;
-            let (_, mut r) = via3.open(&kd, 0).await?.expect("absent through node 3");
+            let (_, mut r) = via3
+                .open(&kd, 0, None)
+                .await?
+                .expect("absent through node 3");
             let mut v = Vec::new();
             tokio::io::AsyncReadExt::read_to_end(&mut r, &mut v)
                 .await
@@ -272,7 +279,7 @@ async fn an_unreachable_or_refusing_backend_is_a_clear_error_never_a_miss() {
     for r in [
         tiers.lookup(&[k]).await.map(|_| ()),
         tiers.get(&k).await.map(|_| ()),
-        tiers.open(&k, 0).await.map(|_| ()),
+        tiers.open(&k, 0, None).await.map(|_| ()),
     ] {
         let e = r.expect_err("must not succeed with the backend down");
         assert!(matches!(e, StoreError::Unavailable(_)), "{e}");

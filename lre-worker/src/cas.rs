@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use lre_store::store::{BlobStore, CasUpload, FsStore, Key, Pinned};
@@ -50,7 +51,19 @@ pub struct Fingerprint {
     pub len: u64,
 }
 
+/// The cached files linked into running actions that have no uid of their own, and which
+/// action holds each. Such an action runs as the owner of the cache's files, so it can
+/// write to what it links; while it runs, no other action may share that file (another
+/// could read its writes, then restored, and have a poisoned result cached). The others
+/// get a copy. See `ExclusiveLinks`.
+#[derive(Default)]
+struct Leases {
+    held: HashMap<Key, u64>,
+    next: u64,
+}
+
 pub struct LocalCas {
+    leases: std::sync::Mutex<Leases>,
     store: FsStore,
     server: ServerCas,
     max_bytes: u64,
@@ -77,6 +90,7 @@ impl LocalCas {
         // Rounded down, and each blob's size up: what is in flight never exceeds the store.
         let room_units = (max_bytes / ROOM_UNIT).clamp(1, u32::MAX as u64) as u32;
         Ok(LocalCas {
+            leases: Default::default(),
             store,
             server,
             max_bytes,
@@ -87,6 +101,24 @@ impl LocalCas {
 
     pub fn server(&self) -> &ServerCas {
         &self.server
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A holder of cached files for one action without a uid of its own (see `Leases`).
+    pub fn exclusive_links(self: &Arc<Self>) -> ExclusiveLinks {
+        let id = {
+            let mut l = self.leases();
+            l.next += 1;
+            l.next
+        };
+        ExclusiveLinks {
+            cas: self.clone(),
+            id,
+            taken: Vec::new(),
+        }
     }
 
     /// Where a blob lives locally (whether it is there or not).
@@ -278,7 +310,7 @@ impl LocalCas {
     async fn copy(&self, from: Key, to: Key, d: &re::Digest) -> Result<()> {
         let Some((_, mut reader)) = self
             .store
-            .open(&from, 0)
+            .open(&from, 0, None)
             .await
             .map_err(WorkerError::Cache)?
         else {
@@ -313,6 +345,42 @@ impl LocalCas {
         CasUpload::for_key(&self.store, k, Some(d.size_bytes as u64))
             .await
             .map_err(WorkerError::Cache)
+    }
+}
+
+/// The cached files one action may link (no other running action shares them), given
+/// back when dropped: once the action's sandbox is gone and its inputs were checked.
+pub struct ExclusiveLinks {
+    cas: Arc<LocalCas>,
+    id: u64,
+    taken: Vec<Key>,
+}
+
+impl ExclusiveLinks {
+    /// Whether this action may hard-link the cached copy of `d` (nobody else holds it, or
+    /// this action already does); false: it must get a copy of its own.
+    pub fn try_take(&mut self, d: &re::Digest, executable: bool) -> Result<bool> {
+        let k = key(&valid(d)?, executable);
+        let mut l = self.cas.leases();
+        match l.held.get(&k) {
+            Some(holder) => Ok(*holder == self.id),
+            None => {
+                l.held.insert(k, self.id);
+                self.taken.push(k);
+                Ok(true)
+            }
+        }
+    }
+}
+
+impl Drop for ExclusiveLinks {
+    fn drop(&mut self) {
+        let mut l = self.cas.leases();
+        for k in &self.taken {
+            if l.held.get(k) == Some(&self.id) {
+                l.held.remove(k);
+            }
+        }
     }
 }
 

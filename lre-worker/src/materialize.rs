@@ -156,12 +156,22 @@ pub struct LinkedInput {
     pub print: Option<crate::cas::Fingerprint>,
 }
 
-pub type Linked = Vec<LinkedInput>;
+/// The cache files an action got as hard links, and, for an action without a uid of its
+/// own, its hold on them: no other running action shares them until it is dropped.
+#[derive(Default)]
+pub struct Linked {
+    pub inputs: Vec<LinkedInput>,
+    pub exclusive: Option<crate::cas::ExclusiveLinks>,
+    /// Inputs given as private copies (another running action held the cached file).
+    pub copied: usize,
+}
 
 /// Materializes the input root `root` into the (existing, empty) directory `dest`, and
 /// returns the cache files it linked so the caller can check the action left them alone.
 /// With `owner`, every directory made (and `dest`) belongs to that uid and gid, so an
 /// action running as it can write outputs anywhere but cannot touch the linked files.
+/// Without, the action could write to what it links: it links only files no other running
+/// action holds, and gets copies of the rest (`Linked::exclusive`).
 pub async fn materialize(
     cas: &Arc<LocalCas>,
     instance: &str,
@@ -195,10 +205,12 @@ pub async fn materialize(
     // Pinned until linked: a concurrent action's fetch must not evict them in between.
     let pinned = cas.ensure(instance, &files).await?;
     let (cas2, root_hash, dest) = (cas.clone(), root.hash.clone(), dest.to_path_buf());
-    let linked =
-        tokio::task::spawn_blocking(move || write_tree(&cas2, &dirs, root_hash, &dest, owner))
-            .await
-            .map_err(|e| WorkerError::Sandbox(format!("materializing inputs: {e}")))??;
+    let exclusive = owner.is_none().then(|| cas.exclusive_links());
+    let linked = tokio::task::spawn_blocking(move || {
+        write_tree(&cas2, &dirs, root_hash, &dest, owner, exclusive)
+    })
+    .await
+    .map_err(|e| WorkerError::Sandbox(format!("materializing inputs: {e}")))??;
     drop(pinned);
     Ok(linked)
 }
@@ -218,8 +230,12 @@ fn write_tree(
     root: String,
     dest: &Path,
     owner: Option<u32>,
+    exclusive: Option<crate::cas::ExclusiveLinks>,
 ) -> Result<Linked> {
-    let mut linked = Linked::new();
+    let mut linked = Linked {
+        exclusive,
+        ..Default::default()
+    };
     chown(dest, owner)?;
     let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
     while let Some((hash, path)) = queue.pop_front() {
@@ -231,13 +247,28 @@ fn write_tree(
             check_name(&f.name)?;
             let digest = f.digest.clone().unwrap_or_default();
             let cached = cas.path(&digest, f.is_executable)?;
-            match std::fs::hard_link(&cached, path.join(&f.name)) {
+            let shared = match &mut linked.exclusive {
+                Some(x) => !x.try_take(&digest, f.is_executable)?,
+                None => false,
+            };
+            let placed = if shared {
+                // Another running action holds the cached file: a copy of this action's
+                // own (with the cached file's mode), which nothing else ever reads.
+                std::fs::copy(&cached, path.join(&f.name)).map(drop)
+            } else {
+                std::fs::hard_link(&cached, path.join(&f.name))
+            };
+            match placed {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !cached.exists() => {
                     return Err(crate::cas::gone_meanwhile(&digest));
                 }
                 r => r?,
             }
-            linked.push(LinkedInput {
+            if shared {
+                linked.copied += 1;
+                continue;
+            }
+            linked.inputs.push(LinkedInput {
                 print: LocalCas::fingerprint(&cached),
                 path: cached,
                 digest,

@@ -192,8 +192,13 @@ impl Runner {
         // alone may be a concurrent action's hard link, so the content and mode decide. With
         // an action uid of its own this cannot happen; the check stays as a second line.
         let cas = self.cas.clone();
+        // Without a uid of its own the action held its linked files alone (`Linked`): it
+        // lets go of them once they are checked.
+        let crate::materialize::Linked {
+            inputs, exclusive, ..
+        } = linked;
         let tampered = tokio::task::spawn_blocking(move || {
-            linked
+            inputs
                 .into_iter()
                 .filter_map(|l| {
                     // Gone means evicted by another action's fetch (its pin ended at
@@ -206,6 +211,7 @@ impl Runner {
         })
         .await
         .map_err(|e| WorkerError::Sandbox(format!("checking inputs: {e}")))?;
+        drop(exclusive);
         if !tampered.is_empty() {
             let mut names = Vec::new();
             let mut done = std::collections::HashSet::new();

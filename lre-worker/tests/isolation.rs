@@ -103,6 +103,134 @@ async fn without_action_uids_the_tamper_check_still_fails_the_writer() {
     e.server.shutdown().await;
 }
 
+/// Issue 21, defect 11: on a worker without uids of its own per action, A made its
+/// hard-linked input writable, overwrote it, and restored it seconds later; B, running
+/// meanwhile with the same input, read A's bytes, succeeded, and its result was cached.
+/// Now a cached file is linked into one running action at a time; B gets a copy.
+#[tokio::test]
+async fn without_action_uids_a_concurrent_action_never_reads_anothers_writes() {
+    let e = env_with(ActionUids::Off).await;
+    let data = b"original\n".to_vec();
+    e.put(std::slice::from_ref(&data)).await;
+    let root = re::Directory {
+        files: vec![file("in.txt", &data, false)],
+        ..Default::default()
+    };
+    // Both tamper-and-restore, so whichever starts first is the writer the other meets.
+    let attacker = "chmod u+w in.txt && printf EVIL > in.txt && sleep 3 && \
+        printf 'original\\n' > in.txt && chmod a-w in.txt && echo done > out";
+    // The victim reads while the attacker's bytes are there, and ends after they are
+    // restored: the check after its run finds its input intact.
+    let victim = "sleep 1; cat in.txt > seen; sleep 4";
+    let (a, b) = tokio::join!(
+        run_bounded(&e, &root, attacker, &["out"]),
+        run_bounded(&e, &root, victim, &["seen"]),
+    );
+    let (a, b) = (result(&a), result(&b));
+    assert_eq!(a.exit_code, 0, "the attacker restored what it wrote: {a:?}");
+    assert_eq!(
+        output(&e, &b, "seen").await,
+        "original\n",
+        "the victim read the attacker's bytes through a shared file"
+    );
+    // The cached copy is still the original, for every later action.
+    let r = result(&run_bounded(&e, &root, "cat in.txt > out", &["out"]).await);
+    assert_eq!(output(&e, &r, "out").await, "original\n");
+    e.server.shutdown().await;
+}
+
+/// The same attack against the real `lre-worker` binary running as an unprivileged user
+/// (`nobody`, which cannot have uids of its own per action), through a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_root_worker_keeps_a_concurrent_actions_writes_from_another() {
+    use std::os::unix::fs::PermissionsExt;
+    must_be_root(); // to become nobody
+    const CI: &str = "ci-secret-nonroot-0000000000000001";
+    const W: &str = "worker-secret-nonroot-00000000002";
+    let mut c = lre_server::Config::ephemeral();
+    c.execution.enabled = true;
+    c.execution.keepalive_seconds = 1;
+    c.shutdown_grace_seconds = 1;
+    c.auth.tokens = vec![
+        lre_server::auth::TokenConfig::for_secret("ci", CI, lre_server::auth::Scope::ReadWrite),
+        lre_server::auth::TokenConfig::for_secret("w", W, lre_server::auth::Scope::Worker),
+    ];
+    let s = lre_server::start(c).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (work, token) = (dir.path().join("work"), dir.path().join("token"));
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(&token, W).unwrap();
+    for p in [dir.path(), &work, &token] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut worker = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_lre-worker"))
+        .args([
+            "--server",
+            &format!("http://{}", s.grpc_addr),
+            "--id",
+            "nonroot",
+        ])
+        .args(["--capacity", "2"])
+        .arg("--work-dir")
+        .arg(&work)
+        .arg("--token-file")
+        .arg(&token)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("setpriv (util-linux) runs the worker");
+    assert!(
+        common::wait_workers(&s, 1).await,
+        "the non-root worker attached"
+    );
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let exec = |argv: &'static [&'static str]| {
+        let ch = ch.clone();
+        async move {
+            common::execute(
+                &ch,
+                common::Exec {
+                    instance: "",
+                    argv,
+                    input: b"original\n",
+                    secret: Some(CI),
+                    invocation: None,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (a, b) = tokio::join!(
+        exec(&[
+            "/bin/sh",
+            "-c",
+            "id -u; chmod u+w in.txt && printf EVIL > in.txt && sleep 3 && \
+             printf 'original\\n' > in.txt && chmod a-w in.txt"
+        ]),
+        exec(&["/bin/sh", "-c", "sleep 1; cat in.txt; sleep 4"]),
+    );
+    let uid = common::stdout_of(&ch, "", Some(CI), &a).await;
+    assert_eq!(
+        uid.trim(),
+        "65534",
+        "the action ran as the worker's own uid"
+    );
+    assert_eq!(
+        common::stdout_of(&ch, "", Some(CI), &b).await,
+        "original\n",
+        "the victim read the attacker's bytes"
+    );
+    worker.kill().await.unwrap();
+    s.shutdown().await;
+}
+
 /// An input bigger than a batch comes over ByteStream into a file, hashed on the way.
 #[tokio::test]
 async fn a_large_input_is_streamed_to_disk_and_verified() {

@@ -5,7 +5,7 @@
 mod common;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
-use common::{execute, upload, wait_workers, with_metadata, Exec};
+use common::{execute, execute_with, upload, wait_workers, with_metadata, Exec};
 use lre_server::auth::{Scope, TokenConfig};
 use lre_worker::cas::digest_of;
 use lre_worker::Credential;
@@ -248,6 +248,79 @@ async fn each_caller_sees_its_instances_and_failed_actions_stderr() {
         "another instance's invocation leaked into the page"
     );
 
+    let _ = stop.send(true);
+    server.shutdown().await;
+}
+
+/// Issue 21, part 2: a result the scheduler stored records the worker that ran it and the
+/// worker's token; a hit on it says so on the status API, and one entry's writer is
+/// there for any reader of its instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_names_the_worker_and_token_that_wrote_it() {
+    let (server, ch, stop, _dir) = setup().await;
+    let base = format!("http://{}", server.http_addr.unwrap());
+    let (r, action) = execute_with(
+        &ch,
+        Exec {
+            instance: "team",
+            argv: &["sh", "-c", "echo provenance"],
+            input: b"",
+            secret: Some(CI),
+            invocation: Some("inv-run"),
+        },
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.result.unwrap().exit_code, 0);
+    let hit = ActionCacheClient::new(ch.clone())
+        .get_action_result(with_metadata(
+            re::GetActionResultRequest {
+                instance_name: "team".into(),
+                action_digest: Some(action.clone()),
+                ..Default::default()
+            },
+            Some(TEAM),
+            Some("inv-read"),
+        ))
+        .await;
+    assert!(hit.is_ok(), "{hit:?}");
+    let team = json(&format!("{base}/api/status"), TEAM).await;
+    let h = team["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["outcome"] == "hit")
+        .cloned()
+        .unwrap_or_else(|| panic!("no hit in {team:#}"));
+    assert_eq!(h["written_by"]["source"], "executed", "{h:#}");
+    assert_eq!(h["written_by"]["worker"], "workers/w1");
+    assert_eq!(h["written_by"]["token"], "workers");
+    let one = json(
+        &format!(
+            "{base}/api/provenance/action?instance=team&action={}",
+            action.hash
+        ),
+        TEAM,
+    )
+    .await;
+    assert_eq!(one["worker"], "workers/w1", "{one:#}");
+    assert_eq!(one["instance"], "team");
+    assert!(!one["operation"].as_str().unwrap().is_empty());
+    // The page shows it too.
+    let html = reqwest::Client::new()
+        .get(format!("{base}/"))
+        .bearer_auth(TEAM)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains(r#"<td class="written-by">worker workers/w1 (token workers)"#),
+        "{html}"
+    );
     let _ = stop.send(true);
     server.shutdown().await;
 }

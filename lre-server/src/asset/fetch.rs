@@ -11,7 +11,7 @@ use reqwest::{StatusCode, Url};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::config::AssetConfig;
-use super::policy::{redirect_policy, GuardedResolver, Policy, Refused};
+use super::policy::{GuardedResolver, Policy, Refused, MAX_REDIRECTS};
 use super::qualifiers::{Hasher, Hashes, Sri};
 use crate::cache::Cache;
 use crate::digest::Digest;
@@ -46,7 +46,9 @@ impl Downloader {
             .dns_resolver(Arc::new(GuardedResolver {
                 policy: policy.clone(),
             }))
-            .redirect(redirect_policy(policy.clone()))
+            // Redirects are followed by hand (`send`): the client's own headers must not
+            // travel to another host, and reqwest keeps all but a few it knows.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_seconds))
             .user_agent(concat!("lre-server/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -132,13 +134,7 @@ impl Downloader {
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("download slots closed".into()))?;
-            let mut resp = self
-                .client
-                .get(url)
-                .headers(headers)
-                .send()
-                .await
-                .map_err(|e| transport_error(uri, e))?;
+            let mut resp = self.send(uri, url, headers).await?;
             check_status(uri, resp.status())?;
             if let Some(len) = resp.content_length() {
                 if len > self.max_bytes {
@@ -172,6 +168,54 @@ impl Downloader {
         }
         tracing::info!(%uri, size, seconds = started.elapsed().as_secs_f64(), "downloaded");
         Ok((hashes, size, sink, slot))
+    }
+
+    /// GETs `url`, following at most `MAX_REDIRECTS` redirects, each to a URL the policy
+    /// allows. The request's headers (the client's `http_header` qualifiers, which may be
+    /// credentials of any name) go only to the host they were given for: a redirect to
+    /// another host is followed without them.
+    async fn send(&self, uri: &str, mut url: Url, headers: HeaderMap) -> Result<reqwest::Response> {
+        let origin = (
+            url.scheme().to_string(),
+            url.host_str().map(str::to_string),
+            url.port_or_known_default(),
+        );
+        for _ in 0..=MAX_REDIRECTS {
+            let same_host = (
+                url.scheme().to_string(),
+                url.host_str().map(str::to_string),
+                url.port_or_known_default(),
+            ) == origin;
+            let mut req = self.client.get(url.clone());
+            if same_host {
+                req = req.headers(headers.clone());
+            }
+            let resp = req.send().await.map_err(|e| transport_error(uri, e))?;
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
+            let Some(next) = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+            else {
+                return Err(Error::FailedPrecondition(format!(
+                    "{uri}: the server answered HTTP {} without a usable Location",
+                    resp.status()
+                )));
+            };
+            self.policy.check_url(&next).map_err(|e| {
+                Error::PermissionDenied(format!(
+                    "{uri}: redirect to {} refused: {e}",
+                    super::clip(next.as_str(), 512)
+                ))
+            })?;
+            url = next;
+        }
+        Err(Error::PermissionDenied(format!(
+            "{uri}: more than {MAX_REDIRECTS} redirects"
+        )))
     }
 
     fn too_large(&self, uri: &str, why: &str) -> Error {

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod policy;
 pub mod qualifiers;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +165,10 @@ impl AssetService {
         oldest: Option<i64>,
     ) -> Result<Option<(usize, Digest)>> {
         let now = memory::unix_now();
+        // One blob remembered under many URIs is hashed once per request, whatever the
+        // number of URIs naming it (a read caller could otherwise make it hash the same
+        // blob a hundred times for one request).
+        let mut hashed: HashMap<Digest, Option<bool>> = HashMap::new();
         for (i, uri) in c.uris.iter().enumerate() {
             let key = memory::key(c.instance, kind, uri, &c.quals.key_parts(i));
             let Some((entry, digest)) = memory::load(&self.cache, &key).await? else {
@@ -179,7 +184,10 @@ impl AssetService {
                 continue;
             }
             if let Some(sri) = &c.quals.sri {
-                if !self.matches_sri(kind, &entry, digest, sri).await? {
+                if !self
+                    .matches_sri(kind, &entry, digest, sri, &mut hashed)
+                    .await?
+                {
                     skip("does not match checksum.sri");
                     continue;
                 }
@@ -207,6 +215,7 @@ impl AssetService {
         entry: &Entry,
         digest: Digest,
         sri: &Sri,
+        hashed: &mut HashMap<Digest, Option<bool>>,
     ) -> Result<bool> {
         let is_blob_sha256 = |h: &SriHash| kind == Kind::Blob && h.algo == Algo::Sha256;
         let satisfied = |h: &SriHash| {
@@ -224,13 +233,21 @@ impl AssetService {
         {
             return Ok(false);
         }
-        Ok(self.hash_blob(digest, sri).await? == Some(true))
+        let verdict = match hashed.get(&digest) {
+            Some(v) => *v,
+            None => {
+                let v = self.hash_blob(digest, sri).await?;
+                hashed.insert(digest, v);
+                v
+            }
+        };
+        Ok(verdict == Some(true))
     }
 
     /// Hashes a CAS blob as `sri` asks; `None` if the blob is gone.
     async fn hash_blob(&self, digest: Digest, sri: &Sri) -> Result<Option<bool>> {
         use tokio::io::AsyncReadExt;
-        let Some(mut reader) = self.cache.open_blob(&digest, 0).await? else {
+        let Some(mut reader) = self.cache.open_blob(&digest, 0, None).await? else {
             return Ok(None);
         };
         let mut hasher = Hasher::new(Some(sri));
@@ -538,7 +555,13 @@ impl AssetService {
         let mut sri = vec![qualifiers::sha256_token(&digest.hash)];
         if let Some(want) = &c.quals.sri {
             if !self
-                .matches_sri(Kind::Blob, &Entry::default(), digest, want)
+                .matches_sri(
+                    Kind::Blob,
+                    &Entry::default(),
+                    digest,
+                    want,
+                    &mut HashMap::new(),
+                )
                 .await?
             {
                 return Err(Error::InvalidArgument(format!(

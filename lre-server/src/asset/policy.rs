@@ -219,34 +219,20 @@ async fn resolve_guarded(
         })
         .collect();
     if allowed.is_empty() {
-        let why = if refused.is_empty() {
-            "no addresses".to_string()
-        } else {
-            refused.join("; ")
-        };
-        return Err(Box::new(Refused(format!("{name} resolves to {why}"))));
+        // The addresses go to the log only: telling the caller what an internal name
+        // resolves to would make the server a DNS oracle for the network it stands in.
+        if refused.is_empty() {
+            return Err(Box::new(Refused(format!("{name} resolves to no address"))));
+        }
+        tracing::info!(%name, refused = ?refused, "a download's host resolves only to refused addresses");
+        return Err(Box::new(Refused(format!(
+            "{name} resolves only to addresses downloads may not reach (private or \
+             special-purpose ranges; an operator can allow ranges in \
+             asset.allowed_private_ranges)"
+        ))));
     }
     tracing::debug!(%name, addrs = ?allowed, "resolved for a download");
     Ok(Box::new(allowed.into_iter()))
-}
-
-/// Follows at most `MAX_REDIRECTS` hops, each to a URL the policy allows.
-pub fn redirect_policy(policy: Arc<Policy>) -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > MAX_REDIRECTS {
-            return attempt.error(Refused(format!("more than {MAX_REDIRECTS} redirects")));
-        }
-        match policy.check_url(attempt.url()) {
-            Ok(()) => attempt.follow(),
-            Err(e) => {
-                let msg = format!(
-                    "redirect to {} refused: {e}",
-                    super::clip(attempt.url().as_str(), 512)
-                );
-                attempt.error(Refused(msg))
-            }
-        }
-    })
 }
 
 #[cfg(test)]

@@ -103,7 +103,8 @@ struct StoredJob {
     #[prost(message, optional, tag = "8")]
     platform: Option<Platform>,
     /// The client's RequestMetadata for the status page: invocation, correlated
-    /// invocations, mnemonic, target, tool (empty when it sent none).
+    /// invocations, mnemonic, target, tool, and the caller's token name (empty when it
+    /// sent none).
     #[prost(string, repeated, tag = "9")]
     meta: Vec<String>,
 }
@@ -355,8 +356,13 @@ pub struct Cluster {
     stale_since: Mutex<Option<std::time::Instant>>,
 }
 
+/// A Redis failure as clients see it: its kind only (the message names the Redis, which
+/// goes to the log).
 fn failure(e: StoreError) -> Failure {
-    Failure::new(e.grpc_code(), e.to_string())
+    if e.is_internal_detail() {
+        tracing::warn!(error = %e, "the cluster's Redis failed");
+    }
+    Failure::new(e.grpc_code(), e.public_message())
 }
 
 /// Operation names are UUIDs; anything else is not one of ours (and never reaches a key).
@@ -506,6 +512,7 @@ impl Cluster {
                 m.mnemonic.clone(),
                 m.target.clone(),
                 m.tool.clone(),
+                m.caller.clone(),
             ]
         });
         let stored = StoredJob {
@@ -714,7 +721,10 @@ impl Cluster {
                 )),
                 _ => Ok(()),
             },
-            Err(StoreError::Unavailable(m)) => Err(Failure::new(tonic::Code::Unavailable, m)),
+            Err(e @ StoreError::Unavailable(_)) => {
+                // At start, for the operator: the address is what they need.
+                Err(Failure::new(tonic::Code::Unavailable, e.to_string()))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy; it must not be allkeys-*");
                 Ok(())
@@ -1407,12 +1417,14 @@ fn decode_job(raw: &[u8]) -> Result<Job, String> {
     let action = Digest::from_opt_proto(&j.action_digest)
         .map_err(|e| e.to_string())?
         .ok_or("no action digest")?;
-    let meta = (j.meta.len() == 5).then(|| RequestMeta {
+    // Five fields from replicas of before the caller was kept, six since.
+    let meta = (j.meta.len() == 5 || j.meta.len() == 6).then(|| RequestMeta {
         invocation: j.meta[0].clone(),
         correlated: j.meta[1].clone(),
         mnemonic: j.meta[2].clone(),
         target: j.meta[3].clone(),
         tool: j.meta[4].clone(),
+        caller: j.meta.get(5).cloned().unwrap_or_default(),
     });
     Ok(Job {
         key: ActionKey {

@@ -29,6 +29,15 @@ const MAX_MESSAGE: u64 = 4 << 20;
 /// Tree nodes visited per request, counting repeats: a tree that names one directory
 /// many times (a "bomb") expands to far more nodes than it has distinct directories.
 const MAX_VISITS: usize = 1_000_000;
+/// What one explanation may hold in memory, estimated from each message before it is
+/// decoded: the counts above bound actions and files, but one Command of millions of
+/// arguments decodes to about 100 MiB, and a request must not be able to grow the server
+/// by that much per missed action. Past it the explanation stops and says so.
+pub const BUDGET_BYTES: usize = 64 << 20;
+/// What a decoded field costs beyond its encoded bytes (a String's header and allocation).
+const PER_FIELD: usize = 80;
+/// What one listed input file costs (its path and "hash/size" strings, a map node).
+const PER_INPUT: usize = 256;
 
 #[derive(Debug, Serialize)]
 pub struct Explanation {
@@ -49,6 +58,9 @@ pub struct Explanation {
     pub store_paths_new: Vec<String>,
     /// Missed actions that could not be compared, and why.
     pub unexplained: Vec<Unexplained>,
+    /// Set when the explanation stopped early: what it had compared and why it stopped
+    /// (its memory budget, `BUDGET_BYTES`).
+    pub stopped: Option<String>,
     /// Compared actions whose input trees could not be (Bazel uploads input trees only for
     /// remote execution, so a cache-only build's inputs are not in the CAS), and why.
     pub inputs_not_compared: usize,
@@ -74,29 +86,60 @@ pub struct Unexplained {
     pub reason: String,
 }
 
-/// Reads Action, Command and input trees, caching directories across actions.
+/// Reads Action, Command and input trees, caching directories across actions, and counts
+/// what it holds against the explanation's budget.
 struct Reader<'a> {
     cache: &'a Cache,
     dirs: HashMap<Digest, Option<Directory>>,
     visits: usize,
+    /// Estimated bytes held, and the budget.
+    held: usize,
+    budget: usize,
+    /// Set once the budget is spent: nothing more is read.
+    spent: bool,
 }
 
+/// Why the budget stopped a read (kept apart from the other reasons an action is not
+/// compared, which only skip that action).
+const SPENT: &str = "the explanation's memory budget is spent";
+
 impl Reader<'_> {
-    async fn message<M: Message + Default>(&self, d: &Digest) -> Result<Option<M>, String> {
+    /// Counts `n` more bytes held; false (and nothing counted) if that passes the budget.
+    fn charge(&mut self, n: usize) -> bool {
+        if self.spent || self.held.saturating_add(n) > self.budget {
+            self.spent = true;
+            return false;
+        }
+        self.held += n;
+        true
+    }
+
+    async fn message<M: Message + Default>(&mut self, d: &Digest) -> Result<Option<M>, String> {
         if d.size > MAX_MESSAGE {
             return Err(format!("{d} is larger than {MAX_MESSAGE} bytes; not read"));
         }
+        if self.spent {
+            return Err(SPENT.into());
+        }
         match self.cache.read_blob(d).await {
-            Ok(Some(raw)) => M::decode(raw)
-                .map(Some)
-                .map_err(|e| format!("{d} is not a valid message: {e}")),
+            Ok(Some(raw)) => {
+                // What decoding it would hold, judged before decoding: its bytes plus a
+                // string's overhead per field (a Command's arguments are top-level fields).
+                let (fields, _) = lre_store::wire::count_fields(&raw);
+                if !self.charge(raw.len().saturating_add(fields.saturating_mul(PER_FIELD))) {
+                    return Err(SPENT.into());
+                }
+                M::decode(raw)
+                    .map(Some)
+                    .map_err(|e| format!("{d} is not a valid message: {e}"))
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(format!("reading {d}: {e}")),
         }
     }
 
     /// The spawn of an action key without its inputs, or why there is none.
-    async fn spawn(&self, r: &ActionRecord) -> Result<(Spawn, Option<Digest>), String> {
+    async fn spawn(&mut self, r: &ActionRecord) -> Result<(Spawn, Option<Digest>), String> {
         let action: Action = self.message(&r.digest).await?.ok_or_else(|| {
             "its Action is not in the CAS (a client that only reads never uploads it)".to_string()
         })?;
@@ -192,6 +235,13 @@ impl Reader<'_> {
                 let dir = self.message::<Directory>(&d).await?;
                 self.dirs.insert(d, dir);
             }
+            let listed = match self.dirs.get(&d) {
+                Some(Some(dir)) => dir.files.len() + dir.symlinks.len(),
+                _ => 0,
+            };
+            if !self.charge(listed.saturating_mul(PER_INPUT)) {
+                return Err(SPENT.into());
+            }
             let Some(Some(dir)) = self.dirs.get(&d) else {
                 return Err(format!(
                     "input directory {d} is not in the CAS (Bazel uploads input trees only when it executes remotely)"
@@ -231,10 +281,24 @@ pub async fn explain(
     base: (InvocationSummary, Vec<ActionRecord>),
     new: (InvocationSummary, Vec<ActionRecord>),
 ) -> Explanation {
+    explain_within(cache, instance, base, new, BUDGET_BYTES).await
+}
+
+/// `explain`, holding at most about `budget` bytes.
+pub async fn explain_within(
+    cache: &Cache,
+    instance: &str,
+    base: (InvocationSummary, Vec<ActionRecord>),
+    new: (InvocationSummary, Vec<ActionRecord>),
+    budget: usize,
+) -> Explanation {
     let mut reader = Reader {
         cache,
         dirs: HashMap::new(),
         visits: 0,
+        held: 0,
+        budget,
+        spent: false,
     };
     let mut missed: Vec<&ActionRecord> = new.1.iter().filter(|r| r.missed).collect();
     missed.sort_by(|a, b| (&a.target, &a.mnemonic).cmp(&(&b.target, &b.mnemonic)));
@@ -242,9 +306,11 @@ pub async fn explain(
     missed.truncate(MAX_EXPLAINED);
     let mut unexplained = Vec::new();
     let mut new_spawns = Vec::new();
+    let mut read_new = 0;
     for r in &missed {
         match reader.spawn(r).await {
             Ok(s) => new_spawns.push(s),
+            Err(_) if reader.spent => break,
             Err(reason) => unexplained.push(Unexplained {
                 action: r.digest.to_string(),
                 mnemonic: r.mnemonic.clone(),
@@ -252,6 +318,7 @@ pub async fn explain(
                 reason,
             }),
         }
+        read_new += 1;
     }
     let wanted: HashSet<String> = new_spawns.iter().map(|(s, _)| s.identity()).collect();
     // Bazel names each action's target: only the base's actions of the same targets can be
@@ -266,11 +333,16 @@ pub async fn explain(
             .is_none_or(|t| r.target.is_empty() || t.contains(r.target.as_str()))
     });
     let mut base_spawns = Vec::new();
+    let mut read_base = 0;
     for r in candidates.take(MAX_BASE_ACTIONS) {
+        if reader.spent {
+            break;
+        }
         // A base action that cannot be read just has no counterpart.
         if let Ok(s) = reader.spawn(r).await {
             base_spawns.push(s);
         }
+        read_base += 1;
     }
     // Input trees only for the pairs that get compared: they are the expensive part.
     let paired: HashSet<String> = base_spawns
@@ -285,6 +357,15 @@ pub async fn explain(
     let new_spawns = reader
         .with_inputs(new_spawns, &paired, &mut no_inputs)
         .await;
+    let stopped = reader.spent.then(|| {
+        format!(
+            "stopped early: the explanation's memory budget ({} MiB) was spent after reading \
+             {read_new} of the {} missed actions and {read_base} actions of the base \
+             invocation; what they contain is compared, the rest is not",
+            budget >> 20,
+            missed.len()
+        )
+    });
     let Report {
         common,
         only_b,
@@ -320,6 +401,7 @@ pub async fn explain(
         store_paths_base: store_paths_a.into_iter().collect(),
         store_paths_new: store_paths_b.into_iter().collect(),
         unexplained,
+        stopped,
         inputs_not_compared: no_inputs.0,
         inputs_not_compared_reason: no_inputs.1,
     }

@@ -87,7 +87,7 @@ impl StatusConfig {
     }
 }
 
-/// What Bazel says about a call: which invocation, which action.
+/// What Bazel says about a call (which invocation, which action), and who made it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RequestMeta {
     pub invocation: String,
@@ -95,6 +95,9 @@ pub struct RequestMeta {
     pub mnemonic: String,
     pub target: String,
     pub tool: String,
+    /// The caller's token name, empty when anonymous: the history is kept per caller, so
+    /// no caller can add to, or push out, another's invocations.
+    pub caller: String,
 }
 
 impl RequestMeta {
@@ -127,6 +130,18 @@ impl RequestMeta {
             mnemonic: clip(m.action_mnemonic),
             target: clip(m.target_id),
             tool,
+            caller: String::new(),
+        })
+    }
+
+    /// The call's metadata, as made by `caller`.
+    pub fn of_caller<T>(
+        req: &tonic::Request<T>,
+        caller: &crate::auth::Principal,
+    ) -> Option<RequestMeta> {
+        Self::of(req).map(|mut m| {
+            m.caller = caller.name.clone().unwrap_or_default();
+            m
         })
     }
 }
@@ -175,6 +190,32 @@ pub struct RecentAction {
     #[serde(skip)]
     pub stderr: Option<Digest>,
     pub has_stderr: bool,
+    /// For a hit: who wrote the entry that answered it, and when.
+    pub written_by: Option<WrittenBy>,
+}
+
+/// Who wrote an action-cache entry, as the status page and `lre status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WrittenBy {
+    /// "executed" or "uploaded".
+    pub source: String,
+    pub worker: String,
+    pub token: String,
+    pub written_at_ms: u64,
+    /// One line: "worker W (token T)", "token T" or "an anonymous client".
+    pub who: String,
+}
+
+impl WrittenBy {
+    pub fn of(p: &crate::cache::Provenance) -> WrittenBy {
+        WrittenBy {
+            source: clip(p.source.clone()),
+            worker: clip(p.worker.clone()),
+            token: clip(p.token.clone()),
+            written_at_ms: p.written_at_ms,
+            who: clip(p.who()),
+        }
+    }
 }
 
 /// What a worker reported for an executed action.
@@ -193,6 +234,8 @@ pub struct Execution {
 pub struct InvocationSummary {
     pub instance: String,
     pub id: String,
+    /// The token whose calls these are (empty: anonymous).
+    pub caller: String,
     pub correlated: String,
     pub tool: String,
     pub first_seen_ms: u64,
@@ -233,8 +276,11 @@ struct Call<'a> {
     now: SystemTime,
 }
 
+/// An invocation's place in the history: (instance, caller, invocation id).
+type InvocationKey = (String, String, String);
+
 struct Inner {
-    invocations: HashMap<(String, String), Invocation>,
+    invocations: HashMap<InvocationKey, Invocation>,
     actions_total: usize,
     recent: VecDeque<RecentAction>,
     next_id: u64,
@@ -290,8 +336,16 @@ impl Activity {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An action-cache lookup (GetActionResult, or Execute's cache check).
-    pub fn lookup(&self, instance: &str, meta: Option<&RequestMeta>, action: Digest, hit: bool) {
+    /// An action-cache lookup (GetActionResult, or Execute's cache check): `found` is
+    /// `None` for a miss, and for a hit who wrote the entry, when that is known.
+    pub fn lookup(
+        &self,
+        instance: &str,
+        meta: Option<&RequestMeta>,
+        action: Digest,
+        found: Option<Option<&crate::cache::Provenance>>,
+    ) {
+        let hit = found.is_some();
         let now = SystemTime::now();
         let mut st = self.inner();
         st.timeline.count(
@@ -320,6 +374,9 @@ impl Activity {
         });
         let outcome = if hit { Outcome::Hit } else { Outcome::Miss };
         self.push_recent(&mut st, &call, outcome, None);
+        if let (Some(r), Some(Some(p))) = (st.recent.back_mut(), found) {
+            r.written_by = Some(WrittenBy::of(p));
+        }
     }
 
     /// A worker finished an action.
@@ -373,12 +430,12 @@ impl Activity {
         let Some(m) = meta else {
             return;
         };
-        let key = (instance.to_string(), m.invocation.clone());
+        let key = (instance.to_string(), m.caller.clone(), m.invocation.clone());
         st.clock += 1;
         let clock = st.clock;
         if !st.invocations.contains_key(&key) {
             while st.invocations.len() >= self.limits.max_invocations {
-                if !evict_oldest(st, None) {
+                if !evict_from_biggest(st, None, |_| 1) {
                     break;
                 }
             }
@@ -388,6 +445,7 @@ impl Activity {
                     summary: InvocationSummary {
                         instance: instance.to_string(),
                         id: m.invocation.clone(),
+                        caller: m.caller.clone(),
                         correlated: m.correlated.clone(),
                         tool: m.tool.clone(),
                         first_seen_ms: unix_ms(now),
@@ -410,7 +468,7 @@ impl Activity {
             .is_some_and(|i| i.actions.contains_key(&action));
         if !known {
             while st.actions_total >= self.limits.max_actions {
-                if !evict_oldest(st, Some(&key)) {
+                if !evict_from_biggest(st, Some(&key), |i| i.actions.len()) {
                     break;
                 }
             }
@@ -481,6 +539,7 @@ impl Activity {
             message: clip(message),
             has_stderr: stderr.is_some(),
             stderr,
+            written_by: None,
         });
         while st.recent.len() > self.limits.recent_actions {
             st.recent.pop_front();
@@ -523,7 +582,8 @@ impl Activity {
         self.inner().recent.iter().find(|r| r.id == id).cloned()
     }
 
-    /// The invocation's summary and the action keys it looked up.
+    /// The invocation's summary and the action keys it looked up. Ids are Bazel's random
+    /// UUIDs, so another caller using the same id came later: the first caller's is it.
     pub fn invocation(
         &self,
         instance: &str,
@@ -532,7 +592,10 @@ impl Activity {
         let st = self.inner();
         let inv = st
             .invocations
-            .get(&(instance.to_string(), id.to_string()))?;
+            .iter()
+            .filter(|((i, _, n), _)| i == instance && n == id)
+            .map(|(_, inv)| inv)
+            .min_by_key(|inv| inv.summary.sequence)?;
         Some((inv.summary.clone(), inv.actions.values().cloned().collect()))
     }
 
@@ -542,15 +605,34 @@ impl Activity {
     }
 }
 
-/// Drops the least recently active invocation other than `keep`. False if none is left.
-fn evict_oldest(st: &mut Inner, keep: Option<&(String, String)>) -> bool {
-    let oldest = st
-        .invocations
-        .iter()
-        .filter(|(k, _)| Some(*k) != keep)
-        .min_by_key(|(_, i)| i.touched)
-        .map(|(k, _)| k.clone());
-    match oldest {
+/// Makes room: drops the least recently active invocation (other than `keep`) of the
+/// caller that holds the most (`weight` of its invocations summed), so that one caller
+/// filling the history pushes out its own invocations, never another's. False if none is
+/// left to drop.
+fn evict_from_biggest(
+    st: &mut Inner,
+    keep: Option<&InvocationKey>,
+    weight: impl Fn(&Invocation) -> usize,
+) -> bool {
+    // Per caller, in one pass: how much it holds (`keep` counted too) and its least
+    // recently active invocation other than `keep`.
+    /// A caller's total weight, and its least recently active evictable invocation.
+    type Held<'a> = (usize, Option<(u64, &'a InvocationKey)>);
+    let mut held: HashMap<&str, Held<'_>> = HashMap::new();
+    for (k, i) in &st.invocations {
+        let e = held.entry(k.1.as_str()).or_insert((0, None));
+        e.0 += weight(i).max(1);
+        if Some(k) != keep && e.1.is_none_or(|(t, _)| i.touched < t) {
+            e.1 = Some((i.touched, k));
+        }
+    }
+    // The biggest holder gives up its oldest; ties go to the oldest. If the biggest holder
+    // has nothing but `keep`, nothing is dropped (the caller's new entry is not kept).
+    let victim = held
+        .values()
+        .max_by_key(|(n, oldest)| (*n, std::cmp::Reverse(oldest.map_or(0, |(t, _)| t))))
+        .and_then(|(_, oldest)| oldest.map(|(_, k)| k.clone()));
+    match victim {
         Some(k) => {
             if let Some(i) = st.invocations.remove(&k) {
                 st.actions_total -= i.actions.len();

@@ -142,7 +142,10 @@ pub struct ExplainQuery {
 /// Picks the invocations to compare (listed newest first): the ones named, or else the
 /// newest invocation with misses that has an earlier invocation of the same instance,
 /// against the latest such earlier one.
-fn choose(invocations: &[InvocationSummary], q: &ExplainQuery) -> Result<(String, String, String)> {
+pub fn choose(
+    invocations: &[InvocationSummary],
+    q: &ExplainQuery,
+) -> Result<(String, String, String)> {
     let of_instance = |i: &&InvocationSummary| q.instance.as_ref().is_none_or(|n| n == &i.instance);
     let earlier = |new: &InvocationSummary| {
         invocations
@@ -228,7 +231,7 @@ async fn explanation(state: &StatusState, p: &Principal, q: &ExplainQuery) -> Re
     Ok(crate::status::explain::explain(cache, &instance, base, new).await)
 }
 
-fn json(value: &impl Serialize) -> Response {
+pub(crate) fn json(value: &impl Serialize) -> Response {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => error_response(Error::Internal(format!("encoding JSON: {e}"))),
@@ -328,6 +331,8 @@ struct RecentRow {
     instance: String,
     duration: String,
     worker: String,
+    /// For a hit: who wrote the entry that answered it, and how long ago.
+    written_by: String,
     exit_code: String,
     message: String,
     stderr_href: Option<String>,
@@ -460,6 +465,11 @@ fn page(s: &Status) -> Page {
                 .map(|ms| format!("{:.2} s", ms as f64 / 1000.0))
                 .unwrap_or_default(),
             worker: r.worker.clone().unwrap_or_default(),
+            written_by: r
+                .written_by
+                .as_ref()
+                .map(|w| format!("{}, {}", w.who, ago(w.written_at_ms, now)))
+                .unwrap_or_default(),
             exit_code: r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
             message: r.message.clone(),
             stderr_href: r
@@ -571,7 +581,7 @@ async fn stderr(
         let d = a
             .stderr
             .ok_or_else(|| Error::NotFound(format!("action {id} has no stderr")))?;
-        let reader = state.cache.open_blob(&d, 0).await?.ok_or_else(|| {
+        let reader = state.cache.open_blob(&d, 0, None).await?.ok_or_else(|| {
             Error::NotFound(format!("the stderr of action {id} ({d}) was evicted"))
         })?;
         Ok::<_, Error>((d.size, reader))
@@ -605,6 +615,7 @@ mod tests {
         InvocationSummary {
             instance: instance.into(),
             id: id.into(),
+            caller: String::new(),
             correlated: String::new(),
             tool: String::new(),
             first_seen_ms: first,

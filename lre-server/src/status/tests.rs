@@ -1,5 +1,9 @@
 use super::*;
 
+/// A hit whose writer is not known, and a miss.
+const HIT: Option<Option<&crate::cache::Provenance>> = Some(None);
+const MISS: Option<Option<&crate::cache::Provenance>> = None;
+
 fn limits(max_invocations: usize, max_actions: usize, recent: usize) -> StatusConfig {
     StatusConfig {
         max_invocations,
@@ -38,7 +42,7 @@ fn ran(failed: bool) -> Execution {
 fn old_invocations_age_out_past_the_invocation_bound() {
     let a = Activity::new(limits(3, 1000, 10));
     for inv in ["i1", "i2", "i3", "i4", "i5"] {
-        a.lookup("", Some(&meta(inv)), digest(1), false);
+        a.lookup("", Some(&meta(inv)), digest(1), MISS);
     }
     let ids: Vec<String> = a
         .snapshot(|_| true)
@@ -51,15 +55,63 @@ fn old_invocations_age_out_past_the_invocation_bound() {
     assert_eq!(a.remembered_actions(), 3);
 }
 
+fn by(caller: &str, invocation: &str) -> RequestMeta {
+    RequestMeta {
+        caller: caller.into(),
+        ..meta(invocation)
+    }
+}
+
+/// Issue 21, defect 7: a read token added lookups to an invocation id it did not own, and
+/// 64 fresh ids pushed a real invocation out of the history.
+#[test]
+fn one_caller_cannot_add_to_or_push_out_anothers_invocations() {
+    let a = Activity::new(limits(8, 1000, 10));
+    a.lookup("", Some(&by("ci", "build-1")), digest(1), MISS);
+    // Lookups under CI's invocation id land in the caller's own entry, not in CI's.
+    a.lookup("", Some(&by("dev", "build-1")), digest(2), MISS);
+    let (summary, actions) = a.invocation("", "build-1").unwrap();
+    assert_eq!((summary.caller.as_str(), summary.misses), ("ci", 1));
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    // Sixty-four fresh ids push out only the caller's own.
+    for i in 0..64 {
+        a.lookup("", Some(&by("dev", &format!("junk{i}"))), digest(3), MISS);
+    }
+    let kept = a.snapshot(|_| true).invocations;
+    assert!(
+        kept.iter().any(|i| i.id == "build-1" && i.caller == "ci"),
+        "CI's invocation was pushed out: {:?}",
+        kept.iter().map(|i| (&i.caller, &i.id)).collect::<Vec<_>>()
+    );
+    assert_eq!(kept.len(), 8, "the bound holds");
+}
+
+/// The action bound too: one caller's huge invocation makes room from its own.
+#[test]
+fn the_action_bound_is_taken_from_the_caller_holding_most() {
+    let a = Activity::new(limits(100, 10, 10));
+    for i in 0..3 {
+        a.lookup("", Some(&by("ci", "real")), digest(i), MISS);
+    }
+    for i in 0..30 {
+        a.lookup("", Some(&by("dev", "flood")), digest(100 + i), MISS);
+    }
+    let (_, actions) = a.invocation("", "real").expect("CI's invocation kept");
+    assert_eq!(actions.len(), 3);
+    let (summary, actions) = a.invocation("", "flood").unwrap();
+    assert_eq!(actions.len(), 7, "what is left of the bound");
+    assert_eq!(summary.dropped, 23);
+}
+
 #[test]
 fn the_action_bound_evicts_whole_invocations_and_then_counts_what_it_drops() {
     let a = Activity::new(limits(100, 10, 10));
     for i in 0..6 {
-        a.lookup("", Some(&meta("old")), digest(i), true);
+        a.lookup("", Some(&meta("old")), digest(i), HIT);
     }
     // "old" was active first; the new invocation pushes it out once the budget is spent.
     for i in 0..12 {
-        a.lookup("", Some(&meta("new")), digest(100 + i), false);
+        a.lookup("", Some(&meta("new")), digest(100 + i), MISS);
     }
     assert!(a.invocation("", "old").is_none(), "old invocation aged out");
     let (summary, actions) = a.invocation("", "new").expect("new invocation kept");
@@ -75,10 +127,10 @@ fn the_action_bound_evicts_whole_invocations_and_then_counts_what_it_drops() {
 #[test]
 fn an_activity_touched_later_outlives_an_older_one() {
     let a = Activity::new(limits(2, 1000, 10));
-    a.lookup("", Some(&meta("a")), digest(1), true);
-    a.lookup("", Some(&meta("b")), digest(2), true);
-    a.lookup("", Some(&meta("a")), digest(3), true); // "a" active again
-    a.lookup("", Some(&meta("c")), digest(4), true); // evicts "b", the least recent
+    a.lookup("", Some(&meta("a")), digest(1), HIT);
+    a.lookup("", Some(&meta("b")), digest(2), HIT);
+    a.lookup("", Some(&meta("a")), digest(3), HIT); // "a" active again
+    a.lookup("", Some(&meta("c")), digest(4), HIT); // evicts "b", the least recent
     assert!(a.invocation("", "a").is_some());
     assert!(a.invocation("", "b").is_none());
     assert!(a.invocation("", "c").is_some());
@@ -88,9 +140,9 @@ fn an_activity_touched_later_outlives_an_older_one() {
 fn a_miss_then_an_execution_is_one_missed_action() {
     let a = Activity::new(limits(10, 100, 10));
     let m = meta("x");
-    a.lookup("", Some(&m), digest(7), false);
+    a.lookup("", Some(&m), digest(7), MISS);
     a.executed("", Some(&m), digest(7), ran(false));
-    a.lookup("", Some(&m), digest(8), true);
+    a.lookup("", Some(&m), digest(8), HIT);
     let (s, actions) = a.invocation("", "x").unwrap();
     assert_eq!((s.hits, s.misses, s.executed, s.failed), (1, 1, 1, 0));
     let missed: Vec<_> = actions
@@ -105,7 +157,7 @@ fn a_miss_then_an_execution_is_one_missed_action() {
 fn the_recent_list_is_bounded_and_newest_first() {
     let a = Activity::new(limits(10, 100, 3));
     for i in 0..5 {
-        a.lookup("", None, digest(i), i % 2 == 0);
+        a.lookup("", None, digest(i), (i % 2 == 0).then_some(None));
     }
     a.executed("", None, digest(9), ran(true));
     let r = a.snapshot(|_| true).recent;
@@ -124,8 +176,8 @@ fn the_recent_list_is_bounded_and_newest_first() {
 #[test]
 fn callers_see_only_the_instances_they_may_read() {
     let a = Activity::new(limits(10, 100, 10));
-    a.lookup("team", Some(&meta("t1")), digest(1), true);
-    a.lookup("secret", Some(&meta("s1")), digest(2), false);
+    a.lookup("team", Some(&meta("t1")), digest(1), HIT);
+    a.lookup("secret", Some(&meta("s1")), digest(2), MISS);
     a.executed("secret", Some(&meta("s1")), digest(2), ran(true));
     let s = a.snapshot(|i| i == "team");
     assert!(s.recent.iter().all(|r| r.instance == "team"));
@@ -140,7 +192,7 @@ fn callers_see_only_the_instances_they_may_read() {
 fn invented_instance_names_share_one_timeline_row() {
     let a = Activity::new(limits(10, 100, 10));
     for i in 0..100 {
-        a.lookup(&format!("i{i}"), None, digest(i), true);
+        a.lookup(&format!("i{i}"), None, digest(i), HIT);
     }
     let s = a.snapshot(|_| true);
     let now = s.minutes.last().unwrap();

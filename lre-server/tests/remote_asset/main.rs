@@ -265,12 +265,17 @@ async fn private_addresses_are_refused_literal_or_resolved() {
         Code::PermissionDenied,
         "loopback (127.0.0.0/8); list it in asset.allowed_private_ranges",
     );
+    // Issue 21, defect 8: the refusal named the address the name resolved to, which made
+    // the server a DNS oracle for its own network. It says why, not where.
     let by_name = format!("http://localhost:{}/file", up.addr.port());
+    let r = fetch_blob(&ch, &[by_name], &[], None).await;
     refused(
-        fetch_blob(&ch, &[by_name], &[], None).await,
+        r.clone(),
         Code::PermissionDenied,
-        "localhost resolves to address",
+        "localhost resolves only to addresses downloads may not reach",
     );
+    let m = r.unwrap_err().message().to_string();
+    assert!(!m.contains("127.0.0.1") && !m.contains("::1"), "{m}");
     refused(
         fetch_blob(
             &ch,
@@ -335,6 +340,99 @@ async fn every_redirect_hop_is_checked() {
     );
     assert_eq!(up.hits("/loop"), 6);
     assert_eq!(up.hits("/file"), 1);
+    up.stop().await;
+    s.shutdown().await;
+}
+
+/// Issue 21, defect 8: `http_header:` qualifiers of any name (X-Api-Key, Private-Token)
+/// were re-sent after a redirect to another host. They now go only to the host they were
+/// given for; a redirect within that host keeps them.
+#[tokio::test]
+async fn client_headers_never_follow_a_redirect_to_another_host() {
+    let data = b"behind a redirect".to_vec();
+    let up = Upstream::start(|addr| {
+        let port = addr.port();
+        vec![
+            ("/file", Reply::Body(data.clone())),
+            ("/other", Reply::Body(data.clone())),
+            ("/same", Reply::Redirect("/other".into())),
+            (
+                "/away",
+                Reply::Redirect(format!("http://localhost:{port}/file")),
+            ),
+        ]
+    })
+    .await;
+    let s = start(config(
+        &["127.0.0.1", "localhost"],
+        &["127.0.0.0/8", "::1/128"],
+    ))
+    .await;
+    let ch = channel(&s).await;
+    let q = [
+        ("http_header:X-Api-Key", "s3cret"),
+        ("http_header:Private-Token", "t0ken"),
+    ];
+    let r = fetch_blob(&ch, &[up.url("/same")], &q, None).await.unwrap();
+    assert_eq!(r.blob_digest, Some(digest(&data)));
+    assert_eq!(up.header("/same", "x-api-key").as_deref(), Some("s3cret"));
+    assert_eq!(
+        up.header("/other", "x-api-key").as_deref(),
+        Some("s3cret"),
+        "a redirect within the host keeps them"
+    );
+    let r = fetch_blob(&ch, &[up.url("/away")], &q, None).await.unwrap();
+    assert_eq!(r.blob_digest, Some(digest(&data)));
+    assert_eq!(
+        up.header("/away", "private-token").as_deref(),
+        Some("t0ken")
+    );
+    assert_eq!(up.hits("/file"), 1, "the redirect was followed");
+    assert_eq!(
+        up.header("/file", "x-api-key"),
+        None,
+        "sent to another host"
+    );
+    assert_eq!(
+        up.header("/file", "private-token"),
+        None,
+        "sent to another host"
+    );
+    up.stop().await;
+    s.shutdown().await;
+}
+
+/// Issue 21, defect 3: a FetchBlob listing one remembered URI many times, with a checksum
+/// the blob does not match, hashed the blob once per URI (100 URIs: 83 times the CPU).
+#[tokio::test]
+async fn a_blob_named_by_many_uris_is_hashed_once_per_request() {
+    let data = blob(200_000, 9);
+    let up = Upstream::start(|_| vec![("/file", Reply::Body(data.clone()))]).await;
+    let s = start(loopback_config()).await;
+    let ch = channel(&s).await;
+    let uri = up.url("/file");
+    fetch_blob(&ch, std::slice::from_ref(&uri), &[], None)
+        .await
+        .unwrap();
+    // Reads of CAS blobs that found them, as the server's own metrics count them.
+    let reads = || {
+        s.cache
+            .metrics
+            .cas_lookups
+            .get_or_create(&lre_server::metrics::ResultLabel { result: "hit" })
+            .get()
+    };
+    let before = reads();
+    let uris = vec![uri; 100];
+    // A SHA-384 the remembered blob does not have: each URI's memory is checked against it.
+    let wrong = format!("sha384-{}", "A".repeat(64));
+    let r = fetch_blob(&ch, &uris, &[("checksum.sri", &wrong)], None).await;
+    assert!(r.is_err(), "a wrong checksum is never served: {r:?}");
+    let hashed = reads() - before;
+    assert!(
+        hashed <= 3,
+        "the blob was read {hashed} times for one request"
+    );
     up.stop().await;
     s.shutdown().await;
 }

@@ -16,10 +16,12 @@ pub enum Reply {
     Redirect(String),
 }
 
-/// A loopback HTTP server with fixed replies that counts the requests for each path.
+/// A loopback HTTP server with fixed replies that counts the requests for each path, and
+/// keeps the headers of the last request to each.
 pub struct Upstream {
     pub addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    headers: Arc<Mutex<HashMap<String, axum::http::HeaderMap>>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -35,15 +37,17 @@ impl Upstream {
                 .collect(),
         );
         let hits = Arc::new(Mutex::new(HashMap::new()));
-        let counted = hits.clone();
-        let app = axum::Router::new().fallback(move |uri: Uri| {
-            let (routes, hits) = (routes.clone(), counted.clone());
+        let headers = Arc::new(Mutex::new(HashMap::new()));
+        let (counted, kept) = (hits.clone(), headers.clone());
+        let app = axum::Router::new().fallback(move |uri: Uri, h: axum::http::HeaderMap| {
+            let (routes, hits, kept) = (routes.clone(), counted.clone(), kept.clone());
             async move {
                 *hits
                     .lock()
                     .unwrap()
                     .entry(uri.path().to_string())
                     .or_insert(0) += 1;
+                kept.lock().unwrap().insert(uri.path().to_string(), h);
                 match routes.get(uri.path()) {
                     Some(Reply::Body(b)) => b.clone().into_response(),
                     Some(Reply::Chunked(b)) => {
@@ -70,6 +74,7 @@ impl Upstream {
         Upstream {
             addr,
             hits,
+            headers,
             stop,
             task,
         }
@@ -81,6 +86,14 @@ impl Upstream {
 
     pub fn hits(&self, path: &str) -> usize {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// The value of header `name` in the last request to `path`.
+    pub fn header(&self, path: &str, name: &str) -> Option<String> {
+        let h = self.headers.lock().unwrap();
+        h.get(path)?
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("?").to_string())
     }
 
     pub fn total(&self) -> usize {

@@ -4,6 +4,10 @@
 //! it. A client that trusts a hit (Bazel's Build without the Bytes) then never meets an
 //! evicted output. Looking the outputs up also refreshes them in the CAS's LRU.
 //!
+//! What a result references is decided once, when it is written (`entry_for`): the list is
+//! stored with it (`ac_entry`), so a read looks the blobs up without decoding any Tree.
+//! Entries of the earlier form, without the list, have small Trees read on each lookup.
+//!
 //! It wraps the store that holds action results and reads the CAS beside it; writes,
 //! removals and lookups pass through. Every action-cache read goes through it: the server
 //! builds it around `[action_cache_store]` (or `[store]`) itself, so no configuration can
@@ -13,11 +17,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Tree};
+use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use bytes::Bytes;
 use prost::Message;
 
-use super::{reader_over, BlobReader, BlobStore, BlobWriter, Key};
+use super::{reader_over, BlobReader, BlobStore, BlobWriter, Key, KeyKind};
 use crate::digest::Digest;
 use crate::error::Result;
 
@@ -58,20 +62,31 @@ impl CompletenessChecking {
     }
 
     /// A CAS blob whole, only if its stored size is the digest's (compared before a byte
-    /// is read, so a digest understating a huge blob's size reads nothing).
-    async fn read_cas(&self, d: &Digest) -> Result<Option<Bytes>> {
+    /// is read, so a digest understating a huge blob's size reads nothing) and at most
+    /// `max` bytes. `Err` names why not.
+    async fn read_cas(&self, d: &Digest, max: u64) -> Result<Result<Bytes, String>> {
         if d.is_empty_blob() {
-            return Ok(Some(Bytes::new()));
+            return Ok(Ok(Bytes::new()));
+        }
+        if d.size > max {
+            return Ok(Err(format!("it is larger than {max} bytes")));
         }
         let key = Key::cas(d);
-        match self.cas.lookup(std::slice::from_ref(&key)).await?[0] {
-            Some(size) if size == d.size => self.cas.get(&key).await,
-            _ => Ok(None),
-        }
+        let found = match self.cas.lookup(std::slice::from_ref(&key)).await?[0] {
+            Some(size) if size == d.size => self.cas.get(&key).await?,
+            _ => None,
+        };
+        Ok(found.ok_or_else(|| "it is not in the CAS".to_string()))
     }
 
-    /// The first blob `result` references that the CAS lacks.
-    async fn first_missing(&self, result: &ActionResult) -> Result<Option<Digest>> {
+    /// Every blob `result` references: its output files, stdout and stderr, each output
+    /// directory's Tree and every file in it, with trees of at most `max_tree` bytes read
+    /// (without building their nodes in memory). `Err(why)` when a Tree cannot be read.
+    async fn references_of(
+        &self,
+        result: &ActionResult,
+        max_tree: u64,
+    ) -> Result<Result<Vec<Digest>, String>> {
         let mut wanted: Vec<Digest> = Vec::new();
         for f in &result.output_files {
             wanted.extend(Digest::from_opt_proto(&f.digest)?);
@@ -82,24 +97,39 @@ impl CompletenessChecking {
             let Some(tree_digest) = Digest::from_opt_proto(&dir.tree_digest)? else {
                 continue;
             };
-            let Some(raw) = self.read_cas(&tree_digest).await? else {
-                return Ok(Some(tree_digest));
-            };
-            let tree = match Tree::decode(raw) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%tree_digest, error = %e, "output tree is not a Tree message");
-                    return Ok(Some(tree_digest));
+            let raw = match self.read_cas(&tree_digest, max_tree).await? {
+                Ok(raw) => raw,
+                Err(why) => {
+                    return Ok(Err(format!(
+                        "output directory {:?}: its Tree {tree_digest}: {why}",
+                        dir.path
+                    )))
                 }
             };
-            for d in tree.root.iter().chain(tree.children.iter()) {
-                for f in &d.files {
-                    wanted.extend(Digest::from_opt_proto(&f.digest)?);
-                }
+            wanted.push(tree_digest);
+            if let Err(e) = tree_files(&raw, &mut wanted) {
+                return Ok(Err(format!(
+                    "output directory {:?}: its Tree {tree_digest} is not a Tree message: {e}",
+                    dir.path
+                )));
+            }
+            if wanted.len() > 4 * crate::ac_entry::MAX_REFERENCES {
+                // Repeats are counted too, so that a Tree naming one file a million times
+                // cannot make the list grow: distinct ones are bounded when encoding.
+                return Err(crate::ac_entry::too_many_references());
             }
         }
+        Ok(Ok(wanted))
+    }
+
+    /// The first of `wanted` that the CAS lacks (or holds at another size).
+    async fn first_missing(&self, wanted: &[Digest]) -> Result<Option<Digest>> {
         let mut seen = HashSet::new();
-        wanted.retain(|d| !d.is_empty_blob() && seen.insert(*d));
+        let wanted: Vec<Digest> = wanted
+            .iter()
+            .filter(|d| !d.is_empty_blob() && seen.insert(**d))
+            .copied()
+            .collect();
         let keys: Vec<Key> = wanted.iter().map(Key::cas).collect();
         let sizes = self.cas.lookup(&keys).await?;
         Ok(wanted
@@ -108,6 +138,82 @@ impl CompletenessChecking {
             .find(|(d, size)| *size != Some(d.size))
             .map(|(d, _)| d))
     }
+
+    /// The stored form of `result`, written by `provenance`: the blobs it references are
+    /// found now, once, and kept with it, so no read decodes its Trees again. Refused
+    /// (FAILED_PRECONDITION, naming the directory) when an output Tree is missing, too
+    /// large or not a Tree; INVALID_ARGUMENT when the result references more than
+    /// `MAX_REFERENCES` blobs.
+    pub async fn entry_for(
+        &self,
+        result: &ActionResult,
+        provenance: crate::ac_entry::Provenance,
+    ) -> Result<Bytes> {
+        let references = match self.references_of(result, MAX_TREE_BYTES).await? {
+            Ok(r) => r,
+            Err(why) => {
+                return Err(crate::StoreError::FailedPrecondition(format!(
+                    "{why}; upload every output (Trees included) before the result"
+                )))
+            }
+        };
+        crate::ac_entry::AcEntry::encode(result.encode_to_vec().into(), provenance, &references)
+    }
+
+    fn withheld(&self, key: &Key, why: Withheld, detail: &dyn std::fmt::Display) {
+        match why {
+            Withheld::Incomplete => {
+                tracing::debug!(%key, %detail, "action result incomplete: treating as a miss")
+            }
+            Withheld::Undecodable => {
+                tracing::warn!(%key, %detail, "dropping undecodable action cache entry")
+            }
+        }
+        (self.on_withheld)(why);
+    }
+}
+
+/// Output Trees larger than this are refused when a result is written. Reading one never
+/// builds its nodes (`tree_files` walks the encoding), so the cost is this many bytes.
+pub const MAX_TREE_BYTES: u64 = 64 << 20;
+/// Entries of the earlier form (no reference list) have their Trees read on every lookup:
+/// ones larger than this read as misses, and are replaced when the action runs again.
+pub const MAX_LEGACY_TREE_BYTES: u64 = 1 << 20;
+
+/// Appends the digest of every file in an encoded `Tree` (root and children) to `out`,
+/// walking the protobuf encoding instead of decoding the Tree: a Tree of millions of empty
+/// file nodes costs its bytes, not a node object each (about 1 GiB for 16 MiB, measured).
+/// Hand-written because prost only decodes whole messages.
+pub fn tree_files(raw: &[u8], out: &mut Vec<Digest>) -> std::result::Result<(), String> {
+    // Tree: root = 1, children = 2 (Directory). Directory: files = 1 (FileNode).
+    // FileNode: digest = 2 (Digest).
+    use crate::wire;
+    for (field, dir) in wire::fields(raw) {
+        let (field, dir) = (field?, dir);
+        if field != 1 && field != 2 {
+            continue;
+        }
+        let Some(dir) = dir else {
+            return Err(format!("field {field} of a Tree is not a message"));
+        };
+        for (f, node) in wire::fields(dir) {
+            if f? != 1 {
+                continue;
+            }
+            let node = node.ok_or("a Directory's files field is not a message")?;
+            for (g, digest) in wire::fields(node) {
+                if g? != 2 {
+                    continue;
+                }
+                let digest = digest.ok_or("a FileNode's digest is not a message")?;
+                let d =
+                    bazel_remote_apis::build::bazel::remote::execution::v2::Digest::decode(digest)
+                        .map_err(|e| e.to_string())?;
+                out.push(Digest::from_proto(&d).map_err(|e| e.to_string())?);
+            }
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -116,6 +222,8 @@ impl BlobStore for CompletenessChecking {
         self.results.lookup(keys).await
     }
 
+    /// The stored entry (see `ac_entry`), only if every blob its result references is in
+    /// the CAS; an undecodable entry is removed.
     async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
         let Some(raw) = self.results.get(key).await? else {
             return Ok(None);
@@ -123,34 +231,57 @@ impl BlobStore for CompletenessChecking {
         let Key::Ac(_) = key else {
             return Ok(Some(raw));
         };
-        let result = match ActionResult::decode(raw.clone()) {
-            Ok(r) => r,
+        let entry = match crate::ac_entry::AcEntry::decode(raw.clone()) {
+            Ok(e) => e,
             Err(e) => {
-                tracing::warn!(%key, error = %e, "dropping undecodable action cache entry");
+                self.withheld(key, Withheld::Undecodable, &e);
                 self.results.remove(key).await?;
-                (self.on_withheld)(Withheld::Undecodable);
                 return Ok(None);
             }
         };
-        // A result naming a malformed digest can only have been stored by going around
-        // validation: treat it as incomplete, not as the caller's error.
-        match self.first_missing(&result).await {
-            Ok(None) => Ok(Some(raw)),
-            Ok(Some(missing)) => {
-                tracing::debug!(%key, %missing, "action result incomplete: treating as a miss");
-                (self.on_withheld)(Withheld::Incomplete);
+        let references = match entry.references {
+            Some(r) => r,
+            // The earlier form: found from the result itself, with small Trees only.
+            None => {
+                let result = match ActionResult::decode(entry.result) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.withheld(key, Withheld::Undecodable, &e);
+                        self.results.remove(key).await?;
+                        return Ok(None);
+                    }
+                };
+                match self.references_of(&result, MAX_LEGACY_TREE_BYTES).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(why)) => {
+                        self.withheld(key, Withheld::Incomplete, &why);
+                        return Ok(None);
+                    }
+                    // A result naming a malformed digest can only have been stored by going
+                    // around validation: incomplete, not the caller's error.
+                    Err(crate::StoreError::InvalidArgument(m)) => {
+                        self.withheld(key, Withheld::Incomplete, &m);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match self.first_missing(&references).await? {
+            None => Ok(Some(raw)),
+            Some(missing) => {
+                self.withheld(key, Withheld::Incomplete, &format!("{missing} is missing"));
                 Ok(None)
             }
-            Err(crate::StoreError::InvalidArgument(m)) => {
-                tracing::warn!(%key, error = %m, "action result names a malformed digest");
-                (self.on_withheld)(Withheld::Incomplete);
-                Ok(None)
-            }
-            Err(e) => Err(e),
         }
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        _limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
         Ok(self.get(key).await?.map(|data| reader_over(data, offset)))
     }
 
@@ -160,6 +291,10 @@ impl BlobStore for CompletenessChecking {
 
     async fn remove(&self, key: &Key) -> Result<()> {
         self.results.remove(key).await
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        self.results.list(kind).await
     }
 
     fn capacity(&self) -> u64 {
@@ -243,7 +378,7 @@ mod tests {
         let inner_key = Key::Cas(hex::decode(&inner_file.hash).unwrap().try_into().unwrap());
         cas.remove(&inner_key).await.unwrap();
         assert!(layer.get(&key).await.unwrap().is_none());
-        assert!(layer.open(&key, 0).await.unwrap().is_none());
+        assert!(layer.open(&key, 0, None).await.unwrap().is_none());
         assert_eq!(withheld.load(Ordering::SeqCst), 2);
         assert!(results.get(&key).await.unwrap().is_some(), "not deleted");
         cas_put(cas.as_ref(), b"a file inside a tree").await;
@@ -258,5 +393,148 @@ mod tests {
         // The same bytes through `unchecked` (an asset record's path) are left alone.
         put(results.as_ref(), junk, &[0xff, 0xff, 0xff]).await;
         assert!(layer.unchecked().get(&junk).await.unwrap().is_some());
+    }
+
+    /// The CAS, counting the bytes read out of it whole or streamed.
+    struct Counting {
+        inner: MemStore,
+        read: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl BlobStore for Counting {
+        async fn lookup(&self, keys: &[Key]) -> Result<Vec<Option<u64>>> {
+            self.inner.lookup(keys).await
+        }
+        async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+            let r = self.inner.get(key).await?;
+            self.read
+                .fetch_add(r.as_ref().map_or(0, |b| b.len()), Ordering::SeqCst);
+            Ok(r)
+        }
+        async fn open(
+            &self,
+            key: &Key,
+            offset: u64,
+            limit: Option<u64>,
+        ) -> Result<Option<(u64, BlobReader)>> {
+            self.read.fetch_add(1, Ordering::SeqCst);
+            self.inner.open(key, offset, limit).await
+        }
+        async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
+            self.inner.writer(size_hint).await
+        }
+        async fn remove(&self, key: &Key) -> Result<()> {
+            self.inner.remove(key).await
+        }
+        async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+            self.inner.list(kind).await
+        }
+        fn capacity(&self) -> u64 {
+            self.inner.capacity()
+        }
+    }
+
+    /// Issue 21, defect 4: a 16 MiB Tree of empty file nodes cost about 1 GiB on every
+    /// read-only GetActionResult. Now what a result references is found once, when it is
+    /// written, by walking the Tree's encoding; reads look the list up and read no Tree.
+    #[tokio::test]
+    async fn a_huge_output_tree_is_read_once_when_written_and_never_on_lookups() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let cas: Arc<dyn BlobStore> = Arc::new(Counting {
+            inner: MemStore::new(1 << 30, StoreMetrics::default()),
+            read: read.clone(),
+        });
+        let results: Arc<dyn BlobStore> = Arc::new(MemStore::new(1 << 30, StoreMetrics::default()));
+        let layer = CompletenessChecking::new(results.clone(), cas.clone(), Box::new(|_| {}));
+        let empty = re::FileNode {
+            name: String::new(),
+            digest: Some(re::Digest {
+                hash: hex::encode(Sha256::digest(b"")),
+                size_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        let real = cas_put(cas.as_ref(), b"one real file").await;
+        let mut files = vec![empty; 16 << 20 >> 6];
+        files.push(re::FileNode {
+            name: "real".into(),
+            digest: Some(real.clone()),
+            ..Default::default()
+        });
+        let tree = re::Tree {
+            root: Some(re::Directory {
+                files,
+                ..Default::default()
+            }),
+            children: vec![],
+        };
+        let tree_raw = tree.encode_to_vec();
+        assert!(tree_raw.len() > 8 << 20, "{}", tree_raw.len());
+        let tree_digest = cas_put(cas.as_ref(), &tree_raw).await;
+        let result = re::ActionResult {
+            output_directories: vec![re::OutputDirectory {
+                path: "out".into(),
+                tree_digest: Some(tree_digest),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let key = Key::ac("", &[3; 32]);
+        let entry = layer
+            .entry_for(&result, crate::ac_entry::Provenance::default())
+            .await
+            .unwrap();
+        assert!(
+            entry.len() < 4096,
+            "the references, not the Tree: {}",
+            entry.len()
+        );
+        put(results.as_ref(), key, &entry).await;
+        read.store(0, Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(layer.get(&key).await.unwrap().is_some());
+        }
+        assert_eq!(
+            read.load(Ordering::SeqCst),
+            0,
+            "no CAS blob was read by the lookups"
+        );
+        // The file inside goes: the next lookup says so, still without reading the Tree.
+        let real_key = Key::Cas(hex::decode(&real.hash).unwrap().try_into().unwrap());
+        cas.remove(&real_key).await.unwrap();
+        assert!(layer.get(&key).await.unwrap().is_none());
+        assert_eq!(read.load(Ordering::SeqCst), 0);
+        // An entry of the earlier form with such a Tree reads as a miss, unread.
+        let legacy = Key::ac("", &[4; 32]);
+        put(results.as_ref(), legacy, &result.encode_to_vec()).await;
+        cas_put(cas.as_ref(), b"one real file").await;
+        read.store(0, Ordering::SeqCst);
+        assert!(layer.get(&legacy).await.unwrap().is_none());
+        assert_eq!(read.load(Ordering::SeqCst), 0);
+        // A write naming a Tree the CAS lacks is refused, naming the directory.
+        let missing = re::ActionResult {
+            output_directories: vec![re::OutputDirectory {
+                path: "gone".into(),
+                tree_digest: Some(re::Digest {
+                    hash: "ab".repeat(32),
+                    size_bytes: 10,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = layer
+            .entry_for(&missing, crate::ac_entry::Provenance::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, crate::StoreError::FailedPrecondition(_)),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("\"gone\"") && e.to_string().contains("not in the CAS"),
+            "{e}"
+        );
     }
 }

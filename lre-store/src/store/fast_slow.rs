@@ -16,7 +16,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
-use super::{BlobReader, BlobStore, BlobWriter, Key};
+use super::{BlobReader, BlobStore, BlobWriter, Key, KeyKind};
 use crate::error::{Result, StoreError as Error};
 
 /// The copy buffer for filling the fast tier.
@@ -37,7 +37,7 @@ impl FastSlowStore {
     /// of unfinished uploads, or too small for it) is `Fill::Bypass`: serve from the slow
     /// tier instead.
     async fn fill(&self, key: &Key) -> Result<Fill> {
-        let Some((size, mut reader)) = self.slow.open(key, 0).await? else {
+        let Some((size, mut reader)) = self.slow.open(key, 0, None).await? else {
             return Ok(Fill::Absent);
         };
         let mut writer = match self.fast.writer(Some(size)).await {
@@ -98,8 +98,13 @@ impl FastSlowStore {
 
     /// `key` straight from the slow tier, not kept: a CAS blob is hashed as it streams
     /// (the skipped prefix too), and a mismatch is an error at its end, never a clean EOF.
-    async fn open_slow(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        super::verify::open_verified(&self.slow, key, offset).await
+    async fn open_slow(
+        &self,
+        key: &Key,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
+        super::verify::open_verified(&self.slow, key, offset, limit).await
     }
 }
 
@@ -159,17 +164,23 @@ impl BlobStore for FastSlowStore {
         Ok(Some(b))
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        if let Some(r) = self.fast.open(key, offset).await? {
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
+        // The fast tier holds only blobs checked when they were filled (or written here).
+        if let Some(r) = self.fast.open(key, offset, limit).await? {
             return Ok(Some(r));
         }
         match self.fill(key).await? {
             Fill::Absent => Ok(None),
-            Fill::Filled => match self.fast.open(key, offset).await? {
+            Fill::Filled => match self.fast.open(key, offset, limit).await? {
                 Some(r) => Ok(Some(r)),
-                None => self.open_slow(key, offset).await,
+                None => self.open_slow(key, offset, limit).await,
             },
-            Fill::Bypass => self.open_slow(key, offset).await,
+            Fill::Bypass => self.open_slow(key, offset, limit).await,
         }
     }
 
@@ -187,6 +198,14 @@ impl BlobStore for FastSlowStore {
     async fn remove(&self, key: &Key) -> Result<()> {
         self.fast.remove(key).await?;
         self.slow.remove(key).await
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        let mut all = self.slow.list(kind).await?;
+        all.extend(self.fast.list(kind).await?);
+        all.sort_by_key(|k| *k.hash());
+        all.dedup();
+        Ok(all)
     }
 
     fn capacity(&self) -> u64 {

@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::lru_index::LruIndex;
-use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key};
+use super::{check_fits, no_room, BlobReader, BlobStore, BlobWriter, Key, KeyKind};
 use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
 
@@ -391,7 +391,7 @@ impl BlobStore for FsStore {
             return Ok(None);
         }
         if self.verifies(key) {
-            let Some((_, mut reader)) = self.open(key, 0).await? else {
+            let Some((_, mut reader)) = self.open(key, 0, None).await? else {
                 return Ok(None);
             };
             let mut data = Vec::new();
@@ -406,7 +406,13 @@ impl BlobStore for FsStore {
         }
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        // With `verify_on_read` the whole file is checked before a byte is served.
+        _limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
         if self.lookup(std::slice::from_ref(key)).await?[0].is_none() {
             return Ok(None);
         }
@@ -482,6 +488,16 @@ impl BlobStore for FsStore {
         })
         .await
         .map_err(|e| join_error("remove", e))
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        Ok(self
+            .inner
+            .index()
+            .keys()
+            .filter(|k| k.key_kind() == kind)
+            .copied()
+            .collect())
     }
 
     fn capacity(&self) -> u64 {
@@ -808,9 +824,9 @@ pub(super) mod tests {
             &store.get(&good).await.unwrap().unwrap()[..],
             b"intact blob"
         );
-        let (size, _) = store.open(&good, 3).await.unwrap().unwrap();
+        let (size, _) = store.open(&good, 3, None).await.unwrap().unwrap();
         assert_eq!(size, 11);
-        assert!(store.open(&bad, 0).await.unwrap().is_none());
+        assert!(store.open(&bad, 0, None).await.unwrap().is_none());
         assert!(!path.exists(), "the corrupt file was left in place");
         assert_eq!(store.lookup(&[bad]).await.unwrap(), vec![None]);
         assert_eq!(metrics.entries.get(), 1);

@@ -66,6 +66,11 @@ impl<V> LruIndex<V> {
         self.map.get_mut(key)
     }
 
+    /// Every key held (entries, not reservations), without touching their recency.
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.map.iter().map(|(k, _)| k)
+    }
+
     pub fn contains(&self, key: &Key) -> bool {
         self.map.contains(key)
     }

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::lru_index::LruIndex;
-use super::{check_fits, no_room, reader_over, BlobReader, BlobStore, BlobWriter, Key};
+use super::{check_fits, no_room, reader_over, BlobReader, BlobStore, BlobWriter, Key, KeyKind};
 use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
 
@@ -54,7 +54,12 @@ impl BlobStore for MemStore {
         Ok(self.index().get(key).map(|e| e.value.clone()))
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        _limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
         Ok(self.get(key).await?.map(|data| reader_over(data, offset)))
     }
 
@@ -66,6 +71,15 @@ impl BlobStore for MemStore {
     async fn remove(&self, key: &Key) -> Result<()> {
         self.index().remove(key);
         Ok(())
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        Ok(self
+            .index()
+            .keys()
+            .filter(|k| k.key_kind() == kind)
+            .copied()
+            .collect())
     }
 
     fn capacity(&self) -> u64 {

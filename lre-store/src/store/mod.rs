@@ -43,7 +43,43 @@ pub enum Key {
     Ac([u8; 32]),
 }
 
+/// The kinds of key, for `BlobStore::list`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KeyKind {
+    Cas,
+    CasExecutable,
+    Ac,
+}
+
+impl KeyKind {
+    /// The name a key of this kind is stored under, before its hex hash: "cas/<hex>".
+    pub fn dir(self) -> &'static str {
+        match self {
+            KeyKind::Cas => "cas",
+            KeyKind::CasExecutable => "cas-x",
+            KeyKind::Ac => "ac",
+        }
+    }
+}
+
 impl Key {
+    pub fn key_kind(&self) -> KeyKind {
+        match self {
+            Key::Cas(_) => KeyKind::Cas,
+            Key::CasExecutable(_) => KeyKind::CasExecutable,
+            Key::Ac(_) => KeyKind::Ac,
+        }
+    }
+
+    /// The key of `kind` named by `hash`.
+    pub fn of_kind(kind: KeyKind, hash: [u8; 32]) -> Key {
+        match kind {
+            KeyKind::Cas => Key::Cas(hash),
+            KeyKind::CasExecutable => Key::CasExecutable(hash),
+            KeyKind::Ac => Key::Ac(hash),
+        }
+    }
+
     pub fn cas(d: &Digest) -> Key {
         Key::Cas(d.hash)
     }
@@ -64,14 +100,10 @@ impl Key {
     }
 
     fn kind(&self) -> &'static str {
-        match self {
-            Key::Cas(_) => "cas",
-            Key::CasExecutable(_) => "cas-x",
-            Key::Ac(_) => "ac",
-        }
+        self.key_kind().dir()
     }
 
-    fn hash(&self) -> &[u8; 32] {
+    pub fn hash(&self) -> &[u8; 32] {
         match self {
             Key::Cas(h) | Key::CasExecutable(h) | Key::Ac(h) => h,
         }
@@ -151,13 +183,27 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The whole entry, for small blobs (action results, trees, batch reads).
     async fn get(&self, key: &Key) -> Result<Option<Bytes>>;
 
-    /// A reader positioned at `offset`, with the entry's total size.
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>>;
+    /// A reader positioned at `offset`, with the entry's total size. `limit` is how many
+    /// bytes the consumer will read at most (`None`: to the end). A layer that verifies
+    /// content must judge the whole blob before it hands out the last byte of that range,
+    /// since a consumer that stops there never reads the end where a verdict would come;
+    /// other stores may ignore it.
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>>;
 
     /// Starts a write. Nothing is visible until `commit`; dropping the writer discards it.
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>>;
 
     async fn remove(&self, key: &Key) -> Result<()>;
+
+    /// Every key of `kind` the store holds, in no particular order: for operators' scans
+    /// (who wrote which action results), never for serving requests. Layers list what is
+    /// below them; a tiered store lists both tiers.
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>>;
 
     /// The size limit, in bytes.
     fn capacity(&self) -> u64;

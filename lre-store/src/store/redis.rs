@@ -20,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::IntoConnectionInfo;
 
-use super::{check_fits, reader_over, BlobReader, BlobStore, BlobWriter, Budget, Key};
+use super::{check_fits, reader_over, BlobReader, BlobStore, BlobWriter, Budget, Key, KeyKind};
 use crate::config::RedisConfig;
 use crate::error::{Result, StoreError as Error};
 
@@ -403,7 +403,12 @@ impl BlobStore for RedisStore {
         Ok(value.map(Bytes::from))
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        _limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
         Ok(self.get(key).await?.map(|data| reader_over(data, offset)))
     }
 
@@ -421,6 +426,43 @@ impl BlobStore for RedisStore {
         cmd.arg(s.key(key));
         let _: u64 = s.redis.run(&format!("removing {key}"), &cmd).await?;
         Ok(())
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        let s = &self.shared;
+        let dir = format!("{}{}/", s.prefix, kind.dir());
+        // SCAN's MATCH is a glob: the prefix's own glob characters are escaped.
+        let mut pattern = String::new();
+        for c in dir.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let mut found = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) = s.redis.run("listing entries", &cmd).await?;
+            found.extend(keys.iter().filter_map(|k| {
+                let hash = crate::digest::Digest::parse_hash(k.strip_prefix(&dir)?).ok()?;
+                Some(Key::of_kind(kind, hash))
+            }));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        found.sort_by_key(|k| *k.hash());
+        found.dedup();
+        Ok(found)
     }
 
     fn capacity(&self) -> u64 {

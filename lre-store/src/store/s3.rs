@@ -26,7 +26,7 @@ use object_store::{
 };
 use tokio_util::io::StreamReader;
 
-use super::{check_fits, BlobReader, BlobStore, BlobWriter, Budget, Key};
+use super::{check_fits, BlobReader, BlobStore, BlobWriter, Budget, Key, KeyKind};
 use crate::config::S3Config;
 use crate::error::{Result, StoreError as Error};
 
@@ -179,7 +179,13 @@ impl BlobStore for S3Store {
         Ok(Some(data))
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        // Nothing to verify here: the `verify` layer above does.
+        _limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
         let path = self.path(key);
         let mut opts = GetOptions::default();
         if offset > 0 {
@@ -236,6 +242,24 @@ impl BlobStore for S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.unavailable("DELETE", e)),
         }
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        let dir = Path::from(format!("{}{}", self.prefix, kind.dir()));
+        let mut found = Vec::new();
+        let mut objects = self.stream_client.list(Some(&dir));
+        while let Some(meta) = objects.next().await {
+            let meta = meta.map_err(|e| self.unavailable("LIST", e))?;
+            // Anything else under the prefix is not ours to name.
+            if let Some(hash) = meta
+                .location
+                .filename()
+                .and_then(|n| crate::digest::Digest::parse_hash(n).ok())
+            {
+                found.push(Key::of_kind(kind, hash));
+            }
+        }
+        Ok(found)
     }
 
     fn capacity(&self) -> u64 {

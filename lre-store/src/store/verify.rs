@@ -6,6 +6,9 @@
 //! - `open` streams, hashing as it goes (from byte 0 even when the read starts later): a
 //!   mismatch ends the read with an error in place of its EOF, never a clean end, and the
 //!   copy is removed. Streaming is what lets it sit over S3 without reading blobs twice.
+//! - A read that stops short of the end (a ByteStream `read_limit`) still gets a verdict:
+//!   the last bytes of its range are held back while the rest of the blob is read and
+//!   hashed, and handed out only if the whole blob matches.
 //!
 //! Action-cache entries are named by the request, not their content, and pass unchecked.
 //! (The filesystem store's own `verify_on_read` checks a whole file before serving it, on
@@ -20,7 +23,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
 
-use super::{BlobReader, BlobStore, BlobWriter, Key};
+use super::{BlobReader, BlobStore, BlobWriter, Key, KeyKind};
 use crate::error::{Result, StoreError as Error};
 
 /// Bytes skipped before a read's offset are read into this much scratch at a time.
@@ -40,7 +43,7 @@ impl VerifyStore {
 /// correct upload that replaced the bad copy while it was being read must survive.
 async fn remove_if_still_corrupt(store: Arc<dyn BlobStore>, key: Key) {
     let Key::Cas(expected) = key else { return };
-    let still_bad = match store.open(&key, 0).await {
+    let still_bad = match store.open(&key, 0, None).await {
         Ok(Some((_, mut r))) => {
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; SKIP_CHUNK];
@@ -72,20 +75,26 @@ pub(crate) async fn open_verified(
     store: &Arc<dyn BlobStore>,
     key: &Key,
     offset: u64,
+    limit: Option<u64>,
 ) -> Result<Option<(u64, BlobReader)>> {
     let Key::Cas(hash) = key else {
-        return store.open(key, offset).await;
+        return store.open(key, offset, limit).await;
     };
-    let Some((size, inner)) = store.open(key, 0).await? else {
+    let Some((size, inner)) = store.open(key, 0, None).await? else {
         return Ok(None);
     };
+    let skip = offset.min(size);
+    let end = limit.map_or(size, |l| skip.saturating_add(l).min(size));
     let reader = Verifying {
         inner,
         hasher: Sha256::new(),
         expected: *hash,
         size,
         seen: 0,
-        skip: offset.min(size),
+        skip,
+        end,
+        held: None,
+        tail: Vec::new(),
         scratch: Vec::new(),
         store: store.clone(),
         done: None,
@@ -114,8 +123,13 @@ impl BlobStore for VerifyStore {
         Ok(Some(data))
     }
 
-    async fn open(&self, key: &Key, offset: u64) -> Result<Option<(u64, BlobReader)>> {
-        open_verified(&self.inner, key, offset).await
+    async fn open(
+        &self,
+        key: &Key,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<(u64, BlobReader)>> {
+        open_verified(&self.inner, key, offset, limit).await
     }
 
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
@@ -124,6 +138,10 @@ impl BlobStore for VerifyStore {
 
     async fn remove(&self, key: &Key) -> Result<()> {
         self.inner.remove(key).await
+    }
+
+    async fn list(&self, kind: KeyKind) -> Result<Vec<Key>> {
+        self.inner.list(kind).await
     }
 
     fn capacity(&self) -> u64 {
@@ -136,6 +154,11 @@ impl BlobStore for VerifyStore {
 /// HTTP body of that length) and never ask for the EOF after it. On a mismatch that last
 /// chunk is withheld and the read fails, so no consumer ever holds the whole bad blob; the
 /// copy is removed from `store`. The outcome is final: later polls repeat it.
+///
+/// A range that ends before the blob does (`end < size`) is read through `scratch`: its
+/// last chunk is held back (`held`) while the rest of the blob is read and hashed, and
+/// served only once the verdict is in. A consumer that stops at `end` has then never been
+/// handed the end of its range from a blob that does not match.
 struct Verifying {
     inner: BlobReader,
     hasher: Sha256,
@@ -144,6 +167,12 @@ struct Verifying {
     /// Bytes read from `inner`, skipped ones included.
     seen: u64,
     skip: u64,
+    /// Where the consumer's range ends (at most `size`).
+    end: u64,
+    /// The range's last part, read and waiting for the verdict; then served from.
+    held: Option<(Vec<u8>, usize)>,
+    /// The range's last part while it is being read.
+    tail: Vec<u8>,
     scratch: Vec<u8>,
     store: Arc<dyn BlobStore>,
     done: Option<Result<(), String>>,
@@ -174,6 +203,74 @@ impl Verifying {
         )))
     }
 
+    /// Reads up to `want` more bytes of the blob into `scratch`, hashing them. A clean
+    /// end before `size` is an error.
+    fn poll_scratch(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
+        if self.scratch.len() < SKIP_CHUNK {
+            self.scratch = vec![0u8; SKIP_CHUNK];
+        }
+        let want = want.min(self.scratch.len());
+        let mut sb = ReadBuf::new(&mut self.scratch[..want]);
+        std::task::ready!(self.inner.as_mut().poll_read(cx, &mut sb))?;
+        let n = sb.filled().len();
+        if n == 0 && want > 0 {
+            let m = format!(
+                "the stored copy of cas/{} ended after {} of its {} bytes",
+                hex::encode(self.expected),
+                self.seen,
+                self.size
+            );
+            return Poll::Ready(Err(self.failed(m)));
+        }
+        self.hasher.update(&self.scratch[..n]);
+        self.took(n)?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// A range ending before the blob (see the type's comment).
+    fn poll_range(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            if let Some((held, pos)) = &mut self.held {
+                if self.done.is_none() {
+                    // Held while the rest of the blob is read for the verdict.
+                    while self.seen < self.size {
+                        let left = (self.size - self.seen).min(SKIP_CHUNK as u64) as usize;
+                        std::task::ready!(self.poll_scratch(cx, left))?;
+                    }
+                    self.finish()?;
+                    continue;
+                }
+                let n = (held.len() - *pos).min(buf.remaining());
+                buf.put_slice(&held[*pos..*pos + n]);
+                *pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            let left = self.end - self.seen;
+            let room = buf.remaining() as u64;
+            if left == 0 {
+                // The range's last part is read (or the range is empty): hold it.
+                self.held = Some((std::mem::take(&mut self.tail), 0));
+                continue;
+            }
+            if !self.tail.is_empty() || left <= room || left <= SKIP_CHUNK as u64 {
+                // The range's last part: collected whole, whatever the consumer's buffer.
+                let want = left.min(SKIP_CHUNK as u64) as usize;
+                let n = std::task::ready!(self.poll_scratch(cx, want))?;
+                self.tail.extend_from_slice(&self.scratch[..n]);
+                continue;
+            }
+            // Well before the end of the range: pass on, keeping the last part back.
+            let want = (left - SKIP_CHUNK as u64).min(room).min(SKIP_CHUNK as u64) as usize;
+            let n = std::task::ready!(self.poll_scratch(cx, want))?;
+            buf.put_slice(&self.scratch[..n]);
+            return Poll::Ready(Ok(()));
+        }
+    }
+
     fn took(&mut self, n: usize) -> Result<(), std::io::Error> {
         self.seen += n as u64;
         if self.seen > self.size {
@@ -196,8 +293,10 @@ impl AsyncRead for Verifying {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         match &this.done {
-            Some(Ok(())) => return Poll::Ready(Ok(())), // EOF, as before
             Some(Err(m)) => return Poll::Ready(Err(Error::Corrupt(m.clone()).into_io())),
+            // A held range's last part is served after the verdict.
+            _ if this.held.is_some() => return this.poll_range(cx, buf),
+            Some(Ok(())) => return Poll::Ready(Ok(())), // EOF, as before
             None => {}
         }
         while this.skip > 0 {
@@ -226,6 +325,9 @@ impl AsyncRead for Verifying {
             // Nothing left to serve (a read from the end, or an empty blob): decide now.
             this.finish()?;
             return Poll::Ready(Ok(()));
+        }
+        if this.end < this.size {
+            return this.poll_range(cx, buf);
         }
         let room = buf.remaining() > 0;
         let before = buf.filled().len();
@@ -269,7 +371,11 @@ mod tests {
     }
 
     async fn read(store: &dyn BlobStore, key: &Key, offset: u64) -> std::io::Result<Vec<u8>> {
-        let (_, mut r) = store.open(key, offset).await.unwrap().expect("present");
+        let (_, mut r) = store
+            .open(key, offset, None)
+            .await
+            .unwrap()
+            .expect("present");
         let mut v = Vec::new();
         r.read_to_end(&mut v).await.map(|_| v)
     }
@@ -330,7 +436,7 @@ mod tests {
         raw_put(mem.as_ref(), other, &rotten[..100]).await; // intact, for the clean-EOF check
         let damaged = Key::Cas(Sha256::digest(b"damaged in place").into());
         raw_put(mem.as_ref(), damaged, b"damaged in plaCe").await;
-        let (size, r) = store.open(&damaged, 0).await.unwrap().unwrap();
+        let (size, r) = store.open(&damaged, 0, None).await.unwrap().unwrap();
         let mut r = r.take(size);
         let mut got = Vec::new();
         let e = r.read_to_end(&mut got).await.unwrap_err();
@@ -345,7 +451,7 @@ mod tests {
         assert!(inner.read(&mut more).await.is_err(), "the verdict is final");
         assert!(gone(mem.as_ref(), &damaged).await);
 
-        let (size, mut r) = store.open(&other, 0).await.unwrap().unwrap();
+        let (size, mut r) = store.open(&other, 0, None).await.unwrap().unwrap();
         let mut got = vec![0u8; size as usize];
         r.read_exact(&mut got).await.unwrap();
         assert_eq!(got, &good_data[..100]);
@@ -362,12 +468,78 @@ mod tests {
 
         // A read starting at the very end hashes everything while skipping: still judged.
         raw_put(mem.as_ref(), damaged, b"damaged in plaCe").await;
-        let (_, mut r) = store.open(&damaged, 16).await.unwrap().unwrap();
+        let (_, mut r) = store.open(&damaged, 16, None).await.unwrap().unwrap();
         assert!(r.read(&mut more).await.is_err());
 
         // Action results are not content-addressed: passed through as stored.
         let ac = Key::ac("", &[1; 32]);
         raw_put(mem.as_ref(), ac, b"any bytes").await;
         assert_eq!(read(&store, &ac, 4).await.unwrap(), b"bytes");
+    }
+
+    /// Reads `limit` bytes from `offset` the way ByteStream does with a `read_limit`: the
+    /// consumer takes exactly that many and drops the reader, never reading to the end.
+    async fn read_range(
+        store: &dyn BlobStore,
+        key: &Key,
+        offset: u64,
+        limit: u64,
+        chunk: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let (_, r) = store
+            .open(key, offset, Some(limit))
+            .await
+            .unwrap()
+            .expect("present");
+        let mut r = r.take(limit);
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_that_stops_short_of_the_end_still_gets_the_verdict() {
+        let mem: Arc<dyn BlobStore> = Arc::new(MemStore::new(1 << 30, StoreMetrics::default()));
+        let store = VerifyStore::new(mem.clone());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let key = Key::Cas(Sha256::digest(&data).into());
+        raw_put(mem.as_ref(), key, &data).await;
+        // Intact: every range is served exactly, with small and large consumer buffers.
+        for (offset, limit) in [(0, 10), (0, 200_000), (1000, 70_000), (299_990, 10), (5, 0)] {
+            for chunk in [7, 4096, 1 << 20] {
+                let got = read_range(&store, &key, offset, limit, chunk)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    got,
+                    &data[offset as usize..(offset + limit) as usize],
+                    "offset {offset} limit {limit} chunk {chunk}"
+                );
+            }
+        }
+        // Damaged past the range: the range itself reads fine from the bytes, but the
+        // blob is not what its name says, so its end is never handed out.
+        let mut bad = data.clone();
+        bad[290_000] ^= 1;
+        for (offset, limit) in [(0, 100), (0, 200_000), (1000, 70_000), (299_000, 999)] {
+            for chunk in [7, 1 << 20] {
+                raw_put(mem.as_ref(), key, &bad).await;
+                let r = read_range(&store, &key, offset, limit, chunk).await;
+                match r {
+                    Err(e) => assert!(e.to_string().contains("not served"), "{e}"),
+                    Ok(got) => panic!(
+                        "offset {offset} limit {limit} chunk {chunk}: served {} bytes with OK",
+                        got.len()
+                    ),
+                }
+                assert!(gone(mem.as_ref(), &key).await, "the bad copy is removed");
+            }
+        }
     }
 }

@@ -150,7 +150,7 @@ pub async fn put(store: &dyn BlobStore, data: &[u8]) -> Key {
 
 pub async fn read_all(store: &dyn BlobStore, key: &Key, offset: u64) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
-    let (_, mut r) = store.open(key, offset).await.expect("open")?;
+    let (_, mut r) = store.open(key, offset, None).await.expect("open")?;
     let mut v = Vec::new();
     r.read_to_end(&mut v).await.expect("read");
     Some(v)

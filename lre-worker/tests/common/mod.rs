@@ -103,6 +103,15 @@ pub async fn upload(
 
 /// Uploads the action and everything it needs; its digest.
 pub async fn prepare(ch: &Channel, e: &Exec<'_>) -> Result<re::Digest, tonic::Status> {
+    prepare_with(ch, e, false).await
+}
+
+/// `prepare`, for an action whose result the server caches (`cached`) or not.
+pub async fn prepare_with(
+    ch: &Channel,
+    e: &Exec<'_>,
+    cached: bool,
+) -> Result<re::Digest, tonic::Status> {
     let cmd = re::Command {
         arguments: e.argv.iter().map(|a| a.to_string()).collect(),
         environment_variables: vec![re::command::EnvironmentVariable {
@@ -124,7 +133,7 @@ pub async fn prepare(ch: &Channel, e: &Exec<'_>) -> Result<re::Digest, tonic::St
     let act = re::Action {
         command_digest: Some(digest_of(&cmd)),
         input_root_digest: Some(digest_of(&root)),
-        do_not_cache: true,
+        do_not_cache: !cached,
         ..Default::default()
     }
     .encode_to_vec();
@@ -141,12 +150,22 @@ pub async fn prepare(ch: &Channel, e: &Exec<'_>) -> Result<re::Digest, tonic::St
 /// Uploads the action and executes it uncached; the final ExecuteResponse, or the status
 /// the call or the operation ended with.
 pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, tonic::Status> {
-    let action = prepare(ch, &e).await?;
+    execute_with(ch, e, false).await.map(|(r, _)| r)
+}
+
+/// `execute`, for an action whose result the server caches (`cached`) or not; with the
+/// action's digest.
+pub async fn execute_with(
+    ch: &Channel,
+    e: Exec<'_>,
+    cached: bool,
+) -> Result<(re::ExecuteResponse, re::Digest), tonic::Status> {
+    let action = prepare_with(ch, &e, cached).await?;
     let mut ops = ExecutionClient::new(ch.clone())
         .execute(with_metadata(
             re::ExecuteRequest {
                 instance_name: e.instance.into(),
-                action_digest: Some(action),
+                action_digest: Some(action.clone()),
                 skip_cache_lookup: true,
                 ..Default::default()
             },
@@ -159,7 +178,7 @@ pub async fn execute(ch: &Channel, e: Exec<'_>) -> Result<re::ExecuteResponse, t
     while let Some(op) = ops.message().await? {
         last = Some(op);
     }
-    outcome(last)
+    outcome(last).map(|r| (r, action))
 }
 
 /// The ExecuteResponse a finished operation holds, or the status it ended with.
