@@ -24,7 +24,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use futures::StreamExt;
 use libfuzzer_sys::fuzz_target;
 use lre_server::auth::Authenticator;
-use lre_server::cache::Cache;
+use lre_server::context::ServerContext;
 use lre_server::cas::CasService;
 use lre_server::digest::Digest;
 use lre_server::instance::Instances;
@@ -340,13 +340,13 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fn new_cache() -> Arc<Cache> {
+fn new_cache() -> Arc<ServerContext> {
     static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
     let metrics = METRICS.get_or_init(|| Arc::new(Metrics::new())).clone();
     let store: Arc<dyn lre_server::store::BlobStore> =
         Arc::new(MemStore::new(1 << 30, metrics.store.clone()));
-    Arc::new(Cache {
-        action_results: lre_server::cache::checked_results(
+    Arc::new(ServerContext {
+        action_results: lre_server::context::checked_results(
             store.clone(),
             store.clone(),
             metrics.clone(),
@@ -430,7 +430,7 @@ fn check_pages(pages: &[re::GetTreeResponse], want: &[Directory], start: usize, 
     assert_eq!(at, want.len(), "GetTree left directories out");
 }
 
-async fn check_get_tree(w: &World, cache: &Arc<Cache>, input: &Input, root: &Option<re::Digest>) {
+async fn check_get_tree(w: &World, cache: &Arc<ServerContext>, input: &Input, root: &Option<re::Digest>) {
     let svc = CasService::new(cache.clone());
     let token = match &input.token {
         Token::None => String::new(),
@@ -481,7 +481,7 @@ enum Completeness {
     Incomplete,
 }
 
-async fn put_all(w: &World, cache: &Cache) {
+async fn put_all(w: &World, cache: &ServerContext) {
     for (h, data) in &w.cas {
         let d = Digest {
             hash: *h,
@@ -491,7 +491,7 @@ async fn put_all(w: &World, cache: &Cache) {
     }
 }
 
-async fn check_action_cache(w: &mut World, cache: &Arc<Cache>, input: &Input) {
+async fn check_action_cache(w: &mut World, cache: &Arc<ServerContext>, input: &Input) {
     let mut ar = ActionResult::default();
     let mut trees = Vec::new();
     for (k, o) in input.outputs.iter().take(3).enumerate() {
@@ -550,7 +550,7 @@ async fn check_action_cache(w: &mut World, cache: &Arc<Cache>, input: &Input) {
             "",
             input.action,
             &ar,
-            lre_server::cache::ResultSource::Uploaded { caller: &anonymous },
+            lre_server::context::ResultSource::Uploaded { caller: &anonymous },
         )
         .await;
     assert_eq!(stored.is_ok(), valid, "update_action_result: {stored:?}");
@@ -608,7 +608,7 @@ async fn check_action_cache(w: &mut World, cache: &Arc<Cache>, input: &Input) {
 /// The Remote Asset API's check that a remembered tree is whole (`asset::memory::tree_missing`):
 /// nothing reported missing only when every directory and file under the root is present and
 /// well-formed; otherwise what it names is itself missing or malformed.
-async fn check_tree_missing(w: &World, cache: &Arc<Cache>, root: &Option<re::Digest>) {
+async fn check_tree_missing(w: &World, cache: &Arc<ServerContext>, root: &Option<re::Digest>) {
     let Some(root) = root.as_ref().and_then(|d| Digest::from_proto(d).ok()) else {
         return;
     };

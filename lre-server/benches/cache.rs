@@ -4,8 +4,7 @@
 //!
 //! Prints numbers; asserts nothing. LRE_BENCH_QUICK=1 shrinks the sizes for a smoke run.
 
-#[path = "../../lre-store/tests/common/noise.rs"]
-mod noise;
+use lre_test_support::noise;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -15,8 +15,7 @@
 //! Prints numbers; asserts nothing beyond every action succeeding. LRE_BENCH_QUICK=1
 //! shrinks the run.
 
-#[path = "../../lre-store/tests/common/redis.rs"]
-mod redis_server;
+use lre_test_support::redis as redis_server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -9,17 +9,17 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
-use crate::cache::{Cache, ResultSource};
+use crate::context::{ResultSource, ServerContext};
 use crate::digest::{check_digest_function, Digest};
 use crate::error::Error;
 use crate::status::RequestMeta;
 
 pub struct ActionCacheService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
 }
 
 impl ActionCacheService {
-    pub fn new(cache: Arc<Cache>) -> Self {
+    pub fn new(cache: Arc<ServerContext>) -> Self {
         ActionCacheService { cache }
     }
 }

@@ -387,6 +387,20 @@ pub fn parse_authorization(value: &str) -> Result<Credential> {
     ))
 }
 
+/// The credentials of an HTTP request's `Authorization` header (Basic or Bearer), if any.
+pub fn http_credential(headers: &axum::http::HeaderMap) -> Result<Option<Credential>> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| {
+            parse_authorization(
+                v.to_str().map_err(|_| {
+                    Error::Unauthenticated("authorization header is not ASCII".into())
+                })?,
+            )
+        })
+        .transpose()
+}
+
 /// Reads the caller's credentials from gRPC request metadata.
 pub fn grpc_credential<T>(req: &tonic::Request<T>) -> Result<Option<Credential>> {
     match req.metadata().get("authorization") {

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
 
 use crate::auth::{grpc_credential, Access};
-use crate::cache::Cache;
+use crate::context::ServerContext;
 use crate::error::{Error, Result};
 use crate::resource_name::{parse_read, parse_write, BlobResource, Compression};
 use crate::store::CasUpload;
@@ -87,7 +87,7 @@ impl Sessions {
 }
 
 pub struct ByteStreamService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     sessions: Arc<Sessions>,
     limits: StreamLimits,
 }
@@ -160,11 +160,15 @@ fn zstd_error(code: usize) -> Error {
 
 impl ByteStreamService {
     /// An interrupted upload stays resumable for `upload_ttl` after its last byte.
-    pub fn new(cache: Arc<Cache>, upload_ttl: Duration) -> Self {
+    pub fn new(cache: Arc<ServerContext>, upload_ttl: Duration) -> Self {
         Self::with_limits(cache, upload_ttl, StreamLimits::default())
     }
 
-    pub fn with_limits(cache: Arc<Cache>, upload_ttl: Duration, limits: StreamLimits) -> Self {
+    pub fn with_limits(
+        cache: Arc<ServerContext>,
+        upload_ttl: Duration,
+        limits: StreamLimits,
+    ) -> Self {
         let sessions = Arc::new(Sessions {
             map: Mutex::default(),
             gauge: cache.metrics.upload_sessions.clone(),

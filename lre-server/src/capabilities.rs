@@ -11,16 +11,16 @@ use bazel_remote_apis::build::bazel::semver::SemVer;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
-use crate::cache::Cache;
+use crate::context::ServerContext;
 
 pub struct CapabilitiesService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     exec_enabled: bool,
 }
 
 impl CapabilitiesService {
     /// `exec_enabled` must be true only when an execution service is really being served.
-    pub fn new(cache: Arc<Cache>, exec_enabled: bool) -> Self {
+    pub fn new(cache: Arc<ServerContext>, exec_enabled: bool) -> Self {
         CapabilitiesService {
             cache,
             exec_enabled,

@@ -18,7 +18,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
-use crate::cache::Cache;
+use crate::context::ServerContext;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
 
@@ -26,11 +26,11 @@ const DEFAULT_TREE_PAGE: usize = 1000;
 const MAX_TREE_PAGE: usize = 10_000;
 
 pub struct CasService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
 }
 
 impl CasService {
-    pub fn new(cache: Arc<Cache>) -> Self {
+    pub fn new(cache: Arc<ServerContext>) -> Self {
         CasService { cache }
     }
 

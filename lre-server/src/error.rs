@@ -193,3 +193,20 @@ pub fn ok_rpc_status() -> bazel_remote_apis::google::rpc::Status {
         details: vec![],
     }
 }
+
+/// The HTTP answer for an error: its status, its client message (see `public_message`),
+/// and for 401 the Basic challenge a browser answers with a prompt.
+pub fn error_response(e: Error) -> axum::response::Response {
+    use axum::http::{header, HeaderValue};
+    use axum::response::IntoResponse;
+    let status = e.http_status();
+    e.log_detail();
+    let mut resp = (status, format!("{}\n", e.public_message())).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"lre\""),
+        );
+    }
+    resp
+}

@@ -21,8 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
-use crate::cache::Cache;
 use crate::config::ExecutionConfig;
+use crate::context::ServerContext;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::{Error, Result};
 use crate::scheduler::cluster::Cluster;
@@ -187,7 +187,7 @@ pub fn operation_stream(
 }
 
 pub struct ExecutionService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     scheduler: Scheduling,
     config: ExecutionConfig,
 }
@@ -247,7 +247,7 @@ fn properties(
 }
 
 impl ExecutionService {
-    pub fn new(cache: Arc<Cache>, scheduler: Scheduling, config: ExecutionConfig) -> Self {
+    pub fn new(cache: Arc<ServerContext>, scheduler: Scheduling, config: ExecutionConfig) -> Self {
         ExecutionService {
             cache,
             scheduler,

@@ -16,10 +16,10 @@ use futures::StreamExt;
 use prost::Message;
 use tokio_util::io::ReaderStream;
 
-use crate::auth::{parse_authorization, Access, Credential};
-use crate::cache::{Cache, ResultSource};
+use crate::auth::{http_credential as credential, Access};
+use crate::context::{ResultSource, ServerContext};
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{error_response, Error, Result};
 use crate::execution::ExecScheduler;
 use lre_store::StoreError;
 
@@ -27,7 +27,7 @@ use lre_store::StoreError;
 const MAX_AC_BODY: usize = 16 << 20;
 
 pub fn router(
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     scheduler: Option<Arc<ExecScheduler>>,
     hosts: HostPolicy,
 ) -> Router {
@@ -172,7 +172,7 @@ fn cross_site(headers: &HeaderMap, host: &str) -> bool {
     }
 }
 
-async fn metrics(State(cache): State<Arc<Cache>>, headers: HeaderMap) -> Response {
+async fn metrics(State(cache): State<Arc<ServerContext>>, headers: HeaderMap) -> Response {
     if cache.activity.protects_metrics() {
         let allowed = credential(&headers)
             .and_then(|c| cache.auth.authenticate(c))
@@ -189,33 +189,6 @@ async fn metrics(State(cache): State<Arc<Cache>>, headers: HeaderMap) -> Respons
         cache.metrics.encode(),
     )
         .into_response()
-}
-
-/// The request's `Authorization` header (Basic or Bearer), if any.
-pub(crate) fn credential(headers: &HeaderMap) -> Result<Option<Credential>> {
-    headers
-        .get(header::AUTHORIZATION)
-        .map(|v| {
-            parse_authorization(
-                v.to_str().map_err(|_| {
-                    Error::Unauthenticated("authorization header is not ASCII".into())
-                })?,
-            )
-        })
-        .transpose()
-}
-
-pub(crate) fn error_response(e: Error) -> Response {
-    let status = e.http_status();
-    e.log_detail();
-    let mut resp = (status, format!("{}\n", e.public_message())).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"lre\""),
-        );
-    }
-    resp
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -250,7 +223,7 @@ pub fn parse_path(path: &str) -> Result<(String, Kind, [u8; 32])> {
 }
 
 async fn blob(
-    State(cache): State<Arc<Cache>>,
+    State(cache): State<Arc<ServerContext>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -280,7 +253,7 @@ async fn blob(
 }
 
 async fn handle(
-    cache: &Cache,
+    cache: &ServerContext,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
@@ -319,7 +292,7 @@ fn with_length(status: StatusCode, len: u64, body: Body) -> Response {
     r
 }
 
-async fn get_cas(cache: &Cache, hash: [u8; 32], head: bool) -> Result<Response> {
+async fn get_cas(cache: &ServerContext, hash: [u8; 32], head: bool) -> Result<Response> {
     let Some((size, reader)) = cache.open_cas_by_hash(hash).await? else {
         return Err(Error::NotFound(format!(
             "blob {} is not in the CAS",
@@ -337,7 +310,12 @@ async fn get_cas(cache: &Cache, hash: [u8; 32], head: bool) -> Result<Response> 
     ))
 }
 
-async fn get_ac(cache: &Cache, instance: &str, hash: [u8; 32], head: bool) -> Result<Response> {
+async fn get_ac(
+    cache: &ServerContext,
+    instance: &str,
+    hash: [u8; 32],
+    head: bool,
+) -> Result<Response> {
     let Some(hit) = cache.get_action_result(instance, hash).await? else {
         return Err(Error::NotFound(format!(
             "no complete action result for {}",
@@ -353,7 +331,7 @@ async fn get_ac(cache: &Cache, instance: &str, hash: [u8; 32], head: bool) -> Re
 }
 
 async fn put_cas(
-    cache: &Cache,
+    cache: &ServerContext,
     hash: [u8; 32],
     headers: &HeaderMap,
     body: Body,
@@ -379,7 +357,7 @@ async fn put_cas(
 }
 
 async fn put_ac(
-    cache: &Cache,
+    cache: &ServerContext,
     instance: &str,
     hash: [u8; 32],
     body: Body,

@@ -3,26 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
+pub use crate::config::InstanceSettings;
 use crate::error::{Error, Result};
 
 // The naming rule lives with resource names, in lre-store.
 pub use lre_store::instance_name::{validate_name, MAX_NAME};
-
-/// One instance's settings: the `[instance_settings."NAME"]` table (the default instance
-/// is `""`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceSettings {
-    /// The action cache takes results only from lre's own scheduler, that is from actions
-    /// its workers ran: UpdateActionResult, HTTP `PUT /ac/` and Bazel's upload of local
-    /// results are refused for every token, and Capabilities says `update_enabled =
-    /// false`. An entry for an action is then the result of running that action; poisoning
-    /// the cache takes a worker, not a client token.
-    #[serde(default)]
-    pub executed_only: bool,
-}
 
 /// Which instance names this server serves, and how.
 #[derive(Debug, Clone, Default)]

@@ -12,18 +12,18 @@ use bazel_remote_apis::google::protobuf::Empty;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
-use crate::cache::Cache;
+use crate::context::ServerContext;
 use crate::error::Error;
 use crate::execution::{operation, Scheduling};
 use crate::scheduler::Stage;
 
 pub struct OperationsService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     scheduler: Scheduling,
 }
 
 impl OperationsService {
-    pub fn new(cache: Arc<Cache>, scheduler: Scheduling) -> Self {
+    pub fn new(cache: Arc<ServerContext>, scheduler: Scheduling) -> Self {
         OperationsService { cache, scheduler }
     }
 

@@ -19,11 +19,12 @@ use axum::Router;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::http_credential as credential;
 use crate::auth::{Access, Principal};
-use crate::cache::{Cache, Provenance};
+use crate::context::{Provenance, ServerContext};
 use crate::digest::Digest;
+use crate::error::error_response;
 use crate::error::{Error, Result};
-use crate::http::{credential, error_response};
 use crate::store::{Key, KeyKind};
 use lre_store::ac_entry::{AcEntry, Writer};
 
@@ -32,7 +33,7 @@ const SCAN_CONCURRENCY: usize = 16;
 /// Entries listed in one answer; the count covers them all.
 pub const MAX_LISTED: usize = 10_000;
 
-pub fn routes(cache: Arc<Cache>) -> Router {
+pub fn routes(cache: Arc<ServerContext>) -> Router {
     Router::new()
         .route("/api/provenance", get(list))
         .route("/api/provenance/purge", post(purge))
@@ -60,7 +61,7 @@ pub struct Listing {
     pub purged: Option<usize>,
 }
 
-fn admin(cache: &Cache, headers: &HeaderMap) -> Result<Principal> {
+fn admin(cache: &ServerContext, headers: &HeaderMap) -> Result<Principal> {
     let p = cache.auth.authenticate(credential(headers)?)?;
     cache.auth.authorize_admin(&p)?;
     Ok(p)
@@ -68,7 +69,7 @@ fn admin(cache: &Cache, headers: &HeaderMap) -> Result<Principal> {
 
 /// Every entry `writer` wrote, of the instances `visible` allows; with `purge`, removed.
 pub async fn scan(
-    cache: &Cache,
+    cache: &ServerContext,
     writer: &Writer,
     instance: Option<&str>,
     visible: impl Fn(&str) -> bool,
@@ -125,7 +126,7 @@ pub async fn scan(
 }
 
 async fn listing(
-    cache: &Cache,
+    cache: &ServerContext,
     headers: &HeaderMap,
     q: &WriterQuery,
     purge: bool,
@@ -152,7 +153,7 @@ async fn listing(
 }
 
 async fn list(
-    State(cache): State<Arc<Cache>>,
+    State(cache): State<Arc<ServerContext>>,
     headers: HeaderMap,
     Query(q): Query<WriterQuery>,
 ) -> Response {
@@ -163,7 +164,7 @@ async fn list(
 }
 
 async fn purge(
-    State(cache): State<Arc<Cache>>,
+    State(cache): State<Arc<ServerContext>>,
     headers: HeaderMap,
     Query(q): Query<WriterQuery>,
 ) -> Response {
@@ -183,7 +184,7 @@ pub struct ActionQuery {
 
 /// Who wrote the entry of one action; `null` when there is none or it predates provenance.
 async fn one(
-    State(cache): State<Arc<Cache>>,
+    State(cache): State<Arc<ServerContext>>,
     headers: HeaderMap,
     Query(q): Query<ActionQuery>,
 ) -> Response {

@@ -24,11 +24,11 @@ use lre_worker_protocol::v1::worker_service_server::WorkerServiceServer;
 use crate::action_cache::ActionCacheService;
 use crate::auth::Authenticator;
 use crate::bytestream::{ByteStreamService, StreamLimits};
-use crate::cache::Cache;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::{Config, ConfigError};
 use crate::connections::{spawn_acceptor, Conn, Limits};
+use crate::context::ServerContext;
 use crate::execution::{ExecScheduler, ExecutionService, Scheduling};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
@@ -77,7 +77,8 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     pub tls: bool,
-    pub cache: Arc<Cache>,
+    /// What every service shares: stores, auth, metrics, the status history.
+    pub context: Arc<ServerContext>,
     /// Present when execution is enabled; `lre up` registers its in-process workers here.
     pub scheduler: Option<Arc<ExecScheduler>>,
     shutdown: watch::Sender<bool>,
@@ -151,8 +152,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let (store, action_results) = open_stores(&config, &metrics).await?;
     let auth = Authenticator::new(config.auth.anonymous, &config.auth.tokens)
         .map_err(StartError::Store)?;
-    let cache = Arc::new(Cache {
-        action_results: crate::cache::checked_results(
+    let cache = Arc::new(ServerContext {
+        action_results: crate::context::checked_results(
             action_results,
             store.clone(),
             metrics.clone(),
@@ -431,7 +432,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         grpc_addr,
         http_addr,
         tls: config.tls.is_some(),
-        cache,
+        context: cache,
         scheduler,
         shutdown,
         tasks,

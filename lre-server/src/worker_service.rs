@@ -14,7 +14,7 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cache::{Cache, ResultSource};
+use crate::context::{ResultSource, ServerContext};
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::execution::ExecScheduler;
@@ -41,7 +41,7 @@ fn check_worker_id(id: &str) -> Result<(), Error> {
 }
 
 pub struct WorkerEndpoint {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     scheduler: Arc<ExecScheduler>,
     keepalive: Duration,
     /// Turns true when the server stops: every worker stream is then ended, so workers go
@@ -51,7 +51,7 @@ pub struct WorkerEndpoint {
 
 impl WorkerEndpoint {
     pub fn new(
-        cache: Arc<Cache>,
+        cache: Arc<ServerContext>,
         scheduler: Arc<ExecScheduler>,
         keepalive: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
@@ -92,7 +92,7 @@ fn command_message(cmd: WorkerCommand<Arc<crate::execution::Job>>) -> ServerMess
 /// Turns a worker's report into the operation's ExecuteResponse, storing successful
 /// results in the action cache first so a hit is possible the moment waiters see it.
 async fn finish(
-    cache: &Cache,
+    cache: &ServerContext,
     scheduler: &ExecScheduler,
     worker: &str,
     token: &str,
@@ -171,7 +171,7 @@ async fn finish(
 
 /// Tells the status page what ran, where, and how it ended.
 fn record(
-    cache: &Cache,
+    cache: &ServerContext,
     worker: &str,
     job: &crate::execution::Job,
     f: &ActionFinished,

@@ -489,7 +489,7 @@ async fn zstd_frames_needing_a_window_over_8_mib_are_refused() {
     );
     assert_eq!(committed(ch.clone(), &name("w27")).await, 0);
     assert_eq!(find_missing(ch.clone(), "", vec![d.clone()]).await.len(), 1);
-    assert_eq!(s.cache.metrics.zstd_decoder_bytes.get(), 0);
+    assert_eq!(s.context.metrics.zstd_decoder_bytes.get(), 0);
     // 8 MiB, what `zstd -19` uses, is fine.
     let ok = zstd_frame(&data, 23);
     bs_write(
@@ -505,7 +505,7 @@ async fn zstd_frames_needing_a_window_over_8_mib_are_refused() {
             .unwrap(),
         data
     );
-    assert_eq!(s.cache.metrics.zstd_decoder_bytes.get(), 0);
+    assert_eq!(s.context.metrics.zstd_decoder_bytes.get(), 0);
     s.shutdown().await;
 }
 
@@ -533,10 +533,10 @@ async fn interrupted_zstd_uploads_hold_bounded_decoder_memory() {
         .await
         .unwrap_err();
         assert_eq!(err.code(), Code::Aborted, "{err:?}");
-        let held = s.cache.metrics.zstd_decoder_bytes.get();
+        let held = s.context.metrics.zstd_decoder_bytes.get();
         assert!(held <= 256 << 20, "{held} bytes of decoders after {i}");
     }
-    let held = s.cache.metrics.zstd_decoder_bytes.get();
+    let held = s.context.metrics.zstd_decoder_bytes.get();
     assert!(held > 200 << 20, "{held}: the decoders were not counted");
     // The oldest made room; the newest are still resumable, and resume correctly.
     assert_eq!(committed(ch.clone(), &name(0)).await, 0);
@@ -573,7 +573,7 @@ async fn interrupted_uploads_beyond_the_session_limit_make_room_oldest_first() {
         .unwrap_err();
         assert_eq!(err.code(), Code::Aborted, "{err:?}");
     }
-    assert_eq!(s.cache.metrics.upload_sessions.get(), 1024);
+    assert_eq!(s.context.metrics.upload_sessions.get(), 1024);
     let first = upload_name("", "many-0", &data);
     let last = upload_name("", "many-1024", &data);
     assert_eq!(committed(ch.clone(), &first).await, 0);

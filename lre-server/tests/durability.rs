@@ -239,7 +239,7 @@ async fn lru_eviction_keeps_the_store_within_its_limit() {
         .map(|p| p.metadata().unwrap().len())
         .sum();
     assert!(on_disk <= 100_000, "{on_disk} bytes on disk");
-    let metrics = s.cache.metrics.encode();
+    let metrics = s.context.metrics.encode();
     assert!(metrics.contains("lre_store_evictions_total 2"), "{metrics}");
     // A blob larger than the whole store is refused, not half-stored.
     let huge = blob(150_000, 99);
@@ -259,7 +259,7 @@ async fn lru_eviction_keeps_the_store_within_its_limit() {
     let missing = find_missing(ch.clone(), "", blobs.iter().map(|b| digest(b)).collect()).await;
     assert_eq!(missing, vec![digest(&blobs[0]), digest(&blobs[1])]);
     assert!(s
-        .cache
+        .context
         .metrics
         .encode()
         .contains("lre_store_size_bytes 90000"));
@@ -479,7 +479,7 @@ async fn abandoned_uploads_are_dropped_after_their_ttl() {
         !tmp_files(dir.path()).is_empty(),
         "the partial upload should be held for resumption"
     );
-    assert_eq!(s.cache.metrics.store.in_flight_bytes.get(), 1 << 20);
+    assert_eq!(s.context.metrics.store.in_flight_bytes.get(), 1 << 20);
     // Poll (bounded) until the sweeper has dropped it; the point is that it goes, not when.
     let mut gone = false;
     for _ in 0..100 {
@@ -491,7 +491,7 @@ async fn abandoned_uploads_are_dropped_after_their_ttl() {
     }
     assert!(gone, "abandoned upload's temp file was never removed");
     assert_eq!(
-        s.cache.metrics.store.in_flight_bytes.get(),
+        s.context.metrics.store.in_flight_bytes.get(),
         0,
         "the reaped upload's bytes still count against max_size"
     );
@@ -572,7 +572,7 @@ async fn unfinished_uploads_count_against_max_size() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(fs_config(dir.path(), MAX)).await;
     let ch = channel(&s).await;
-    let in_flight = || s.cache.metrics.store.in_flight_bytes.get();
+    let in_flight = || s.context.metrics.store.in_flight_bytes.get();
     let within_limit = |when: &str| {
         let used = disk_bytes(dir.path());
         assert!(

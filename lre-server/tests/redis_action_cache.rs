@@ -3,8 +3,7 @@
 //! result; both recover when it is back. A real redis-server, started by the test.
 
 mod common;
-#[path = "../../lre-store/tests/common/redis.rs"]
-mod redis_server;
+use lre_test_support::redis as redis_server;
 
 use std::time::Duration;
 
@@ -43,6 +42,19 @@ async fn replicas_share_action_results_through_redis_and_survive_it_going_away()
         .unwrap();
     let got = get_ac(cb.clone(), "", &action, None).await.unwrap();
     assert_eq!(got.exit_code, 3, "replica B serves what replica A stored");
+    // Who wrote it travels with it (an anonymous client's upload, here), through Redis.
+    let hash: [u8; 32] = hex::decode(&action.hash).unwrap().try_into().unwrap();
+    let hit = b
+        .context
+        .get_action_result("", hash)
+        .await
+        .unwrap()
+        .unwrap();
+    let p = hit
+        .provenance
+        .expect("provenance kept through the Redis store");
+    assert_eq!((p.source.as_str(), p.token.as_str()), ("uploaded", ""));
+    assert_eq!(p.action, action.hash);
     // An exit-0 result without outputs encodes to zero bytes: still a hit, not a miss.
     let empty = digest(b"action empty");
     update_ac(cb.clone(), "", &empty, result(0), None)

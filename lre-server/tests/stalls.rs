@@ -75,7 +75,7 @@ async fn a_read_whose_client_stops_reading_is_ended_and_its_file_closed() {
         eventually(|| open_files_named(&hash) == 0).await,
         "the stalled read still holds the blob's file open"
     );
-    assert_eq!(s.cache.metrics.stalled_streams.get(), 1);
+    assert_eq!(s.context.metrics.stalled_streams.get(), 1);
 
     // Coming back, the client gets what was already in flight, then ABORTED: never a
     // short stream that ends OK.
@@ -133,7 +133,7 @@ async fn a_write_whose_client_stops_sending_is_aborted_and_stays_resumable() {
     drop(tx);
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     assert!(err.message().contains("sent nothing"), "{}", err.message());
-    assert_eq!(s.cache.metrics.stalled_streams.get(), 1);
+    assert_eq!(s.context.metrics.stalled_streams.get(), 1);
 
     // Resumable: what arrived is kept and the client goes on from there.
     let status = ByteStreamClient::new(ch.clone())
@@ -144,7 +144,7 @@ async fn a_write_whose_client_stops_sending_is_aborted_and_stays_resumable() {
         .unwrap()
         .into_inner();
     assert_eq!(status.committed_size, 10);
-    assert_eq!(s.cache.metrics.upload_sessions.get(), 1);
+    assert_eq!(s.context.metrics.upload_sessions.get(), 1);
     bs_write(
         ch.clone(),
         write_requests(&name, &data, 4096, 10, true),
@@ -158,7 +158,7 @@ async fn a_write_whose_client_stops_sending_is_aborted_and_stays_resumable() {
             .unwrap(),
         data
     );
-    assert_eq!(s.cache.metrics.upload_sessions.get(), 0);
+    assert_eq!(s.context.metrics.upload_sessions.get(), 0);
     s.shutdown().await;
 }
 
@@ -216,12 +216,12 @@ async fn writes_that_fail_at_their_start_leave_no_session_and_no_temp_space() {
         let err = bs_write(ch.clone(), reqs, None).await.unwrap_err();
         assert_eq!(err.code(), code, "{what}: {err:?}");
         assert_eq!(
-            s.cache.metrics.upload_sessions.get(),
+            s.context.metrics.upload_sessions.get(),
             0,
             "{what} left its session"
         );
         assert_eq!(
-            s.cache.metrics.store.in_flight_bytes.get(),
+            s.context.metrics.store.in_flight_bytes.get(),
             0,
             "{what} left temp bytes"
         );
@@ -241,6 +241,6 @@ async fn writes_that_fail_at_their_start_leave_no_session_and_no_temp_space() {
     )
     .await
     .unwrap();
-    assert_eq!(s.cache.metrics.upload_sessions.get(), 0);
+    assert_eq!(s.context.metrics.upload_sessions.get(), 0);
     s.shutdown().await;
 }

@@ -13,8 +13,8 @@ use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use common::*;
 use lre_server::auth::Authenticator;
 use lre_server::bytestream::ByteStreamService;
-use lre_server::cache::Cache;
 use lre_server::cas::CasService;
+use lre_server::context::ServerContext;
 use lre_server::instance::Instances;
 use lre_server::metrics::Metrics;
 use lre_server::store::{FsOptions, FsStore};
@@ -41,8 +41,8 @@ async fn serve_with(dir: &Path, verify_on_read: bool, layer: bool) -> Channel {
     if layer {
         store = Arc::new(lre_server::store::VerifyStore::new(store));
     }
-    let cache = Arc::new(Cache {
-        action_results: lre_server::cache::checked_results(
+    let cache = Arc::new(ServerContext {
+        action_results: lre_server::context::checked_results(
             store.clone(),
             store.clone(),
             metrics.clone(),

@@ -4,9 +4,6 @@
 //!
 //!   cargo bench -p lre-store --bench s3        (needs `garage`; LRE_BENCH_QUICK=1: smaller)
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +12,7 @@ use lre_store::store::{BlobStore, FastSlowStore, Key, MemStore, S3Store};
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
 
-use common::{noise, put, read_all, sha, Garage};
+use lre_test_support::{noise, put, read_all, sha, Garage};
 
 fn mib_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()

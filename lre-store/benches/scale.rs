@@ -13,9 +13,6 @@
 //! Prints numbers; asserts only that the stores found what is there. The tree is written to
 //! `$TMPDIR` (or `LRE_BENCH_DIR`) as empty files (the index reads names and sizes only).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -25,7 +22,7 @@ use lre_store::metrics::StoreMetrics;
 use lre_store::store::{BlobStore, FsStore, Key, MemStore, RedisStore};
 
 fn key(i: u64) -> [u8; 32] {
-    common::sha(&i.to_le_bytes())
+    lre_test_support::sha(&i.to_le_bytes())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -142,7 +139,7 @@ async fn main() {
     }
     let map: HashMap<[u8; 32], u64> = (0..fs_n).map(|i| (key(i), 0)).collect();
 
-    let redis = common::redis::Redis::up(&[]);
+    let redis = lre_test_support::redis::Redis::up(&[]);
     let store = RedisStore::open(&RedisConfig::new(&redis.url))
         .await
         .unwrap();

@@ -20,6 +20,30 @@ use serde::de::Error as _;
 use serde::Deserialize;
 
 /// A byte count written either as an integer or as "512MiB", "10GiB", "1TB".
+/// A configuration value that is not acceptable: the key it is under (`store.slow.bucket`)
+/// and why. Every config error of lre's names its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct InvalidKey {
+    pub key: String,
+    pub message: String,
+}
+
+impl InvalidKey {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> InvalidKey {
+        InvalidKey {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<(String, String)> for InvalidKey {
+    fn from((key, message): (String, String)) -> InvalidKey {
+        InvalidKey { key, message }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
@@ -404,70 +428,88 @@ impl StoreConfig {
 
     /// Checks what serde cannot. An error names the key (`store.slow.bucket`) under
     /// `prefix`, the key of this table.
-    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+    pub fn validate(&self, prefix: &str) -> Result<(), InvalidKey> {
         let key = |k: &str| format!("{prefix}.{k}");
         match self {
             StoreConfig::Filesystem(c) => {
                 if c.max_size.0 == 0 {
-                    return Err((key("max_size"), "must be greater than zero".into()));
+                    return Err(InvalidKey::from((
+                        key("max_size"),
+                        "must be greater than zero".into(),
+                    )));
                 }
             }
             StoreConfig::Memory(c) => {
                 if c.max_size.0 == 0 {
-                    return Err((key("max_size"), "must be greater than zero".into()));
+                    return Err(InvalidKey::from((
+                        key("max_size"),
+                        "must be greater than zero".into(),
+                    )));
                 }
             }
             StoreConfig::S3(c) => {
                 if c.bucket.is_empty() {
-                    return Err((key("bucket"), "must not be empty".into()));
+                    return Err(InvalidKey::from((
+                        key("bucket"),
+                        "must not be empty".into(),
+                    )));
                 }
                 if let Some(e) = &c.endpoint {
                     if e.starts_with("http://") {
                         if !c.allow_http {
-                            return Err((
+                            return Err(InvalidKey::from((
                                 key("endpoint"),
                                 format!(
                                     "{e:?} is plain HTTP: blobs and results would cross the \
                                      network unencrypted; use https:// or set {} = true",
                                     key("allow_http")
                                 ),
-                            ));
+                            )));
                         }
                     } else if !e.starts_with("https://") {
-                        return Err((key("endpoint"), format!("{e:?} is not an http(s) URL")));
+                        return Err(InvalidKey::from((
+                            key("endpoint"),
+                            format!("{e:?} is not an http(s) URL"),
+                        )));
                     }
                 }
                 if c.access_key_id.is_some() != c.secret_access_key_file.is_some() {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("secret_access_key_file"),
                         "access_key_id and secret_access_key_file go together".into(),
-                    ));
+                    )));
                 }
                 if c.max_blob_size.0 == 0 {
-                    return Err((key("max_blob_size"), "must be greater than zero".into()));
+                    return Err(InvalidKey::from((
+                        key("max_blob_size"),
+                        "must be greater than zero".into(),
+                    )));
                 }
                 if c.max_in_flight.0 < 16 << 20 {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("max_in_flight"),
                         "must be at least 16MiB (two upload parts)".into(),
-                    ));
+                    )));
                 }
                 if c.request_timeout_seconds == 0 {
-                    return Err((key("request_timeout_seconds"), "must be at least 1".into()));
+                    return Err(InvalidKey::from((
+                        key("request_timeout_seconds"),
+                        "must be at least 1".into(),
+                    )));
                 }
             }
             StoreConfig::Redis(c) => {
                 let Some(host) = c.host() else {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("url"),
                         format!(
                             "{:?} is not a rediss://host:port/db (TLS) or redis://host:port/db URL",
                             c.url
                         ),
-                    ));
+                    )));
                 };
                 if c.url.contains('@') {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("url"),
                         format!(
                             "holds credentials; put the password in {} (and the user in {}) \
@@ -475,7 +517,7 @@ impl StoreConfig {
                             key("password_file"),
                             key("username")
                         ),
-                    ));
+                    )));
                 }
                 let loopback = host == "localhost"
                     || host
@@ -486,19 +528,19 @@ impl StoreConfig {
                         || c.tls_client_cert_file.is_some()
                         || c.tls_client_key_file.is_some())
                 {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("url"),
                         "TLS files are set but the URL is not rediss://".into(),
-                    ));
+                    )));
                 }
                 if c.tls_client_cert_file.is_some() != c.tls_client_key_file.is_some() {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("tls_client_key_file"),
                         "tls_client_cert_file and tls_client_key_file go together".into(),
-                    ));
+                    )));
                 }
                 if !c.tls() && !loopback && !c.allow_plaintext {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("url"),
                         format!(
                             "{:?} is plain TCP to another host: action results would cross \
@@ -507,49 +549,52 @@ impl StoreConfig {
                             c.url,
                             key("allow_plaintext")
                         ),
-                    ));
+                    )));
                 }
                 if c.max_blob_size.0 == 0 || c.max_blob_size.0 > 512 << 20 {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("max_blob_size"),
                         "must be between 1 byte and 512MiB (Redis's largest string)".into(),
-                    ));
+                    )));
                 }
                 if c.max_in_flight.0 < c.max_blob_size.0 {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("max_in_flight"),
                         "must be at least max_blob_size".into(),
-                    ));
+                    )));
                 }
                 if c.request_timeout_seconds == 0 {
-                    return Err((key("request_timeout_seconds"), "must be at least 1".into()));
+                    return Err(InvalidKey::from((
+                        key("request_timeout_seconds"),
+                        "must be at least 1".into(),
+                    )));
                 }
                 if c.expire_seconds.is_some_and(|t| t == 0 || t > TEN_YEARS) {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("expire_seconds"),
                         format!("must be between 1 and {TEN_YEARS} (ten years)"),
-                    ));
+                    )));
                 }
                 if c.username.is_some() && c.password_file.is_none() {
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("password_file"),
                         format!(
                             "is needed with {}: Redis takes the user only with its password",
                             key("username")
                         ),
-                    ));
+                    )));
                 }
             }
             StoreConfig::Verify(c) => {
                 if let StoreConfig::FastSlow(_) = &*c.backend {
                     // A bad local copy would make it delete the shared, good one: the
                     // fast-slow layer already hashes what it reads from the slow tier.
-                    return Err((
+                    return Err(InvalidKey::from((
                         key("backend"),
                         "is a fast-slow store: put the verify layer on its slow tier instead \
                          (and verify_on_read on a filesystem fast tier)"
                             .into(),
-                    ));
+                    )));
                 }
                 c.backend.validate(&key("backend"))?
             }
@@ -561,12 +606,12 @@ impl StoreConfig {
                 {
                     let dir = |p: &Option<PathBuf>| p.clone().unwrap_or_else(default_store_path);
                     if dir(&f.path) == dir(&s.path) {
-                        return Err((
+                        return Err(InvalidKey::from((
                             key("slow.path"),
                             "is the fast tier's directory too: two stores in one directory \
                              would evict each other's files"
                                 .into(),
-                        ));
+                        )));
                     }
                 }
             }
@@ -669,7 +714,7 @@ mod tests {
         let text = "[store]\nkind = \"fast-slow\"\n[store.fast]\nkind = \"memory\"\n\
                     [store.slow]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n";
         let c = parse(text).unwrap();
-        let (k, m) = c.validate("store").unwrap_err();
+        let InvalidKey { key: k, message: m } = c.validate("store").unwrap_err();
         assert_eq!(k, "store.slow.endpoint", "{m}");
         assert!(m.contains("store.slow.allow_http"), "{m}");
         let ok = parse(&format!("{text}allow_http = true\n")).unwrap();
@@ -705,35 +750,37 @@ mod tests {
         at("redis://127.0.0.1:6379/0", "").unwrap();
         at("redis://localhost", "").unwrap();
         at("redis://[::1]:6379", "").unwrap();
-        let (k, m) = at("redis://redis.internal:6379", "").unwrap_err();
+        let InvalidKey { key: k, message: m } = at("redis://redis.internal:6379", "").unwrap_err();
         assert_eq!(k, "ac.url");
         assert!(m.contains("ac.allow_plaintext"), "{m}");
         at("redis://redis.internal:6379", "allow_plaintext = true\n").unwrap();
-        let (k, m) = at("redis://:hunter2@127.0.0.1", "").unwrap_err();
+        let InvalidKey { key: k, message: m } = at("redis://:hunter2@127.0.0.1", "").unwrap_err();
         assert!(k == "ac.url" && m.contains("ac.password_file"), "{m}");
         at("rediss://redis.internal:6380/0", "").unwrap();
         at("rediss://redis.internal", "tls_ca_file = \"/ca.pem\"\n").unwrap();
-        let (k, m) = at("redis://127.0.0.1", "tls_ca_file = \"/ca.pem\"\n").unwrap_err();
+        let InvalidKey { key: k, message: m } =
+            at("redis://127.0.0.1", "tls_ca_file = \"/ca.pem\"\n").unwrap_err();
         assert!(k == "ac.url" && m.contains("rediss://"), "{m}");
-        let (k, _) = at("rediss://r", "tls_client_cert_file = \"/c.pem\"\n").unwrap_err();
+        let InvalidKey { key: k, .. } =
+            at("rediss://r", "tls_client_cert_file = \"/c.pem\"\n").unwrap_err();
         assert_eq!(k, "ac.tls_client_key_file");
-        let (_, m) = at("valkey://127.0.0.1", "").unwrap_err();
+        let InvalidKey { message: m, .. } = at("valkey://127.0.0.1", "").unwrap_err();
         assert!(m.contains("rediss://"), "{m}");
         assert_eq!(
             at("redis://127.0.0.1", "max_blob_size = \"1GiB\"\n")
                 .unwrap_err()
-                .0,
+                .key,
             "ac.max_blob_size"
         );
         assert_eq!(
             at("redis://127.0.0.1", "username = \"lre\"\n")
                 .unwrap_err()
-                .0,
+                .key,
             "ac.password_file",
             "Redis drops a user sent without a password"
         );
         assert_eq!(
-            at("redis://127.0.0.1", "expire_seconds = 999999999999\n").map_err(|e| e.0),
+            at("redis://127.0.0.1", "expire_seconds = 999999999999\n").map_err(|e| e.key),
             Err("ac.expire_seconds".to_owned())
         );
     }
@@ -743,7 +790,10 @@ mod tests {
         let c =
             parse("[store]\nkind = \"verify\"\n[store.backend]\nkind = \"memory\"\nmax_size = 0\n")
                 .unwrap();
-        assert_eq!(c.validate("store").unwrap_err().0, "store.backend.max_size");
+        assert_eq!(
+            c.validate("store").unwrap_err().key,
+            "store.backend.max_size"
+        );
         let e = parse("[store]\nkind = \"verify\"\n").unwrap_err();
         assert!(e.contains("backend"), "{e}");
         let over_tiers = parse(
@@ -751,7 +801,7 @@ mod tests {
              [store.backend.fast]\nkind = \"memory\"\n[store.backend.slow]\nkind = \"memory\"\n",
         )
         .unwrap();
-        let (k, m) = over_tiers.validate("store").unwrap_err();
+        let InvalidKey { key: k, message: m } = over_tiers.validate("store").unwrap_err();
         assert!(k == "store.backend" && m.contains("slow tier"), "{k}: {m}");
     }
 
@@ -761,6 +811,6 @@ mod tests {
             "[store]\nkind = \"fast-slow\"\n[store.fast]\npath = \"/d\"\n[store.slow]\npath = \"/d\"\n",
         )
         .unwrap();
-        assert_eq!(c.validate("store").unwrap_err().0, "store.slow.path");
+        assert_eq!(c.validate("store").unwrap_err().key, "store.slow.path");
     }
 }

@@ -2,8 +2,6 @@
 //! take a blob, when the slow tier holds a corrupt one, and when the slow tier refuses a
 //! write for lack of room. (Against Garage: tests/garage.rs.)
 
-mod common;
-
 use std::sync::Arc;
 
 use lre_store::metrics::StoreMetrics;
@@ -11,7 +9,7 @@ use lre_store::store::{BlobStore, CasUpload, FastSlowStore, Key, MemStore};
 use lre_store::StoreError;
 use tokio::io::AsyncReadExt;
 
-use common::{noise, put, read_all, sha};
+use lre_test_support::{noise, put, read_all, sha};
 
 fn mem(capacity: u64) -> Arc<MemStore> {
     Arc::new(MemStore::new(capacity, StoreMetrics::default()))

@@ -3,8 +3,6 @@
 //! Ignored by a plain `cargo test` because they need the `garage` binary; `scripts/test`
 //! (and so CI) runs them with `--include-ignored` after `.ci/run` installed it.
 
-mod common;
-
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -14,7 +12,7 @@ use lre_store::StoreError;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 
-use common::{noise, put, read_all, sha, Garage};
+use lre_test_support::{noise, put, read_all, sha, Garage};
 
 async fn objects(g: &Garage, prefix: &str) -> Vec<String> {
     g.raw(1)

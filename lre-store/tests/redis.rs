@@ -1,13 +1,11 @@
 //! The Redis store against a real redis-server on loopback (started by `e2e/redis/redis.sh`).
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis::{dead_port, Redis};
 use lre_store::config::RedisConfig;
 use lre_store::error::StoreError;
 use lre_store::store::{BlobStore, Key, RedisStore};
+use lre_test_support::redis::{dead_port, Redis};
 
 fn config(url: &str) -> RedisConfig {
     let mut c = RedisConfig::new(url);
@@ -50,7 +48,9 @@ async fn entries_round_trip_and_an_empty_entry_is_present() {
     );
     assert_eq!(store.get(&ac(1)).await.unwrap().as_deref(), Some(&b""[..]));
     assert_eq!(
-        common::read_all(&store, &ac(2), 10).await.as_deref(),
+        lre_test_support::read_all(&store, &ac(2), 10)
+            .await
+            .as_deref(),
         Some(&b"result"[..])
     );
     assert!(store.get(&ac(3)).await.unwrap().is_none());
@@ -59,7 +59,7 @@ async fn entries_round_trip_and_an_empty_entry_is_present() {
 
     // 10k keys go in several pipelines and come back in order.
     let keys: Vec<Key> = (0..10_000u32)
-        .map(|i| Key::Cas(common::sha(&i.to_le_bytes())))
+        .map(|i| Key::Cas(lre_test_support::sha(&i.to_le_bytes())))
         .collect();
     set(&store, keys[9_999], b"last").await.unwrap();
     let found = store.lookup(&keys).await.unwrap();

@@ -7,8 +7,7 @@
 //! Redis, so every replica sees every blob.
 
 mod common;
-#[path = "../../lre-store/tests/common/redis.rs"]
-mod redis_server;
+use lre_test_support::redis as redis_server;
 
 use std::time::Duration;
 

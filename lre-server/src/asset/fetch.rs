@@ -10,10 +10,10 @@ use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::config::AssetConfig;
 use super::policy::{GuardedResolver, Policy, Refused, MAX_REDIRECTS};
 use super::qualifiers::{Hasher, Hashes, Sri};
-use crate::cache::Cache;
+use crate::config::AssetConfig;
+use crate::context::ServerContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::store::{BlobWriter, Key};
@@ -75,7 +75,7 @@ impl Downloader {
     /// Downloads `uri` into the CAS. The blob is committed only if `sri` matches.
     pub async fn blob_to_cas(
         &self,
-        cache: &Cache,
+        cache: &ServerContext,
         uri: &str,
         headers: HeaderMap,
         sri: Option<&Sri>,

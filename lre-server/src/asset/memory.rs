@@ -10,7 +10,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
-use crate::cache::Cache;
+use crate::context::ServerContext;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::store::Key;
@@ -77,7 +77,7 @@ pub fn key(instance: &str, kind: Kind, uri: &str, parts: &[(String, String)]) ->
     Key::ac(instance, &h.finalize().into())
 }
 
-pub async fn load(cache: &Cache, key: &Key) -> Result<Option<(Entry, Digest)>> {
+pub async fn load(cache: &ServerContext, key: &Key) -> Result<Option<(Entry, Digest)>> {
     let Some(raw) = cache.action_results.unchecked().get(key).await? else {
         return Ok(None);
     };
@@ -94,7 +94,7 @@ pub async fn load(cache: &Cache, key: &Key) -> Result<Option<(Entry, Digest)>> {
     }
 }
 
-pub async fn save(cache: &Cache, key: Key, entry: &Entry) -> Result<()> {
+pub async fn save(cache: &ServerContext, key: Key, entry: &Entry) -> Result<()> {
     let raw = entry.encode_to_vec();
     let mut w = cache
         .action_results
@@ -107,7 +107,7 @@ pub async fn save(cache: &Cache, key: Key, entry: &Entry) -> Result<()> {
 
 /// The first blob or directory of the tree under `root` that the CAS lacks (or that is not a
 /// Directory), so a remembered or pushed tree is only served whole. Refreshes what it finds.
-pub async fn tree_missing(cache: &Cache, root: Digest) -> Result<Option<Digest>> {
+pub async fn tree_missing(cache: &ServerContext, root: Digest) -> Result<Option<Digest>> {
     let mut seen = HashSet::from([root]);
     let mut queue = VecDeque::from([root]);
     let mut files = Vec::new();

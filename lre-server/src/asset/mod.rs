@@ -19,7 +19,6 @@
 //!   ABORTED and RESOURCE_EXHAUSTED, which Bazel retries, downloading the same bytes again.
 
 mod archive;
-pub mod config;
 mod fetch;
 pub mod memory;
 pub mod policy;
@@ -37,10 +36,10 @@ use bazel_remote_apis::build::bazel::remote::asset::v1::{
 use bazel_remote_apis::build::bazel::remote::execution::v2::digest_function;
 use tonic::{Request, Response, Status};
 
-pub use config::AssetConfig;
+pub use crate::config::AssetConfig;
 
 use crate::auth::{Access, Principal};
-use crate::cache::Cache;
+use crate::context::ServerContext;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
 use archive::Limits;
@@ -83,7 +82,7 @@ fn bounded(s: Status) -> Status {
 }
 
 pub struct AssetService {
-    cache: Arc<Cache>,
+    cache: Arc<ServerContext>,
     downloader: Downloader,
 }
 
@@ -96,7 +95,7 @@ struct Common<'a> {
 }
 
 impl AssetService {
-    pub fn new(cache: Arc<Cache>, config: &AssetConfig) -> Result<AssetService> {
+    pub fn new(cache: Arc<ServerContext>, config: &AssetConfig) -> Result<AssetService> {
         Ok(AssetService {
             cache,
             downloader: Downloader::new(config)?,

@@ -12,7 +12,7 @@ use reqwest::Url;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::config::{AssetConfig, Host, HostPattern};
+use crate::config::asset::{AssetConfig, Host, HostPattern};
 
 /// Redirect hops followed before giving up.
 pub const MAX_REDIRECTS: usize = 5;

@@ -9,7 +9,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{Action, Command, Di
 use prost::Message;
 use serde::Serialize;
 
-use crate::cache::Cache;
+use crate::context::ServerContext;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::status::{ActionRecord, InvocationSummary};
@@ -89,7 +89,7 @@ pub struct Unexplained {
 /// Reads Action, Command and input trees, caching directories across actions, and counts
 /// what it holds against the explanation's budget.
 struct Reader<'a> {
-    cache: &'a Cache,
+    cache: &'a ServerContext,
     dirs: HashMap<Digest, Option<Directory>>,
     visits: usize,
     /// Estimated bytes held, and the budget.
@@ -276,7 +276,7 @@ impl Reader<'_> {
 
 /// Explains `new`'s missed actions against `base`.
 pub async fn explain(
-    cache: &Cache,
+    cache: &ServerContext,
     instance: &str,
     base: (InvocationSummary, Vec<ActionRecord>),
     new: (InvocationSummary, Vec<ActionRecord>),
@@ -286,7 +286,7 @@ pub async fn explain(
 
 /// `explain`, holding at most about `budget` bytes.
 pub async fn explain_within(
-    cache: &Cache,
+    cache: &ServerContext,
     instance: &str,
     base: (InvocationSummary, Vec<ActionRecord>),
     new: (InvocationSummary, Vec<ActionRecord>),

@@ -20,8 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::RequestMetadata;
 use prost::Message;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use crate::config::StatusConfig;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 pub use timeline::{Counts, Minute};
@@ -30,62 +31,6 @@ pub use timeline::{Counts, Minute};
 pub const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 /// Longest text kept from a client (ids, mnemonics, labels, paths).
 const MAX_TEXT: usize = 256;
-
-/// Bounds of the history; the `[status]` config table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StatusConfig {
-    /// Invocations remembered for miss explanations; the least recently active go first.
-    #[serde(default = "default_max_invocations")]
-    pub max_invocations: usize,
-    /// Action keys remembered over all invocations together.
-    #[serde(default = "default_max_actions")]
-    pub max_actions: usize,
-    /// Length of the "recent actions" list.
-    #[serde(default = "default_recent_actions")]
-    pub recent_actions: usize,
-    /// `/metrics` follows the page's rule (with `anonymous = "none"`, a token is needed).
-    /// Off by default so that an existing Prometheus scrape keeps working.
-    #[serde(default)]
-    pub protect_metrics: bool,
-}
-
-impl Default for StatusConfig {
-    fn default() -> Self {
-        StatusConfig {
-            max_invocations: default_max_invocations(),
-            max_actions: default_max_actions(),
-            recent_actions: default_recent_actions(),
-            protect_metrics: false,
-        }
-    }
-}
-
-fn default_max_invocations() -> usize {
-    64
-}
-fn default_max_actions() -> usize {
-    100_000
-}
-fn default_recent_actions() -> usize {
-    200
-}
-
-impl StatusConfig {
-    /// Each bound must be positive and small enough that the history fits in memory.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        for (key, value, max) in [
-            ("status.max_invocations", self.max_invocations, 10_000),
-            ("status.max_actions", self.max_actions, 2_000_000),
-            ("status.recent_actions", self.recent_actions, 10_000),
-        ] {
-            if value == 0 || value > max {
-                return Err((key, format!("must be between 1 and {max}, not {value}")));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What Bazel says about a call (which invocation, which action), and who made it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -207,7 +152,7 @@ pub struct WrittenBy {
 }
 
 impl WrittenBy {
-    pub fn of(p: &crate::cache::Provenance) -> WrittenBy {
+    pub fn of(p: &lre_store::ac_entry::Provenance) -> WrittenBy {
         WrittenBy {
             source: clip(p.source.clone()),
             worker: clip(p.worker.clone()),
@@ -343,7 +288,7 @@ impl Activity {
         instance: &str,
         meta: Option<&RequestMeta>,
         action: Digest,
-        found: Option<Option<&crate::cache::Provenance>>,
+        found: Option<Option<&lre_store::ac_entry::Provenance>>,
     ) {
         let hit = found.is_some();
         let now = SystemTime::now();

@@ -23,18 +23,19 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio_util::io::ReaderStream;
 
+use crate::auth::http_credential as credential;
 use crate::auth::{Access, Principal};
-use crate::cache::Cache;
+use crate::context::ServerContext;
+use crate::error::error_response;
 use crate::error::{Error, Result};
 use crate::execution::ExecScheduler;
-use crate::http::{credential, error_response};
 use crate::scheduler::Overview;
 use crate::status::explain::Explanation;
 use crate::status::{ActivitySnapshot, InvocationSummary};
 
 #[derive(Clone)]
 pub struct StatusState {
-    pub cache: Arc<Cache>,
+    pub cache: Arc<ServerContext>,
     pub scheduler: Option<Arc<ExecScheduler>>,
     /// Explanations read many blobs: at most this many run at once, the rest wait.
     pub explain_slots: Arc<tokio::sync::Semaphore>,
@@ -79,7 +80,7 @@ pub struct StoreView {
 }
 
 /// Authenticates the caller for the status page: any scope that may read somewhere.
-fn caller(cache: &Cache, headers: &HeaderMap) -> Result<Principal> {
+fn caller(cache: &ServerContext, headers: &HeaderMap) -> Result<Principal> {
     let p = cache.auth.authenticate(credential(headers)?)?;
     cache.auth.authorize_status(&p)?;
     Ok(p)

@@ -73,8 +73,7 @@ pub fn hash_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-#[path = "../../../lre-store/tests/common/noise.rs"]
-mod noise;
+use lre_test_support::noise;
 
 /// Deterministic pseudo-random bytes (incompressible enough to exercise zstd honestly).
 pub fn blob(len: usize, seed: u64) -> Vec<u8> {

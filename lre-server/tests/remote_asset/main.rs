@@ -416,7 +416,7 @@ async fn a_blob_named_by_many_uris_is_hashed_once_per_request() {
         .unwrap();
     // Reads of CAS blobs that found them, as the server's own metrics count them.
     let reads = || {
-        s.cache
+        s.context
             .metrics
             .cas_lookups
             .get_or_create(&lre_server::metrics::ResultLabel { result: "hit" })

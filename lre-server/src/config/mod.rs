@@ -1,5 +1,13 @@
 //! The server's one typed configuration: a TOML file plus command-line overrides,
-//! validated at start so that a bad key fails loudly before anything listens.
+//! validated at start so that a bad key fails loudly before anything listens. Each table
+//! has its file here and validates itself, returning a `ConfigError` that names the key;
+//! the stores' tables are lre-store's (`StoreConfig`).
+
+pub mod asset;
+pub mod connections;
+pub mod execution;
+pub mod instance;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,7 +15,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::auth::{Scope, TokenConfig};
-pub use lre_store::config::{default_store_path, ByteSize, StoreConfig};
+pub use asset::AssetConfig;
+pub use connections::ConnectionsConfig;
+pub use execution::ExecutionConfig;
+pub use instance::InstanceSettings;
+pub use lre_store::config::{default_store_path, ByteSize, InvalidKey, StoreConfig};
+pub use status::StatusConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -22,10 +35,19 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
+    }
+}
+
+impl From<InvalidKey> for ConfigError {
+    fn from(e: InvalidKey) -> ConfigError {
+        ConfigError::Invalid {
+            key: e.key,
+            message: e.message,
+        }
     }
 }
 
@@ -49,7 +71,7 @@ pub struct Config {
     /// Per-instance settings, by instance name (the default instance is `""`):
     /// `[instance_settings.main] executed_only = true`.
     #[serde(default)]
-    pub instance_settings: std::collections::BTreeMap<String, crate::instance::InstanceSettings>,
+    pub instance_settings: std::collections::BTreeMap<String, InstanceSettings>,
     /// Limit on the summed size of blobs in one BatchUpdateBlobs/BatchReadBlobs call.
     #[serde(default = "default_max_batch")]
     pub max_batch_total_size_bytes: u64,
@@ -73,223 +95,13 @@ pub struct Config {
     pub execution: ExecutionConfig,
     /// The Remote Asset API (Fetch/Push) and its downloader's limits.
     #[serde(default)]
-    pub asset: crate::asset::AssetConfig,
+    pub asset: AssetConfig,
     /// The status page's history bounds, and whether `/metrics` needs a token.
     #[serde(default)]
-    pub status: crate::status::StatusConfig,
+    pub status: StatusConfig,
     /// Per-port connection caps and timeouts against slow, idle and flooding clients.
     #[serde(default)]
     pub connections: ConnectionsConfig,
-}
-
-/// The `[connections]` table. Each port (gRPC and HTTP) counts and limits its own
-/// connections, so a flood on one leaves the other reachable.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConnectionsConfig {
-    /// Connections one port holds at once; further ones are closed as soon as accepted.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Time from accepting a connection to a finished TLS handshake and, on the gRPC
-    /// port, to the client's HTTP/2 connection preface.
-    #[serde(default = "default_handshake_timeout")]
-    pub handshake_timeout_seconds: u64,
-    /// HTTP port: a request's headers must arrive within this long of the connection
-    /// opening or the previous response ending (so it also ends idle keep-alive
-    /// connections).
-    #[serde(default = "default_header_read_timeout")]
-    pub header_read_timeout_seconds: u64,
-    /// HTTP port: a connection on which nothing is sent or received for this long is
-    /// closed, also mid-request. gRPC port: a connection silent this long is sent an
-    /// HTTP/2 PING.
-    #[serde(default = "default_idle_timeout")]
-    pub idle_timeout_seconds: u64,
-    /// gRPC port: a PING not answered within this long closes the connection.
-    #[serde(default = "default_keepalive_timeout")]
-    pub keepalive_timeout_seconds: u64,
-    /// gRPC port: calls running at once on one connection.
-    #[serde(default = "default_max_concurrent_streams")]
-    pub max_concurrent_streams: u32,
-    /// gRPC port: a ByteStream read whose client takes nothing, or a write whose client
-    /// sends nothing, for this long is ended with ABORTED, its file closed.
-    #[serde(default = "default_stream_stall_timeout")]
-    pub stream_stall_timeout_seconds: u64,
-}
-
-impl Default for ConnectionsConfig {
-    fn default() -> Self {
-        ConnectionsConfig {
-            max_connections: default_max_connections(),
-            handshake_timeout_seconds: default_handshake_timeout(),
-            header_read_timeout_seconds: default_header_read_timeout(),
-            idle_timeout_seconds: default_idle_timeout(),
-            keepalive_timeout_seconds: default_keepalive_timeout(),
-            max_concurrent_streams: default_max_concurrent_streams(),
-            stream_stall_timeout_seconds: default_stream_stall_timeout(),
-        }
-    }
-}
-
-/// Two ports at this many each stay below the common 1024 open-file limit, with room for
-/// the store.
-fn default_max_connections() -> usize {
-    400
-}
-fn default_handshake_timeout() -> u64 {
-    10
-}
-fn default_header_read_timeout() -> u64 {
-    30
-}
-fn default_idle_timeout() -> u64 {
-    120
-}
-fn default_keepalive_timeout() -> u64 {
-    20
-}
-fn default_max_concurrent_streams() -> u32 {
-    1000
-}
-
-fn default_stream_stall_timeout() -> u64 {
-    60
-}
-
-impl ConnectionsConfig {
-    /// On failure returns the offending key and why.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        for (k, v) in [
-            ("connections.max_connections", self.max_connections as u64),
-            (
-                "connections.handshake_timeout_seconds",
-                self.handshake_timeout_seconds,
-            ),
-            (
-                "connections.header_read_timeout_seconds",
-                self.header_read_timeout_seconds,
-            ),
-            (
-                "connections.idle_timeout_seconds",
-                self.idle_timeout_seconds,
-            ),
-            (
-                "connections.keepalive_timeout_seconds",
-                self.keepalive_timeout_seconds,
-            ),
-            (
-                "connections.max_concurrent_streams",
-                u64::from(self.max_concurrent_streams),
-            ),
-            (
-                "connections.stream_stall_timeout_seconds",
-                self.stream_stall_timeout_seconds,
-            ),
-        ] {
-            if v == 0 {
-                return Err((k.to_string(), "must be at least 1".to_string()));
-            }
-        }
-        // tokio's semaphore holds at most usize::MAX >> 3 permits.
-        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
-            return Err((
-                "connections.max_connections".to_string(),
-                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Remote execution: the scheduler and the endpoint workers connect to.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecutionConfig {
-    /// Serve Execute/WaitExecution/Operations and the worker endpoint, and advertise
-    /// `exec_enabled` in Capabilities.
-    #[serde(default)]
-    pub enabled: bool,
-    /// Timeout for actions that set none.
-    #[serde(default = "default_action_timeout")]
-    pub default_timeout_seconds: u64,
-    /// Actions asking for more are refused.
-    #[serde(default = "default_max_action_timeout")]
-    pub max_timeout_seconds: u64,
-    /// Workers lost under one action before it fails.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// Workers send keepalives this often; one silent for three intervals is dropped.
-    #[serde(default = "default_keepalive")]
-    pub keepalive_seconds: u64,
-    /// Platforms of workers that may not be connected yet: matching actions wait for them
-    /// instead of failing at once. Each entry maps property names to values.
-    #[serde(default)]
-    pub known_platforms: Vec<std::collections::BTreeMap<String, String>>,
-    /// Actions waiting for a worker; Execute past it gets RESOURCE_EXHAUSTED.
-    #[serde(default = "default_max_queued")]
-    pub max_queued_actions: usize,
-    /// Operations tracked at once (queued, running, and finished ones for WaitExecution).
-    #[serde(default = "default_max_operations")]
-    pub max_operations: usize,
-    /// Share the queue, operations, in-flight deduplication and worker registrations
-    /// with every replica that names the same Redis (keys under its `prefix` + "sched:").
-    /// Absent: this process schedules alone, in memory.
-    #[serde(default)]
-    pub redis: Option<lre_store::config::RedisConfig>,
-    /// With `redis`: how long a replica's hold on an executing action lasts without being
-    /// renewed. A replica that dies loses its actions to the others after this long.
-    #[serde(default = "default_lease")]
-    pub lease_seconds: u64,
-    /// How long an action waits for a worker that may be reconnecting instead of failing
-    /// as one no worker can run: after start while no worker is connected, and after the
-    /// last worker offering its platform left. 0 fails such actions at once.
-    #[serde(default = "default_worker_grace")]
-    pub worker_grace_seconds: u64,
-}
-
-fn default_worker_grace() -> u64 {
-    30
-}
-
-fn default_lease() -> u64 {
-    15
-}
-
-impl Default for ExecutionConfig {
-    fn default() -> Self {
-        ExecutionConfig {
-            enabled: false,
-            default_timeout_seconds: default_action_timeout(),
-            max_timeout_seconds: default_max_action_timeout(),
-            max_attempts: default_max_attempts(),
-            keepalive_seconds: default_keepalive(),
-            known_platforms: vec![],
-            max_queued_actions: default_max_queued(),
-            max_operations: default_max_operations(),
-            redis: None,
-            lease_seconds: default_lease(),
-            worker_grace_seconds: default_worker_grace(),
-        }
-    }
-}
-
-fn default_max_queued() -> usize {
-    100_000
-}
-fn default_max_operations() -> usize {
-    200_000
-}
-
-fn default_action_timeout() -> u64 {
-    900
-}
-fn default_max_action_timeout() -> u64 {
-    3 * 3600
-}
-fn default_max_attempts() -> u32 {
-    3
-}
-fn default_keepalive() -> u64 {
-    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,8 +151,8 @@ impl Default for Config {
             shutdown_grace_seconds: default_grace(),
             upload_ttl_seconds: default_upload_ttl(),
             execution: ExecutionConfig::default(),
-            asset: crate::asset::AssetConfig::default(),
-            status: crate::status::StatusConfig::default(),
+            asset: AssetConfig::default(),
+            status: StatusConfig::default(),
             connections: ConnectionsConfig::default(),
         }
     }
@@ -417,12 +229,9 @@ impl Config {
 
     /// Checks everything serde cannot: cross-field rules and files that must exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.store
-            .validate("store")
-            .map_err(|(k, m)| invalid(k, m))?;
+        self.store.validate("store")?;
         if let Some(ac) = &self.action_cache_store {
-            ac.validate("action_cache_store")
-                .map_err(|(k, m)| invalid(k, m))?;
+            ac.validate("action_cache_store")?;
             let cas_dirs = self.store.filesystem_dirs();
             if let Some(dir) = ac.filesystem_dirs().iter().find(|d| cas_dirs.contains(d)) {
                 return Err(invalid(
@@ -435,55 +244,10 @@ impl Config {
                 ));
             }
         }
-        let e = &self.execution;
-        if e.default_timeout_seconds == 0 || e.default_timeout_seconds > e.max_timeout_seconds {
-            return Err(invalid(
-                "execution.default_timeout_seconds",
-                "must be between 1 and execution.max_timeout_seconds",
-            ));
-        }
-        if e.max_attempts == 0 {
-            return Err(invalid("execution.max_attempts", "must be at least 1"));
-        }
-        if e.keepalive_seconds == 0 {
-            return Err(invalid("execution.keepalive_seconds", "must be at least 1"));
-        }
-        if e.max_queued_actions == 0 {
-            return Err(invalid(
-                "execution.max_queued_actions",
-                "must be at least 1",
-            ));
-        }
-        if e.worker_grace_seconds > 3600 {
-            return Err(invalid(
-                "execution.worker_grace_seconds",
-                "must be at most 3600",
-            ));
-        }
-        if e.max_operations < e.max_queued_actions {
-            return Err(invalid(
-                "execution.max_operations",
-                "must be at least execution.max_queued_actions",
-            ));
-        }
-        if let Some(r) = &e.redis {
-            lre_store::config::StoreConfig::Redis(r.clone())
-                .validate("execution.redis")
-                .map_err(|(k, m)| invalid(k, m))?;
-        }
-        if !(3..=600).contains(&e.lease_seconds) {
-            return Err(invalid(
-                "execution.lease_seconds",
-                "must be between 3 and 600 (leases are renewed every 2 seconds)",
-            ));
-        }
-        self.status.validate().map_err(|(k, m)| invalid(k, m))?;
-        self.connections
-            .validate()
-            .map_err(|(k, m)| invalid(k, m))?;
-        self.asset
-            .validate(self.store.capacity())
-            .map_err(|(k, m)| invalid(k, m))?;
+        self.execution.validate()?;
+        self.status.validate()?;
+        self.connections.validate()?;
+        self.asset.validate(self.store.capacity())?;
         if self.upload_ttl_seconds == 0 {
             return Err(invalid("upload_ttl_seconds", "must be at least 1"));
         }

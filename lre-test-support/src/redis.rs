@@ -1,11 +1,9 @@
 //! A real redis-server for tests, run by `e2e/redis/redis.sh` (the script the e2e tests use
-//! too) on a loopback port, and stopped when dropped. Only std and tempfile, so the server's
-//! tests include this file as well.
-
-#![allow(dead_code)]
+//! too) on a loopback port, and stopped when dropped.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
 use std::process::Command;
 
 pub struct Redis {
@@ -15,7 +13,7 @@ pub struct Redis {
 }
 
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/redis/redis.sh")
+    crate::repo_root().join("e2e/redis/redis.sh")
 }
 
 impl Redis {

@@ -1,23 +1,13 @@
 //! A real Garage cluster for tests, started by `e2e/garage/cluster.sh` (the one script the
 //! e2e tests use too) and stopped when dropped.
 
-#![allow(dead_code)]
-
-pub mod noise;
-pub mod redis;
-
-#[allow(unused_imports)]
-pub use noise::noise;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
 use lre_store::config::S3Config;
-use lre_store::store::{BlobStore, CasUpload, Key};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use sha2::{Digest as _, Sha256};
 
 pub struct Garage {
     dir: tempfile::TempDir,
@@ -25,7 +15,7 @@ pub struct Garage {
 }
 
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/garage/cluster.sh")
+    crate::repo_root().join("e2e/garage/cluster.sh")
 }
 
 impl Garage {
@@ -130,28 +120,4 @@ impl Drop for Garage {
             .arg(self.dir.path())
             .status();
     }
-}
-
-pub fn sha(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
-
-/// Uploads `data` as a CAS blob through the verified path every server write takes.
-pub async fn put(store: &dyn BlobStore, data: &[u8]) -> Key {
-    let mut up = CasUpload::new(store, sha(data), Some(data.len() as u64))
-        .await
-        .expect("writer");
-    for chunk in data.chunks(1 << 20) {
-        up.write(chunk).await.expect("write");
-    }
-    let d = up.finish().await.expect("finish");
-    Key::cas(&d)
-}
-
-pub async fn read_all(store: &dyn BlobStore, key: &Key, offset: u64) -> Option<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let (_, mut r) = store.open(key, offset, None).await.expect("open")?;
-    let mut v = Vec::new();
-    r.read_to_end(&mut v).await.expect("read");
-    Some(v)
 }

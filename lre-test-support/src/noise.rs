@@ -1,7 +1,4 @@
-//! Deterministic bytes that do not compress (a xorshift stream), for tests and benchmarks
-//! of both lre-store and lre-server (which include this file by path).
-
-#![allow(dead_code)]
+//! Deterministic bytes that do not compress (a xorshift stream), for tests and benchmarks.
 
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

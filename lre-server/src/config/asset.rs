@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::ByteSize;
+use lre_store::config::ByteSize;
+
+use super::{invalid, ConfigError};
 
 /// The Remote Asset API (Fetch, Push), which Bazel uses with `--experimental_remote_downloader`.
 ///
@@ -75,17 +77,20 @@ fn default_max_concurrent() -> usize {
 
 impl AssetConfig {
     /// On failure returns the offending key and why.
-    pub fn validate(&self, store_capacity: u64) -> Result<(), (String, String)> {
+    pub fn validate(&self, store_capacity: u64) -> Result<(), ConfigError> {
         for (i, h) in self.allowed_hosts.iter().enumerate() {
-            HostPattern::parse(h).map_err(|m| (format!("asset.allowed_hosts[{i}]"), m))?;
+            HostPattern::parse(h).map_err(|m| invalid(format!("asset.allowed_hosts[{i}]"), m))?;
         }
         let max = self.max_download_bytes.0;
         if max == 0 {
-            return Err(key("asset.max_download_bytes", "must be greater than zero"));
+            return Err(invalid(
+                "asset.max_download_bytes",
+                "must be greater than zero",
+            ));
         }
         // Only where downloads are on: a small store with the default limit is no error.
         if max > store_capacity && !self.allowed_hosts.is_empty() {
-            return Err(key(
+            return Err(invalid(
                 "asset.max_download_bytes",
                 format!("({max} bytes) is larger than the store takes ({store_capacity} bytes): a download must fit in the store"),
             ));
@@ -105,15 +110,11 @@ impl AssetConfig {
             ),
         ] {
             if v == 0 {
-                return Err(key(k, "must be at least 1"));
+                return Err(invalid(k, "must be at least 1"));
             }
         }
         Ok(())
     }
-}
-
-fn key(k: &str, m: impl Into<String>) -> (String, String) {
-    (k.to_string(), m.into())
 }
 
 /// One entry of `allowed_hosts`.
@@ -297,17 +298,24 @@ mod tests {
             allowed_hosts: vec!["ok.example.com".into(), "http://x".into()],
             ..AssetConfig::default()
         };
-        assert_eq!(c.validate(1 << 40).unwrap_err().0, "asset.allowed_hosts[1]");
+        let key = |e: ConfigError| match e {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("{other}"),
+        };
+        assert_eq!(
+            key(c.validate(1 << 40).unwrap_err()),
+            "asset.allowed_hosts[1]"
+        );
         c.allowed_hosts.pop();
         assert!(c.validate(1 << 40).is_ok());
         assert_eq!(
-            c.validate(1 << 20).unwrap_err().0,
+            key(c.validate(1 << 20).unwrap_err()),
             "asset.max_download_bytes"
         );
         assert!(AssetConfig::default().validate(1 << 20).is_ok());
         c.max_concurrent_downloads = 0;
         assert_eq!(
-            c.validate(1 << 40).unwrap_err().0,
+            key(c.validate(1 << 40).unwrap_err()),
             "asset.max_concurrent_downloads"
         );
     }

@@ -1,5 +1,7 @@
-//! The cache both protocols share: gRPC services and the HTTP handlers call these methods,
-//! so a blob written over one is readable over the other and the rules are enforced once.
+//! The server's shared context: the stores (CAS, and action results behind the
+//! completeness rule), who may do what (instances, auth), metrics and the status history.
+//! gRPC services and HTTP handlers call its methods, so a blob written over one protocol is
+//! readable over the other and the rules are enforced once.
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use crate::store::{BlobReader, BlobStore, CasUpload, CompletenessChecking, Key};
 pub use lre_store::ac_entry::Provenance;
 use lre_store::ac_entry::{AcEntry, SOURCE_EXECUTED, SOURCE_UPLOADED};
 
-pub struct Cache {
+pub struct ServerContext {
     /// The CAS.
     pub store: Arc<dyn BlobStore>,
     /// Action results, read through the completeness rule; under it, unchecked, the
@@ -69,7 +71,7 @@ pub fn checked_results(
     ))
 }
 
-impl Cache {
+impl ServerContext {
     /// Checks the instance name, authenticates the caller and authorizes the access.
     ///
     /// An instance this server does not serve is named as unknown only to a caller who
@@ -321,96 +323,17 @@ fn validate_action_result(r: &ActionResult) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::task::{Context, Poll};
-
-    use async_trait::async_trait;
-    use tokio::io::{AsyncRead, ReadBuf};
-
     use super::*;
-    use crate::store::{BlobWriter, MemStore};
-    use lre_store::Result;
-
-    /// The real memory store, counting every byte it hands out.
-    struct Counting {
-        inner: MemStore,
-        served: Arc<AtomicU64>,
-    }
-
-    struct CountingReader {
-        inner: BlobReader,
-        served: Arc<AtomicU64>,
-    }
-
-    impl AsyncRead for CountingReader {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            let before = buf.filled().len();
-            let r = self.inner.as_mut().poll_read(cx, buf);
-            let n = (buf.filled().len() - before) as u64;
-            self.served.fetch_add(n, Ordering::Relaxed);
-            r
-        }
-    }
-
-    #[async_trait]
-    impl BlobStore for Counting {
-        async fn lookup(&self, keys: &[Key]) -> Result<Vec<Option<u64>>> {
-            self.inner.lookup(keys).await
-        }
-        async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
-            let r = self.inner.get(key).await?;
-            if let Some(b) = &r {
-                self.served.fetch_add(b.len() as u64, Ordering::Relaxed);
-            }
-            Ok(r)
-        }
-        async fn open(
-            &self,
-            key: &Key,
-            offset: u64,
-            limit: Option<u64>,
-        ) -> Result<Option<(u64, BlobReader)>> {
-            Ok(self
-                .inner
-                .open(key, offset, limit)
-                .await?
-                .map(|(size, inner)| {
-                    let served = self.served.clone();
-                    (
-                        size,
-                        Box::pin(CountingReader { inner, served }) as BlobReader,
-                    )
-                }))
-        }
-        async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
-            self.inner.writer(size_hint).await
-        }
-        async fn remove(&self, key: &Key) -> Result<()> {
-            self.inner.remove(key).await
-        }
-        async fn list(&self, kind: lre_store::store::KeyKind) -> Result<Vec<Key>> {
-            self.inner.list(kind).await
-        }
-        fn capacity(&self) -> u64 {
-            self.inner.capacity()
-        }
-    }
+    use crate::store::MemStore;
+    use lre_test_support::Counting;
 
     #[tokio::test]
     async fn a_digest_that_understates_the_size_reads_nothing() {
         let metrics = Arc::new(Metrics::new());
-        let served = Arc::new(AtomicU64::new(0));
-        let store = Counting {
-            inner: MemStore::new(1 << 30, metrics.store.clone()),
-            served: served.clone(),
-        };
+        let store = Counting::new(MemStore::new(1 << 30, metrics.store.clone()));
+        let served = store.served.clone();
         let store: Arc<dyn BlobStore> = Arc::new(store);
-        let cache = Cache {
+        let cache = ServerContext {
             action_results: checked_results(store.clone(), store.clone(), metrics.clone()),
             store,
             metrics,
@@ -433,7 +356,7 @@ mod tests {
             );
         }
         assert_eq!(
-            served.load(Ordering::Relaxed),
+            served.load(std::sync::atomic::Ordering::Relaxed),
             0,
             "no byte of the blob was read"
         );
@@ -441,6 +364,6 @@ mod tests {
             cache.read_blob(&real).await.unwrap().unwrap().len(),
             big.len()
         );
-        assert_eq!(served.load(Ordering::Relaxed), real.size);
+        assert_eq!(served.load(std::sync::atomic::Ordering::Relaxed), real.size);
     }
 }
