@@ -356,7 +356,7 @@ fn new_cache() -> Arc<ServerContext> {
         instances: Instances::new(None),
         auth: Authenticator::open(),
         max_batch_total_size_bytes: 4 << 20,
-        activity: lre_server::status::Activity::new(Default::default()),
+        activity: lre_server::activity::Activity::new(Default::default()),
     })
 }
 

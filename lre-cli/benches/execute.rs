@@ -97,7 +97,7 @@ async fn local_baseline(n: usize, sandboxed: bool) -> f64 {
                         timeout: Duration::from_secs(60),
                         uid: None,
                     };
-                    lre_worker::sandbox::run(&cfg, &spawn)
+                    lre_worker::sandbox::run(&cfg, &spawn, tokio::sync::watch::channel(false).1)
                         .await
                         .unwrap()
                         .exit_code

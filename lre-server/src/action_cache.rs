@@ -12,7 +12,7 @@ use crate::auth::Access;
 use crate::context::{ResultSource, ServerContext};
 use crate::digest::{check_digest_function, Digest};
 use crate::error::Error;
-use crate::status::RequestMeta;
+use crate::request_meta::RequestMeta;
 
 pub struct ActionCacheService {
     cache: Arc<ServerContext>,

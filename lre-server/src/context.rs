@@ -30,7 +30,7 @@ pub struct ServerContext {
     pub auth: Authenticator,
     pub max_batch_total_size_bytes: u64,
     /// What the status page shows: recent actions, invocations, the last hour.
-    pub activity: crate::status::Activity,
+    pub activity: crate::activity::Activity,
 }
 
 /// An action-cache hit: the decoded result, its exact encoding as served, and who wrote
@@ -259,7 +259,7 @@ impl ServerContext {
         source: ResultSource<'_>,
     ) -> Result<()> {
         validate_action_result(result)?;
-        let written_at_ms = crate::status::unix_ms(std::time::SystemTime::now());
+        let written_at_ms = crate::activity::unix_ms(std::time::SystemTime::now());
         let provenance = match source {
             ResultSource::Executed {
                 worker,
@@ -340,7 +340,7 @@ mod tests {
             instances: Instances::new(None),
             auth: Authenticator::open(),
             max_batch_total_size_bytes: 4 << 20,
-            activity: crate::status::Activity::new(Default::default()),
+            activity: crate::activity::Activity::new(Default::default()),
         };
         let big = vec![7u8; 8 << 20];
         let real = Digest::of(&big);

@@ -35,6 +35,10 @@ pub enum Error {
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
 
+    /// A name already taken (a worker id connected twice).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+
     #[error("aborted: {0}")]
     Aborted(String),
 
@@ -58,25 +62,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// The scheduler's answers keep their code: no worker could run it (FAILED_PRECONDITION),
-/// the queue is full (RESOURCE_EXHAUSTED), the cluster's Redis is away (UNAVAILABLE).
-impl From<crate::scheduler::Failure> for Error {
-    fn from(f: crate::scheduler::Failure) -> Self {
-        use tonic::Code;
-        let m = f.message;
-        match f.code {
-            Code::FailedPrecondition => Error::FailedPrecondition(m),
-            Code::ResourceExhausted => Error::ResourceExhausted(m),
-            Code::Unavailable => Error::Unavailable(m),
-            Code::DeadlineExceeded => Error::DeadlineExceeded(m),
-            Code::InvalidArgument => Error::InvalidArgument(m),
-            Code::NotFound => Error::NotFound(m),
-            Code::Aborted | Code::Cancelled => Error::Aborted(m),
-            _ => Error::Internal(m),
-        }
-    }
-}
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
@@ -115,6 +100,7 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Aborted(_) => Code::Aborted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
@@ -132,7 +118,9 @@ impl Error {
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Aborted(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+            Error::Aborted(_) | Error::FailedPrecondition(_) | Error::AlreadyExists(_) => {
+                StatusCode::CONFLICT
+            }
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Unavailable(_) => StatusCode::BAD_GATEWAY,
             Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -2,22 +2,15 @@
 //! the scheduler. Workers reach the scheduler through `worker_service`.
 
 use std::collections::{HashSet, VecDeque};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    execution_server::Execution, execution_stage, Action, Command, Directory,
-    ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
+    execution_server::Execution, Action, Command, Directory, ExecuteRequest, ExecuteResponse,
+    WaitExecutionRequest,
 };
-use bazel_remote_apis::google::longrunning::{operation, Operation};
-use bazel_remote_apis::google::protobuf::Any;
-use bazel_remote_apis::google::rpc;
 use bytes::Bytes;
-use futures::Stream;
 use prost::Message;
-use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
@@ -25,213 +18,14 @@ use crate::config::ExecutionConfig;
 use crate::context::ServerContext;
 use crate::digest::{check_digest_function, Digest};
 use crate::error::{Error, Result};
-use crate::scheduler::cluster::Cluster;
-use crate::scheduler::{ActionKey, Failure, Properties, Scheduler, Stage, Submitted};
-use crate::status::RequestMeta;
-
-/// What a worker needs to run one action; shared by every waiter of a deduplicated action.
-#[derive(Debug)]
-pub struct Job {
-    pub key: ActionKey,
-    pub action: Bytes,
-    pub command: Bytes,
-    pub timeout: Duration,
-    pub do_not_cache: bool,
-    /// What the client said about the action, for the status page.
-    pub meta: Option<RequestMeta>,
-    pub first_output: String,
-}
-
-pub type ExecScheduler = Scheduler<Arc<Job>, ExecuteResponse>;
-
-/// Where operations live: this process's scheduler alone, or the state every replica
-/// shares in Redis (`execution.redis`), run on this process's scheduler when its workers
-/// claim them.
-#[derive(Clone)]
-pub enum Scheduling {
-    Local(Arc<ExecScheduler>),
-    Cluster(Arc<Cluster>),
-}
-
-impl Scheduling {
-    pub async fn submit(
-        &self,
-        job: Arc<Job>,
-        platform: Properties,
-        priority: i32,
-    ) -> std::result::Result<Submitted<ExecuteResponse>, Failure> {
-        match self {
-            Scheduling::Local(s) => {
-                let timeout = Some(job.timeout);
-                s.submit_with_timeout(job.key.clone(), platform, priority, job, timeout)
-            }
-            Scheduling::Cluster(c) => c.submit(job, platform, priority).await,
-        }
-    }
-
-    pub async fn snapshot(
-        &self,
-        name: &str,
-    ) -> std::result::Result<Option<(ActionKey, Stage<ExecuteResponse>)>, Failure> {
-        match self {
-            Scheduling::Local(s) => Ok(s.snapshot(name)),
-            Scheduling::Cluster(c) => c.snapshot(name).await,
-        }
-    }
-
-    pub async fn watch(
-        &self,
-        name: &str,
-    ) -> std::result::Result<Option<watch::Receiver<Stage<ExecuteResponse>>>, Failure> {
-        match self {
-            Scheduling::Local(s) => Ok(s.watch(name)),
-            Scheduling::Cluster(c) => c.watch(name).await,
-        }
-    }
-
-    pub async fn cancel(&self, name: &str) -> std::result::Result<bool, Failure> {
-        match self {
-            Scheduling::Local(s) => Ok(s.cancel(name)),
-            Scheduling::Cluster(c) => c.cancel(name).await,
-        }
-    }
-}
-
-const EXECUTE_RESPONSE: &str =
-    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
-const EXECUTE_METADATA: &str =
-    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
-const PRECONDITION_FAILURE: &str = "type.googleapis.com/google.rpc.PreconditionFailure";
-
-fn any(type_url: &str, m: &impl Message) -> Any {
-    Any {
-        type_url: type_url.into(),
-        value: m.encode_to_vec(),
-    }
-}
-
-/// The longrunning form of a scheduler stage.
-pub fn operation(name: &str, action: &Digest, stage: &Stage<ExecuteResponse>) -> Operation {
-    use execution_stage::Value;
-    let (value, result) = match stage {
-        Stage::Queued => (Value::Queued, None),
-        Stage::Executing { .. } => (Value::Executing, None),
-        Stage::Completed(Ok(resp)) => (
-            Value::Completed,
-            Some(operation::Result::Response(any(EXECUTE_RESPONSE, resp))),
-        ),
-        Stage::Completed(Err(f)) => (
-            Value::Completed,
-            Some(operation::Result::Error(rpc::Status {
-                code: f.code as i32,
-                message: f.message.clone(),
-                details: vec![],
-            })),
-        ),
-    };
-    let metadata = ExecuteOperationMetadata {
-        stage: value as i32,
-        action_digest: Some(action.to_proto()),
-        ..Default::default()
-    };
-    Operation {
-        name: name.into(),
-        metadata: Some(any(EXECUTE_METADATA, &metadata)),
-        done: result.is_some(),
-        result,
-    }
-}
-
-fn done_operation(name: &str, action: &Digest, resp: ExecuteResponse) -> Operation {
-    operation(name, action, &Stage::Completed(Ok(resp)))
-}
-
-type OpStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
-
-/// Streams every stage change of an operation until it completes.
-pub fn operation_stream(
-    name: String,
-    action: Digest,
-    mut rx: watch::Receiver<Stage<ExecuteResponse>>,
-    first: Vec<Operation>,
-) -> OpStream {
-    let (tx, out) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        for op in first {
-            if tx.send(Ok(op)).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            let stage = rx.borrow_and_update().clone();
-            let done = matches!(stage, Stage::Completed(_));
-            if tx
-                .send(Ok(operation(&name, &action, &stage)))
-                .await
-                .is_err()
-                || done
-            {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                let _ = tx
-                    .send(Err(Status::unavailable(
-                        "the scheduler dropped the operation",
-                    )))
-                    .await;
-                return;
-            }
-        }
-    });
-    Box::pin(ReceiverStream::new(out))
-}
+use crate::longrunning::{cache_check, missing_response, operation, operation_stream, OpStream};
+use crate::request_meta::RequestMeta;
+use crate::scheduler::{job::first_output, ActionKey, Job, Properties, Scheduler, Stage};
 
 pub struct ExecutionService {
     cache: Arc<ServerContext>,
-    scheduler: Scheduling,
+    scheduler: Arc<Scheduler>,
     config: ExecutionConfig,
-}
-
-/// The REAPI answer for inputs the CAS lacks: FAILED_PRECONDITION with one MISSING
-/// violation per blob, which is what makes Bazel upload them and retry.
-/// The blobs a worker reports it could not fetch, as "HASH/SIZE". A worker is not trusted
-/// to be well-formed: malformed entries are skipped, and at most 1000 are kept.
-pub(crate) fn reported_missing(list: &[String]) -> Vec<Digest> {
-    list.iter()
-        .take(1000)
-        .filter_map(|s| {
-            let (hash, size) = s.split_once('/')?;
-            Digest::parse(hash, size).ok()
-        })
-        .collect()
-}
-
-/// FAILED_PRECONDITION with a PreconditionFailure naming each missing blob (type
-/// "MISSING"), which is what makes Bazel upload them again instead of failing the build.
-pub(crate) fn missing_response(missing: &[Digest]) -> ExecuteResponse {
-    use tonic_types::pb::{precondition_failure::Violation, PreconditionFailure};
-    let failure = PreconditionFailure {
-        violations: missing
-            .iter()
-            .map(|d| Violation {
-                r#type: "MISSING".into(),
-                subject: format!("blobs/{}/{}", d.hex(), d.size),
-                description: String::new(),
-            })
-            .collect(),
-    };
-    ExecuteResponse {
-        status: Some(rpc::Status {
-            code: tonic::Code::FailedPrecondition as i32,
-            message: format!(
-                "{} input blob(s) are missing from the CAS, e.g. {}",
-                missing.len(),
-                missing[0]
-            ),
-            details: vec![any(PRECONDITION_FAILURE, &failure)],
-        }),
-        ..Default::default()
-    }
 }
 
 fn properties(
@@ -247,7 +41,11 @@ fn properties(
 }
 
 impl ExecutionService {
-    pub fn new(cache: Arc<ServerContext>, scheduler: Scheduling, config: ExecutionConfig) -> Self {
+    pub fn new(
+        cache: Arc<ServerContext>,
+        scheduler: Arc<Scheduler>,
+        config: ExecutionConfig,
+    ) -> Self {
         ExecutionService {
             cache,
             scheduler,
@@ -324,26 +122,10 @@ impl ExecutionService {
         check_digest_function(req.digest_function)?;
         let action_digest = Digest::from_opt_proto(&req.action_digest)?
             .ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))?;
-        // Answers decided before scheduling (cache hit, missing inputs) get their own name.
-        let name = uuid::Uuid::new_v4().to_string();
-        let meta = ExecuteOperationMetadata {
-            stage: execution_stage::Value::CacheCheck as i32,
-            action_digest: Some(action_digest.to_proto()),
-            ..Default::default()
+        let key = ActionKey {
+            instance: req.instance_name.clone(),
+            action: action_digest,
         };
-        let cache_check = Operation {
-            name: name.clone(),
-            metadata: Some(any(EXECUTE_METADATA, &meta)),
-            done: false,
-            result: None,
-        };
-        let done_now = |resp| {
-            Ok(Box::pin(futures::stream::iter([
-                Ok(cache_check.clone()),
-                Ok(done_operation(&name, &action_digest, resp)),
-            ])) as OpStream)
-        };
-
         let meta = RequestMeta::of_caller(&request, &caller);
         if !req.skip_cache_lookup {
             if let Some(hit) = self
@@ -358,16 +140,21 @@ impl ExecutionService {
                     action_digest,
                     Some(hit.provenance.as_ref()),
                 );
-                return done_now(ExecuteResponse {
-                    result: Some(hit.result),
-                    cached_result: true,
-                    ..Default::default()
-                });
+                return self
+                    .answered(
+                        &key,
+                        ExecuteResponse {
+                            result: Some(hit.result),
+                            cached_result: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await;
             }
         }
         let mut missing = Vec::new();
         let Some(action_raw) = self.fetch(&action_digest, &mut missing).await? else {
-            return done_now(missing_response(&missing));
+            return self.answered(&key, missing_response(&missing)).await;
         };
         let action = Action::decode(action_raw.clone())
             .map_err(|e| Error::InvalidArgument(format!("action {action_digest}: {e}")))?;
@@ -376,7 +163,7 @@ impl ExecutionService {
         let command_raw = self.fetch(&command_digest, &mut missing).await?;
         self.missing_inputs(&action, &mut missing).await?;
         let Some(command_raw) = command_raw.filter(|_| missing.is_empty()) else {
-            return done_now(missing_response(&missing));
+            return self.answered(&key, missing_response(&missing)).await;
         };
         let command = Command::decode(command_raw.clone())
             .map_err(|e| Error::InvalidArgument(format!("command {command_digest}: {e}")))?;
@@ -392,10 +179,7 @@ impl ExecutionService {
             properties(&command.platform)
         };
         let job = Arc::new(Job {
-            key: ActionKey {
-                instance: req.instance_name.clone(),
-                action: action_digest,
-            },
+            key,
             action: action_raw,
             command: command_raw,
             timeout: self.timeout(&action)?,
@@ -408,21 +192,31 @@ impl ExecutionService {
             .as_ref()
             .map(|p| p.priority)
             .unwrap_or(0);
-        let submitted = match self.scheduler.submit(job, platform, priority).await {
-            Ok(s) => s,
-            // No worker could ever run it (FAILED_PRECONDITION), the queue is full
-            // (RESOURCE_EXHAUSTED), the cluster's Redis is away (UNAVAILABLE).
-            Err(f) => return Err(f.into()),
-        };
-        if submitted.deduplicated {
+        // No worker could ever run it (FAILED_PRECONDITION), the queue is full
+        // (RESOURCE_EXHAUSTED), the cluster's Redis is away (UNAVAILABLE).
+        let submitted = self.scheduler.submit(job, platform, priority).await?;
+        if submitted.joined {
             tracing::debug!(operation = %submitted.operation, %action_digest, "joined an identical action in flight");
         }
+        // One name for the whole stream, the cache check included: the one GetOperation
+        // and WaitExecution answer to.
+        let first = vec![cache_check(&submitted.operation, &action_digest)];
         Ok(operation_stream(
             submitted.operation,
             action_digest,
             submitted.stage,
-            vec![cache_check],
+            first,
         ))
+    }
+
+    /// An Execute answered without running: recorded, so its name answers GetOperation and
+    /// WaitExecution like any other, and streamed as the cache check and the answer.
+    async fn answered(&self, key: &ActionKey, resp: ExecuteResponse) -> Result<OpStream> {
+        let name = self.scheduler.record_answered(key, resp.clone()).await?;
+        Ok(Box::pin(futures::stream::iter([
+            Ok(cache_check(&name, &key.action)),
+            Ok(operation(&name, &key.action, &Stage::Completed(Ok(resp)))),
+        ])))
     }
 }
 
@@ -444,64 +238,23 @@ impl Execution for ExecutionService {
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<OpStream>, Status> {
         let name = &request.get_ref().name;
-        let (key, _) = self
+        let snap = self
             .scheduler
             .snapshot(name)
-            .await
-            .map_err(Error::from)?
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no operation {name:?}")))?;
         self.cache
-            .authorize_grpc(&request, &key.instance, Access::Read)?;
+            .authorize_grpc(&request, &snap.key.instance, Access::Read)?;
         let rx = self
             .scheduler
             .watch(name)
-            .await
-            .map_err(Error::from)?
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no operation {name:?}")))?;
         Ok(Response::new(operation_stream(
             name.clone(),
-            key.action,
+            snap.key.action,
             rx,
             vec![],
         )))
-    }
-}
-
-/// The action's first declared output, which names it on the status page.
-#[allow(deprecated)]
-fn first_output(c: &Command) -> String {
-    c.output_paths
-        .first()
-        .or(c.output_files.first())
-        .or(c.output_directories.first())
-        .cloned()
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tonic_types::pb::PreconditionFailure;
-
-    #[test]
-    fn a_workers_missing_blobs_become_a_precondition_failure_bazel_acts_on() {
-        let d = Digest::of(b"gone");
-        let list = vec![
-            format!("{}/{}", d.hex(), d.size),
-            "not a digest".into(),
-            format!("{}/-1", d.hex()),
-        ];
-        let missing = reported_missing(&list);
-        assert_eq!(missing, [d], "malformed entries are skipped");
-        let r = missing_response(&missing);
-        let status = r.status.unwrap();
-        assert_eq!(status.code, tonic::Code::FailedPrecondition as i32);
-        let failure = PreconditionFailure::decode(&status.details[0].value[..]).unwrap();
-        assert_eq!(failure.violations[0].r#type, "MISSING");
-        assert_eq!(
-            failure.violations[0].subject,
-            format!("blobs/{}/4", d.hex())
-        );
-        assert_eq!(reported_missing(&vec![list[0].clone(); 5000]).len(), 1000);
     }
 }

@@ -20,7 +20,7 @@ use crate::auth::{http_credential as credential, Access};
 use crate::context::{ResultSource, ServerContext};
 use crate::digest::Digest;
 use crate::error::{error_response, Error, Result};
-use crate::execution::ExecScheduler;
+use crate::scheduler::Scheduler;
 use lre_store::StoreError;
 
 /// Action results are small; anything bigger is not one.
@@ -28,7 +28,7 @@ const MAX_AC_BODY: usize = 16 << 20;
 
 pub fn router(
     cache: Arc<ServerContext>,
-    scheduler: Option<Arc<ExecScheduler>>,
+    scheduler: Option<Arc<Scheduler>>,
     hosts: HostPolicy,
 ) -> Router {
     let status = crate::status::page::routes(crate::status::page::StatusState {
@@ -112,7 +112,7 @@ async fn guard(
             "this server does not serve the host name {:?} (a web page rebinding its name to \
              this address?); if it is one of this server's names, add it to \
              http_allowed_hosts",
-            crate::status::clip(host_name(host).to_string())
+            crate::request_meta::clip(host_name(host).to_string())
         )))
     } else if !matches!(*request.method(), Method::GET | Method::HEAD) && cross_site(headers, host)
     {

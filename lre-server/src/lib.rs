@@ -2,6 +2,7 @@
 //! and Bazel HTTP cache over one durable, size-bounded store, with access control.
 
 pub mod action_cache;
+pub mod activity;
 pub mod asset;
 pub mod auth;
 pub mod bytestream;
@@ -14,9 +15,11 @@ pub mod error;
 pub mod execution;
 pub mod http;
 pub mod instance;
+pub mod longrunning;
 pub mod metrics;
 pub mod operations;
 pub mod provenance;
+pub mod request_meta;
 pub mod scheduler;
 pub mod server;
 pub mod status;

@@ -14,16 +14,16 @@ use tonic::{Request, Response, Status};
 use crate::auth::Access;
 use crate::context::ServerContext;
 use crate::error::Error;
-use crate::execution::{operation, Scheduling};
-use crate::scheduler::Stage;
+use crate::longrunning::operation;
+use crate::scheduler::Scheduler;
 
 pub struct OperationsService {
     cache: Arc<ServerContext>,
-    scheduler: Scheduling,
+    scheduler: Arc<Scheduler>,
 }
 
 impl OperationsService {
-    pub fn new(cache: Arc<ServerContext>, scheduler: Scheduling) -> Self {
+    pub fn new(cache: Arc<ServerContext>, scheduler: Arc<Scheduler>) -> Self {
         OperationsService { cache, scheduler }
     }
 
@@ -33,13 +33,14 @@ impl OperationsService {
         name: &str,
         access: Access,
     ) -> Result<Operation, Error> {
-        let (key, stage) = self
+        let snap = self
             .scheduler
             .snapshot(name)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no operation {name:?}")))?;
-        self.cache.authorize_grpc(request, &key.instance, access)?;
-        Ok(operation(name, &key.action, &stage))
+        self.cache
+            .authorize_grpc(request, &snap.key.instance, access)?;
+        Ok(operation(name, &snap.key.action, &snap.stage))
     }
 }
 
@@ -62,7 +63,7 @@ impl Operations for OperationsService {
         let name = request.get_ref().name.clone();
         // Cancelling stops work others may be waiting on, so it takes execute access.
         self.current(&request, &name, Access::Execute).await?;
-        self.scheduler.cancel(&name).await.map_err(Error::from)?;
+        self.scheduler.cancel(&name).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -79,9 +80,8 @@ impl Operations for OperationsService {
             .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(60));
-        if let Some(mut rx) = self.scheduler.watch(&name).await.map_err(Error::from)? {
-            let _ = tokio::time::timeout(limit, rx.wait_for(|s| matches!(s, Stage::Completed(_))))
-                .await;
+        if let Some(mut rx) = self.scheduler.watch(&name).await? {
+            let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.is_done())).await;
         }
         Ok(Response::new(
             self.current(&request, &name, Access::Read).await?,

@@ -29,12 +29,11 @@ use crate::cas::CasService;
 use crate::config::{Config, ConfigError};
 use crate::connections::{spawn_acceptor, Conn, Limits};
 use crate::context::ServerContext;
-use crate::execution::{ExecScheduler, ExecutionService, Scheduling};
+use crate::execution::ExecutionService;
 use crate::instance::Instances;
 use crate::metrics::Metrics;
 use crate::operations::OperationsService;
-use crate::scheduler::cluster::{Cluster, ClusterConfig};
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::Scheduler;
 use crate::store::BlobStore;
 use crate::worker_service::WorkerEndpoint;
 
@@ -80,7 +79,7 @@ pub struct RunningServer {
     /// What every service shares: stores, auth, metrics, the status history.
     pub context: Arc<ServerContext>,
     /// Present when execution is enabled; `lre up` registers its in-process workers here.
-    pub scheduler: Option<Arc<ExecScheduler>>,
+    pub scheduler: Option<Arc<Scheduler>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -164,7 +163,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             .with_settings(config.instance_settings.clone()),
         auth,
         max_batch_total_size_bytes: config.max_batch_total_size_bytes,
-        activity: crate::status::Activity::new(config.status.clone()),
+        activity: crate::activity::Activity::new(config.status.clone()),
     });
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let (shutdown, rx) = watch::channel(false);
@@ -249,92 +248,32 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             .add_service(FetchServer::from_arc(asset.clone()))
             .add_service(PushServer::from_arc(asset));
     }
-    let known_platforms: Vec<crate::scheduler::Properties> = exec
-        .known_platforms
-        .iter()
-        .map(|m| m.clone().into_iter().collect())
-        .collect();
-    let sched_config = SchedulerConfig {
-        max_attempts: exec.max_attempts,
-        max_queued: exec.max_queued_actions,
-        max_operations: exec.max_operations,
-        known_platforms: known_platforms.clone(),
-        worker_grace: Duration::from_secs(exec.worker_grace_seconds),
-        ..SchedulerConfig::default()
-    };
-    let mut scheduling = None;
-    let scheduler = match (&exec.redis, exec.enabled) {
-        (_, false) => None,
-        (None, true) => {
-            let s = Arc::new(ExecScheduler::new(sched_config));
-            scheduling = Some(Scheduling::Local(s.clone()));
-            Some(s)
-        }
-        (Some(redis), true) => {
-            let conn = lre_store::store::RedisConnection::open(redis)
-                .await
-                .map_err(|e| StartError::OpenStore {
+    let scheduler =
+        match exec.enabled {
+            false => None,
+            true => Some(crate::scheduler::build(exec).await.map_err(|error| {
+                StartError::OpenStore {
                     key: "execution.redis",
-                    error: e.into(),
-                })?;
-            let keep_finished = sched_config.keep_finished;
-            let (s, leases) = ExecScheduler::with_leases(sched_config);
-            let s = Arc::new(s);
-            let cluster = Arc::new(Cluster::new(
-                conn,
-                ClusterConfig {
-                    prefix: format!("{}sched:", redis.prefix),
-                    max_attempts: exec.max_attempts,
-                    max_queued: exec.max_queued_actions,
-                    keep_finished,
-                    lease: Duration::from_secs(exec.lease_seconds),
-                    known_platforms,
-                },
-                s.clone(),
-            ));
-            cluster
-                .check_eviction()
-                .await
-                .map_err(|f| StartError::OpenStore {
-                    key: "execution.redis",
-                    error: f.into(),
-                })?;
-            if let Err(e) = cluster.prime().await {
-                tracing::warn!(error = %e.message, "reading the cluster's worker registrations");
-            }
-            tasks_early.extend(cluster.start(leases, rx.clone()));
-            scheduling = Some(Scheduling::Cluster(cluster));
-            Some(s)
-        }
-    };
-    if let (Some(scheduler), Some(scheduling)) = (&scheduler, scheduling) {
-        // The scheduler enforces action deadlines itself: a worker that keeps sending
-        // keepalives but never finishes must not hold an action forever. Actions kept
-        // waiting for a worker that did not come back fail here too.
-        let (sched, mut stop) = (scheduler.clone(), rx.clone());
-        tasks_early.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let now = std::time::Instant::now();
-                        sched.enforce_deadlines(now);
-                        sched.expire_graces(now);
-                    }
-                    _ = stopped(&mut stop) => break,
+                    error,
                 }
-            }
-        }));
+            })?),
+        };
+    if let Some(scheduler) = &scheduler {
+        // Every replica's workers, read once before serving: a replica that just started
+        // must not refuse, for want of a worker it has not heard of, an action another
+        // replica's worker can run.
+        scheduler.prime().await;
+        tasks_early.extend(scheduler.start(rx.clone()));
         let keepalive = Duration::from_secs(exec.keepalive_seconds);
         router = router
             .add_service(ExecutionServer::new(ExecutionService::new(
                 cache.clone(),
-                scheduling.clone(),
+                scheduler.clone(),
                 exec.clone(),
             )))
             .add_service(OperationsServer::new(OperationsService::new(
                 cache.clone(),
-                scheduling,
+                scheduler.clone(),
             )))
             .add_service(
                 WorkerServiceServer::new(WorkerEndpoint::new(

@@ -17,11 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::context::{ResultSource, ServerContext};
 use crate::digest::Digest;
 use crate::error::Error;
-use crate::execution::ExecScheduler;
-use crate::scheduler::{WorkerCommand, WorkerSpec};
-
-/// More slots than any machine has cores: a bound on what one Register can claim.
-const MAX_CAPACITY: u32 = 4096;
+use crate::scheduler::{Job, Scheduler, WorkerCommand, WorkerSpec, MAX_CAPACITY};
 
 /// Worker ids appear in logs and operation metadata: short, printable, no separators that
 /// could pass for another credential's namespace.
@@ -42,7 +38,7 @@ fn check_worker_id(id: &str) -> Result<(), Error> {
 
 pub struct WorkerEndpoint {
     cache: Arc<ServerContext>,
-    scheduler: Arc<ExecScheduler>,
+    scheduler: Arc<Scheduler>,
     keepalive: Duration,
     /// Turns true when the server stops: every worker stream is then ended, so workers go
     /// and reconnect (to the restarted server) instead of holding a dead session open.
@@ -52,7 +48,7 @@ pub struct WorkerEndpoint {
 impl WorkerEndpoint {
     pub fn new(
         cache: Arc<ServerContext>,
-        scheduler: Arc<ExecScheduler>,
+        scheduler: Arc<Scheduler>,
         keepalive: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
@@ -65,7 +61,7 @@ impl WorkerEndpoint {
     }
 }
 
-fn command_message(cmd: WorkerCommand<Arc<crate::execution::Job>>) -> ServerMessage {
+fn command_message(cmd: WorkerCommand) -> ServerMessage {
     let message = match cmd {
         WorkerCommand::Run {
             operation,
@@ -90,44 +86,48 @@ fn command_message(cmd: WorkerCommand<Arc<crate::execution::Job>>) -> ServerMess
 }
 
 /// Turns a worker's report into the operation's ExecuteResponse, storing successful
-/// results in the action cache first so a hit is possible the moment waiters see it.
+/// results in the action cache first so a hit is possible the moment waiters see it. A
+/// report on a cancelled action only says it is gone (its slot is free again).
 async fn finish(
     cache: &ServerContext,
-    scheduler: &ExecScheduler,
+    scheduler: &Scheduler,
     worker: &str,
     token: &str,
     f: ActionFinished,
 ) {
-    let Some(job) = scheduler.job_of(worker, &f.operation) else {
-        tracing::debug!(worker, operation = %f.operation, "report for an operation this worker no longer holds");
+    let Some(run) = scheduler.take_report(worker, &f.operation) else {
+        tracing::debug!(worker, operation = %f.operation, "report on an action this worker no longer holds, or stopped");
         return;
     };
-    let result = if f.result.is_empty() {
+    let job = run.job.clone();
+    let mut result = if f.result.is_empty() {
         None
     } else {
         match ActionResult::decode(&f.result[..]) {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::error!(worker, operation = %f.operation, error = %e, "worker sent an undecodable ActionResult");
-                let failure = Err(crate::scheduler::Failure {
-                    code: tonic::Code::Internal,
-                    message: format!("worker {worker} sent an undecodable result: {e}"),
-                });
-                scheduler.complete(worker, &f.operation, failure);
+                let outcome = crate::scheduler::failed(
+                    tonic::Code::Internal,
+                    format!("worker {worker} sent an undecodable result: {e}"),
+                );
+                scheduler.complete(&run, outcome).await;
                 return;
             }
         }
     };
+    // When the action was submitted: the worker cannot know, clients show it.
+    if let Some(m) = result.as_mut().and_then(|r| r.execution_metadata.as_mut()) {
+        m.queued_timestamp = Some(timestamp(run.queued_at));
+    }
     let ok = f.status_code == tonic::Code::Ok as i32;
-    let missing = crate::execution::reported_missing(&f.missing_blobs);
+    let missing = crate::longrunning::reported_missing(&f.missing_blobs);
     if f.status_code == tonic::Code::FailedPrecondition as i32 && !missing.is_empty() {
         tracing::info!(worker, operation = %f.operation, missing = missing.len(), "inputs went missing before the worker fetched them");
         record(cache, worker, &job, &f, None);
-        scheduler.complete(
-            worker,
-            &f.operation,
-            Ok(crate::execution::missing_response(&missing)),
-        );
+        scheduler
+            .complete(&run, Ok(crate::longrunning::missing_response(&missing)))
+            .await;
         return;
     }
     let mut status = rpc::Status {
@@ -153,7 +153,7 @@ async fn finish(
                 tracing::warn!(operation = %f.operation, error = %e, "could not store the action result");
                 status = rpc::Status {
                     code: tonic::Code::Ok as i32,
-                    message: format!("result not cached: {e}"),
+                    message: format!("result not cached: {}", e.public_message()),
                     details: vec![],
                 };
             }
@@ -166,14 +166,22 @@ async fn finish(
         status: Some(status),
         ..Default::default()
     };
-    scheduler.complete(worker, &f.operation, Ok(response));
+    scheduler.complete(&run, Ok(response)).await;
+}
+
+fn timestamp(t: std::time::SystemTime) -> bazel_remote_apis::google::protobuf::Timestamp {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    bazel_remote_apis::google::protobuf::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 /// Tells the status page what ran, where, and how it ended.
 fn record(
     cache: &ServerContext,
     worker: &str,
-    job: &crate::execution::Job,
+    job: &Job,
     f: &ActionFinished,
     result: Option<&ActionResult>,
 ) {
@@ -195,7 +203,7 @@ fn record(
         &job.key.instance,
         job.meta.as_ref(),
         job.key.action,
-        crate::status::Execution {
+        crate::activity::Execution {
             first_output: job.first_output.clone(),
             worker: worker.to_string(),
             exit_code,
@@ -255,13 +263,10 @@ impl WorkerService for WorkerEndpoint {
                 .iter()
                 .map(|p| (p.name.clone(), p.value.clone()))
                 .collect(),
-            capacity: register.capacity.clamp(1, MAX_CAPACITY) as usize,
+            capacity: (register.capacity as usize).clamp(1, MAX_CAPACITY),
             instances: principal.instances().map(<[String]>::to_vec),
         };
-        let (session, mut commands) = self
-            .scheduler
-            .connect_worker(id.clone(), spec)
-            .map_err(|f| Status::new(f.code, f.message))?;
+        let (session, mut commands) = self.scheduler.connect_worker(id.clone(), spec)?;
         tracing::info!(worker = %id, capacity = register.capacity, properties = ?register.properties, instances = ?principal.instances(), "worker connected");
 
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -345,7 +350,7 @@ impl WorkerService for WorkerEndpoint {
                 }
             }
             tracing::info!(worker = %id, "worker disconnected");
-            scheduler.disconnect(&id, session);
+            scheduler.disconnect(&id, session).await;
             drop(tx);
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -52,7 +52,7 @@ async fn serve_with(dir: &Path, verify_on_read: bool, layer: bool) -> Channel {
         instances: Instances::new(None),
         auth: Authenticator::open(),
         max_batch_total_size_bytes: 16 << 20,
-        activity: lre_server::status::Activity::new(Default::default()),
+        activity: lre_server::activity::Activity::new(Default::default()),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

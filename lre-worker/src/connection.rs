@@ -127,7 +127,7 @@ async fn session(
         })
         .abort_handle(),
     );
-    // Aborted when the session ends, and also when it is dropped half way (the worker
+    // Stopped when the session ends, and also when it is dropped half way (the worker
     // shutting down): the scheduler requeues what we were running, and a detached action
     // must neither run twice nor report from a worker that has stopped.
     let mut running = Running::default();
@@ -137,23 +137,26 @@ async fn session(
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        running.0.retain(|_, h| !h.is_finished());
+        running.0.retain(|_, (_, h)| !h.is_finished());
         match m.message {
             Some(server_message::Message::Run(run)) => {
                 tracing::debug!(operation = %run.operation, attempt = run.attempt, "running action");
                 let (runner, tx, op) = (runner.clone(), tx.clone(), run.operation.clone());
+                let (stop, cancel) = watch::channel(false);
                 let task = tokio::spawn(async move {
-                    let finished = runner.run(&run).await;
+                    let finished = runner.run(&run, cancel).await;
                     let _ = tx
                         .send(msg(worker_message::Message::Finished(finished)))
                         .await;
                 });
-                running.0.insert(op, task.abort_handle());
+                running.0.insert(op, (stop, task));
             }
             Some(server_message::Message::Cancel(c)) => {
-                // Aborting drops the sandbox's process handle, which kills it.
-                if let Some(h) = running.0.remove(&c.operation) {
-                    h.abort();
+                // Stopped, not aborted: its sandbox is killed through its PID 1 and its
+                // exec root removed, and then its CANCELLED report tells the scheduler
+                // that the slot is free.
+                if let Some((stop, _)) = running.0.get(&c.operation) {
+                    let _ = stop.send(true);
                 }
             }
             _ => {}
@@ -170,14 +173,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The actions a session runs, by operation: aborted when it drops.
+/// The actions a session runs, by operation: stopped when it drops (each kills its
+/// sandbox and removes its exec root; their reports go nowhere).
 #[derive(Default)]
-struct Running(HashMap<String, tokio::task::AbortHandle>);
+struct Running(HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for h in self.0.values() {
-            h.abort();
+        for (stop, _) in self.0.values() {
+            let _ = stop.send(true);
         }
     }
 }

@@ -21,6 +21,9 @@ pub enum WorkerError {
     Sandbox(String),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The scheduler cancelled the action; it was stopped and its exec root removed.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("server: {0}")]
@@ -48,6 +51,7 @@ impl WorkerError {
             WorkerError::Upload(_) | WorkerError::Rpc(_) => Code::Unavailable,
             WorkerError::Sandbox(_) | WorkerError::Io(_) => Code::Internal,
             WorkerError::Timeout(_) => Code::DeadlineExceeded,
+            WorkerError::Cancelled(_) => Code::Cancelled,
             WorkerError::Cache(e) => e.grpc_code(),
             WorkerError::Corrupt(_) => Code::DataLoss,
             WorkerError::Internal(_) => Code::Internal,

@@ -57,8 +57,23 @@ async fn remove_tree(dir: PathBuf) {
     }
 }
 
+/// `fut`, unless the action is cancelled first (then `WorkerError::Cancelled`). For the
+/// phases with no process of the action's running: dropping them leaves nothing behind.
+async fn unless_cancelled<T>(
+    cancel: &mut sandbox::Cancel,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = fut => r,
+        _ = sandbox::cancelled(cancel) => Err(WorkerError::Cancelled("cancelled by the scheduler".into())),
+    }
+}
+
 impl Runner {
-    pub async fn run(&self, run: &RunAction) -> ActionFinished {
+    /// Runs one action, until it ends or `cancel` turns true. Either way its exec root is
+    /// gone before this returns, and the report says how it ended (a cancelled action's
+    /// CANCELLED report tells the scheduler its slot is free).
+    pub async fn run(&self, run: &RunAction, cancel: sandbox::Cancel) -> ActionFinished {
         let dir = self
             .work_dir
             .join("actions")
@@ -66,7 +81,7 @@ impl Runner {
         let outcome = match self.uids.lease() {
             Ok(lease) => {
                 let uid = lease.as_ref().map(|l| l.uid);
-                let outcome = self.run_in(run, &dir, uid).await;
+                let outcome = self.run_in(run, &dir, uid, cancel).await;
                 // The uid goes back to the pool only once nothing of its action is left.
                 remove_tree(dir).await;
                 drop(lease);
@@ -109,6 +124,7 @@ impl Runner {
         run: &RunAction,
         dir: &Path,
         uid: Option<u32>,
+        mut cancel: sandbox::Cancel,
     ) -> Result<(re::ActionResult, Option<(tonic::Code, String)>)> {
         let worker_start = SystemTime::now();
         // One timeout for fetching, materializing, running and uploading (see OUTPUT_GRACE).
@@ -126,16 +142,19 @@ impl Runner {
             .clone()
             .ok_or_else(|| WorkerError::InvalidInput("no input root".into()))?;
         let fetch_start = SystemTime::now();
-        let linked = tokio::time::timeout_at(
-            deadline,
-            materialize(&self.cas, &run.instance_name, &root, &exec_root, uid),
-        )
-        .await
-        .map_err(|_| {
-            WorkerError::Timeout(format!(
-                "fetching the inputs took longer than the action's timeout ({timeout:?})"
-            ))
-        })??;
+        let linked = unless_cancelled(&mut cancel, async {
+            tokio::time::timeout_at(
+                deadline,
+                materialize(&self.cas, &run.instance_name, &root, &exec_root, uid),
+            )
+            .await
+            .map_err(|_| {
+                WorkerError::Timeout(format!(
+                    "fetching the inputs took longer than the action's timeout ({timeout:?})"
+                ))
+            })?
+        })
+        .await?;
         let fetch_done = SystemTime::now();
 
         let wd = &command.working_directory;
@@ -184,7 +203,12 @@ impl Runner {
                 .max(Duration::from_millis(1)),
             uid,
         };
-        let outcome = sandbox::run(&self.sandbox, &spawn).await?;
+        let outcome = sandbox::run(&self.sandbox, &spawn, cancel.clone()).await?;
+        if outcome.cancelled {
+            return Err(WorkerError::Cancelled(
+                "cancelled by the scheduler; its processes were killed".into(),
+            ));
+        }
         let exec_done = SystemTime::now();
         // Inputs are hard links into the local cache: an action that wrote to or chmodded
         // one changed the cached copy every later action would get. Drop those copies (they
@@ -259,14 +283,17 @@ impl Runner {
             Ok::<_, WorkerError>((collected, out_digest, err_digest, upload_start))
         };
         let (collected, out_digest, err_digest, upload_start) =
-            tokio::time::timeout_at(upload_deadline, collect_and_upload)
-                .await
-                .map_err(|_| {
-                    WorkerError::Timeout(format!(
-                        "collecting and uploading the outputs went past the action's timeout \
-                     ({timeout:?})"
-                    ))
-                })??;
+            unless_cancelled(&mut cancel, async {
+                tokio::time::timeout_at(upload_deadline, collect_and_upload)
+                    .await
+                    .map_err(|_| {
+                        WorkerError::Timeout(format!(
+                            "collecting and uploading the outputs went past the action's \
+                             timeout ({timeout:?})"
+                        ))
+                    })?
+            })
+            .await?;
         let result = re::ActionResult {
             output_files: collected.files,
             output_directories: collected.directories,

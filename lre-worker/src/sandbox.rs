@@ -237,6 +237,18 @@ fn path_fd(path: &Path) -> Result<OwnedFd> {
 pub struct Outcome {
     pub exit_code: i32,
     pub timed_out: bool,
+    /// Stopped because the action was cancelled.
+    pub cancelled: bool,
+}
+
+/// Whether an action is cancelled: `true` once the scheduler cancels it.
+pub type Cancel = tokio::sync::watch::Receiver<bool>;
+
+/// Resolves once `cancel` turns true; never when its sender is gone.
+pub async fn cancelled(cancel: &mut Cancel) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Finds what `argv0` names the way execvp would inside the sandbox, so that a missing
@@ -296,13 +308,16 @@ pub struct Spawn<'a> {
     pub uid: Option<u32>,
 }
 
-/// Runs the command, output to the given files. On timeout the whole sandbox is killed, and
-/// gone before this returns: bwrap reports its sandbox's PID 1 (`--info-fd`), the timeout
-/// kills that process, and the kernel kills every other process of the PID namespace before
-/// PID 1 is reaped; bwrap exits only then. (Killing bwrap instead would leave PID 1 to die of
-/// `--die-with-parent` a moment later, with the action's processes still running meanwhile,
-/// writing into an exec root the worker is already collecting.)
-pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
+/// Runs the command, output to the given files. On timeout or cancellation the whole
+/// sandbox is killed, and gone before this returns: bwrap reports its sandbox's PID 1
+/// (`--info-fd`), that process is killed, and the kernel kills every other process of the
+/// PID namespace before PID 1 is reaped; bwrap exits only then. bwrap itself is never
+/// killed before its PID 1 is known: killed between starting PID 1 and arming
+/// `--die-with-parent`, it would leave PID 1 running forever, outside any worker. (Killing
+/// bwrap first would also leave PID 1 to die a moment later, with the action's processes
+/// still writing into an exec root the worker is already collecting or removing.) The same
+/// holds if this future is dropped (the worker stopping): see `Sandboxed`.
+pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>, mut cancel: Cancel) -> Result<Outcome> {
     let Spawn {
         exec_root,
         workdir,
@@ -381,16 +396,34 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
     cmd.kill_on_drop(true);
     // Only these descriptors survive exec (they are CLOEXEC everywhere else).
     cmd.preserved_fds(fds);
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| WorkerError::Sandbox(format!("cannot start {}: {e}", cfg.bwrap.display())))?;
     // Our copy of the info pipe's write end lives in `cmd`: closed now, so the reader sees
     // EOF once bwrap has closed its own.
     drop(cmd);
-    let sandbox_pid = tokio::task::spawn_blocking(move || sandbox_pid(info_read));
-    match tokio::time::timeout(timeout, child.wait()).await {
+    let pid1 = PidCell::default();
+    let cell = pid1.clone();
+    tokio::task::spawn_blocking(move || cell.set(sandbox_pid(info_read)));
+    let mut sandboxed = Sandboxed {
+        child: Some(child),
+        pid1,
+    };
+    let ended = {
+        let Some(child) = sandboxed.child.as_mut() else {
+            return Err(WorkerError::Internal(
+                "the sandbox's process is gone".into(),
+            ));
+        };
+        tokio::select! {
+            status = child.wait() => Ok(status?),
+            _ = tokio::time::sleep(timeout) => Err(false),
+            _ = cancelled(&mut cancel) => Err(true),
+        }
+    };
+    match ended {
         Ok(status) => {
-            let status = status?;
+            sandboxed.child = None;
             use std::os::unix::process::ExitStatusExt;
             // A signal death reports 128+N, as shells do.
             let code = status
@@ -399,30 +432,103 @@ pub async fn run(cfg: &SandboxConfig, s: &Spawn<'_>) -> Result<Outcome> {
             Ok(Outcome {
                 exit_code: code,
                 timed_out: false,
+                cancelled: false,
             })
         }
-        Err(_) => {
-            let pid = match tokio::time::timeout(Duration::from_secs(1), sandbox_pid).await {
-                Ok(Ok(pid)) => pid,
-                _ => None,
-            };
-            if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-            // bwrap exits once PID 1 has been reaped, that is once the namespace is empty.
-            if pid.is_none()
-                || tokio::time::timeout(Duration::from_secs(10), child.wait())
-                    .await
-                    .is_err()
-            {
-                tracing::warn!("sandbox did not end with its PID 1; killing bwrap");
-                let _ = child.kill().await;
-            }
+        Err(cancelled) => {
+            sandboxed.stop().await;
             Ok(Outcome {
                 exit_code: -1,
-                timed_out: true,
+                timed_out: !cancelled,
+                cancelled,
             })
         }
+    }
+}
+
+/// The sandbox's PID 1, once bwrap has said it (`None` inside: it said nothing usable).
+#[derive(Clone, Default)]
+struct PidCell(
+    std::sync::Arc<(
+        std::sync::Mutex<Option<Option<rustix::process::Pid>>>,
+        std::sync::Condvar,
+    )>,
+);
+
+impl PidCell {
+    fn set(&self, pid: Option<rustix::process::Pid>) {
+        let (m, cv) = &*self.0;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
+        cv.notify_all();
+    }
+
+    /// Waits (blocking, at most `limit`) for bwrap to say it.
+    fn wait(&self, limit: Duration) -> Option<rustix::process::Pid> {
+        let (m, cv) = &*self.0;
+        let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, limit, |v| v.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        guard.flatten()
+    }
+}
+
+/// How long bwrap may take to say its PID 1 (it does so at once; a bound, not a delay).
+const PID1_WAIT: Duration = Duration::from_secs(5);
+
+/// A running sandbox: bwrap, and its PID 1 once known. Stopping it kills PID 1 (so the
+/// kernel empties the PID namespace) and waits for bwrap; bwrap is killed only if PID 1
+/// never became known or the namespace did not empty. Dropped while running (the worker
+/// stopping mid-action) it does the same, blocking for at most a few seconds.
+struct Sandboxed {
+    child: Option<tokio::process::Child>,
+    pid1: PidCell,
+}
+
+impl Sandboxed {
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let cell = self.pid1.clone();
+        let pid = tokio::task::spawn_blocking(move || cell.wait(PID1_WAIT))
+            .await
+            .ok()
+            .flatten();
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        // bwrap exits once PID 1 has been reaped, that is once the namespace is empty.
+        if pid.is_none()
+            || tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+        {
+            tracing::warn!("sandbox did not end with its PID 1; killing bwrap");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for Sandboxed {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        if let Some(pid) = self.pid1.wait(PID1_WAIT) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            // The namespace empties, then bwrap exits on its own; give it a moment.
+            for _ in 0..50 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // kill_on_drop: bwrap goes with `child`.
     }
 }
 

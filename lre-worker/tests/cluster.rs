@@ -51,6 +51,17 @@ async fn replica(redis: &Redis) -> lre_server::RunningServer {
     lre_server::start(replica_config(&redis.url)).await.unwrap()
 }
 
+/// Actions the workers connected to this replica run.
+fn running_here(s: &lre_server::RunningServer) -> usize {
+    s.scheduler
+        .as_ref()
+        .unwrap()
+        .local_workers()
+        .iter()
+        .map(|w| w.running)
+        .sum()
+}
+
 async fn channel(s: &lre_server::RunningServer) -> Channel {
     Channel::from_shared(format!("http://{}", s.grpc_addr))
         .unwrap()
@@ -294,7 +305,7 @@ async fn queued_actions_survive_their_replica_and_a_stopped_replica_hands_its_ac
     // Wait until w1 runs it, then stop w1's replica.
     let mut ran = false;
     for _ in 0..100 {
-        if c.scheduler.as_ref().unwrap().overview().executing == 1 {
+        if running_here(&c) == 1 {
             ran = true;
             break;
         }
@@ -411,7 +422,7 @@ async fn a_lease_lost_while_the_action_still_runs_here_is_taken_back_not_failed(
     let name = ops.message().await.unwrap().unwrap().name;
     let mut running = false;
     for _ in 0..100 {
-        if a.scheduler.as_ref().unwrap().overview().executing == 1 {
+        if running_here(&a) == 1 {
             running = true;
             break;
         }

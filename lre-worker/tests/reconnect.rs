@@ -99,7 +99,7 @@ async fn an_action_sent_before_any_worker_is_back_waits_for_one() {
     let sched = s.scheduler.clone().unwrap();
     let action = tokio::spawn(run_true(s.grpc_addr));
     let mut waited = 0;
-    while sched.overview().queued == 0 {
+    while sched.overview().await.queued == 0 {
         waited += 1;
         assert!(waited < 300, "the action was never queued");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -9,10 +9,10 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{Action, Command, Di
 use prost::Message;
 use serde::Serialize;
 
+use crate::activity::{ActionRecord, InvocationSummary};
 use crate::context::ServerContext;
 use crate::digest::Digest;
 use crate::error::Result;
-use crate::status::{ActionRecord, InvocationSummary};
 use lre_action_diff::{Report, Spawn};
 
 /// Missed actions explained per request; the rest are counted, not compared.

@@ -23,20 +23,20 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio_util::io::ReaderStream;
 
+use crate::activity::{ActivitySnapshot, InvocationSummary};
 use crate::auth::http_credential as credential;
 use crate::auth::{Access, Principal};
 use crate::context::ServerContext;
 use crate::error::error_response;
 use crate::error::{Error, Result};
-use crate::execution::ExecScheduler;
 use crate::scheduler::Overview;
+use crate::scheduler::Scheduler;
 use crate::status::explain::Explanation;
-use crate::status::{ActivitySnapshot, InvocationSummary};
 
 #[derive(Clone)]
 pub struct StatusState {
     pub cache: Arc<ServerContext>,
-    pub scheduler: Option<Arc<ExecScheduler>>,
+    pub scheduler: Option<Arc<Scheduler>>,
     /// Explanations read many blobs: at most this many run at once, the rest wait.
     pub explain_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -86,7 +86,7 @@ fn caller(cache: &ServerContext, headers: &HeaderMap) -> Result<Principal> {
     Ok(p)
 }
 
-fn status(state: &StatusState, p: &Principal) -> Status {
+async fn status(state: &StatusState, p: &Principal) -> Status {
     let cache = &state.cache;
     let visible = |instance: &str| p.may(instance, Access::Read);
     let activity = cache.activity.snapshot(visible);
@@ -99,7 +99,10 @@ fn status(state: &StatusState, p: &Principal) -> Status {
         }
     }
     let m = &cache.metrics;
-    let mut execution = state.scheduler.as_ref().map(|s| s.overview());
+    let mut execution = match &state.scheduler {
+        Some(s) => Some(s.overview().await),
+        None => None,
+    };
     if let Some(o) = &mut execution {
         // A worker limited to other instances is not this caller's business.
         o.workers.retain(|w| {
@@ -297,8 +300,10 @@ struct Page {
     hit_rate: String,
     bars: Vec<Bar>,
     chart_height: u64,
-    instances: Vec<(String, super::Counts)>,
+    instances: Vec<(String, crate::activity::Counts)>,
     execution: bool,
+    /// Replicas sharing the scheduler (1 when alone).
+    replicas: usize,
     workers: Vec<WorkerRow>,
     queue: Vec<(&'static str, String)>,
     recent: Vec<RecentRow>,
@@ -317,6 +322,8 @@ struct Bar {
 #[derive(Serialize)]
 struct WorkerRow {
     id: String,
+    /// The replica it is connected to (with a shared scheduler; else this server).
+    replica: String,
     properties: String,
     capacity: usize,
     running: usize,
@@ -327,7 +334,7 @@ struct WorkerRow {
 struct RecentRow {
     id: u64,
     ago: String,
-    outcome: super::Outcome,
+    outcome: crate::activity::Outcome,
     what: String,
     instance: String,
     duration: String,
@@ -383,7 +390,7 @@ fn ago(ms: u64, now_ms: u64) -> String {
 }
 
 fn page(s: &Status) -> Page {
-    let now = super::unix_ms(std::time::SystemTime::now());
+    let now = crate::activity::unix_ms(std::time::SystemTime::now());
     let totals: Vec<(u64, u64)> = s
         .activity
         .minutes
@@ -406,7 +413,8 @@ fn page(s: &Status) -> Page {
             miss_height: misses * CHART_HEIGHT / peak,
         })
         .collect();
-    let mut instances: std::collections::BTreeMap<String, super::Counts> = Default::default();
+    let mut instances: std::collections::BTreeMap<String, crate::activity::Counts> =
+        Default::default();
     for m in &s.activity.minutes {
         for (name, c) in &m.instances {
             let t = instances.entry(name.clone()).or_default();
@@ -430,7 +438,11 @@ fn page(s: &Status) -> Page {
                         .join(" "),
                     capacity: w.capacity,
                     running: w.running,
-                    heard: format!("{:.1} s ago", w.since_heard_ms as f64 / 1000.0),
+                    replica: w.replica.clone(),
+                    heard: w
+                        .since_heard_ms
+                        .map(|ms| format!("{:.1} s ago", ms as f64 / 1000.0))
+                        .unwrap_or_else(|| "(another replica's)".into()),
                 })
                 .collect(),
             vec![
@@ -519,6 +531,7 @@ fn page(s: &Status) -> Page {
         chart_height: CHART_HEIGHT,
         instances: instances.into_iter().collect(),
         execution: s.execution.is_some(),
+        replicas: s.execution.as_ref().map_or(1, |o| o.replicas),
         workers,
         queue,
         recent,
@@ -528,14 +541,14 @@ fn page(s: &Status) -> Page {
 
 async fn index(State(state): State<StatusState>, headers: HeaderMap) -> Response {
     match caller(&state.cache, &headers) {
-        Ok(p) => html("status.html", &page(&status(&state, &p))),
+        Ok(p) => html("status.html", &page(&status(&state, &p).await)),
         Err(e) => error_response(e),
     }
 }
 
 async fn api_status(State(state): State<StatusState>, headers: HeaderMap) -> Response {
     match caller(&state.cache, &headers) {
-        Ok(p) => json(&status(&state, &p)),
+        Ok(p) => json(&status(&state, &p).await),
         Err(e) => error_response(e),
     }
 }

@@ -165,7 +165,9 @@ impl Env {
             timeout_ms,
             attempt: 1,
         };
-        self.runner.run(&run).await
+        self.runner
+            .run(&run, tokio::sync::watch::channel(false).1)
+            .await
     }
 }
 

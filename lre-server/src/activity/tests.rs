@@ -1,4 +1,7 @@
 use super::*;
+use crate::request_meta::MAX_TEXT;
+use bazel_remote_apis::build::bazel::remote::execution::v2::RequestMetadata;
+use prost::Message;
 
 /// A hit whose writer is not known, and a miss.
 const HIT: Option<Option<&lre_store::ac_entry::Provenance>> = Some(None);
