@@ -326,7 +326,9 @@ impl OperationState for MemoryState {
     }
 
     async fn snapshot(&self, id: &OperationId) -> Result<Option<Snapshot>> {
-        let st = self.inner();
+        // What outlived `keep_finished` is gone now, not at the next submit.
+        let mut st = self.inner();
+        self.forget_old(&mut st);
         Ok(st.ops.get(id).map(|op| Snapshot {
             key: op.key.clone(),
             stage: op.stage.borrow().clone(),
@@ -335,7 +337,9 @@ impl OperationState for MemoryState {
     }
 
     async fn watch(&self, id: &OperationId) -> Result<Option<watch::Receiver<Stage>>> {
-        Ok(self.inner().ops.get(id).map(|op| op.stage.subscribe()))
+        let mut st = self.inner();
+        self.forget_old(&mut st);
+        Ok(st.ops.get(id).map(|op| op.stage.subscribe()))
     }
 
     async fn queues(&self) -> Result<Vec<QueueHead>> {

@@ -14,7 +14,8 @@
 //!   sequence (16 hex digits) + id, so equal priorities run first come, first served.
 //!   `P queues` maps each QID to its queue (JSON).
 //! - `P leases`: executing operations, scored by when their lease runs out.
-//! - `P live`: unfinished operations (the `max_queued` bound).
+//! - `P live`: unfinished operations (less `P leases`: those waiting, the `max_queued`
+//!   bound).
 //! - The channel `P events`: "work" when something was queued, "stage ID" on a change.
 
 /// Helpers every script that changes an operation shares.
@@ -51,7 +52,9 @@ if existing then
   local st = redis.call('HGET', p .. 'op:' .. existing, 'stage')
   if st and st ~= 'completed' then return {existing, 0} end
 end
-if redis.call('SCARD', p .. 'live') >= tonumber(ARGV[10]) then return {'', 2} end
+-- Waiting = unfinished minus executing (every executing operation holds a lease).
+if redis.call('SCARD', p .. 'live') - redis.call('ZCARD', p .. 'leases') >= tonumber(ARGV[10])
+  then return {'', 2} end
 if redis.call('HEXISTS', p .. 'queues', ARGV[8]) == 0
    and redis.call('HLEN', p .. 'queues') >= tonumber(ARGV[11]) then return {'', 3} end
 local seq = redis.call('INCR', p .. 'seq')
