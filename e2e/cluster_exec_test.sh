@@ -24,6 +24,9 @@
 #   D  every replica and worker restarts (Redis and Garage stay): 100% hits
 #   E  Execute with no worker anywhere, then every replica restarts: the queued action
 #      is still there and runs when a worker attaches (WaitExecution on another replica)
+#   F  the whole cluster on replica 3's status page (it has no worker of its own), in
+#      headless Chromium: every replica's workers, each with its replica, and the number
+#      of replicas sharing the queue; `lre status` says the same
 #
 # Prints PASS/FAIL per check and, last, "N passed, M failed".
 set -uo pipefail
@@ -301,7 +304,7 @@ main() {
   check "C: the build still succeeds, all remotely, all four outputs" "exit $BZ_RC; '$SUM_LINE'; $outs outputs" \
     c_ok "$(remote_count)" "$outs"
   check "C: a surviving replica requeued the dead replica's action when its lease ran out" "" \
-    grep -qh "requeued actions whose replica stopped renewing" "$SCEN/r1.log" "$SCEN/r3.log"
+    grep -qhE "requeued a lost action.*why=Lease" "$SCEN/r1.log" "$SCEN/r3.log"
 
   # ---- D: full restart of replicas and workers; Redis and Garage stay
   for i in 1 2; do [ -n "${W_PID[$i]:-}" ] && { kill -TERM "${W_PID[$i]}" 2>/dev/null; wait "${W_PID[$i]}" 2>/dev/null; forget_pid "${W_PID[$i]}"; }; done
@@ -339,6 +342,26 @@ main() {
   check "E: a worker attached afterwards ran it" "stage $(rcli HGET "lre:sched:op:$op" stage)" \
     [ "$(rcli HGET "lre:sched:op:$op" stage)" = completed ]
   BAZEL_TARGETS=("${saved[@]}")
+
+  # ---- F: the cluster on one page, from the replica without a worker
+  start_worker w2 2
+  check "F: w1 and w2 registered again" "" registered 2
+  local page="http://127.0.0.1:${R_HTTP[3]}/"
+  check "F: replica 3's status page, in Chromium, lists w1 and w2 with their replicas and says 3 replicas share the queue" \
+    "$(grep -oE 'id="replicas">[^<]*|class="worker-id">[^<]*</td><td class="replica">[^<]*' "$SCEN/cluster-status.html" 2>/dev/null | tr '\n' ' ')" \
+    browse_has "$page" "$SCEN/cluster-status.html" \
+    'id="replicas">3 replicas share the queue' \
+    'class="worker-id">w1</td><td class="replica">[^<]+-[0-9]+-[0-9a-f]{8}</td>' \
+    'class="worker-id">w2</td><td class="replica">[^<]+-[0-9]+-[0-9a-f]{8}</td>'
+  browse "$page" "$SCEN/cluster-status.tmp" "$SCEN/cluster-status.png" >/dev/null 2>&1 || true
+  local w1r w2r
+  w1r="$(grep -oE 'class="worker-id">w1</td><td class="replica">[^<]+' "$SCEN/cluster-status.html" | sed 's/.*">//')"
+  w2r="$(grep -oE 'class="worker-id">w2</td><td class="replica">[^<]+' "$SCEN/cluster-status.html" | sed 's/.*">//')"
+  check "F: w1 and w2 are on different replicas" "w1 on '$w1r', w2 on '$w2r'" \
+    bash -c '[ -n "$0" ] && [ -n "$1" ] && [ "$0" != "$1" ]' "$w1r" "$w2r"
+  "$LRE" status --server "http://127.0.0.1:${R_HTTP[3]}" >"$SCEN/lre-status.txt" 2>&1
+  check "F: lre status on replica 3 lists both workers with their replicas" "$(grep -E 'workers|^  w[12]' "$SCEN/lre-status.txt" | tr '\n' ' ')" \
+    dom_has "$SCEN/lre-status.txt" 'workers \(2, on 3 replicas sharing the queue\)' "^  w1  on $w1r  slots 2" "^  w2  on $w2r  slots 2"
 
   local clean=1
   for i in $(seq 1 $REPLICAS); do stop_server "${R_PID[$i]}" >/dev/null 2>&1 || true; done

@@ -212,11 +212,6 @@ no_visible() { [ -s "$1" ] && ! grep -q '^visible' "$1"; }
 failed_naming() { [ "$BZ_RC" != 0 ] && grep -q "$1" "$BZ_LOG"; }
 
 # dom_has FILE PATTERN...: the saved DOM matches every extended regex.
-dom_has() {
-  local f="$1" p; shift
-  for p in "$@"; do grep -qE -- "$p" "$f" || return 1; done
-}
-browse_has() { local url="$1" out="$2"; shift 2; browse "$url" "$out" && dom_has "$out" "$@"; }
 built_with_hits() { [ "$BZ_RC" = 0 ] && [ "$SUM_HITS" -gt 0 ]; }
 hit_rate_of() { grep -oE 'id="hit-rate">[0-9.]+%' "$1" | grep -oE '[0-9.]+' || echo 0; }
 nonzero() { python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)' "$1"; }

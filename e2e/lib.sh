@@ -468,6 +468,15 @@ browse() {
   fi
 }
 
+# dom_has FILE PATTERN...: FILE (a dumped DOM) matches every extended regex PATTERN.
+dom_has() {
+  local f="$1" p; shift
+  for p in "$@"; do grep -qE -- "$p" "$f" || return 1; done
+}
+
+# browse_has URL OUT PATTERN...: the page Chromium builds from URL matches every PATTERN.
+browse_has() { local url="$1" out="$2"; shift 2; browse "$url" "$out" && dom_has "$out" "$@"; }
+
 # wait_log FILE PATTERN COUNT: until FILE has COUNT lines matching PATTERN (30 s at most).
 wait_log() {
   local deadline=$((SECONDS + 30))

@@ -173,22 +173,16 @@ fn print_status(url: &str, v: &Value, limit: usize) {
     );
     if let Some(e) = v.get("execution").filter(|e| !e.is_null()) {
         let workers = e["workers"].as_array().cloned().unwrap_or_default();
-        println!("workers ({}):", workers.len());
+        let replicas = e["replicas"].as_u64().unwrap_or(1);
+        match replicas {
+            0 | 1 => println!("workers ({}):", workers.len()),
+            n => println!(
+                "workers ({}, on {n} replicas sharing the queue):",
+                workers.len()
+            ),
+        }
         for w in &workers {
-            let props: Vec<String> = w["properties"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| format!("{}={}", s(&p[0]), s(&p[1])))
-                .collect();
-            println!(
-                "  {}  slots {}, running {}, heard {} ms ago  {}",
-                s(&w["id"]),
-                s(&w["capacity"]),
-                s(&w["running"]),
-                s(&w["since_heard_ms"]),
-                props.join(" ")
-            );
+            println!("  {}", worker_line(w, replicas > 1));
         }
         println!(
             "queue: {} queued, {} executing, oldest waiting {}, {} no worker can run",
@@ -240,6 +234,30 @@ fn print_status(url: &str, v: &Value, limit: usize) {
     }
 }
 
+/// One worker: its id, (with several replicas) the replica it is connected to, its slots,
+/// when it was last heard from (known only on its own replica), and its platform.
+fn worker_line(w: &Value, show_replica: bool) -> String {
+    let props: Vec<String> = w["properties"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{}={}", s(&p[0]), s(&p[1])))
+        .collect();
+    let mut line = s(&w["id"]);
+    if show_replica {
+        line.push_str(&format!("  on {}", s(&w["replica"])));
+    }
+    line.push_str(&format!(
+        "  slots {}, running {}",
+        s(&w["capacity"]),
+        s(&w["running"])
+    ));
+    if !w["since_heard_ms"].is_null() {
+        line.push_str(&format!(", heard {} ms ago", s(&w["since_heard_ms"])));
+    }
+    format!("{line}  {}", props.join(" "))
+}
+
 fn print_explanation(e: &Value) {
     println!(
         "\nwhy {} missed, against {}: {} missed action(s), {} with a counterpart, {} with different keys",
@@ -281,6 +299,31 @@ fn print_explanation(e: &Value) {
             s(&u["target"]),
             s(&u["action"]),
             s(&u["reason"])
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_s_workers_name_their_replica() {
+        let here = serde_json::json!({"id": "w1", "replica": "host-1-ab", "capacity": 2,
+            "running": 1, "since_heard_ms": 120, "properties": [["OSFamily", "Linux"]]});
+        let there = serde_json::json!({"id": "w2", "replica": "host-2-cd", "capacity": 4,
+            "running": 0, "since_heard_ms": null, "properties": []});
+        assert_eq!(
+            worker_line(&here, true),
+            "w1  on host-1-ab  slots 2, running 1, heard 120 ms ago  OSFamily=Linux"
+        );
+        assert_eq!(
+            worker_line(&there, true),
+            "w2  on host-2-cd  slots 4, running 0  "
+        );
+        assert_eq!(
+            worker_line(&here, false),
+            "w1  slots 2, running 1, heard 120 ms ago  OSFamily=Linux"
         );
     }
 }

@@ -130,6 +130,24 @@ async fn finish(
             .await;
         return;
     }
+    // Not the action's failure, so another attempt (up to execution.max_attempts): the
+    // worker could not fetch or upload (the storage did not answer), or stopped the action
+    // without being asked (it is shutting down; a cancel we asked for never gets here).
+    let passing = match tonic::Code::from_i32(f.status_code) {
+        tonic::Code::Unavailable => Some(f.status_message.clone()),
+        tonic::Code::Cancelled => Some(format!(
+            "it stopped the action unasked (shutting down?): {}",
+            f.status_message
+        )),
+        _ => None,
+    };
+    if let Some(why) = passing {
+        record(cache, worker, &job, &f, None);
+        scheduler
+            .retry(&run, format!("worker {worker}: {why}"))
+            .await;
+        return;
+    }
     let mut status = rpc::Status {
         code: f.status_code,
         message: f.status_message.clone(),

@@ -329,3 +329,108 @@ async fn wait_get_and_cancel_a_queued_operation() {
     assert_eq!(err.code(), Code::NotFound);
     s.shutdown().await;
 }
+
+/// GetOperation, then WaitExecution to its end, for `name`: both final operations.
+async fn look_up(ch: &tonic::transport::Channel, name: &str) -> (Operation, Operation) {
+    use bazel_remote_apis::google::longrunning::{
+        operations_client::OperationsClient, GetOperationRequest,
+    };
+    let got = OperationsClient::new(ch.clone())
+        .get_operation(GetOperationRequest { name: name.into() })
+        .await
+        .unwrap_or_else(|e| panic!("GetOperation {name}: {e}"))
+        .into_inner();
+    let mut wait = ExecutionClient::new(ch.clone())
+        .wait_execution(re::WaitExecutionRequest { name: name.into() })
+        .await
+        .unwrap_or_else(|e| panic!("WaitExecution {name}: {e}"))
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = wait.message().await.unwrap() {
+        last = Some(op);
+    }
+    (got, last.expect("WaitExecution sent nothing"))
+}
+
+/// Defect 4: the CacheCheck message carried a name nothing else knew, and operations
+/// answered from the cache (or refused for missing inputs) were NOT_FOUND afterwards, so a
+/// client whose stream broke could not resume.
+#[tokio::test]
+async fn one_name_for_a_whole_execute_and_answered_operations_stay_queryable() {
+    let mut c = exec_config();
+    c.execution.known_platforms = vec![[("pool".to_string(), "later".to_string())]
+        .into_iter()
+        .collect()];
+    let s = start(c).await;
+    let ch = channel(&s).await;
+
+    // Answered from the cache.
+    let f = fixture(&[], 0);
+    let (out, stdout) = (b"out".to_vec(), b"stdout".to_vec());
+    batch_put(ch.clone(), "", &[&out, &stdout], None)
+        .await
+        .unwrap();
+    update_ac(
+        ch.clone(),
+        "",
+        &f.action,
+        action_result(&out, &stdout),
+        None,
+    )
+    .await
+    .unwrap();
+    let ops = execute(ch.clone(), &f.action).await.unwrap();
+    let name = ops[0].name.clone();
+    assert!(!name.is_empty());
+    assert!(ops.iter().all(|o| o.name == name), "names changed: {ops:?}");
+    let (got, waited) = look_up(&ch, &name).await;
+    for op in [&got, &waited] {
+        assert!(op.done);
+        assert_eq!(op.name, name);
+        assert!(response(op).cached_result);
+    }
+
+    // Refused for a missing input: an answer too.
+    let f = fixture(&[("pool", "later")], 7);
+    let refs: Vec<&[u8]> = f.blobs[..3].iter().map(|b| b.as_slice()).collect();
+    batch_put(ch.clone(), "", &refs, None).await.unwrap();
+    let ops = execute(ch.clone(), &f.action).await.unwrap();
+    let name = ops[0].name.clone();
+    assert!(ops.iter().all(|o| o.name == name), "names changed: {ops:?}");
+    let (got, _) = look_up(&ch, &name).await;
+    assert_eq!(
+        response(&got).status.unwrap().code,
+        Code::FailedPrecondition as i32
+    );
+
+    // Queued: the CacheCheck message already names the operation that waits.
+    batch_put(ch.clone(), "", &[&f.blobs[3]], None)
+        .await
+        .unwrap();
+    let mut exec = ExecutionClient::new(ch.clone())
+        .execute(re::ExecuteRequest {
+            action_digest: Some(f.action.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = exec.message().await.unwrap().unwrap();
+    assert_eq!(stage(&first), re::execution_stage::Value::CacheCheck as i32);
+    let queued = exec.message().await.unwrap().unwrap();
+    assert_eq!(stage(&queued), re::execution_stage::Value::Queued as i32);
+    assert_eq!(first.name, queued.name);
+    use bazel_remote_apis::google::longrunning::{
+        operations_client::OperationsClient, GetOperationRequest,
+    };
+    let got = OperationsClient::new(ch.clone())
+        .get_operation(GetOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .expect("the first message's name is the operation's")
+        .into_inner();
+    assert!(!got.done);
+    drop(exec);
+    s.shutdown().await;
+}

@@ -137,25 +137,31 @@ async fn session(
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        running.0.retain(|_, (_, h)| !h.is_finished());
+        running.actions.retain(|_, (_, h)| !h.is_finished());
         match m.message {
             Some(server_message::Message::Run(run)) => {
                 tracing::debug!(operation = %run.operation, attempt = run.attempt, "running action");
                 let (runner, tx, op) = (runner.clone(), tx.clone(), run.operation.clone());
                 let (stop, cancel) = watch::channel(false);
+                let ended = running.ended.clone();
                 let task = tokio::spawn(async move {
                     let finished = runner.run(&run, cancel).await;
+                    // Stopped because the session ended: the scheduler requeues it, and a
+                    // CANCELLED report (the stream may still carry it) is not its result.
+                    if ended.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
                     let _ = tx
                         .send(msg(worker_message::Message::Finished(finished)))
                         .await;
                 });
-                running.0.insert(op, (stop, task));
+                running.actions.insert(op, (stop, task));
             }
             Some(server_message::Message::Cancel(c)) => {
                 // Stopped, not aborted: its sandbox is killed through its PID 1 and its
                 // exec root removed, and then its CANCELLED report tells the scheduler
                 // that the slot is free.
-                if let Some((stop, _)) = running.0.get(&c.operation) {
+                if let Some((stop, _)) = running.actions.get(&c.operation) {
                     let _ = stop.send(true);
                 }
             }
@@ -174,13 +180,17 @@ impl Drop for AbortOnDrop {
 }
 
 /// The actions a session runs, by operation: stopped when it drops (each kills its
-/// sandbox and removes its exec root; their reports go nowhere).
+/// sandbox and removes its exec root), and then not reported: `ended` is set first.
 #[derive(Default)]
-struct Running(HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>);
+struct Running {
+    actions: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for (stop, _) in self.0.values() {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        for (stop, _) in self.actions.values() {
             let _ = stop.send(true);
         }
     }

@@ -8,9 +8,10 @@
 //! - **dispatch**: while a worker here has a free slot, the runnable queue whose head comes
 //!   first (priority, then arrival) gives its head to the least busy worker that can run it.
 //! - **report**: a worker's result completes the operation, if its claim still holds it.
-//! - **loss**: an action whose worker was lost, whose worker held it past its deadline, or
-//!   whose holder stopped renewing its lease (another replica died) goes back to its queue,
-//!   or fails once it has used its attempts (`execution.max_attempts`).
+//! - **loss**: an action whose worker was lost, whose worker held it past its deadline,
+//!   whose holder stopped renewing its lease (another replica died), or whose worker could
+//!   not run it for a passing reason (`retry`: the storage did not answer) goes back to its
+//!   queue, or fails once it has used its attempts (`execution.max_attempts`).
 //! - **cancel**: the operation completes CANCELLED at once; its worker is told to stop, and
 //!   its slot stays busy until the worker says the action is gone.
 //! - **stranded**: queued actions of a queue nothing can run for the worker grace fail
@@ -82,7 +83,7 @@ pub struct Submitted {
 }
 
 /// Why an executing action was lost.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Loss {
     /// Its worker disconnected.
     Worker,
@@ -90,6 +91,9 @@ enum Loss {
     Deadline,
     /// Its holder stopped renewing the lease (a replica died).
     Lease,
+    /// Its worker could not run it for a passing reason (the CAS did not answer as it
+    /// fetched inputs or uploaded outputs): what it said.
+    Unavailable(String),
 }
 
 /// The scheduler at a glance, over every replica.
@@ -319,6 +323,16 @@ impl Scheduler {
         }
     }
 
+    /// A worker could not run an action for a passing reason (UNAVAILABLE: the storage did
+    /// not answer): another attempt, as if its worker had been lost, or a failure naming
+    /// `why` once the attempts are used up. Clients get one result per Execute, not a
+    /// transient error of one try.
+    pub async fn retry(&self, r: &Running, why: String) {
+        tracing::warn!(operation = %r.id, attempt = r.lease.attempt, reason = %why, "an attempt failed for a passing reason");
+        self.lose_lease(&r.id, &r.lease, Loss::Unavailable(why), r.job.timeout)
+            .await
+    }
+
     pub fn worker_count(&self) -> usize {
         self.pool.count()
     }
@@ -330,7 +344,7 @@ impl Scheduler {
 
     async fn lose_lease(&self, id: &OperationId, lease: &Lease, why: Loss, timeout: Duration) {
         let last = lease.attempt >= self.config.max_attempts;
-        let r = match (last, why) {
+        let r = match (last, why.clone()) {
             (false, _) => self.state.requeue(id, lease, true).await,
             (true, Loss::Deadline) => {
                 let msg = format!(
@@ -339,6 +353,15 @@ impl Scheduler {
                 );
                 self.state
                     .finish(id, Some(lease), failed(tonic::Code::DeadlineExceeded, msg))
+                    .await
+            }
+            (true, Loss::Unavailable(why)) => {
+                let msg = format!(
+                    "the action's worker could not run it on any of its {} attempts; giving up; the last: {why}",
+                    lease.attempt
+                );
+                self.state
+                    .finish(id, Some(lease), failed(tonic::Code::Unavailable, msg))
                     .await
             }
             (true, Loss::Worker | Loss::Lease) => {

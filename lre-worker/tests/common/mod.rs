@@ -88,7 +88,7 @@ pub async fn upload(
             compressor: 0,
         })
         .collect();
-    ContentAddressableStorageClient::new(ch.clone())
+    let answer = ContentAddressableStorageClient::new(ch.clone())
         .batch_update_blobs(authed(
             re::BatchUpdateBlobsRequest {
                 instance_name: instance.into(),
@@ -97,7 +97,14 @@ pub async fn upload(
             },
             secret,
         ))
-        .await?;
+        .await?
+        .into_inner();
+    // Each blob has its own status: the call can succeed while a blob was not stored.
+    for r in answer.responses {
+        if let Some(st) = r.status.filter(|st| st.code != 0) {
+            return Err(tonic::Status::new(st.code.into(), st.message));
+        }
+    }
     Ok(())
 }
 
