@@ -348,20 +348,21 @@ main() {
   check "F: w1 and w2 registered again" "" registered 2
   local page="http://127.0.0.1:${R_HTTP[3]}/"
   check "F: replica 3's status page, in Chromium, lists w1 and w2 with their replicas and says 3 replicas share the queue" \
-    "$(grep -oE 'id="replicas">[^<]*|class="worker-id">[^<]*</td><td class="replica">[^<]*' "$SCEN/cluster-status.html" 2>/dev/null | tr '\n' ' ')" \
+    "" \
     browse_has "$page" "$SCEN/cluster-status.html" \
     'id="replicas">3 replicas share the queue' \
-    'class="worker-id">w1</td><td class="replica">[^<]+-[0-9]+-[0-9a-f]{8}</td>' \
-    'class="worker-id">w2</td><td class="replica">[^<]+-[0-9]+-[0-9a-f]{8}</td>'
+    'class="worker-id">[^<]*/w1</td><td class="replica">[^<]+-[0-9]+-[0-9a-f]{8}</td>' \
+    'class="worker-id">[^<]*/w2</td><td class="replica">[^<]+-[0-9]+-[0-9a-f]{8}</td>'
   browse "$page" "$SCEN/cluster-status.tmp" "$SCEN/cluster-status.png" >/dev/null 2>&1 || true
   local w1r w2r
-  w1r="$(grep -oE 'class="worker-id">w1</td><td class="replica">[^<]+' "$SCEN/cluster-status.html" | sed 's/.*">//')"
-  w2r="$(grep -oE 'class="worker-id">w2</td><td class="replica">[^<]+' "$SCEN/cluster-status.html" | sed 's/.*">//')"
+  # A worker's id is TOKEN/ID.
+  w1r="$(grep -oE 'class="worker-id">[^<]*/w1</td><td class="replica">[^<]+' "$SCEN/cluster-status.html" | sed 's/.*">//')"
+  w2r="$(grep -oE 'class="worker-id">[^<]*/w2</td><td class="replica">[^<]+' "$SCEN/cluster-status.html" | sed 's/.*">//')"
   check "F: w1 and w2 are on different replicas" "w1 on '$w1r', w2 on '$w2r'" \
     bash -c '[ -n "$0" ] && [ -n "$1" ] && [ "$0" != "$1" ]' "$w1r" "$w2r"
   "$LRE" status --server "http://127.0.0.1:${R_HTTP[3]}" >"$SCEN/lre-status.txt" 2>&1
-  check "F: lre status on replica 3 lists both workers with their replicas" "$(grep -E 'workers|^  w[12]' "$SCEN/lre-status.txt" | tr '\n' ' ')" \
-    dom_has "$SCEN/lre-status.txt" 'workers \(2, on 3 replicas sharing the queue\)' "^  w1  on $w1r  slots 2" "^  w2  on $w2r  slots 2"
+  check "F: lre status on replica 3 lists both workers with their replicas" "$(grep -E 'workers|/w[12] ' "$SCEN/lre-status.txt" | tr '\n' ' ')" \
+    dom_has "$SCEN/lre-status.txt" 'workers \(2, on 3 replicas sharing the queue\)' "^  [^ ]*/w1  on $w1r  slots 2" "^  [^ ]*/w2  on $w2r  slots 2"
 
   local clean=1
   for i in $(seq 1 $REPLICAS); do stop_server "${R_PID[$i]}" >/dev/null 2>&1 || true; done

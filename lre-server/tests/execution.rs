@@ -83,6 +83,24 @@ async fn execute(
     Ok(ops)
 }
 
+/// Stores a result for the fixture's action (an output and stdout): (output, stdout).
+async fn cache_a_result(ch: &tonic::transport::Channel, f: &Fixture) -> (Vec<u8>, Vec<u8>) {
+    let (out, stdout) = (b"out".to_vec(), b"stdout".to_vec());
+    batch_put(ch.clone(), "", &[&out, &stdout], None)
+        .await
+        .unwrap();
+    update_ac(
+        ch.clone(),
+        "",
+        &f.action,
+        action_result(&out, &stdout),
+        None,
+    )
+    .await
+    .unwrap();
+    (out, stdout)
+}
+
 fn response(op: &Operation) -> re::ExecuteResponse {
     match &op.result {
         Some(operation::Result::Response(any)) => {
@@ -120,19 +138,7 @@ async fn a_cached_result_is_returned_without_running_anything() {
     let s = start(exec_config()).await;
     let ch = channel(&s).await;
     let f = fixture(&[], 0);
-    let (out, stdout) = (b"out".to_vec(), b"stdout".to_vec());
-    batch_put(ch.clone(), "", &[&out, &stdout], None)
-        .await
-        .unwrap();
-    update_ac(
-        ch.clone(),
-        "",
-        &f.action,
-        action_result(&out, &stdout),
-        None,
-    )
-    .await
-    .unwrap();
+    let (out, stdout) = cache_a_result(&ch, &f).await;
     // No worker is connected: only the cache can answer.
     let ops = execute(ch.clone(), &f.action).await.unwrap();
     assert_eq!(
@@ -366,19 +372,7 @@ async fn one_name_for_a_whole_execute_and_answered_operations_stay_queryable() {
 
     // Answered from the cache.
     let f = fixture(&[], 0);
-    let (out, stdout) = (b"out".to_vec(), b"stdout".to_vec());
-    batch_put(ch.clone(), "", &[&out, &stdout], None)
-        .await
-        .unwrap();
-    update_ac(
-        ch.clone(),
-        "",
-        &f.action,
-        action_result(&out, &stdout),
-        None,
-    )
-    .await
-    .unwrap();
+    cache_a_result(&ch, &f).await;
     let ops = execute(ch.clone(), &f.action).await.unwrap();
     let name = ops[0].name.clone();
     assert!(!name.is_empty());

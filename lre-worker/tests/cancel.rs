@@ -21,7 +21,6 @@ use tonic::Code;
 
 const ACTIONS: usize = 200;
 const CAPACITY: u32 = 2;
-const WORKER_SECRET: &str = "cancel-stress-worker-secret";
 
 /// Processes whose command line holds `token`: what a cancelled action left running.
 fn processes_with(token: &str) -> Vec<String> {
@@ -75,37 +74,8 @@ async fn execute(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_half_of_a_stream_of_actions_harms_none_of_the_others() {
-    let mut c = lre_server::Config::ephemeral();
-    c.execution.enabled = true;
-    c.auth
-        .tokens
-        .push(lre_server::auth::TokenConfig::for_secret(
-            "workers",
-            WORKER_SECRET,
-            lre_server::auth::Scope::Worker,
-        ));
-    let server = lre_server::start(c).await.unwrap();
-    let ch = Channel::from_shared(format!("http://{}", server.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let mut opts = lre_worker::WorkerOptions::local(
-        format!("http://{}", server.grpc_addr),
-        "small".into(),
-        work.path().to_path_buf(),
-        vec![],
-        lre_worker::default_ro_paths(),
-    );
-    opts.connection.capacity = CAPACITY;
-    opts.credential = lre_worker::Credential::bearer(WORKER_SECRET).unwrap();
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(lre_worker::run(opts, shutdown));
-    if !common::wait_workers(&server, 1).await {
-        let ended = tokio::time::timeout(Duration::from_secs(1), worker).await;
-        panic!("the worker did not attach: {ended:?}");
-    }
+    let setup = common::with_worker("small", CAPACITY).await;
+    let (server, ch, work) = (&setup.server, setup.channel.clone(), &setup.work);
 
     // Cancelled actions would run for a minute, ignoring SIGTERM: only a kill of the
     // whole sandbox ends them. The token in their command line finds any that survive.
@@ -196,12 +166,10 @@ async fn cancelling_half_of_a_stream_of_actions_harms_none_of_the_others() {
         "processes of cancelled actions"
     );
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(60), worker).await;
+    setup.shut_down().await;
     assert_eq!(
         processes_with(&token),
         Vec::<String>::new(),
         "processes outlived the worker"
     );
-    server.shutdown().await;
 }

@@ -11,9 +11,6 @@ use bazel_remote_apis::google::longrunning::{
 };
 use common::{outcome, prepare, Exec};
 use re::execution_client::ExecutionClient;
-use tonic::transport::Channel;
-
-const WORKER_SECRET: &str = "operations-test-worker-secret";
 
 fn seconds(t: &Option<bazel_remote_apis::google::protobuf::Timestamp>, what: &str) -> f64 {
     let t = t.as_ref().unwrap_or_else(|| panic!("{what} is not set"));
@@ -23,36 +20,8 @@ fn seconds(t: &Option<bazel_remote_apis::google::protobuf::Timestamp>, what: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executed_action_keeps_one_name_and_reports_when_it_was_queued() {
-    let mut c = lre_server::Config::ephemeral();
-    c.execution.enabled = true;
-    c.auth
-        .tokens
-        .push(lre_server::auth::TokenConfig::for_secret(
-            "workers",
-            WORKER_SECRET,
-            lre_server::auth::Scope::Worker,
-        ));
-    let server = lre_server::start(c).await.unwrap();
-    let ch = Channel::from_shared(format!("http://{}", server.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let mut opts = lre_worker::WorkerOptions::local(
-        format!("http://{}", server.grpc_addr),
-        "w".into(),
-        work.path().to_path_buf(),
-        vec![],
-        lre_worker::default_ro_paths(),
-    );
-    opts.credential = lre_worker::Credential::bearer(WORKER_SECRET).unwrap();
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(lre_worker::run(opts, shutdown));
-    assert!(
-        common::wait_workers(&server, 1).await,
-        "the worker attached"
-    );
+    let setup = common::with_worker("w", 1).await;
+    let ch = setup.channel.clone();
 
     let argv = ["/bin/sh", "-c", "sleep 0.2; echo ran"];
     let exec = Exec {
@@ -124,7 +93,5 @@ async fn an_executed_action_keeps_one_name_and_reports_when_it_was_queued() {
     }
     assert_eq!(outcome(last).unwrap(), resp);
 
-    let _ = stop.send(true);
-    let _ = worker.await;
-    server.shutdown().await;
+    setup.shut_down().await;
 }

@@ -25,6 +25,71 @@ pub fn authed<T>(msg: T, secret: Option<&str>) -> tonic::Request<T> {
     r
 }
 
+/// A server with execution on and one in-process worker (real bubblewrap) attached with a
+/// worker token; stopped when dropped.
+pub struct WithWorker {
+    pub server: lre_server::RunningServer,
+    pub channel: tonic::transport::Channel,
+    pub work: tempfile::TempDir,
+    stop: tokio::sync::watch::Sender<bool>,
+    worker: Option<tokio::task::JoinHandle<Result<(), lre_worker::error::WorkerError>>>,
+}
+
+const ATTACHED_WORKER_SECRET: &str = "attached-worker-test-secret-000001";
+
+/// Starts a server and a worker `id` with `capacity` slots, and waits until it attached.
+pub async fn with_worker(id: &str, capacity: u32) -> WithWorker {
+    let mut c = lre_server::Config::ephemeral();
+    c.execution.enabled = true;
+    c.auth
+        .tokens
+        .push(lre_server::auth::TokenConfig::for_secret(
+            "workers",
+            ATTACHED_WORKER_SECRET,
+            lre_server::auth::Scope::Worker,
+        ));
+    let server = lre_server::start(c).await.expect("the server starts");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .expect("an address")
+        .connect()
+        .await
+        .expect("connecting");
+    let work = tempfile::tempdir().expect("a work dir");
+    let mut opts = lre_worker::WorkerOptions::local(
+        format!("http://{}", server.grpc_addr),
+        id.into(),
+        work.path().to_path_buf(),
+        vec![],
+        lre_worker::default_ro_paths(),
+    );
+    opts.connection.capacity = capacity;
+    opts.credential = lre_worker::Credential::bearer(ATTACHED_WORKER_SECRET).expect("a token");
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(lre_worker::run(opts, shutdown));
+    if !wait_workers(&server, 1).await {
+        let ended = tokio::time::timeout(Duration::from_secs(1), worker).await;
+        panic!("the worker did not attach: {ended:?}");
+    }
+    WithWorker {
+        server,
+        channel,
+        work,
+        stop,
+        worker: Some(worker),
+    }
+}
+
+impl WithWorker {
+    /// Stops the worker (bounded) and then the server.
+    pub async fn shut_down(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(w) = self.worker.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
+        }
+        self.server.shutdown().await;
+    }
+}
+
 /// Polls (bounded) until the server's scheduler has `n` workers.
 pub async fn wait_workers(s: &lre_server::RunningServer, n: usize) -> bool {
     let sched = s.scheduler.clone().unwrap();
