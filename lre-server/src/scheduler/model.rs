@@ -99,7 +99,7 @@ pub struct QueueHead {
     pub queued: usize,
     /// (priority, arrival) of the action at its head: lower runs first.
     pub head: (i32, u64),
-    /// When its oldest action was submitted, when known.
+    /// When its head was submitted (the oldest, unless a more urgent one came later).
     pub oldest: Option<SystemTime>,
 }
 

@@ -14,6 +14,7 @@ on_both_backends!(
     an_operation_answered_without_running_is_queryable,
     the_queue_is_bounded_and_joining_is_free,
     completed_operations_are_forgotten_after_keep_finished,
+    completed_operations_past_max_operations_are_forgotten_oldest_first,
     names_that_are_not_operations_are_unknown,
 );
 
@@ -93,6 +94,30 @@ async fn completed_operations_are_forgotten_after_keep_finished(b: Backend) {
     assert!(h.sched.watch(&done).await.unwrap().is_none());
     // Unfinished ones are never forgotten.
     assert_eq!(h.stage(&waiting).await, Some(Stage::Queued));
+}
+
+async fn completed_operations_past_max_operations_are_forgotten_oldest_first(b: Backend) {
+    // A stream of cache hits must not fill the state within keep_finished.
+    let setup = Setup {
+        bounds: Bounds {
+            max_operations: 3,
+            ..Bounds::default()
+        },
+        ..Setup::default()
+    };
+    let h = Harness::with(b, setup).await;
+    let mut ops = Vec::new();
+    for n in 0..5 {
+        let hit = ExecuteResponse {
+            cached_result: true,
+            ..Default::default()
+        };
+        ops.push(h.sched.record_answered(&job("", n).key, hit).await.unwrap());
+    }
+    for (n, op) in ops.iter().enumerate() {
+        let known = h.stage(op).await.is_some();
+        assert_eq!(known, n >= 2, "operation {n} of 5, with room for 3");
+    }
 }
 
 async fn names_that_are_not_operations_are_unknown(b: Backend) {

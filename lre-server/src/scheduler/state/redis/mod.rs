@@ -171,7 +171,8 @@ impl OperationState for RedisState {
             .arg(action_name(&key.action))
             .arg(encode_outcome(&Ok(response)))
             .arg(self.keep_seconds())
-            .arg(wall_ms(std::time::SystemTime::now()));
+            .arg(wall_ms(std::time::SystemTime::now()))
+            .arg(self.bounds.max_operations);
         let _: i64 = self
             .redis
             .run_script("recording an answered operation", &inv)
@@ -229,7 +230,8 @@ impl OperationState for RedisState {
             .arg(id)
             .arg(lease.map(Lease::name).unwrap_or_default())
             .arg(encode_outcome(&outcome))
-            .arg(self.keep_seconds());
+            .arg(self.keep_seconds())
+            .arg(self.bounds.max_operations);
         let done: i64 = self
             .redis
             .run_script("completing an operation", &inv)
@@ -278,7 +280,8 @@ impl OperationState for RedisState {
             .arg(self.key(&format!("queue:{}", queue.id())))
             .arg(encode_outcome(&outcome))
             .arg(self.keep_seconds())
-            .arg(max);
+            .arg(max)
+            .arg(self.bounds.max_operations);
         let n: i64 = self
             .redis
             .run_script("failing actions no worker can run", &inv)

@@ -14,6 +14,7 @@
 //!   sequence (16 hex digits) + id, so equal priorities run first come, first served.
 //!   `P queues` maps each QID to its queue (JSON).
 //! - `P leases`: executing operations, scored by when their lease runs out.
+//! - `P finished`: completed operations, oldest first (`P fseq`), at most `max_operations`.
 //! - `P live`: unfinished operations (less `P leases`: those waiting, the `max_queued`
 //!   bound).
 //! - The channel `P events`: "work" when something was queued, "stage ID" on a change.
@@ -34,6 +35,20 @@ local function finish(p, id, outcome, keep)
   redis.call('HDEL', op, 'lease', 'job')
   redis.call('EXPIRE', op, keep)
   redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
+end
+-- Completed operations are kept `keep` seconds, and at most `max` of them: past that the
+-- oldest go early, so a stream of cache hits cannot fill Redis within `keep`.
+local function remember(p, id, max)
+  redis.call('ZADD', p .. 'finished', redis.call('INCR', p .. 'fseq'), id)
+  local over = redis.call('ZCARD', p .. 'finished') - tonumber(max)
+  if over > 0 then
+    local old = redis.call('ZPOPMIN', p .. 'finished', over)
+    for i = 1, #old, 2 do
+      if redis.call('HGET', p .. 'op:' .. old[i], 'stage') == 'completed' then
+        redis.call('DEL', p .. 'op:' .. old[i])
+      end
+    end
+  end
 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -71,13 +86,14 @@ redis.call('PUBLISH', p .. 'events', 'work')
 return {ARGV[2], 1}
 "#;
 
-/// ARGV: prefix, id, instance, action, outcome, keep seconds, queued_at ms. An operation
-/// answered without running (a cache hit): completed at once.
+/// ARGV: prefix, id, instance, action, outcome, keep seconds, queued_at ms, max kept. An
+/// operation answered without running (a cache hit): completed at once.
 pub const ANSWERED: &str = r#"
 local op = ARGV[1] .. 'op:' .. ARGV[2]
 redis.call('HSET', op, 'instance', ARGV[3], 'action', ARGV[4], 'stage', 'completed',
   'result', ARGV[5], 'queued_at', ARGV[7], 'attempts', 0)
 redis.call('EXPIRE', op, ARGV[6])
+remember(ARGV[1], ARGV[2], ARGV[8])
 return 1
 "#;
 
@@ -119,13 +135,14 @@ end
 return lost
 "#;
 
-/// ARGV: prefix, id, lease ('' for whoever holds it), outcome, keep seconds. 1 if this
-/// call completed it.
+/// ARGV: prefix, id, lease ('' for whoever holds it), outcome, keep seconds, max kept. 1
+/// if this call completed it.
 pub const FINISH: &str = r#"
 local f = redis.call('HMGET', ARGV[1] .. 'op:' .. ARGV[2], 'stage', 'lease')
 if not f[1] or f[1] == 'completed' then return 0 end
 if ARGV[3] ~= '' and f[2] ~= ARGV[3] then return 0 end
 finish(ARGV[1], ARGV[2], ARGV[4], ARGV[5])
+remember(ARGV[1], ARGV[2], ARGV[6])
 return 1
 "#;
 
@@ -173,8 +190,8 @@ end
 return out
 "#;
 
-/// ARGV: prefix, queue key, outcome, keep seconds, batch. Completes the queued operations
-/// at the head of a queue with `outcome`; returns how many.
+/// ARGV: prefix, queue key, outcome, keep seconds, batch, max kept. Completes the queued
+/// operations at the head of a queue with `outcome`; returns how many.
 pub const FAIL_QUEUED: &str = r#"
 local p = ARGV[1]
 local n = 0
@@ -182,6 +199,7 @@ for _, m in ipairs(redis.call('ZRANGE', ARGV[2], 0, tonumber(ARGV[5]) - 1)) do
   local id = string.sub(m, 17)
   if redis.call('HGET', p .. 'op:' .. id, 'stage') == 'queued' then
     finish(p, id, ARGV[3], ARGV[4])
+    remember(p, id, ARGV[6])
     n = n + 1
   else
     redis.call('ZREM', ARGV[2], m)
@@ -229,7 +247,7 @@ impl Scripts {
         let with_helpers = |body: &str| redis::Script::new(&format!("{HELPERS}\n{body}"));
         Scripts {
             submit: redis::Script::new(SUBMIT),
-            answered: redis::Script::new(ANSWERED),
+            answered: with_helpers(ANSWERED),
             claim: with_helpers(CLAIM),
             renew: with_helpers(RENEW),
             finish: with_helpers(FINISH),
