@@ -14,6 +14,7 @@
 //! | `grace` | waiting for workers that may come, failing what nothing can run |
 //! | `operations` | answered operations, bounds, forgetting, names |
 //! | `replicas` | the Redis state shared by two replicas |
+//! | `state` | the `OperationState` contract, method by method (the scripts' unit tests) |
 
 /// Runs each named scenario (`async fn NAME(Backend)`) once per backend, as
 /// `memory::NAME` and `redis::NAME`.
@@ -46,3 +47,4 @@ mod grace;
 mod losses;
 mod operations;
 mod replicas;
+mod state;
