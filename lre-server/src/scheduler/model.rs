@@ -135,6 +135,9 @@ pub struct Claimed {
     pub queue: Queue,
     pub lease: Lease,
     pub queued_at: SystemTime,
+    /// Its queue's new head, (priority, arrival), if it holds more: so that dispatch can
+    /// go on without listing the queues again.
+    pub next: Option<(i32, u64)>,
 }
 
 /// What a worker offers: its platform properties, its slots, and the instances whose

@@ -227,6 +227,9 @@ impl Scheduler {
         let stage = self.state.watch(&sub.id).await?.ok_or_else(|| {
             Error::Unavailable(format!("operation {} vanished as it was queued", sub.id))
         })?;
+        if !sub.joined {
+            self.dispatch_now().await;
+        }
         Ok(Submitted {
             operation: sub.id,
             stage,
@@ -308,7 +311,8 @@ impl Scheduler {
         r.filter(|r| !r.cancelling)
     }
 
-    /// Completes an action a worker ran, if its claim still holds it.
+    /// Completes an action a worker ran, if its claim still holds it, and gives its slot
+    /// the next action.
     pub async fn complete(&self, r: &Running, outcome: Outcome) {
         match self
             .state
@@ -320,6 +324,22 @@ impl Scheduler {
                 tracing::warn!(operation = %r.id, error = %e, "recording an outcome; retrying");
                 lock(&self.pending).insert(r.id.clone(), (r.lease.clone(), outcome));
             }
+        }
+        self.dispatch_now().await;
+    }
+
+    /// Hands out free slots from a request's path (a submit, a report), rather than one
+    /// task switch later, where that is safe: with the state in this process, `dispatch`
+    /// never waits, so dropping the request's future cannot cut it between a claim and the
+    /// hand-over. With a shared state it waits on Redis, so the dispatcher task does it.
+    async fn dispatch_now(&self) {
+        if self.state.shared() {
+            self.freed.notify_one();
+            return;
+        }
+        if let Err(e) = self.dispatch().await {
+            tracing::debug!(error = %e, "dispatching; the dispatcher retries");
+            self.freed.notify_one();
         }
     }
 
@@ -387,46 +407,54 @@ impl Scheduler {
     // ---------------------------------------------------------------- dispatch
 
     /// While a worker here has a free slot, claims the head of the runnable queue that
-    /// comes first and hands it to a worker.
+    /// comes first and hands it to a worker. The queues are listed once per pass: each
+    /// claim says its queue's new head, so the pass goes on without listing them again.
     pub async fn dispatch(&self) -> Result<()> {
         loop {
-            let idle = self.pool.idle();
+            let mut idle = self.pool.idle();
             if idle.is_empty() {
                 return Ok(());
             }
             let mut heads = self.state.queues().await?;
-            heads.retain(|h| {
-                idle.iter()
-                    .any(|(s, _)| s.can_run(&h.queue.instance, &h.queue.platform))
-            });
-            heads.sort_by_key(|h| h.head);
-            let mut claimed = false;
-            for h in heads {
-                let Some(c) = self.state.claim(&h.queue, &self.holder).await? else {
+            let mut emptied = false;
+            loop {
+                // The head that comes first among the queues an idle worker can run.
+                heads.retain(|h| {
+                    idle.iter()
+                        .any(|(s, _)| s.can_run(&h.queue.instance, &h.queue.platform))
+                });
+                let Some(best) = (0..heads.len()).min_by_key(|&i| heads[i].head) else {
+                    break;
+                };
+                let Some(c) = self.state.claim(&heads[best].queue, &self.holder).await? else {
+                    // Taken meanwhile (another replica): this queue is done for the pass.
+                    heads.swap_remove(best);
                     continue;
                 };
+                match c.next {
+                    Some(next) => heads[best].head = next,
+                    None => {
+                        heads.swap_remove(best);
+                        emptied = true;
+                    }
+                }
                 // Requeued while it still ran here: taken back, not run twice.
-                let c = match self.pool.adopt(c) {
-                    Ok(()) => {
-                        claimed = true;
-                        break;
-                    }
-                    Err(c) => c,
-                };
-                match self.pool.assign(c) {
-                    Ok(_) => {
-                        claimed = true;
-                        break;
-                    }
-                    Err(c) => {
+                if let Err(c) = self.pool.adopt(c) {
+                    if let Err(c) = self.pool.assign(c) {
                         // The worker went between looking and claiming: back to the
                         // queue, not counted as an attempt (it never ran).
                         self.state.requeue(&c.id, &c.lease, false).await?;
                         return Ok(());
                     }
                 }
+                idle = self.pool.idle();
+                if idle.is_empty() {
+                    return Ok(());
+                }
             }
-            if !claimed {
+            // Slots are left: list again only if a queue ran dry (others may hold more
+            // than was listed); otherwise nothing here can take what is queued.
+            if !emptied {
                 return Ok(());
             }
         }

@@ -89,7 +89,7 @@ async fn queued_actions_fail_once_nothing_has_been_able_to_run_them_for_the_grac
         );
     }
     // What the worker can run is untouched.
-    assert_eq!(h.stage(&fine).await, Some(Stage::Queued));
+    assert!(h.stage(&fine).await.is_some_and(|s| !s.is_done()));
     h.dispatch().await;
     assert_eq!(w.run().0, fine);
 }

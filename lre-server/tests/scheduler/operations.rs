@@ -93,7 +93,7 @@ async fn completed_operations_are_forgotten_after_keep_finished(b: Backend) {
     );
     assert!(h.sched.watch(&done).await.unwrap().is_none());
     // Unfinished ones are never forgotten.
-    assert_eq!(h.stage(&waiting).await, Some(Stage::Queued));
+    assert!(h.stage(&waiting).await.is_some_and(|s| !s.is_done()));
 }
 
 async fn completed_operations_past_max_operations_are_forgotten_oldest_first(b: Backend) {

@@ -220,6 +220,7 @@ impl OperationState for MemoryState {
         let Some((_, id)) = list.pop_first() else {
             return Ok(None);
         };
+        let next = list.first_key_value().map(|(rank, _)| *rank);
         if list.is_empty() {
             st.queues.remove(queue);
         }
@@ -248,6 +249,7 @@ impl OperationState for MemoryState {
             queue: queue.clone(),
             lease,
             queued_at: op.queued_at,
+            next,
         }))
     }
 

@@ -1,9 +1,11 @@
 //! What replicas tell each other through the channel `P events`: "work" (something was
-//! queued: claim) and "stage ID" (an operation changed: tell its watchers here, and the
-//! scheduler, which stops running here what completed elsewhere). A lost message costs
-//! only latency: every watched operation is also re-read every `POLL`.
+//! queued: claim) and "stage ID STAGE" (an operation changed: tell its watchers here, and
+//! the scheduler, which stops running here what completed elsewhere). A queued or executing
+//! stage travels in the message; a completed one's outcome is read, in batches, by one
+//! reader task, so the listener never waits on Redis. A lost message costs only latency:
+//! every watched operation is also re-read every `POLL`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,6 +22,9 @@ const REFRESH_BATCH: usize = 512;
 
 pub struct Events {
     watchers: Mutex<HashMap<OperationId, watch::Sender<Stage>>>,
+    /// Watched operations that completed: read by `read_completed`.
+    to_read: Mutex<HashSet<OperationId>>,
+    read_more: Notify,
     work: Arc<Notify>,
     ended: mpsc::UnboundedSender<OperationId>,
     ended_rx: Mutex<Option<mpsc::UnboundedReceiver<OperationId>>>,
@@ -30,6 +35,8 @@ impl Events {
         let (ended, ended_rx) = mpsc::unbounded_channel();
         Events {
             watchers: Mutex::new(HashMap::new()),
+            to_read: Mutex::new(HashSet::new()),
+            read_more: Notify::new(),
             work: Arc::new(Notify::new()),
             ended,
             ended_rx: Mutex::new(Some(ended_rx)),
@@ -64,31 +71,41 @@ impl Events {
             .subscribe()
     }
 
+    /// Forgets a watcher registered for an operation that was not queued after all.
+    pub fn unwatch(&self, id: &str) {
+        self.watchers().remove(id);
+    }
+
+    /// Tells an operation's watchers its stage, as read or as a message said.
+    fn tell(&self, id: &str, new: Stage) {
+        let done = new.is_done();
+        let mut w = self.watchers();
+        if let Some(tx) = w.get(id) {
+            tx.send_if_modified(|stage| {
+                // Never back from a later stage to an earlier one: a stale read raced with
+                // a newer one. (A requeued action shows its next attempt when claimed.)
+                let regress = match (&*stage, &new) {
+                    (Stage::Completed(_), _) => true,
+                    (Stage::Executing { .. }, Stage::Queued) => true,
+                    (Stage::Executing { attempt: a }, Stage::Executing { attempt: b }) => b < a,
+                    _ => false,
+                };
+                let changed = !regress && *stage != new;
+                if changed {
+                    *stage = new.clone();
+                }
+                changed
+            });
+        }
+        if done {
+            w.remove(id);
+        }
+    }
+
     /// Tells an operation's watchers what was just read of it.
     fn apply(&self, id: &str, read: Result<Option<Snapshot>, String>) {
         match read {
-            Ok(Some(s)) => {
-                let done = s.stage.is_done();
-                let mut w = self.watchers();
-                if let Some(tx) = w.get(id) {
-                    tx.send_if_modified(|stage| {
-                        // Never back from a later stage to an earlier one: a stale read
-                        // raced with a newer one.
-                        let regress = matches!(
-                            (&*stage, &s.stage),
-                            (Stage::Executing { .. }, Stage::Queued) | (Stage::Completed(_), _)
-                        );
-                        let changed = !regress && *stage != s.stage;
-                        if changed {
-                            *stage = s.stage.clone();
-                        }
-                        changed
-                    });
-                }
-                if done {
-                    w.remove(id);
-                }
-            }
+            Ok(Some(s)) => self.tell(id, s.stage),
             // Expired: its watchers see the channel close (UNAVAILABLE).
             Ok(None) => {
                 self.watchers().remove(id);
@@ -106,6 +123,11 @@ async fn refresh(s: &RedisState) {
         w.retain(|_, tx| tx.receiver_count() > 0);
         w.keys().cloned().collect()
     };
+    read_and_tell(s, &names).await
+}
+
+/// Reads `names`, REFRESH_BATCH to a round trip, and tells their watchers.
+async fn read_and_tell(s: &RedisState, names: &[String]) {
     for chunk in names.chunks(REFRESH_BATCH) {
         let mut p = redis::pipe();
         for name in chunk {
@@ -126,6 +148,39 @@ async fn refresh(s: &RedisState) {
             s.events.apply(name, parse_snapshot(name, fields));
         }
     }
+}
+
+/// Reads the outcomes of watched operations that completed, as the listener names them:
+/// whatever gathered while the last batch was read goes in the next.
+pub async fn read_completed(s: Arc<RedisState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = s.events.read_more.notified() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let names: Vec<String> = s
+            .events
+            .to_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        read_and_tell(&s, &names).await;
+    }
+}
+
+/// What a "stage" message says: the operation, and its stage unless it must be read.
+fn parse_stage(msg: &[u8]) -> Option<(String, Option<Stage>)> {
+    let text = std::str::from_utf8(msg.strip_prefix(b"stage ")?).ok()?;
+    let mut words = text.split(' ');
+    let id = words.next()?.to_string();
+    let stage = match (words.next(), words.next()) {
+        (Some("queued"), None) => Some(Stage::Queued),
+        (Some("executing"), Some(n)) => n.parse().ok().map(|attempt| Stage::Executing { attempt }),
+        // Completed (its outcome is read), or a form this version does not know.
+        _ => None,
+    };
+    Some((id, stage))
 }
 
 /// Every POLL, re-reads the watched operations.
@@ -186,13 +241,21 @@ pub async fn listen(s: Arc<RedisState>, mut stop: watch::Receiver<bool>) {
             let payload = msg.get_payload_bytes();
             if payload == b"work" {
                 s.events.work.notify_one();
-            } else if let Some(id) = payload.strip_prefix(b"stage ") {
-                let id = String::from_utf8_lossy(id).into_owned();
-                if s.events.watchers().contains_key(&id) {
-                    let read = s.read_snapshot(&id).await.map_err(|e| e.to_string());
-                    s.events.apply(&id, read);
+            } else if let Some((id, stage)) = parse_stage(payload) {
+                match stage {
+                    Some(stage) => s.events.tell(&id, stage),
+                    None => {
+                        if s.events.watchers().contains_key(&id) {
+                            s.events
+                                .to_read
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(id.clone());
+                            s.events.read_more.notify_one();
+                        }
+                        let _ = s.events.ended.send(id);
+                    }
                 }
-                let _ = s.events.ended.send(id);
             }
         }
     }
@@ -201,4 +264,31 @@ pub async fn listen(s: Arc<RedisState>, mut stop: watch::Receiver<bool>) {
 /// Resolves once `stop` turns true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_messages_carry_what_needs_no_read() {
+        let id = "0b7c4c1e-0000-4000-8000-000000000000";
+        assert_eq!(
+            parse_stage(format!("stage {id} queued").as_bytes()),
+            Some((id.to_string(), Some(Stage::Queued)))
+        );
+        assert_eq!(
+            parse_stage(format!("stage {id} executing 2").as_bytes()),
+            Some((id.to_string(), Some(Stage::Executing { attempt: 2 })))
+        );
+        for unread in ["completed", "", "executing x", "something new"] {
+            let msg = format!("stage {id} {unread}");
+            assert_eq!(
+                parse_stage(msg.trim_end().as_bytes()),
+                Some((id.to_string(), None)),
+                "{msg}"
+            );
+        }
+        assert_eq!(parse_stage(b"work"), None);
+    }
 }

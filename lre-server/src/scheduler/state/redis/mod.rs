@@ -47,6 +47,13 @@ pub struct RedisState {
     events: events::Events,
 }
 
+/// A queue member's place, (priority, arrival), from its member (16 hex digits of arrival,
+/// then the id) and score.
+fn head_rank(member: &str, score: &str) -> Option<(i32, u64)> {
+    let seq = u64::from_str_radix(member.get(..16)?, 16).ok()?;
+    Some((score.parse::<f64>().ok()? as i32, seq))
+}
+
 /// Operation names are UUIDs; anything else is not one of ours (and never reaches a key).
 fn valid_name(name: &str) -> bool {
     name.len() == 36 && name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
@@ -142,7 +149,24 @@ impl OperationState for RedisState {
             .arg(MAX_QUEUES)
             .arg(self.key(&format!("inflight:{action}:{}", key.instance)))
             .arg(wall_ms(new.queued_at));
-        let (id, status): (String, i64) = self.redis.run_script("queueing an action", &inv).await?;
+        // Watched before it exists, so no message about it comes too early, and `watch`
+        // needs no read; dropped if it was not queued after all.
+        let _watching = self.events.watch(&new.id, Stage::Queued);
+        let submitted: Result<(String, i64)> = self
+            .redis
+            .run_script("queueing an action", &inv)
+            .await
+            .map_err(Error::from);
+        let (id, status) = match submitted {
+            Ok(r) => r,
+            Err(e) => {
+                self.events.unwatch(&new.id);
+                return Err(e);
+            }
+        };
+        if status != 1 {
+            self.events.unwatch(&new.id);
+        }
         match status {
             2 => Err(Error::ResourceExhausted(format!(
                 "the cluster's execution queue is full ({} actions, execution.max_queued_actions); retry later",
@@ -186,11 +210,12 @@ impl OperationState for RedisState {
             .arg(self.key(&format!("queue:{}", queue.id())))
             .arg(holder)
             .arg(self.lease.as_millis() as u64);
-        let got: Option<(String, Vec<u8>, u32, String)> =
+        let got: Option<(String, Vec<u8>, u32, String, String, String)> =
             self.redis.run_script("claiming an action", &inv).await?;
-        let Some((id, raw, attempt, queued_at)) = got else {
+        let Some((id, raw, attempt, queued_at, next_member, next_priority)) = got else {
             return Ok(None);
         };
+        let next = head_rank(&next_member, &next_priority);
         let lease = Lease {
             holder: holder.to_string(),
             attempt,
@@ -213,6 +238,7 @@ impl OperationState for RedisState {
             queue: queue.clone(),
             lease,
             queued_at: from_wall_ms(queued_at.parse().unwrap_or(0)),
+            next,
         }))
     }
 
@@ -311,12 +337,10 @@ impl OperationState for RedisState {
             .chunks(6)
             .filter_map(|c| {
                 let queue: Queue = serde_json::from_str(c.get(1)?).ok()?;
-                let member = c.get(4)?;
-                let seq = u64::from_str_radix(member.get(..16)?, 16).ok()?;
                 Some(QueueHead {
                     queue,
                     queued: c.get(2)?.parse().ok()?,
-                    head: (c.get(3)?.parse::<f64>().ok()? as i32, seq),
+                    head: head_rank(c.get(4)?, c.get(3)?)?,
                     oldest: Some(from_wall_ms(c.get(5)?.parse().ok()?)),
                 })
             })
@@ -396,6 +420,7 @@ impl OperationState for RedisState {
     fn start(self: Arc<Self>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
         vec![
             tokio::spawn(events::listen(self.clone(), stop.clone())),
+            tokio::spawn(events::read_completed(self.clone(), stop.clone())),
             tokio::spawn(events::poll(self, stop)),
         ]
     }

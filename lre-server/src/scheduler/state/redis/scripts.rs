@@ -17,7 +17,8 @@
 //! - `P finished`: completed operations, oldest first (`P fseq`), at most `max_operations`.
 //! - `P live`: unfinished operations (less `P leases`: those waiting, the `max_queued`
 //!   bound).
-//! - The channel `P events`: "work" when something was queued, "stage ID" on a change.
+//! - The channel `P events`: "work" when something was queued, "stage ID STAGE" on a
+//!   change (`queued`, `executing ATTEMPT`, or `completed`: its outcome is read).
 
 /// Helpers every script that changes an operation shares.
 const HELPERS: &str = r#"
@@ -34,7 +35,7 @@ local function finish(p, id, outcome, keep)
   redis.call('HSET', op, 'stage', 'completed', 'result', outcome)
   redis.call('HDEL', op, 'lease', 'job')
   redis.call('EXPIRE', op, keep)
-  redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
+  redis.call('PUBLISH', p .. 'events', 'stage ' .. id .. ' completed')
 end
 -- Completed operations are kept `keep` seconds, and at most `max` of them: past that the
 -- oldest go early, so a stream of cache hits cannot fill Redis within `keep`.
@@ -97,8 +98,9 @@ remember(ARGV[1], ARGV[2], ARGV[8])
 return 1
 "#;
 
-/// ARGV: prefix, queue key, holder, lease ms. Returns {id, job, attempt, queued_at} or nil.
-/// The lease names the holder and the attempt ("HOLDER/ATTEMPT").
+/// ARGV: prefix, queue key, holder, lease ms. Returns {id, job, attempt, queued_at, the
+/// queue's next member, its priority} (the last two '' when it is empty) or nil. The lease
+/// names the holder and the attempt ("HOLDER/ATTEMPT").
 pub const CLAIM: &str = r#"
 local p = ARGV[1]
 for _ = 1, 16 do
@@ -110,9 +112,10 @@ for _ = 1, 16 do
     local attempt = redis.call('HINCRBY', op, 'attempts', 1)
     redis.call('HSET', op, 'stage', 'executing', 'lease', ARGV[3] .. '/' .. attempt)
     redis.call('ZADD', p .. 'leases', now_ms() + tonumber(ARGV[4]), id)
-    redis.call('PUBLISH', p .. 'events', 'stage ' .. id)
+    redis.call('PUBLISH', p .. 'events', 'stage ' .. id .. ' executing ' .. attempt)
     local f = redis.call('HMGET', op, 'job', 'queued_at')
-    return {id, f[1], attempt, f[2] or '0'}
+    local nxt = redis.call('ZRANGE', ARGV[2], 0, 0, 'WITHSCORES')
+    return {id, f[1], attempt, f[2] or '0', nxt[1] or '', nxt[2] or ''}
   end
 end
 return false
@@ -160,7 +163,7 @@ redis.call('HDEL', op, 'lease')
 redis.call('ZADD', f[3], f[5], f[4])
 -- Housekeeping forgets queues that were empty meanwhile: name this one again.
 redis.call('HSET', p .. 'queues', f[6], f[7])
-redis.call('PUBLISH', p .. 'events', 'stage ' .. ARGV[2])
+redis.call('PUBLISH', p .. 'events', 'stage ' .. ARGV[2] .. ' queued')
 redis.call('PUBLISH', p .. 'events', 'work')
 return 1
 "#;
