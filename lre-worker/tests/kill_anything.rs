@@ -287,6 +287,7 @@ impl Worker {
 }
 
 /// How one Execute ended, as its client saw it.
+#[allow(clippy::large_enum_variant)] // 300 of them, once each
 #[derive(Debug)]
 enum End {
     Done(Result<re::ExecuteResponse, rpc::Status>),

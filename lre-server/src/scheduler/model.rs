@@ -31,6 +31,9 @@ pub fn failed(code: tonic::Code, message: impl Into<String>) -> Outcome {
     })
 }
 
+// Not boxed: most operations a state remembers are Completed, so a box would save nothing
+// and add an allocation to every answer.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stage {
     Queued,

@@ -179,6 +179,8 @@ impl WorkerPool {
     /// could not renew its lease, then claimed again here): it goes on under the new lease,
     /// taken back rather than run twice. The claim comes back when nobody here runs it, or
     /// its worker is stopping it (then it is dispatched once that is done).
+    // The Err is the claim handed back to its caller, not an error to propagate.
+    #[allow(clippy::result_large_err)]
     pub fn adopt(&self, c: Claimed) -> std::result::Result<(), Claimed> {
         let mut st = self.state();
         for w in st.workers.values_mut() {
@@ -205,6 +207,7 @@ impl WorkerPool {
     /// Hands a claimed operation to the worker that can run it with the most free slots
     /// (ties: the smallest id), so work spreads over the workers and a worker host lost
     /// takes fewer actions with it. The claim comes back when no worker can take it now.
+    #[allow(clippy::result_large_err)] // as in adopt: the claim comes back
     pub fn assign(&self, c: Claimed) -> std::result::Result<WorkerId, Claimed> {
         if self.has(&c.id) {
             // Still being stopped by its worker (a cancel, a lost lease): later.
