@@ -138,7 +138,12 @@ pub struct Claimed {
     pub queue: Queue,
     pub lease: Lease,
     pub queued_at: SystemTime,
-    /// Its queue's new head, (priority, arrival), if it holds more: so that dispatch can
+}
+
+/// What one claim took from a queue, in queue order, and the queue's head after it.
+pub struct Claims {
+    pub claimed: Vec<Claimed>,
+    /// The queue's new head, (priority, arrival), if it holds more: so that dispatch can
     /// go on without listing the queues again.
     pub next: Option<(i32, u64)>,
 }

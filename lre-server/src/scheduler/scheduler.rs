@@ -406,9 +406,10 @@ impl Scheduler {
 
     // ---------------------------------------------------------------- dispatch
 
-    /// While a worker here has a free slot, claims the head of the runnable queue that
-    /// comes first and hands it to a worker. The queues are listed once per pass: each
-    /// claim says its queue's new head, so the pass goes on without listing them again.
+    /// While a worker here has a free slot, claims from the runnable queue whose head comes
+    /// first, as many as the free slots that can run it (up to the next queue's head), and
+    /// hands them to workers. The queues are listed once per pass: each claim says its
+    /// queue's new head, so the pass goes on without listing them again.
     pub async fn dispatch(&self) -> Result<()> {
         loop {
             let mut idle = self.pool.idle();
@@ -418,7 +419,8 @@ impl Scheduler {
             let mut heads = self.state.queues().await?;
             let mut emptied = false;
             loop {
-                // The head that comes first among the queues an idle worker can run.
+                // The queues an idle worker can run, the one whose head comes first, and
+                // the free slots that can take from it.
                 heads.retain(|h| {
                     idle.iter()
                         .any(|(s, _)| s.can_run(&h.queue.instance, &h.queue.platform))
@@ -426,24 +428,40 @@ impl Scheduler {
                 let Some(best) = (0..heads.len()).min_by_key(|&i| heads[i].head) else {
                     break;
                 };
-                let Some(c) = self.state.claim(&heads[best].queue, &self.holder).await? else {
-                    // Taken meanwhile (another replica): this queue is done for the pass.
-                    heads.swap_remove(best);
-                    continue;
-                };
-                match c.next {
+                let queue = heads[best].queue.clone();
+                let slots: usize = idle
+                    .iter()
+                    .filter(|(s, _)| s.can_run(&queue.instance, &queue.platform))
+                    .map(|(_, free)| free)
+                    .sum();
+                let runner_up = heads
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| i != best)
+                    .map(|(_, h)| h.head)
+                    .min();
+                let claims = self
+                    .state
+                    .claim(&queue, &self.holder, slots, runner_up)
+                    .await?;
+                match claims.next {
                     Some(next) => heads[best].head = next,
                     None => {
                         heads.swap_remove(best);
                         emptied = true;
                     }
                 }
-                // Requeued while it still ran here: taken back, not run twice.
-                if let Err(c) = self.pool.adopt(c) {
+                let mut claimed = claims.claimed.into_iter();
+                for c in claimed.by_ref() {
+                    // Requeued while it still ran here: taken back, not run twice.
+                    let Err(c) = self.pool.adopt(c) else { continue };
                     if let Err(c) = self.pool.assign(c) {
-                        // The worker went between looking and claiming: back to the
-                        // queue, not counted as an attempt (it never ran).
+                        // A worker went between looking and claiming: this and the rest go
+                        // back to the queue, not counted as attempts (they never ran).
                         self.state.requeue(&c.id, &c.lease, false).await?;
+                        for c in claimed {
+                            self.state.requeue(&c.id, &c.lease, false).await?;
+                        }
                         return Ok(());
                     }
                 }

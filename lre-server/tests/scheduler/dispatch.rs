@@ -12,6 +12,7 @@ on_both_backends!(
     a_worker_limited_to_instances_runs_only_theirs,
     identical_actions_run_once_and_every_waiter_gets_the_result,
     the_queue_runs_by_priority_then_arrival,
+    one_pass_fills_every_slot_in_the_order_across_queues,
     work_spreads_to_the_least_busy_worker,
     a_worker_never_runs_more_than_its_capacity,
 );
@@ -132,6 +133,26 @@ async fn the_queue_runs_by_priority_then_arrival(b: Backend) {
         order.push(current.clone());
     }
     assert_eq!(order, vec![urgent, first_zero, second_zero, late]);
+}
+
+/// A pass claims several actions from a queue at once (one round trip for a replica with
+/// many free slots), but never past another queue's head that comes first.
+async fn one_pass_fills_every_slot_in_the_order_across_queues(b: Backend) {
+    let h = Harness::new(b).await;
+    let x = props(&[("pool", "x")]);
+    let a1 = h.submit(job("", 1), props(&[]), 0).await;
+    let a2 = h.submit(job("", 2), props(&[]), 0).await;
+    let b1 = h.submit(job("", 3), x.clone(), 0).await;
+    let a3 = h.submit(job("", 4), props(&[]), 0).await;
+    let b2 = h.submit(job("", 5), x, 0).await;
+    let a4 = h.submit(job("", 6), props(&[]), 0).await;
+    // It comes after them all, so one pass hands out every slot.
+    let mut w = h.worker("w", spec(&[("pool", "x")], 4));
+    h.dispatch().await;
+    assert_eq!(w.runs(), vec![a1, a2, b1, a3]);
+    for left in [b2, a4] {
+        assert_eq!(h.stage(&left).await, Some(Stage::Queued));
+    }
 }
 
 async fn work_spreads_to_the_least_busy_worker(b: Backend) {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use lre_server::scheduler::model::NewOperation;
+use lre_server::scheduler::model::{Claimed, NewOperation};
 use lre_server::scheduler::{failed, Job, Lease, OperationState, Queue, Stage};
 use tonic::Code;
 
@@ -14,6 +14,7 @@ use crate::harness::*;
 
 on_both_backends!(
     a_claim_takes_the_head_once,
+    a_claim_takes_a_batch_in_order_and_stops_at_its_bound,
     a_stale_lease_changes_nothing,
     an_uncounted_requeue_gives_the_attempt_back,
     failing_a_queue_completes_only_what_is_queued,
@@ -38,37 +39,89 @@ fn queue() -> Queue {
     Queue::new("", props(&[]))
 }
 
+async fn claim_one(state: &Arc<dyn OperationState>, queue: &Queue) -> Option<Claimed> {
+    let mut c = state.claim(queue, "me", 1, None).await.unwrap();
+    assert!(c.claimed.len() <= 1);
+    c.claimed.pop()
+}
+
 async fn a_claim_takes_the_head_once(b: Backend) {
     let h = Harness::new(b).await;
     let later = submit(&h.state, job("", 1), 1).await;
     let first = submit(&h.state, job("", 2), 0).await;
-    let c1 = h.state.claim(&queue(), "me").await.unwrap().unwrap();
+    let c1 = claim_one(&h.state, &queue()).await.unwrap();
     assert_eq!((c1.id.as_str(), c1.lease.attempt), (first.as_str(), 1));
     assert_eq!(c1.lease.holder, "me");
     assert_eq!(c1.job.key, job("", 2).key);
-    let c2 = h.state.claim(&queue(), "me").await.unwrap().unwrap();
+    let c2 = claim_one(&h.state, &queue()).await.unwrap();
     assert_eq!(c2.id, later);
-    assert!(h.state.claim(&queue(), "me").await.unwrap().is_none());
-    assert!(h
-        .state
-        .claim(&Queue::new("other", props(&[])), "me")
+    assert!(claim_one(&h.state, &queue()).await.is_none());
+    assert!(claim_one(&h.state, &Queue::new("other", props(&[])))
         .await
-        .unwrap()
         .is_none());
     assert_eq!(h.state.executing().await.unwrap(), 2);
+    assert!(h.state.queues().await.unwrap().is_empty());
+}
+
+async fn a_claim_takes_a_batch_in_order_and_stops_at_its_bound(b: Backend) {
+    let h = Harness::new(b).await;
+    let mut urgent = Vec::new();
+    for i in 0..5 {
+        urgent.push(submit(&h.state, job("", i), 0).await);
+    }
+    let later = submit(&h.state, job("", 9), 5).await;
+    // Cancelled while queued: a claim passes over it.
+    let why = failed(Code::Cancelled, "cancelled");
+    assert!(h.state.finish(&urgent[1], None, why).await.unwrap());
+
+    let none = h.state.claim(&queue(), "me", 0, None).await.unwrap();
+    assert!(none.claimed.is_empty());
+    let c = h.state.claim(&queue(), "me", 3, None).await.unwrap();
+    let ids: Vec<&str> = c.claimed.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, [&urgent[0], &urgent[2], &urgent[3]]);
+    assert!(c
+        .claimed
+        .iter()
+        .all(|c| c.lease.attempt == 1 && c.lease.holder == "me"));
+    for c in &c.claimed {
+        assert_eq!(h.stage(&c.id).await, Some(Stage::Executing { attempt: 1 }));
+    }
+    let head = h.state.queues().await.unwrap()[0].head;
+    assert_eq!(c.next, Some(head), "the next head is the queue's");
+    assert_eq!(head.0, 0, "the next head is the last urgent one");
+
+    // Another queue's head ranks between the urgent one left and the later one: the
+    // claim takes the urgent one only, however many slots it has.
+    let c = h
+        .state
+        .claim(&queue(), "me", 10, Some((1, 0)))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = c.claimed.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, [&urgent[4]]);
+    assert_eq!(c.next.map(|n| n.0), Some(5));
+    // Ranked at the bound itself: not taken either.
+    let c = h.state.claim(&queue(), "me", 10, c.next).await.unwrap();
+    assert!(c.claimed.is_empty());
+
+    let c = h.state.claim(&queue(), "me", 10, None).await.unwrap();
+    let ids: Vec<&str> = c.claimed.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, [&later]);
+    assert_eq!(c.next, None);
+    assert_eq!(h.state.executing().await.unwrap(), 5);
     assert!(h.state.queues().await.unwrap().is_empty());
 }
 
 async fn a_stale_lease_changes_nothing(b: Backend) {
     let h = Harness::new(b).await;
     let id = submit(&h.state, job("", 1), 0).await;
-    let l1 = h.state.claim(&queue(), "me").await.unwrap().unwrap().lease;
+    let l1 = claim_one(&h.state, &queue()).await.unwrap().lease;
     assert!(h.state.requeue(&id, &l1, true).await.unwrap());
     assert!(
         !h.state.requeue(&id, &l1, true).await.unwrap(),
         "requeued twice"
     );
-    let l2 = h.state.claim(&queue(), "me").await.unwrap().unwrap().lease;
+    let l2 = claim_one(&h.state, &queue()).await.unwrap().lease;
     assert_eq!(l2.attempt, 2);
 
     assert!(!h.state.finish(&id, Some(&l1), ran_by("old")).await.unwrap());
@@ -105,9 +158,9 @@ async fn a_stale_lease_changes_nothing(b: Backend) {
 async fn an_uncounted_requeue_gives_the_attempt_back(b: Backend) {
     let h = Harness::new(b).await;
     let id = submit(&h.state, job("", 1), 0).await;
-    let l1 = h.state.claim(&queue(), "me").await.unwrap().unwrap().lease;
+    let l1 = claim_one(&h.state, &queue()).await.unwrap().lease;
     assert!(h.state.requeue(&id, &l1, false).await.unwrap());
-    let again = h.state.claim(&queue(), "me").await.unwrap().unwrap();
+    let again = claim_one(&h.state, &queue()).await.unwrap();
     assert_eq!(
         again.lease.attempt, 1,
         "a claim that never ran used up an attempt"
@@ -122,10 +175,7 @@ async fn failing_a_queue_completes_only_what_is_queued(b: Backend) {
         submit(&h.state, job("", 3), 0).await,
         submit(&h.state, job("", 4), 0).await,
     ];
-    assert_eq!(
-        h.state.claim(&queue(), "me").await.unwrap().unwrap().id,
-        running
-    );
+    assert_eq!(claim_one(&h.state, &queue()).await.unwrap().id, running);
     let why = failed(Code::FailedPrecondition, "nothing can run it");
     assert_eq!(
         h.state.fail_queued(&queue(), why.clone(), 2).await.unwrap(),

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::scheduler::clock::Clock;
 use crate::scheduler::job::Job;
 use crate::scheduler::model::{
-    ActionKey, Claimed, Lease, NewOperation, OperationId, Outcome, Queue, QueueHead,
+    ActionKey, Claimed, Claims, Lease, NewOperation, OperationId, Outcome, Queue, QueueHead,
     RegisteredWorker, Snapshot, Stage, Submission,
 };
 
@@ -212,45 +212,62 @@ impl OperationState for MemoryState {
         Ok(())
     }
 
-    async fn claim(&self, queue: &Queue, holder: &str) -> Result<Option<Claimed>> {
+    async fn claim(
+        &self,
+        queue: &Queue,
+        holder: &str,
+        max: usize,
+        before: Option<(i32, u64)>,
+    ) -> Result<Claims> {
         let mut st = self.inner();
+        let st = &mut *st;
+        let mut claimed = Vec::new();
         let Some(list) = st.queues.get_mut(queue) else {
-            return Ok(None);
+            return Ok(Claims {
+                claimed,
+                next: None,
+            });
         };
-        let Some((_, id)) = list.pop_first() else {
-            return Ok(None);
-        };
+        while claimed.len() < max {
+            let Some(entry) = list.first_entry() else {
+                break;
+            };
+            if before.is_some_and(|b| *entry.key() >= b) {
+                break;
+            }
+            let id = entry.remove();
+            st.queued -= 1;
+            st.executing += 1;
+            let Some(op) = st.ops.get_mut(&id) else {
+                return Err(Error::Internal(format!(
+                    "queued operation {id} has no record"
+                )));
+            };
+            op.attempts += 1;
+            let lease = Lease {
+                holder: holder.to_string(),
+                attempt: op.attempts,
+            };
+            op.lease = Some(lease.clone());
+            let _ = op.stage.send_replace(Stage::Executing {
+                attempt: op.attempts,
+            });
+            let Some(job) = op.job.clone() else {
+                return Err(Error::Internal(format!("queued operation {id} has no job")));
+            };
+            claimed.push(Claimed {
+                id,
+                job,
+                queue: queue.clone(),
+                lease,
+                queued_at: op.queued_at,
+            });
+        }
         let next = list.first_key_value().map(|(rank, _)| *rank);
         if list.is_empty() {
             st.queues.remove(queue);
         }
-        st.queued -= 1;
-        st.executing += 1;
-        let Some(op) = st.ops.get_mut(&id) else {
-            return Err(Error::Internal(format!(
-                "queued operation {id} has no record"
-            )));
-        };
-        op.attempts += 1;
-        let lease = Lease {
-            holder: holder.to_string(),
-            attempt: op.attempts,
-        };
-        op.lease = Some(lease.clone());
-        let _ = op.stage.send_replace(Stage::Executing {
-            attempt: op.attempts,
-        });
-        let Some(job) = op.job.clone() else {
-            return Err(Error::Internal(format!("queued operation {id} has no job")));
-        };
-        Ok(Some(Claimed {
-            id,
-            job,
-            queue: queue.clone(),
-            lease,
-            queued_at: op.queued_at,
-            next,
-        }))
+        Ok(Claims { claimed, next })
     }
 
     async fn finish(

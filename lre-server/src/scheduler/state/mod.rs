@@ -20,7 +20,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::model::{
-    ActionKey, Claimed, Lease, NewOperation, OperationId, Outcome, Queue, QueueHead,
+    ActionKey, Claims, Lease, NewOperation, OperationId, Outcome, Queue, QueueHead,
     RegisteredWorker, Snapshot, Stage, Submission,
 };
 use crate::error::Result;
@@ -66,9 +66,18 @@ pub trait OperationState: Send + Sync + 'static {
         response: ExecuteResponse,
     ) -> Result<()>;
 
-    /// Takes the head of `queue` (if it still holds one) into executing, under a new lease
-    /// of `holder` for the next attempt.
-    async fn claim(&self, queue: &Queue, holder: &str) -> Result<Option<Claimed>>;
+    /// Takes up to `max` operations from the head of `queue`, in order, into executing,
+    /// each under a new lease of `holder` for its next attempt: one change for a batch, so
+    /// a replica with many free slots fills them in one round trip. Only operations ranked
+    /// before `before` (another queue's head, which comes next) are taken, so batching keeps
+    /// the order across queues.
+    async fn claim(
+        &self,
+        queue: &Queue,
+        holder: &str,
+        max: usize,
+        before: Option<(i32, u64)>,
+    ) -> Result<Claims>;
 
     /// Completes an operation that is not completed yet, if `lease` still holds it (`None`:
     /// whoever holds it, as CancelOperation). True if this call completed it.

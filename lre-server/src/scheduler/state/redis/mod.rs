@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use super::{Bounds, OperationState, MAX_QUEUES};
 use crate::error::{Error, Result};
 use crate::scheduler::model::{
-    ActionKey, Claimed, Lease, NewOperation, OperationId, Outcome, Queue, QueueHead,
+    ActionKey, Claimed, Claims, Lease, NewOperation, OperationId, Outcome, Queue, QueueHead,
     RegisteredWorker, Snapshot, Stage, Submission,
 };
 use records::{action_name, decode_job, encode_outcome, from_wall_ms, wall_ms};
@@ -204,42 +204,58 @@ impl OperationState for RedisState {
         Ok(())
     }
 
-    async fn claim(&self, queue: &Queue, holder: &str) -> Result<Option<Claimed>> {
+    async fn claim(
+        &self,
+        queue: &Queue,
+        holder: &str,
+        max: usize,
+        before: Option<(i32, u64)>,
+    ) -> Result<Claims> {
         let mut inv = self.scripts.claim.prepare_invoke();
         inv.arg(&self.prefix)
             .arg(self.key(&format!("queue:{}", queue.id())))
             .arg(holder)
-            .arg(self.lease.as_millis() as u64);
-        let got: Option<(String, Vec<u8>, u32, String, String, String)> =
-            self.redis.run_script("claiming an action", &inv).await?;
-        let Some((id, raw, attempt, queued_at, next_member, next_priority)) = got else {
-            return Ok(None);
+            .arg(self.lease.as_millis() as u64)
+            .arg(max);
+        match before {
+            Some((priority, seq)) => inv.arg(priority).arg(format!("{seq:016x}")),
+            None => inv.arg("").arg(""),
         };
-        let next = head_rank(&next_member, &next_priority);
-        let lease = Lease {
-            holder: holder.to_string(),
-            attempt,
-        };
-        let job = match decode_job(&raw) {
-            Ok(j) => j,
-            Err(why) => {
-                tracing::error!(operation = %id, %why, "undecodable job in the cluster's queue");
-                let outcome = crate::scheduler::model::failed(
-                    tonic::Code::Internal,
-                    format!("the cluster's record of the job is undecodable: {why}"),
-                );
-                self.finish(&id, Some(&lease), outcome).await?;
-                return Ok(None);
+        type Got = (Vec<(String, Vec<u8>, u32, String)>, String, String);
+        let (got, next_member, next_priority): Got =
+            self.redis.run_script("claiming actions", &inv).await?;
+        let mut claimed = Vec::with_capacity(got.len());
+        for (id, raw, attempt, queued_at) in got {
+            let lease = Lease {
+                holder: holder.to_string(),
+                attempt,
+            };
+            match decode_job(&raw) {
+                Ok(job) => claimed.push(Claimed {
+                    id,
+                    job: Arc::new(job),
+                    queue: queue.clone(),
+                    lease,
+                    queued_at: from_wall_ms(queued_at.parse().unwrap_or(0)),
+                }),
+                Err(why) => {
+                    tracing::error!(operation = %id, %why, "undecodable job in the cluster's queue");
+                    let outcome = crate::scheduler::model::failed(
+                        tonic::Code::Internal,
+                        format!("the cluster's record of the job is undecodable: {why}"),
+                    );
+                    // The rest of the batch is claimed already: it goes on. Failing to
+                    // record this one leaves its lease to run out, and a reap retries it.
+                    if let Err(e) = self.finish(&id, Some(&lease), outcome).await {
+                        tracing::warn!(operation = %id, error = %e, "failing an undecodable job");
+                    }
+                }
             }
-        };
-        Ok(Some(Claimed {
-            id,
-            job: Arc::new(job),
-            queue: queue.clone(),
-            lease,
-            queued_at: from_wall_ms(queued_at.parse().unwrap_or(0)),
-            next,
-        }))
+        }
+        Ok(Claims {
+            claimed,
+            next: head_rank(&next_member, &next_priority),
+        })
     }
 
     async fn finish(

@@ -98,27 +98,41 @@ remember(ARGV[1], ARGV[2], ARGV[8])
 return 1
 "#;
 
-/// ARGV: prefix, queue key, holder, lease ms. Returns {id, job, attempt, queued_at, the
-/// queue's next member, its priority} (the last two '' when it is empty) or nil. The lease
-/// names the holder and the attempt ("HOLDER/ATTEMPT").
+/// ARGV: prefix, queue key, holder, lease ms, max, and the bound (priority, member's first
+/// 16 characters; both '' for none). Takes up to max queued operations from the queue's
+/// head, stopping at the first ranked at or after the bound. Returns {{id, job, attempt,
+/// queued_at}..., the queue's next member, its priority} (the last two '' when it is
+/// empty). Members whose operation is no longer queued (cancelled meanwhile) are dropped
+/// on the way, at most 16 more than max. A lease names the holder and the attempt
+/// ("HOLDER/ATTEMPT").
 pub const CLAIM: &str = r#"
 local p = ARGV[1]
-for _ = 1, 16 do
-  local m = redis.call('ZPOPMIN', ARGV[2])
-  if #m == 0 then return false end
-  local id = string.sub(m[1], 17)
+local max = tonumber(ARGV[5])
+local bp = tonumber(ARGV[6])
+local bm = ARGV[7]
+local until_ms = now_ms() + tonumber(ARGV[4])
+local got = {}
+local budget = max + 16
+while #got < max and budget > 0 do
+  budget = budget - 1
+  local h = redis.call('ZRANGE', ARGV[2], 0, 0, 'WITHSCORES')
+  if #h == 0 then break end
+  local score = tonumber(h[2])
+  if bp and (score > bp or (score == bp and string.sub(h[1], 1, 16) >= bm)) then break end
+  redis.call('ZREM', ARGV[2], h[1])
+  local id = string.sub(h[1], 17)
   local op = p .. 'op:' .. id
   if redis.call('HGET', op, 'stage') == 'queued' then
     local attempt = redis.call('HINCRBY', op, 'attempts', 1)
     redis.call('HSET', op, 'stage', 'executing', 'lease', ARGV[3] .. '/' .. attempt)
-    redis.call('ZADD', p .. 'leases', now_ms() + tonumber(ARGV[4]), id)
+    redis.call('ZADD', p .. 'leases', until_ms, id)
     redis.call('PUBLISH', p .. 'events', 'stage ' .. id .. ' executing ' .. attempt)
     local f = redis.call('HMGET', op, 'job', 'queued_at')
-    local nxt = redis.call('ZRANGE', ARGV[2], 0, 0, 'WITHSCORES')
-    return {id, f[1], attempt, f[2] or '0', nxt[1] or '', nxt[2] or ''}
+    table.insert(got, {id, f[1], attempt, f[2] or '0'})
   end
 end
-return false
+local nxt = redis.call('ZRANGE', ARGV[2], 0, 0, 'WITHSCORES')
+return {got, nxt[1] or '', nxt[2] or ''}
 "#;
 
 /// ARGV: prefix, lease ms, then pairs of id and lease. Returns the ids whose lease is no
