@@ -130,7 +130,7 @@ scenario_kill() {
   BAZEL_VERB=test
   check "$n: worker wa was SIGKILLed mid-action" "$(cat "$SCEN/kill.log" 2>/dev/null)" [ -s "$SCEN/kill.log" ]
   check "$n: the build still succeeds, all remotely" "exit $BZ_RC; '$SUM_LINE'" all_remote "$(remote_count)"
-  check "$n: the server requeued the lost worker's action" "" grep -q "worker lost; requeueing" "$SCEN/server.log"
+  check "$n: the server requeued the lost worker's action" "" grep -qE "requeued a lost action.*why=Worker" "$SCEN/server.log"
   forget_pid "$wa"
 }
 

@@ -499,7 +499,7 @@ scenario_open() {
   BAZEL_TARGETS=("${saved[@]}")
   check "$n: worker host 1 was killed mid-action" "$(cat "$SCEN/kill.log" 2>/dev/null)" [ -s "$SCEN/kill.log" ]
   check "$n: the build still succeeds, on worker host 2" "exit $BZ_RC; '$SUM_LINE'" all_remote "$(remote_count)"
-  check "$n: the server requeued the lost worker's actions" "" grep -q "worker lost; requeueing" "$SCEN/server.log"
+  check "$n: the server requeued the lost worker's actions" "" grep -qE "requeued a lost action.*why=Worker" "$SCEN/server.log"
   forget_pid "$w1pid"
   check "$n: no panic in the server log" "" server_log_clean "$SCEN/server.log"
   stop_server "$SERVER_PID" >/dev/null
