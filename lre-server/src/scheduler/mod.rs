@@ -34,7 +34,7 @@ pub use model::{
 };
 pub use platform::Properties;
 pub use pool::{Running, WorkerView, MAX_CAPACITY};
-pub use scheduler::{Overview, Scheduler, SchedulerConfig, Submitted};
+pub use scheduler::{Overview, Scheduler, SchedulerConfig, Submitted, MAX_CLAIM};
 pub use state::{Bounds, OperationState};
 
 use crate::config::ExecutionConfig;

@@ -50,6 +50,9 @@ const STRANDED_AT_LEAST: Duration = Duration::from_secs(2 * TICK.as_secs());
 const REAP_BATCH: usize = 64;
 /// Stranded operations failed per queue and tick.
 const STRAND_BATCH: usize = 256;
+/// Operations one claim takes at most, however many slots are free: one script holds
+/// Redis for the whole batch, so a batch is bounded; dispatch claims again for the rest.
+pub const MAX_CLAIM: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -433,7 +436,8 @@ impl Scheduler {
                     .iter()
                     .filter(|(s, _)| s.can_run(&queue.instance, &queue.platform))
                     .map(|(_, free)| free)
-                    .sum();
+                    .sum::<usize>()
+                    .min(MAX_CLAIM);
                 let runner_up = heads
                     .iter()
                     .enumerate()

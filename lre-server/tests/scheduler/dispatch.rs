@@ -3,7 +3,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use lre_server::scheduler::{Stage, WorkerSpec};
+use lre_server::scheduler::{Stage, WorkerSpec, MAX_CLAIM};
 
 use crate::harness::*;
 
@@ -13,6 +13,7 @@ on_both_backends!(
     identical_actions_run_once_and_every_waiter_gets_the_result,
     the_queue_runs_by_priority_then_arrival,
     one_pass_fills_every_slot_in_the_order_across_queues,
+    more_free_slots_than_one_claim_takes_are_all_filled_in_one_pass,
     work_spreads_to_the_least_busy_worker,
     a_worker_never_runs_more_than_its_capacity,
 );
@@ -152,6 +153,20 @@ async fn one_pass_fills_every_slot_in_the_order_across_queues(b: Backend) {
     assert_eq!(w.runs(), vec![a1, a2, b1, a3]);
     for left in [b2, a4] {
         assert_eq!(h.stage(&left).await, Some(Stage::Queued));
+    }
+}
+
+/// A claim is bounded (one script holds Redis for its whole batch); the pass claims again
+/// until the slots are full, still in queue order.
+async fn more_free_slots_than_one_claim_takes_are_all_filled_in_one_pass(b: Backend) {
+    let h = Harness::new(b).await;
+    let n = 2 * MAX_CLAIM + 5;
+    let ops = submit_jobs(&h, n as u64 + 3).await;
+    let mut w = h.worker("w", spec(&[], n));
+    h.dispatch().await;
+    assert_eq!(w.runs(), ops[..n].to_vec());
+    for left in &ops[n..] {
+        assert_eq!(h.stage(left).await, Some(Stage::Queued));
     }
 }
 
