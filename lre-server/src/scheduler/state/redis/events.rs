@@ -71,6 +71,28 @@ impl Events {
             .subscribe()
     }
 
+    /// Has `read_completed` read a watched operation that completed (its outcome is not in
+    /// the message); nobody here watching it, nothing to read.
+    fn read_later(&self, id: &str) {
+        if !self.watchers().contains_key(id) {
+            return;
+        }
+        self.to_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        self.read_more.notify_one();
+    }
+
+    /// The completed operations gathered since the last call.
+    fn take_to_read(&self) -> Vec<OperationId> {
+        self.to_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
+    }
+
     /// Forgets a watcher registered for an operation that was not queued after all.
     pub fn unwatch(&self, id: &str) {
         self.watchers().remove(id);
@@ -158,13 +180,7 @@ pub async fn read_completed(s: Arc<RedisState>, mut stop: watch::Receiver<bool>)
             _ = s.events.read_more.notified() => {}
             _ = stopped(&mut stop) => return,
         }
-        let names: Vec<String> = s
-            .events
-            .to_read
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let names = s.events.take_to_read();
         read_and_tell(&s, &names).await;
     }
 }
@@ -245,14 +261,7 @@ pub async fn listen(s: Arc<RedisState>, mut stop: watch::Receiver<bool>) {
                 match stage {
                     Some(stage) => s.events.tell(&id, stage),
                     None => {
-                        if s.events.watchers().contains_key(&id) {
-                            s.events
-                                .to_read
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(id.clone());
-                            s.events.read_more.notify_one();
-                        }
+                        s.events.read_later(&id);
                         let _ = s.events.ended.send(id);
                     }
                 }

@@ -157,16 +157,10 @@ impl OperationState for RedisState {
             .run_script("queueing an action", &inv)
             .await
             .map_err(Error::from);
-        let (id, status) = match submitted {
-            Ok(r) => r,
-            Err(e) => {
-                self.events.unwatch(&new.id);
-                return Err(e);
-            }
-        };
-        if status != 1 {
+        if !matches!(submitted, Ok((_, 1))) {
             self.events.unwatch(&new.id);
         }
+        let (id, status) = submitted?;
         match status {
             2 => Err(Error::ResourceExhausted(format!(
                 "the cluster's execution queue is full ({} actions, execution.max_queued_actions); retry later",
