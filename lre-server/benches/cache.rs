@@ -2,7 +2,8 @@
 //! lre-server process on a filesystem store, against this machine's raw SHA-256 speed
 //! (the ceiling: every byte written is hashed once, every byte read crosses gRPC once).
 //!
-//! Prints numbers; asserts nothing. LRE_BENCH_QUICK=1 shrinks the sizes for a smoke run.
+//! Prints numbers; asserts nothing. LRE_BENCH_QUICK=1 shrinks the sizes for a smoke run;
+//! LRE_BENCH_SERVER=path runs another lre-server build under the same client.
 
 use lre_test_support::noise;
 
@@ -29,7 +30,11 @@ struct Server {
 
 impl Server {
     fn spawn(store: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lre-server"))
+        // LRE_BENCH_SERVER: another build (say, the previous commit's) measured by the same
+        // client, for a before/after in one sitting.
+        let bin = std::env::var_os("LRE_BENCH_SERVER")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_lre-server").into());
+        let mut child = Command::new(bin)
             .args([
                 "--grpc-listen",
                 "127.0.0.1:0",

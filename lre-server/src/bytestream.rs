@@ -8,6 +8,7 @@
 //! (its client restarts it from zero); only when none is left does a write get
 //! RESOURCE_EXHAUSTED.
 
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -368,11 +369,10 @@ impl ByteStreamService {
                     msg.write_offset, up.received
                 )));
             }
-            self.feed(up, &msg.data).await?;
-            self.cache
-                .metrics
-                .bytes_received
-                .inc_by(msg.data.len() as u64);
+            let len = msg.data.len() as u64;
+            self.feed(up, Bytes::from(std::mem::take(&mut msg.data)))
+                .await?;
+            self.cache.metrics.bytes_received.inc_by(len);
             if msg.finish_write {
                 self.finish_decoder(up).await?;
                 let cas = up
@@ -406,30 +406,34 @@ impl ByteStreamService {
         }
     }
 
-    async fn feed(&self, up: &mut Upload, data: &[u8]) -> Result<()> {
+    /// Takes the message's bytes as they are: the store queues them for the disk and the
+    /// hash reads them, with no copy in between.
+    async fn feed(&self, up: &mut Upload, data: Bytes) -> Result<()> {
+        let len = data.len() as i64;
         if up.decoder.is_none() {
             self.store_write(up.cas()?, data).await?;
         } else {
             let mut out = vec![0u8; READ_CHUNK];
-            let mut input = InBuffer::around(data);
+            let mut input = InBuffer::around(&data);
             loop {
                 let n = up.decode_step(&mut input, &mut out)?;
                 self.check_decoder_memory().await?;
-                self.store_write(up.cas()?, &out[..n]).await?;
+                self.store_write(up.cas()?, Bytes::copy_from_slice(&out[..n]))
+                    .await?;
                 if input.pos() == data.len() && n < out.len() {
                     break;
                 }
             }
         }
-        up.received += data.len() as i64;
+        up.received += len;
         up.last_active = Instant::now();
         Ok(())
     }
 
     /// Writes to the store; when unfinished uploads fill it, interrupted ones make room.
-    async fn store_write(&self, cas: &mut CasUpload, data: &[u8]) -> Result<()> {
+    async fn store_write(&self, cas: &mut CasUpload, data: Bytes) -> Result<()> {
         loop {
-            match cas.write(data).await {
+            match cas.write_bytes(data.clone()).await {
                 Err(lre_store::StoreError::UploadSpaceExhausted { .. })
                     if self
                         .evict_idle("store full of unfinished uploads", |u| u.cas.is_some())
@@ -469,7 +473,8 @@ impl ByteStreamService {
             if n == 0 {
                 return Ok(());
             }
-            self.store_write(up.cas()?, &out[..n]).await?;
+            self.store_write(up.cas()?, Bytes::copy_from_slice(&out[..n]))
+                .await?;
         }
     }
 }

@@ -130,7 +130,7 @@ impl ContentAddressableStorage for CasService {
         let mut responses = Vec::with_capacity(parsed.len());
         for (r, d) in req.requests.into_iter().zip(parsed) {
             let outcome = match decompress(r.compressor, r.data, d.size) {
-                Ok(data) => self.cache.put_blob(&d, &data).await,
+                Ok(data) => self.cache.put_blob(&d, data.into()).await,
                 Err(e) => Err(e),
             };
             responses.push(batch_update_blobs_response::Response {

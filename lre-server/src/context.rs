@@ -208,17 +208,18 @@ impl ServerContext {
         Ok(CasUpload::new(self.store.as_ref(), hash, size).await?)
     }
 
-    pub async fn put_blob(&self, d: &Digest, data: &[u8]) -> Result<()> {
+    pub async fn put_blob(&self, d: &Digest, data: Bytes) -> Result<()> {
         if d.is_empty_blob() && data.is_empty() {
             return Ok(());
         }
+        let len = data.len() as u64;
         let mut up = self.upload(d.hash, Some(d.size)).await?;
-        if let Err(e) = up.write(data).await {
+        if let Err(e) = up.write_bytes(data).await {
             up.discard().await;
             return Err(e.into());
         }
         up.finish().await?;
-        self.metrics.bytes_received.inc_by(data.len() as u64);
+        self.metrics.bytes_received.inc_by(len);
         Ok(())
     }
 
@@ -344,7 +345,7 @@ mod tests {
         };
         let big = vec![7u8; 8 << 20];
         let real = Digest::of(&big);
-        cache.put_blob(&real, &big).await.unwrap();
+        cache.put_blob(&real, big.clone().into()).await.unwrap();
         for size in [0, 1, real.size - 1, real.size + 1] {
             let lie = Digest {
                 hash: real.hash,

@@ -349,8 +349,9 @@ async fn put_cas(
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| Error::InvalidArgument(format!("upload body broke off: {e}")))?;
-        upload.write(&chunk).await?;
-        cache.metrics.bytes_received.inc_by(chunk.len() as u64);
+        let len = chunk.len() as u64;
+        upload.write_bytes(chunk).await?;
+        cache.metrics.bytes_received.inc_by(len);
     }
     upload.finish().await?;
     Ok(StatusCode::OK.into_response())

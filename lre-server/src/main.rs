@@ -97,6 +97,13 @@ async fn terminate() {
     }
 }
 
+/// mimalloc rather than glibc's malloc: every ByteStream message is a fresh buffer of up to
+/// a few MiB, which glibc serves from a new mmap and returns with munmap, so each one was
+/// page-faulted and zeroed again (a quarter of the server's CPU in a 1 MiB write profile).
+/// mimalloc keeps freed segments for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -33,7 +33,10 @@ async fn serve_with(dir: &Path, verify_on_read: bool, layer: bool) -> Channel {
         dir.to_path_buf(),
         1 << 30,
         metrics.store.clone(),
-        FsOptions { verify_on_read },
+        FsOptions {
+            verify_on_read,
+            ..FsOptions::default()
+        },
     )
     .await
     .unwrap();

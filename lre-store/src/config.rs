@@ -118,6 +118,23 @@ pub struct FilesystemConfig {
     /// and reads as a miss, so clients upload it again.
     #[serde(default)]
     pub verify_on_read: bool,
+    /// How long a committed blob may stay in the page cache only. A power cut may lose
+    /// what was committed in this window; the next start finds and deletes it, and it
+    /// reads as a miss. 0: every commit waits for the disk (shared with concurrent ones).
+    #[serde(default = "default_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// Unsynced bytes that make the next commit wait for the disk: what a power cut can
+    /// lose, and what the next start hashes after one, at most.
+    #[serde(default = "default_max_unsynced")]
+    pub max_unsynced: ByteSize,
+}
+
+fn default_sync_interval_ms() -> u64 {
+    1000
+}
+
+fn default_max_unsynced() -> ByteSize {
+    ByteSize(256 << 20)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -286,6 +303,8 @@ impl Default for FilesystemConfig {
             path: None,
             max_size: default_max_size(),
             verify_on_read: false,
+            sync_interval_ms: default_sync_interval_ms(),
+            max_unsynced: default_max_unsynced(),
         }
     }
 }
@@ -411,6 +430,8 @@ impl StoreConfig {
             path,
             max_size: ByteSize(max_size),
             verify_on_read: false,
+            sync_interval_ms: default_sync_interval_ms(),
+            max_unsynced: default_max_unsynced(),
         })
     }
 

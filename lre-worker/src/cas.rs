@@ -296,7 +296,9 @@ impl LocalCas {
         let mut s = self.server.open_read(instance, d).await?;
         let mut up = self.upload_for(*first, d).await?;
         while let Some(m) = ServerCas::next_chunk(&mut s, d).await? {
-            up.write(&m.data).await.map_err(|e| wrong(d, e))?;
+            up.write_bytes(m.data.into())
+                .await
+                .map_err(|e| wrong(d, e))?;
         }
         up.finish().await.map_err(|e| wrong(d, e))?;
         drop(room);

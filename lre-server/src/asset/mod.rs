@@ -316,7 +316,7 @@ impl AssetService {
         });
         let mut stored: Result<()> = Ok(());
         while let Some((d, bytes)) = rx.recv().await {
-            if let Err(e) = self.cache.put_blob(&d, &bytes).await {
+            if let Err(e) = self.cache.put_blob(&d, bytes.into()).await {
                 stored = Err(e);
                 break;
             }
@@ -328,7 +328,7 @@ impl AssetService {
         stored?;
         let unpacked = unpacked?;
         for (d, raw) in &unpacked.directories {
-            self.cache.put_blob(d, raw).await?;
+            self.cache.put_blob(d, raw.clone().into()).await?;
         }
         Ok((unpacked.root, hashes.tokens()))
     }

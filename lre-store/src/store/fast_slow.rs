@@ -224,6 +224,10 @@ struct FastSlowWriter {
 #[async_trait]
 impl BlobWriter for FastSlowWriter {
     async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.write_bytes(Bytes::copy_from_slice(data)).await
+    }
+
+    async fn write_bytes(&mut self, data: Bytes) -> Result<()> {
         if self.broken {
             return Err(Error::Internal(
                 "this upload failed half way in the fast/slow store and cannot go on".into(),
@@ -240,15 +244,16 @@ impl BlobWriter for FastSlowWriter {
                 ));
             }
         } else {
-            self.fast.write(data).await?;
+            self.fast.write_bytes(data.clone()).await?;
         }
-        match self.slow.write(data).await {
+        let len = data.len();
+        match self.slow.write_bytes(data).await {
             Ok(()) => {
                 self.slow_pending = None;
                 Ok(())
             }
             Err(e @ Error::UploadSpaceExhausted { .. }) => {
-                self.slow_pending = Some(data.len());
+                self.slow_pending = Some(len);
                 Err(e)
             }
             Err(e) => {

@@ -216,6 +216,11 @@ pub trait BlobWriter: Send {
     /// Fails with `UploadSpaceExhausted` before writing anything when unfinished writes
     /// already hold the whole store; the same call may then be retried.
     async fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// `write`, for data the caller owns: a store that keeps or queues the bytes takes
+    /// them as they are instead of copying.
+    async fn write_bytes(&mut self, data: Bytes) -> Result<()> {
+        self.write(&data).await
+    }
     /// Makes the data visible under `key`, atomically.
     async fn commit(self: Box<Self>, key: Key) -> Result<()>;
     /// The writer may stay idle for a long time (an interrupted, resumable upload): give
@@ -343,12 +348,18 @@ impl CasUpload {
 
     fn torn() -> Error {
         Error::Internal(
-            "an earlier write to this upload was cancelled half way; start again at offset 0"
+            "an earlier write to this upload failed or was cancelled half way; start again at offset 0"
                 .into(),
         )
     }
 
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.write_bytes(Bytes::copy_from_slice(data)).await
+    }
+
+    /// Hands `data` to the store, then hashes it, while a store that writes in the
+    /// background (the filesystem's) is already putting it on disk.
+    pub async fn write_bytes(&mut self, data: Bytes) -> Result<()> {
         if self.in_write {
             return Err(Self::torn());
         }
@@ -362,10 +373,19 @@ impl CasUpload {
         }
         // Hashed only once the store took it, so a refused write can be retried as it was.
         self.in_write = true;
-        let r = self.inner.write(data).await;
+        match self.inner.write_bytes(data.clone()).await {
+            Ok(()) => {}
+            // Refused before anything was written: the same write may be retried.
+            Err(e @ Error::UploadSpaceExhausted { .. }) => {
+                self.in_write = false;
+                return Err(e);
+            }
+            // Anything else may have left some of the bytes in the store: `in_write` stays
+            // set, so this upload can neither go on nor commit.
+            Err(e) => return Err(e),
+        }
         self.in_write = false;
-        r?;
-        self.hasher.update(data);
+        self.hasher.update(&data);
         self.written = after;
         Ok(())
     }
