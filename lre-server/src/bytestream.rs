@@ -33,6 +33,9 @@ use crate::resource_name::{parse_read, parse_write, BlobResource, Compression};
 use crate::store::CasUpload;
 
 const READ_CHUNK: usize = 256 * 1024;
+/// The most a Read response carries: 1 MiB, well under every client's 4 MiB message limit,
+/// and few enough messages that the per-message cost (a blocking read, a frame) is small.
+const READ_MESSAGE: usize = 256 << 10;
 
 /// The largest zstd window a compressed upload may use: 2^23 = 8 MiB, what `zstd -19` uses.
 /// A frame asking for more is refused: its decoder would hold the whole window for as long
@@ -604,9 +607,15 @@ impl ByteStream for ByteStreamService {
                 },
                 Compression::Identity => None,
             };
-            let mut buf = vec![0u8; READ_CHUNK];
             loop {
-                let n = match reader.read(&mut buf).await {
+                // Read straight into the message's own buffer, uninitialised: no zeroing and
+                // no copy between the file and the response.
+                let mut buf = Vec::with_capacity(READ_MESSAGE.min(remaining as usize));
+                let n = match (&mut reader)
+                    .take(READ_MESSAGE as u64)
+                    .read_to_end(&mut buf)
+                    .await
+                {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = tx.send(Err(Error::from(e).into())).await;
@@ -616,10 +625,10 @@ impl ByteStream for ByteStreamService {
                 let last = n == 0 || remaining == n as u64;
                 remaining -= n as u64;
                 let data = match encoder.as_mut() {
-                    None => buf[..n].to_vec(),
+                    None => buf,
                     Some(enc) => {
                         use std::io::Write;
-                        if let Err(e) = enc.write_all(&buf[..n]) {
+                        if let Err(e) = enc.write_all(&buf) {
                             let _ = tx.send(Err(Status::internal(format!("zstd: {e}")))).await;
                             return;
                         }

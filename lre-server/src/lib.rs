@@ -3,6 +3,7 @@
 
 pub mod action_cache;
 pub mod activity;
+pub mod allocator;
 pub mod asset;
 pub mod auth;
 pub mod bytestream;

@@ -97,15 +97,15 @@ async fn terminate() {
     }
 }
 
-/// mimalloc rather than glibc's malloc: every ByteStream message is a fresh buffer of up to
-/// a few MiB, which glibc serves from a new mmap and returns with munmap, so each one was
-/// page-faulted and zeroed again (a quarter of the server's CPU in a 1 MiB write profile).
-/// mimalloc keeps freed segments for reuse.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+fn main() -> anyhow::Result<()> {
+    lre_server::allocator::keep_large_buffers();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("LRE_LOG").unwrap_or_else(|_| "info".into());

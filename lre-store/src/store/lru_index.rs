@@ -52,13 +52,23 @@ impl<V> LruIndex<V> {
         self.map.get(&key);
     }
 
-    pub fn unpin(&mut self, key: &Key) {
-        if let Some(n) = self.pinned.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                self.pinned.remove(key);
-            }
+    /// Gives back one promise. When the key's last one goes and the store is over its size
+    /// (pins kept it there), returns what must go now: waiting for the next write would
+    /// leave the disk over its limit for as long as nothing is written.
+    pub fn unpin(&mut self, key: &Key) -> Vec<(Key, Entry<V>)> {
+        let Some(n) = self.pinned.get_mut(key) else {
+            return Vec::new();
+        };
+        *n -= 1;
+        if *n > 0 {
+            return Vec::new();
         }
+        self.pinned.remove(key);
+        let evicted = self.evict_for(None);
+        if !evicted.is_empty() {
+            self.publish();
+        }
+        evicted
     }
 
     /// Looks up and marks as most recently used.
@@ -238,13 +248,14 @@ mod tests {
         // Only pinned entries left: the store goes over its size rather than break a pin.
         assert!(idx.insert(k(4), 10, ()).is_empty());
         assert!(idx.contains(&k(1)) && idx.contains(&k(3)) && idx.contains(&k(4)));
-        idx.unpin(&k(1)); // one promise of two: 1 stays
+        assert!(idx.unpin(&k(1)).is_empty()); // one promise of two: 1 stays
         let ev = idx.insert(k(5), 1, ());
         assert_eq!(ev.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![k(4)]);
-        idx.unpin(&k(1));
-        idx.unpin(&k(3));
-        let ev = idx.insert(k(6), 1, ());
+        // The last promise of 1 goes while the store is over its size: 1 goes with it.
+        let ev = idx.unpin(&k(1));
         assert_eq!(ev.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![k(1)]);
+        assert!(idx.unpin(&k(3)).is_empty());
+        assert!(idx.insert(k(6), 1, ()).is_empty());
     }
 
     #[test]

@@ -235,14 +235,6 @@ impl FsStore {
         })
     }
 
-    /// Blocks until everything committed so far is on disk (for a clean handover).
-    pub async fn sync(&self) -> Result<()> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.syncer.wait_round())
-            .await
-            .map_err(|e| join_error("sync", e))?
-    }
-
     pub fn root(&self) -> &Path {
         &self.inner.root
     }
@@ -304,7 +296,12 @@ impl Drop for Pinned {
     fn drop(&mut self) {
         let mut index = self.inner.index();
         for k in &self.keys {
-            index.unpin(k);
+            // Under the index lock, as every unlink: a fresh copy committed meanwhile must
+            // not be the file that goes. Only when pins held the store over its size, so
+            // rarely, and a few small unlinks at most.
+            for (victim, _) in index.unpin(k) {
+                self.inner.unlink(&victim);
+            }
         }
     }
 }
@@ -417,7 +414,7 @@ impl BlobStore for FsStore {
 
     async fn writer(&self, size_hint: Option<u64>) -> Result<Box<dyn BlobWriter>> {
         check_fits(size_hint, self.inner.capacity)?;
-        Ok(Box::new(FsWriter::create(self.inner.clone()).await?))
+        Ok(Box::new(FsWriter::new(self.inner.clone())))
     }
 
     async fn remove(&self, key: &Key) -> Result<()> {

@@ -89,6 +89,11 @@ impl Drop for Reservation {
     }
 }
 
+/// Opens the temp file for appending, creating it if no batch did yet. Blocking.
+fn open_tmp(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
 pub(super) struct FsWriter {
     inner: Arc<Inner>,
     /// `None` once committed or discarded.
@@ -111,19 +116,14 @@ pub(super) struct FsWriter {
 }
 
 impl FsWriter {
-    pub(super) async fn create(inner: Arc<Inner>) -> Result<FsWriter> {
+    /// The temp file is created by the first batch, or by the commit of a blob that never
+    /// needed one: a small blob costs one hand-off to the blocking pool in all.
+    pub(super) fn new(inner: Arc<Inner>) -> FsWriter {
         let path = inner.tmp.join(uuid::Uuid::new_v4().to_string());
-        let (file, path) = tokio::task::spawn_blocking(move || {
-            File::create(&path)
-                .map(|f| (f, path.clone()))
-                .map_err(|e| io_context(e, format_args!("creating {}", path.display())))
-        })
-        .await
-        .map_err(|e| join_error("create", e))??;
-        Ok(FsWriter {
+        FsWriter {
             inner: inner.clone(),
             tmp: Some(TmpFile(Some(path))),
-            file: Some(file),
+            file: None,
             in_flight: None,
             gathered: Vec::new(),
             gathered_len: 0,
@@ -134,7 +134,7 @@ impl FsWriter {
                 inner,
                 bytes: AtomicU64::new(0),
             }),
-        })
+        }
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -194,7 +194,8 @@ impl FsWriter {
         .map_err(|e| join_error("reserve", e))?
     }
 
-    /// The file, once the batch in flight (if any) is on it; reopened if suspended.
+    /// The file, once the batch in flight (if any) is on it; created if it was not yet,
+    /// reopened if suspended.
     async fn settle(&mut self) -> Result<File> {
         self.busy = true;
         let file = if let Some(batch) = self.in_flight.take() {
@@ -218,13 +219,11 @@ impl FsWriter {
         } else {
             let path = self.tmp_path();
             tokio::task::spawn_blocking(move || {
-                fs::OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| io_context(e, format_args!("reopening {}", path.display())))
+                open_tmp(&path)
+                    .map_err(|e| io_context(e, format_args!("opening {}", path.display())))
             })
             .await
-            .map_err(|e| join_error("reopen", e))??
+            .map_err(|e| join_error("open", e))??
         };
         self.busy = false;
         Ok(file)
@@ -296,11 +295,17 @@ impl BlobWriter for FsWriter {
 
     async fn commit(mut self: Box<Self>, key: Key) -> Result<()> {
         self.check()?;
-        let file = match self.drain().await {
-            Ok(f) => f,
-            Err(e) => {
-                self.discard().await;
-                return Err(e);
+        // Never written to disk yet (a small blob): the commit's one blocking call creates
+        // and writes the file too.
+        let (file, batch) = if self.in_flight.is_none() && self.file.is_none() {
+            (None, std::mem::take(&mut self.gathered))
+        } else {
+            match self.drain().await {
+                Ok(f) => (Some(f), Vec::new()),
+                Err(e) => {
+                    self.discard().await;
+                    return Err(e);
+                }
             }
         };
         let tmp = self
@@ -314,12 +319,20 @@ impl BlobWriter for FsWriter {
             // An entry that cannot be checked by its name after a power cut must be on
             // disk before it becomes visible; a CAS file is checked instead (`sync.rs`).
             let check_later = key.is_content_addressed();
-            let prepared = {
+            let prepared = match file {
+                Some(f) => Ok(f),
+                None => open_tmp(tmp.path()),
+            }
+            .and_then(|mut file| {
                 use std::os::unix::fs::PermissionsExt;
-                file.set_permissions(fs::Permissions::from_mode(file_mode(&key)))
-                    .and_then(|()| if check_later { Ok(()) } else { file.sync_all() })
-            };
-            drop(file);
+                batch.iter().try_for_each(|b| file.write_all(b))?;
+                file.set_permissions(fs::Permissions::from_mode(file_mode(&key)))?;
+                if check_later {
+                    Ok(())
+                } else {
+                    file.sync_all()
+                }
+            });
             if let Err(e) = prepared {
                 let err = io_context(e, format_args!("writing {}", tmp.path().display()));
                 tmp.remove_now();
