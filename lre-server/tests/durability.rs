@@ -729,14 +729,17 @@ async fn a_power_cut_loses_only_unsynced_blobs_and_serves_nothing_torn() {
     let image = dir.path().join("disk.img");
     LoopFs::run(Command::new("truncate").args(["-s", "512M"]).arg(&image));
     LoopFs::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
-    // No round from the interval during the test; the action-result update forces one.
-    // (`--store-dir` would replace the whole `[store]` table, these keys with it.)
+    // No round from the interval during the test: the only one comes when the eighth synced
+    // blob (after 1010 bytes of outputs) passes `max_unsynced` (8 MiB), and its commit waits
+    // for it. The unsynced blobs
+    // after it stay below. (`--store-dir` would replace the whole `[store]` table, these
+    // keys with it.)
     let server = |store: &Path| {
         let config = store.with_extension("toml");
         std::fs::write(
             &config,
             format!(
-                "[store]\nkind = \"filesystem\"\npath = {:?}\nmax_size = \"400MiB\"\nsync_interval_ms = 600000\nmax_unsynced = \"1GiB\"\n",
+                "[store]\nkind = \"filesystem\"\npath = {:?}\nmax_size = \"400MiB\"\nsync_interval_ms = 600000\nmax_unsynced = \"8MiB\"\n",
                 store.display().to_string()
             ),
         )
@@ -747,7 +750,7 @@ async fn a_power_cut_loses_only_unsynced_blobs_and_serves_nothing_torn() {
         ServerProcess::spawn(cmd)
     };
     let synced: Vec<Vec<u8>> = (0..8).map(|i| blob(1 << 20, 100 + i)).collect();
-    let unsynced: Vec<Vec<u8>> = (0..40).map(|i| blob(1 << 20, 200 + i)).collect();
+    let unsynced: Vec<Vec<u8>> = (0..7).map(|i| blob(1 << 20, 200 + i)).collect();
     let (out, stdout) = (blob(1000, 1), blob(10, 2));
     let action = digest(b"power cut action");
     let snapshot = dir.path().join("at-the-cut.img");
@@ -755,7 +758,7 @@ async fn a_power_cut_loses_only_unsynced_blobs_and_serves_nothing_torn() {
         let fs = LoopFs::mount(&image, &dir.path().join("mnt"));
         let mut p = server(&fs.mount.join("store"));
         let ch = p.channel().await;
-        for b in synced.iter().chain([&out, &stdout]) {
+        for b in [&out, &stdout].into_iter().chain(&synced) {
             bs_write(
                 ch.clone(),
                 write_requests(&upload_name("", "s", b), b, 1 << 20, 0, true),
@@ -764,7 +767,8 @@ async fn a_power_cut_loses_only_unsynced_blobs_and_serves_nothing_torn() {
             .await
             .unwrap();
         }
-        // An action result is acknowledged only after a round: everything above is on disk.
+        // The eighth 1 MiB blob waited for a round: everything above is on disk. An action
+        // result is fsynced with its directory before it is acknowledged.
         update_ac(ch.clone(), "", &action, action_result(&out, &stdout), None)
             .await
             .unwrap();

@@ -111,6 +111,22 @@ pub(super) fn content_hash(file: &mut File, path: &Path) -> Result<([u8; 32], u6
     Ok((hasher.finalize().into(), size))
 }
 
+/// Every directory `sync_dir` was called on, by every test in this binary.
+#[cfg(test)]
+pub(super) static SYNCED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Makes the directory's entries (a rename into it) durable. Blocking.
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    SYNCED_DIRS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.to_path_buf());
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_context(e, format_args!("syncing directory {}", dir.display())))
+}
+
 pub(super) fn inode(m: &fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     (m.dev(), m.ino())

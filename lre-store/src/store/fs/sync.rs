@@ -11,12 +11,13 @@
 //! when the unsynced bytes pass `max_unsynced` (the writer that passed it waits for that
 //! round), which bounds both what a power cut can lose and what startup has to hash.
 //!
-//! Entries that cannot be checked by their name (action-cache entries) are fsynced before
-//! their rename and then wait for a round ([`Syncer::wait_round`]) that covers the rename:
-//! concurrent writers share that round, so it is a group commit.
-//!
-//! `syncfs` flushes the whole file system the store lives on, other programs' writes
-//! included: a store on a file system of its own syncs only its own data.
+//! A writer that must wait (no interval, or past `max_unsynced`) waits for the next round
+//! ([`Syncer::wait_round`]); concurrent waiters share it, a group commit. Entries that
+//! cannot be checked by their name (action-cache entries) do not wait for rounds: each is
+//! fsynced, renamed and its directory fsynced (`writer.rs`), because a round's `syncfs`
+//! flushes the whole file system the store lives on, other programs' writes included (a
+//! build's outputs), and one action result per action must not wait for all of that. A
+//! store on a file system of its own syncs only its own data.
 
 use std::fs::{self, File};
 use std::io::{self, Write};

@@ -10,8 +10,8 @@
 //! Invariants: every byte accepted is reserved in the index first; a failed or cancelled
 //! disk write leaves the temp file in an unknown state, so the writer is then broken and
 //! can never commit; a commit is acknowledged only as the syncer's policy allows (see
-//! `sync.rs`): a CAS file once renamed, an action-cache entry once fsynced, renamed and
-//! covered by a round.
+//! `sync.rs`): a CAS file once renamed, an action-cache entry once it and the directory it
+//! was renamed into are fsynced.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use super::inner::{file_mode, io_context, join_error, Inner};
+use super::inner::{file_mode, io_context, join_error, sync_dir, Inner};
 use crate::error::{Result, StoreError as Error};
 use crate::store::{no_room, BlobWriter, Key};
 
@@ -367,7 +367,10 @@ impl BlobWriter for FsWriter {
             if check_later {
                 inner.syncer.committed(size)
             } else {
-                inner.syncer.wait_round()
+                // Not a sync round: `syncfs` would wait for every other writer on the file
+                // system too (a build's outputs), and an action result is on every action's
+                // path. Its own file and directory are all it needs.
+                sync_dir(dest.parent().unwrap_or(&inner.root))
             }
         })
         .await
