@@ -127,7 +127,10 @@ struct State {
     requested: u64,
     started: u64,
     finished: u64,
-    /// The latest round that failed, and why.
+    /// The latest round that failed, and why. From then on rounds still sync but never
+    /// move the checkpoint: `syncfs` reports a writeback error once, so a later round that
+    /// succeeds says nothing about the pages that failed, and the next start must check
+    /// everything since the last good round.
     failed: Option<(u64, String)>,
     stop: bool,
 }
@@ -147,11 +150,14 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One round. Blocking.
-    fn round(&self) -> io::Result<()> {
+    /// One round; the checkpoint moves only if `checkpoint`. Blocking.
+    fn round(&self, checkpoint: bool) -> io::Result<()> {
         let at = SystemTime::now();
         rustix::fs::syncfs(&self.dir).map_err(io::Error::from)?;
-        write_checkpoint(&self.root, at)
+        if checkpoint {
+            write_checkpoint(&self.root, at)?;
+        }
+        Ok(())
     }
 }
 
@@ -187,12 +193,18 @@ impl Syncer {
             dir,
             policy,
         });
-        shared.round().map_err(|e| {
-            Error::from(io::Error::new(
-                e.kind(),
-                format!("syncing store {}: {e}", root.display()),
-            ))
-        })?;
+        // The first checkpoint's rename is made durable here: without it, a store whose
+        // `SYNCED` never reached the disk would look like one from before rounds, whose
+        // files are all trusted.
+        shared
+            .round(true)
+            .and_then(|()| shared.dir.sync_all())
+            .map_err(|e| {
+                Error::from(io::Error::new(
+                    e.kind(),
+                    format!("syncing store {}: {e}", root.display()),
+                ))
+            })?;
         let thread = std::thread::Builder::new()
             .name("lre-store-sync".into())
             .spawn({
@@ -220,6 +232,17 @@ impl Syncer {
         }
         self.shared.changed.notify_all();
         Ok(())
+    }
+
+    /// Something changed a file's ctime without a commit (an LRU refresh, a hard link):
+    /// a round comes within `interval`, so the next start's check stays small.
+    pub(super) fn touched(&self) {
+        let mut s = self.shared.lock();
+        if s.oldest.is_none() {
+            s.oldest = Some(Instant::now());
+            drop(s);
+            self.shared.changed.notify_all();
+        }
     }
 
     /// Waits for a round that began after this call: everything renamed before the call is
@@ -276,16 +299,21 @@ fn run(shared: &Shared) {
         let round = s.started;
         let bytes = std::mem::take(&mut s.unsynced);
         let oldest = s.oldest.take();
+        let checkpoint = s.failed.is_none();
         drop(s);
-        let r = shared.round();
+        let r = shared.round(checkpoint);
         let mut s = shared.lock();
         s.finished = round;
         if let Err(e) = r {
-            tracing::error!(root = %shared.root.display(), error = %e, "could not sync the store to disk; the next start checks what was written since the last good round");
+            tracing::error!(root = %shared.root.display(), error = %e, "could not sync the store to disk; the next start checks everything written since the last good round");
             s.failed = Some((round, e.to_string()));
-            // Still at risk: the next round tries again.
+            // Still at risk: the next round tries again, an interval from now (not at once,
+            // in a loop), or sooner for a commit made meanwhile.
             s.unsynced += bytes;
-            s.oldest = s.oldest.min(oldest).or(oldest);
+            if oldest.is_some() || s.oldest.is_some() || bytes > 0 {
+                let retry = Instant::now();
+                s.oldest = Some(s.oldest.map_or(retry, |o| o.min(retry)));
+            }
         }
         drop(s);
         shared.changed.notify_all();

@@ -98,8 +98,6 @@ pub(super) struct FsWriter {
     inner: Arc<Inner>,
     /// `None` once committed or discarded.
     tmp: Option<TmpFile>,
-    /// The temp file, while no batch of it is in flight and it is not suspended.
-    file: Option<File>,
     /// The batch being written on the blocking pool; it hands the file back.
     in_flight: Option<JoinHandle<(File, io::Result<()>)>>,
     gathered: Vec<Bytes>,
@@ -123,7 +121,6 @@ impl FsWriter {
         FsWriter {
             inner: inner.clone(),
             tmp: Some(TmpFile(Some(path))),
-            file: None,
             in_flight: None,
             gathered: Vec::new(),
             gathered_len: 0,
@@ -194,8 +191,8 @@ impl FsWriter {
         .map_err(|e| join_error("reserve", e))?
     }
 
-    /// The file, once the batch in flight (if any) is on it; created if it was not yet,
-    /// reopened if suspended.
+    /// The file, once the batch in flight (if any) is on it; otherwise opened (created by
+    /// the first batch, reopened after a suspend or a commit-time drain).
     async fn settle(&mut self) -> Result<File> {
         self.busy = true;
         let file = if let Some(batch) = self.in_flight.take() {
@@ -214,8 +211,6 @@ impl FsWriter {
                     return Err(e);
                 }
             }
-        } else if let Some(file) = self.file.take() {
-            file
         } else {
             let path = self.tmp_path();
             tokio::task::spawn_blocking(move || {
@@ -284,7 +279,6 @@ impl BlobWriter for FsWriter {
 
     async fn discard(mut self: Box<Self>) {
         self.gathered.clear();
-        self.file = None;
         if let Some(batch) = self.in_flight.take() {
             let _ = batch.await;
         }
@@ -297,7 +291,7 @@ impl BlobWriter for FsWriter {
         self.check()?;
         // Never written to disk yet (a small blob): the commit's one blocking call creates
         // and writes the file too.
-        let (file, batch) = if self.in_flight.is_none() && self.file.is_none() {
+        let (file, batch) = if self.in_flight.is_none() {
             (None, std::mem::take(&mut self.gathered))
         } else {
             match self.drain().await {
@@ -347,7 +341,8 @@ impl BlobWriter for FsWriter {
                 index.get(&key);
                 drop(index);
                 tmp.remove_now();
-                return Ok(());
+                // Acknowledged as a commit is: with no interval, after a round.
+                return inner.syncer.committed(0);
             }
             if let Err(e) = fs::rename(tmp.path(), &dest) {
                 index.release(reserved);
