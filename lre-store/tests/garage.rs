@@ -292,9 +292,10 @@ async fn an_unreachable_or_refusing_backend_is_a_clear_error_never_a_miss() {
         "a write the shared tier refused must not be acknowledged locally"
     );
     g.start_nodes(&[1, 2, 3]);
-    // Its lost part cannot be made up for: no retry or resume may ever commit it.
+    // Its lost part cannot be made up for: no retry or resume may ever commit it. (The
+    // upload itself refuses now: any store error but "no room" tears it.)
     let e = torn.write(&big[4 << 20..9 << 20]).await.unwrap_err();
-    assert!(e.to_string().contains("cannot go on"), "{e}");
+    assert!(e.to_string().contains("start again at offset 0"), "{e}");
     assert!(torn.finish().await.is_err());
     // Until every node is back it may answer UNAVAILABLE (no quorum), never other bytes.
     let mut seen = Vec::new();
