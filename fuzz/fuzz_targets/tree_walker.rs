@@ -487,7 +487,7 @@ async fn put_all(w: &World, cache: &ServerContext) {
             hash: *h,
             size: data.len() as u64,
         };
-        cache.put_blob(&d, data).await.unwrap();
+        cache.put_blob(&d, data.clone().into()).await.unwrap();
     }
 }
 
