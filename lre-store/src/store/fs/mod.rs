@@ -537,6 +537,17 @@ pub(super) mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// Whether a round that began at or after `since` completes within 5 s.
+    async fn round_since(root: &Path, since: SystemTime) -> bool {
+        for _ in 0..200 {
+            if checkpoint(root) >= since {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
     /// A CAS commit does not wait for a round (a power cut is caught at the next start);
     /// an action-cache entry cannot be checked by its name, so it is fsynced with its
     /// directory before the commit returns, without a round either.
@@ -602,13 +613,10 @@ pub(super) mod tests {
         .await;
         let before = SystemTime::now();
         put(&store, b"soon on disk").await;
-        for _ in 0..200 {
-            if checkpoint(dir.path()) >= before {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("no round within 5 s of a 50 ms interval");
+        assert!(
+            round_since(dir.path(), before).await,
+            "no round within 5 s of a 50 ms interval"
+        );
     }
 
     /// What a power cut leaves of a blob renamed after the last round (an empty or short
@@ -691,15 +699,12 @@ pub(super) mod tests {
         .await;
         let key = put(&store, b"linked into actions").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = checkpoint(dir.path());
+        let before = checkpoint(dir.path()) + Duration::from_nanos(1);
         drop(store.pin(vec![key]));
-        for _ in 0..200 {
-            if checkpoint(dir.path()) > before {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("no round within 5 s of a pin");
+        assert!(
+            round_since(dir.path(), before).await,
+            "no round within 5 s of a pin"
+        );
     }
 
     /// A file the startup check cannot read (here a directory under a blob's name) is left

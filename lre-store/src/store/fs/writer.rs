@@ -196,16 +196,15 @@ impl FsWriter {
     async fn settle(&mut self) -> Result<File> {
         self.busy = true;
         let file = if let Some(batch) = self.in_flight.take() {
-            match batch.await {
-                Ok((file, Ok(()))) => file,
-                Ok((_, Err(e))) => {
-                    let e = io_context(e, format_args!("writing {}", self.tmp_path().display()));
-                    self.broken = Some(e.to_string());
-                    self.busy = false;
-                    return Err(e);
-                }
+            let written = match batch.await {
+                Ok((file, r)) => r.map(|()| file).map_err(|e| {
+                    io_context(e, format_args!("writing {}", self.tmp_path().display()))
+                }),
+                Err(e) => Err(join_error("write", e)),
+            };
+            match written {
+                Ok(file) => file,
                 Err(e) => {
-                    let e = join_error("write", e);
                     self.broken = Some(e.to_string());
                     self.busy = false;
                     return Err(e);
@@ -289,19 +288,19 @@ impl BlobWriter for FsWriter {
 
     async fn commit(mut self: Box<Self>, key: Key) -> Result<()> {
         self.check()?;
-        // Never written to disk yet (a small blob): the commit's one blocking call creates
-        // and writes the file too.
-        let (file, batch) = if self.in_flight.is_none() {
-            (None, std::mem::take(&mut self.gathered))
-        } else {
-            match self.drain().await {
-                Ok(f) => (Some(f), Vec::new()),
+        // The last gathered messages go with the commit's one blocking call, which also
+        // creates the file if no batch did (a small blob).
+        let file = match self.in_flight.is_some() {
+            false => None,
+            true => match self.settle().await {
+                Ok(f) => Some(f),
                 Err(e) => {
                     self.discard().await;
                     return Err(e);
                 }
-            }
+            },
         };
+        let batch = std::mem::take(&mut self.gathered);
         let tmp = self
             .tmp
             .take()
