@@ -1,4 +1,4 @@
-//! The HTTP cache's path parser (`/[instance/]ac|cas/<sha256>`): a bad path is a 404 or a
+//! The HTTP cache's path parser (`/[instance/]ac|cas/[blake3/]<hash>`): a bad path is a 404 or a
 //! 400, never a panic; a good one means what its canonical spelling means.
 #![no_main]
 
@@ -11,28 +11,34 @@ const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85
 
 fn check(path: &str) {
     match parse_path(path) {
-        Ok((instance, kind, hash)) => {
+        Ok(p) => {
             let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-            let k = match kind {
+            let k = match p.kind {
                 Kind::Ac => "ac",
                 Kind::Cas => "cas",
             };
-            assert_eq!(segs[segs.len() - 1], hex::encode(hash), "{path:?}");
-            assert_eq!(segs[segs.len() - 2], k, "{path:?}");
+            let n = segs.len();
+            assert_eq!(segs[n - 1], hex::encode(p.hash), "{path:?}");
+            match p.function {
+                None => assert_eq!(segs[n - 2], k, "{path:?}"),
+                Some(f) => {
+                    assert_eq!(segs[n - 2], f.name(), "{path:?}");
+                    assert_eq!(segs[n - 3], k, "{path:?}");
+                }
+            }
             assert!(
-                !instance.starts_with('/'),
-                "{path:?}: instance {instance:?}"
+                !p.instance.starts_with('/'),
+                "{path:?}: instance {:?}",
+                p.instance
             );
-            assert!(path.contains(&instance), "{path:?}: instance {instance:?}");
-            let canonical = match instance.is_empty() {
-                true => format!("/{k}/{}", hex::encode(hash)),
-                false => format!("/{instance}/{k}/{}", hex::encode(hash)),
-            };
+            assert!(
+                path.contains(&p.instance),
+                "{path:?}: instance {:?}",
+                p.instance
+            );
+            let canonical = p.canonical();
             let again = parse_path(&canonical).ok();
-            assert!(
-                again == Some((instance, kind, hash)),
-                "{path:?} vs {canonical:?}"
-            );
+            assert!(again.as_ref() == Some(&p), "{path:?} vs {canonical:?}");
         }
         Err(e) => assert!(
             matches!(e, Error::NotFound(_) | Error::InvalidArgument(_)),
@@ -48,5 +54,7 @@ fuzz_target!(|data: &[u8]| {
     check(path);
     if path.contains('@') {
         check(&path.replace('@', H));
+        // `#` stands for a function's segment.
+        check(&path.replace('@', H).replace('#', "blake3"));
     }
 });

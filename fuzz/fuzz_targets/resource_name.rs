@@ -1,10 +1,12 @@
 //! ByteStream resource names (`lre_server::resource_name`): never a panic, and every name
-//! accepted means what its canonical spelling means.
+//! accepted means what its canonical spelling means, digest function included
+//! (`blobs/blake3/{hash}/{size}`; SHA-256 is spelled without one).
 #![no_main]
 
 use std::fmt::Write as _;
 
 use libfuzzer_sys::fuzz_target;
+use lre_server::digest::DigestFunction;
 use lre_server::instance::validate_name;
 use lre_server::resource_name::{
     parse_read, parse_write, BlobResource, Compression, MAX_RESOURCE_NAME,
@@ -26,6 +28,9 @@ fn canonical(r: &BlobResource) -> String {
         Compression::Identity => "blobs",
         Compression::Zstd => "compressed-blobs/zstd",
     });
+    if r.digest.function != DigestFunction::Sha256 {
+        write!(s, "/{}", r.digest.function.name()).unwrap();
+    }
     write!(s, "/{}/{}", r.digest.hex(), r.digest.size).unwrap();
     s
 }
@@ -57,6 +62,16 @@ fn check(name: &str) {
             name.contains(&w.digest.hex()),
             "{name:?}: the hash is not the name's"
         );
+        // A function other than SHA-256 is only ever one the name spells out, before the
+        // hash.
+        if w.digest.function != DigestFunction::Sha256 {
+            let spelled = format!("/{}/{}/", w.digest.function.name(), w.digest.hex());
+            assert!(
+                name.contains(&spelled),
+                "{name:?}: function {}",
+                w.digest.function
+            );
+        }
         if let Some(id) = &w.upload_id {
             assert!(
                 !id.is_empty() && !id.contains('/'),
@@ -78,5 +93,7 @@ fuzz_target!(|data: &[u8]| {
     check(name);
     if name.contains('@') {
         check(&name.replace('@', H));
+        // `#` stands for a function's segment, so both namespaces are reached.
+        check(&name.replace('@', H).replace('#', "blake3"));
     }
 });

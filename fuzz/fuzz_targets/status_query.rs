@@ -7,9 +7,9 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use lre_server::activity::InvocationSummary;
 use lre_server::http::HostPolicy;
 use lre_server::status::page::{choose, ExplainQuery};
-use lre_server::activity::InvocationSummary;
 
 #[derive(Arbitrary, Debug)]
 struct Input {

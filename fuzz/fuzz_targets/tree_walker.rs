@@ -24,15 +24,18 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use futures::StreamExt;
 use libfuzzer_sys::fuzz_target;
 use lre_server::auth::Authenticator;
-use lre_server::context::ServerContext;
 use lre_server::cas::CasService;
-use lre_server::digest::Digest;
+use lre_server::context::ServerContext;
+use lre_server::digest::{Digest, DigestFunction};
 use lre_server::instance::Instances;
 use lre_server::metrics::Metrics;
 use lre_server::store::MemStore;
 use lre_worker::materialize::{expanded_size, MAX_INPUT_DEPTH, MAX_INPUT_ENTRIES};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
+
+/// The tree walkers run under SHA-256 (the BLAKE3 paths share their code).
+const SHA256: DigestFunction = DigestFunction::Sha256;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -194,7 +197,7 @@ impl World {
     }
 
     fn present_proto(&self, d: &re::Digest) -> bool {
-        Digest::from_proto(d).is_ok_and(|d| self.present(&d).is_some())
+        Digest::from_proto(SHA256, d).is_ok_and(|d| self.present(&d).is_some())
     }
 }
 
@@ -371,7 +374,7 @@ fn model_tree(w: &World, root: Digest) -> Option<Vec<Directory>> {
         let Some(raw) = w.present(&d) else { continue };
         let dir = Directory::decode(raw).ok()?;
         for c in &dir.directories {
-            if let Some(cd) = Digest::from_opt_proto(&c.digest).ok()? {
+            if let Some(cd) = Digest::from_opt_proto(SHA256, &c.digest).ok()? {
                 if seen.insert(cd) {
                     queue.push_back(cd);
                 }
@@ -430,7 +433,12 @@ fn check_pages(pages: &[re::GetTreeResponse], want: &[Directory], start: usize, 
     assert_eq!(at, want.len(), "GetTree left directories out");
 }
 
-async fn check_get_tree(w: &World, cache: &Arc<ServerContext>, input: &Input, root: &Option<re::Digest>) {
+async fn check_get_tree(
+    w: &World,
+    cache: &Arc<ServerContext>,
+    input: &Input,
+    root: &Option<re::Digest>,
+) {
     let svc = CasService::new(cache.clone());
     let token = match &input.token {
         Token::None => String::new(),
@@ -441,7 +449,7 @@ async fn check_get_tree(w: &World, cache: &Arc<ServerContext>, input: &Input, ro
     let got = get_tree(&svc, root, page_size, token.clone()).await;
 
     let want = (|| {
-        let root = Digest::from_opt_proto(root).ok()??;
+        let root = Digest::from_opt_proto(SHA256, root).ok()??;
         if page_size < 0 {
             return None;
         }
@@ -484,6 +492,7 @@ enum Completeness {
 async fn put_all(w: &World, cache: &ServerContext) {
     for (h, data) in &w.cas {
         let d = Digest {
+            function: SHA256,
             hash: *h,
             size: data.len() as u64,
         };
@@ -525,8 +534,10 @@ async fn check_action_cache(w: &mut World, cache: &Arc<ServerContext>, input: &I
         }
     }
     put_all(w, cache).await;
-    let well_formed =
-        |d: &Option<re::Digest>| d.as_ref().is_none_or(|d| Digest::from_proto(d).is_ok());
+    let well_formed = |d: &Option<re::Digest>| {
+        d.as_ref()
+            .is_none_or(|d| Digest::from_proto(SHA256, d).is_ok())
+    };
     // What a result references is decided when it is written: every output Tree must be in
     // the CAS then, with well-formed file digests, or the write is refused.
     let trees_ok = ar.output_directories.iter().zip(&trees).all(|(od, tree)| {
@@ -548,6 +559,7 @@ async fn check_action_cache(w: &mut World, cache: &Arc<ServerContext>, input: &I
     let stored = cache
         .update_action_result(
             "",
+            SHA256,
             input.action,
             &ar,
             lre_server::context::ResultSource::Uploaded { caller: &anonymous },
@@ -578,7 +590,7 @@ async fn check_action_cache(w: &mut World, cache: &Arc<ServerContext>, input: &I
             for f in &d.files {
                 match &f.digest {
                     None => {}
-                    Some(fd) if Digest::from_proto(fd).is_err() => malformed = true,
+                    Some(fd) if Digest::from_proto(SHA256, fd).is_err() => malformed = true,
                     Some(fd) => incomplete |= !w.present_proto(fd),
                 }
             }
@@ -588,7 +600,7 @@ async fn check_action_cache(w: &mut World, cache: &Arc<ServerContext>, input: &I
         true => Completeness::Incomplete,
         false => Completeness::Complete,
     };
-    match cache.get_action_result("", input.action).await {
+    match cache.get_action_result("", SHA256, input.action).await {
         Ok(Some(hit)) => {
             assert!(
                 matches!(want, Completeness::Complete) && !malformed,
@@ -609,7 +621,10 @@ async fn check_action_cache(w: &mut World, cache: &Arc<ServerContext>, input: &I
 /// nothing reported missing only when every directory and file under the root is present and
 /// well-formed; otherwise what it names is itself missing or malformed.
 async fn check_tree_missing(w: &World, cache: &Arc<ServerContext>, root: &Option<re::Digest>) {
-    let Some(root) = root.as_ref().and_then(|d| Digest::from_proto(d).ok()) else {
+    let Some(root) = root
+        .as_ref()
+        .and_then(|d| Digest::from_proto(SHA256, d).ok())
+    else {
         return;
     };
     let got = lre_server::asset::memory::tree_missing(cache, root)
@@ -625,7 +640,7 @@ async fn check_tree_missing(w: &World, cache: &Arc<ServerContext>, root: &Option
             bad.insert(d);
             continue;
         };
-        let parse = |e: &Option<re::Digest>| Digest::from_opt_proto(e).ok().flatten();
+        let parse = |e: &Option<re::Digest>| Digest::from_opt_proto(SHA256, e).ok().flatten();
         let fs: Option<Vec<Digest>> = dir.files.iter().map(|f| parse(&f.digest)).collect();
         let cs: Option<Vec<Digest>> = dir.directories.iter().map(|c| parse(&c.digest)).collect();
         let (Some(fs), Some(cs)) = (fs, cs) else {

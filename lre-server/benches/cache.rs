@@ -2,6 +2,8 @@
 //! lre-server process on a filesystem store, against this machine's raw SHA-256 speed
 //! (the ceiling: every byte written is hashed once, every byte read crosses gRPC once).
 //!
+//! BLAKE3 writes are reported against BLAKE3's own single-core speed, measured here too.
+//!
 //! Prints numbers; asserts nothing. LRE_BENCH_QUICK=1 shrinks the sizes for a smoke run;
 //! LRE_BENCH_SERVER=path runs another lre-server build under the same client.
 
@@ -15,6 +17,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::bytestream::{
     byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
 };
+use lre_server::digest::DigestFunction;
 use re::action_cache_client::ActionCacheClient;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use sha2::{Digest as _, Sha256};
@@ -108,9 +111,13 @@ fn chunks(size: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 fn digest_of(base: &[u8], seed: u64, size: usize) -> re::Digest {
-    let mut h = Sha256::new();
+    digest_in(DigestFunction::Sha256, base, seed, size)
+}
+
+fn digest_in(f: DigestFunction, base: &[u8], seed: u64, size: usize) -> re::Digest {
+    let mut h = f.hasher();
     for (i, len) in chunks(size) {
-        h.update(chunk(base, seed, i, len));
+        h.update(&chunk(base, seed, i, len));
     }
     re::Digest {
         hash: hex::encode(h.finalize()),
@@ -120,9 +127,18 @@ fn digest_of(base: &[u8], seed: u64, size: usize) -> re::Digest {
 
 /// Uploads a synthetic blob whose digest the caller computed (outside any timing).
 async fn write_blob(ch: Channel, base: &[u8], seed: u64, d: &re::Digest) {
+    write_blob_in(DigestFunction::Sha256, ch, base, seed, d).await
+}
+
+/// `write_blob` under digest function `f` (`blobs/blake3/...` for BLAKE3).
+async fn write_blob_in(f: DigestFunction, ch: Channel, base: &[u8], seed: u64, d: &re::Digest) {
     let size = d.size_bytes as usize;
+    let function = match f {
+        DigestFunction::Sha256 => String::new(),
+        other => format!("{}/", other.name()),
+    };
     let name = format!(
-        "uploads/{}/blobs/{}/{}",
+        "uploads/{}/blobs/{function}{}/{}",
         uuid::Uuid::new_v4(),
         d.hash,
         d.size_bytes
@@ -185,6 +201,18 @@ async fn main() {
     let sha = mbps(big, t.elapsed());
     println!(
         "baseline  sha256 (this machine, 1 core)          {sha:9.1} MiB/s   = 1.00 of ceiling"
+    );
+    // BLAKE3's own ceiling: one core (the crate's `update`, no threads), SIMD as detected.
+    let t = Instant::now();
+    let mut h = DigestFunction::Blake3.hasher();
+    for (i, len) in chunks(big) {
+        h.update(&chunk(&base, 0, i, len));
+    }
+    std::hint::black_box(h.finalize());
+    let b3 = mbps(big, t.elapsed());
+    println!(
+        "baseline  blake3 (this machine, 1 core)          {b3:9.1} MiB/s   = {:.2}x sha256",
+        b3 / sha
     );
 
     let dir = tempfile::tempdir_in(
@@ -273,6 +301,7 @@ async fn main() {
     for (i, d) in small.iter().enumerate() {
         write_blob(ch.clone(), &base, 1000 + i as u64, d).await;
     }
+    let small_write = mbps(small_count * MIB, t.elapsed());
     report(
         &format!("bytestream write 1 MiB x{small_count}"),
         small_count * MIB,
@@ -306,6 +335,45 @@ async fn main() {
         format!("bytestream read  {} MiB", big / MIB),
         v / sha,
         v / file_read
+    );
+
+    // The same two writes under BLAKE3, against BLAKE3's ceiling and the SHA-256 writes.
+    let b3_report = |name: &str, bytes: usize, d: Duration, sha_write: f64| {
+        let v = mbps(bytes, d);
+        println!(
+            "{name:<48} {v:9.1} MiB/s   = {:.2} of blake3, {:.2}x the sha256 write",
+            v / b3,
+            v / sha_write
+        );
+    };
+    let small_b3: Vec<re::Digest> = (0..small_count)
+        .map(|i| digest_in(DigestFunction::Blake3, &base, 3000 + i as u64, MIB))
+        .collect();
+    let t = Instant::now();
+    for (i, d) in small_b3.iter().enumerate() {
+        write_blob_in(
+            DigestFunction::Blake3,
+            ch.clone(),
+            &base,
+            3000 + i as u64,
+            d,
+        )
+        .await;
+    }
+    b3_report(
+        &format!("bytestream write 1 MiB x{small_count} (blake3)"),
+        small_count * MIB,
+        t.elapsed(),
+        small_write,
+    );
+    let d3 = digest_in(DigestFunction::Blake3, &base, 8, big);
+    let t = Instant::now();
+    write_blob_in(DigestFunction::Blake3, ch.clone(), &base, 8, &d3).await;
+    b3_report(
+        &format!("bytestream write {} MiB (blake3)", big / MIB),
+        big,
+        t.elapsed(),
+        single_write,
     );
 
     // Four writes of a quarter each at once, against one write of the same bytes (above).

@@ -1,4 +1,5 @@
-//! The ActionCache gRPC service.
+//! The ActionCache gRPC service. An action's result is kept under the request's digest
+//! function: the same action hash under SHA-256 and BLAKE3 names two entries.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
 use crate::context::{ResultSource, ServerContext};
-use crate::digest::{check_digest_function, Digest};
+use crate::digest::{Digest, DigestFunction};
 use crate::error::Error;
 use crate::request_meta::RequestMeta;
 
@@ -25,9 +26,10 @@ impl ActionCacheService {
 }
 
 fn required_digest(
+    function: DigestFunction,
     d: &Option<bazel_remote_apis::build::bazel::remote::execution::v2::Digest>,
 ) -> Result<Digest, Error> {
-    Digest::from_opt_proto(d)?
+    Digest::from_opt_proto(function, d)?
         .ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))
 }
 
@@ -42,11 +44,11 @@ impl ActionCache for ActionCacheService {
         let caller = self
             .cache
             .authorize_grpc(&request, &req.instance_name, Access::Read)?;
-        check_digest_function(req.digest_function)?;
-        let action = required_digest(&req.action_digest)?;
+        let function = DigestFunction::from_request(req.digest_function)?;
+        let action = required_digest(function, &req.action_digest)?;
         let found = self
             .cache
-            .get_action_result(&req.instance_name, action.hash)
+            .get_action_result(&req.instance_name, function, action.hash)
             .await?;
         let meta = RequestMeta::of_caller(&request, &caller);
         self.cache.activity.lookup(
@@ -70,8 +72,8 @@ impl ActionCache for ActionCacheService {
         let caller = self
             .cache
             .authorize_grpc(&request, &req.instance_name, Access::Write)?;
-        check_digest_function(req.digest_function)?;
-        let action = required_digest(&req.action_digest)?;
+        let function = DigestFunction::from_request(req.digest_function)?;
+        let action = required_digest(function, &req.action_digest)?;
         let result = req
             .action_result
             .as_ref()
@@ -79,6 +81,7 @@ impl ActionCache for ActionCacheService {
         self.cache
             .update_action_result(
                 &req.instance_name,
+                function,
                 action.hash,
                 result,
                 ResultSource::Uploaded { caller: &caller },

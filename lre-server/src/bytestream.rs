@@ -269,7 +269,7 @@ impl ByteStreamService {
         Ok(Upload {
             cas: Some(
                 self.cache
-                    .upload(res.digest.hash, Some(res.digest.size))
+                    .upload(res.digest.function, res.digest.hash, Some(res.digest.size))
                     .await?,
             ),
             decoder,

@@ -49,10 +49,12 @@ impl Capabilities for CapabilitiesService {
             .cache
             .authorize_grpc(&request, instance, Access::Read)?;
         let sha256 = digest_function::Value::Sha256 as i32;
+        // The cache speaks both; remote execution only SHA-256 (its workers hash with it).
+        let cache_functions = crate::digest::DigestFunction::ALL.map(|f| f.to_proto());
         let zstd = compressor::Value::Zstd as i32;
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
-                digest_functions: vec![sha256],
+                digest_functions: cache_functions.to_vec(),
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
                     // False for a read token, and for every client of an
                     // executed-only instance: Bazel then refuses to start a build that

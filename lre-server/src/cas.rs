@@ -1,4 +1,5 @@
-//! The ContentAddressableStorage gRPC service.
+//! The ContentAddressableStorage gRPC service. Every request's digests are under the
+//! request's `digest_function` (SHA-256 when unset, or BLAKE3).
 
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
 use crate::context::ServerContext;
-use crate::digest::{check_digest_function, Digest};
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{ok_rpc_status, Error, Result};
 
 /// Batch entries in flight at once, in BatchUpdateBlobs and BatchReadBlobs.
@@ -48,7 +49,8 @@ impl CasService {
     }
 
     /// Every directory reachable from `root`, breadth first, each listed once. Directories
-    /// missing from the CAS are left out, as the spec allows.
+    /// missing from the CAS are left out, as the spec allows. Children are under the root's
+    /// digest function.
     async fn collect_tree(&self, root: Digest) -> Result<Vec<Directory>> {
         let mut out = Vec::new();
         let mut seen = HashSet::from([root]);
@@ -60,7 +62,7 @@ impl CasService {
             let dir = Directory::decode(raw)
                 .map_err(|e| Error::InvalidArgument(format!("blob {d} is not a Directory: {e}")))?;
             for child in &dir.directories {
-                if let Some(cd) = Digest::from_opt_proto(&child.digest)? {
+                if let Some(cd) = Digest::from_opt_proto(root.function, &child.digest)? {
                     if seen.insert(cd) {
                         queue.push_back(cd);
                     }
@@ -99,11 +101,11 @@ impl ContentAddressableStorage for CasService {
         let req = request.get_ref();
         self.cache
             .authorize_grpc(&request, &req.instance_name, Access::Read)?;
-        check_digest_function(req.digest_function)?;
+        let function = DigestFunction::from_request(req.digest_function)?;
         let digests = req
             .blob_digests
             .iter()
-            .map(Digest::from_proto)
+            .map(|d| Digest::from_proto(function, d))
             .collect::<lre_store::Result<Vec<_>>>()?;
         let missing = self.cache.find_missing(&digests).await?;
         Ok(Response::new(FindMissingBlobsResponse {
@@ -119,12 +121,12 @@ impl ContentAddressableStorage for CasService {
         self.cache
             .authorize_grpc(&request, &request.get_ref().instance_name, Access::Upload)?;
         let req = request.into_inner();
-        check_digest_function(req.digest_function)?;
+        let function = DigestFunction::from_request(req.digest_function)?;
         // Validate the whole request before storing anything, so a bad batch stores nothing.
         let mut parsed = Vec::with_capacity(req.requests.len());
         let mut total = 0u64;
         for r in &req.requests {
-            let d = Digest::from_opt_proto(&r.digest)?
+            let d = Digest::from_opt_proto(function, &r.digest)?
                 .ok_or_else(|| Error::InvalidArgument("a batch entry has no digest".into()))?;
             total = total.saturating_add(d.size);
             parsed.push(d);
@@ -163,11 +165,11 @@ impl ContentAddressableStorage for CasService {
         let req = request.get_ref();
         self.cache
             .authorize_grpc(&request, &req.instance_name, Access::Read)?;
-        check_digest_function(req.digest_function)?;
+        let function = DigestFunction::from_request(req.digest_function)?;
         let digests = req
             .digests
             .iter()
-            .map(Digest::from_proto)
+            .map(|d| Digest::from_proto(function, d))
             .collect::<lre_store::Result<Vec<_>>>()?;
         self.check_batch_size(
             digests
@@ -219,8 +221,8 @@ impl ContentAddressableStorage for CasService {
         let req = request.get_ref();
         self.cache
             .authorize_grpc(&request, &req.instance_name, Access::Read)?;
-        check_digest_function(req.digest_function)?;
-        let root = Digest::from_opt_proto(&req.root_digest)?
+        let function = DigestFunction::from_request(req.digest_function)?;
+        let root = Digest::from_opt_proto(function, &req.root_digest)?
             .ok_or_else(|| Error::InvalidArgument("root_digest is required".into()))?;
         if req.page_size < 0 {
             return Err(Error::InvalidArgument("page_size must not be negative".into()).into());

@@ -11,7 +11,7 @@ use prost::Message;
 use tokio::io::AsyncReadExt as _;
 
 use crate::auth::{Access, Authenticator, Credential, Principal};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::instance::Instances;
 use crate::metrics::Metrics;
@@ -193,19 +193,39 @@ impl ServerContext {
     }
 
     /// Streams a CAS blob known only by its hash (the HTTP protocol), with its size.
-    pub async fn open_cas_by_hash(&self, hash: [u8; 32]) -> Result<Option<(u64, BlobReader)>> {
-        if hash == crate::digest::EMPTY_SHA256 {
+    pub async fn open_cas_by_hash(
+        &self,
+        function: DigestFunction,
+        hash: [u8; 32],
+    ) -> Result<Option<(u64, BlobReader)>> {
+        if hash == function.empty_hash() {
             return Ok(Some((0, Box::pin(tokio::io::empty()))));
         }
-        let found = self.store.open(&Key::Cas(hash), 0, None).await?;
+        let key = Key::cas(&Digest {
+            function,
+            hash,
+            size: 0,
+        });
+        let found = self.store.open(&key, 0, None).await?;
         self.metrics
             .cas(found.is_some() as u64, found.is_none() as u64);
         Ok(found)
     }
 
-    /// Starts a verified streaming upload of a CAS blob.
-    pub async fn upload(&self, hash: [u8; 32], size: Option<u64>) -> Result<CasUpload> {
-        Ok(CasUpload::new(self.store.as_ref(), hash, size).await?)
+    /// Starts a verified streaming upload of a CAS blob: `hash` under `function`, of
+    /// `size` bytes when known.
+    pub async fn upload(
+        &self,
+        function: DigestFunction,
+        hash: [u8; 32],
+        size: Option<u64>,
+    ) -> Result<CasUpload> {
+        let key = Key::cas(&Digest {
+            function,
+            hash,
+            size: size.unwrap_or(0),
+        });
+        Ok(CasUpload::for_key(self.store.as_ref(), key, size).await?)
     }
 
     pub async fn put_blob(&self, d: &Digest, data: Bytes) -> Result<()> {
@@ -213,7 +233,7 @@ impl ServerContext {
             return Ok(());
         }
         let len = data.len() as u64;
-        let mut up = self.upload(d.hash, Some(d.size)).await?;
+        let mut up = self.upload(d.function, d.hash, Some(d.size)).await?;
         if let Err(e) = up.write_bytes(data).await {
             up.discard().await;
             return Err(e.into());
@@ -229,9 +249,10 @@ impl ServerContext {
     pub async fn get_action_result(
         &self,
         instance: &str,
+        function: DigestFunction,
         action_hash: [u8; 32],
     ) -> Result<Option<AcHit>> {
-        let key = Key::ac(instance, &action_hash);
+        let key = Key::ac(instance, function, &action_hash);
         let Some(stored) = self.action_results.get(&key).await? else {
             self.metrics.ac("miss");
             return Ok(None);
@@ -255,11 +276,12 @@ impl ServerContext {
     pub async fn update_action_result(
         &self,
         instance: &str,
+        function: DigestFunction,
         action_hash: [u8; 32],
         result: &ActionResult,
         source: ResultSource<'_>,
     ) -> Result<()> {
-        validate_action_result(result)?;
+        validate_action_result(function, result)?;
         let written_at_ms = crate::activity::unix_ms(std::time::SystemTime::now());
         let provenance = match source {
             ResultSource::Executed {
@@ -285,20 +307,23 @@ impl ServerContext {
                 operation: String::new(),
             },
         };
-        let raw = self.action_results.entry_for(result, provenance).await?;
+        let raw = self
+            .action_results
+            .entry_for(function, result, provenance)
+            .await?;
         let mut w = self.action_results.writer(Some(raw.len() as u64)).await?;
         if let Err(e) = w.write(&raw).await {
             w.discard().await;
             return Err(e.into());
         }
-        w.commit(Key::ac(instance, &action_hash)).await?;
+        w.commit(Key::ac(instance, function, &action_hash)).await?;
         self.metrics.bytes_received.inc_by(raw.len() as u64);
         Ok(())
     }
 }
 
 /// Rejects results whose digests are malformed, so a bad entry never gets stored.
-fn validate_action_result(r: &ActionResult) -> Result<()> {
+fn validate_action_result(function: DigestFunction, r: &ActionResult) -> Result<()> {
     for f in &r.output_files {
         if f.digest.is_none() {
             return Err(Error::InvalidArgument(format!(
@@ -306,7 +331,7 @@ fn validate_action_result(r: &ActionResult) -> Result<()> {
                 f.path
             )));
         }
-        Digest::from_opt_proto(&f.digest)?;
+        Digest::from_opt_proto(function, &f.digest)?;
     }
     for d in &r.output_directories {
         if d.tree_digest.is_none() {
@@ -315,10 +340,10 @@ fn validate_action_result(r: &ActionResult) -> Result<()> {
                 d.path
             )));
         }
-        Digest::from_opt_proto(&d.tree_digest)?;
+        Digest::from_opt_proto(function, &d.tree_digest)?;
     }
-    Digest::from_opt_proto(&r.stdout_digest)?;
-    Digest::from_opt_proto(&r.stderr_digest)?;
+    Digest::from_opt_proto(function, &r.stdout_digest)?;
+    Digest::from_opt_proto(function, &r.stderr_digest)?;
     Ok(())
 }
 
@@ -347,10 +372,7 @@ mod tests {
         let real = Digest::of(&big);
         cache.put_blob(&real, big.clone().into()).await.unwrap();
         for size in [0, 1, real.size - 1, real.size + 1] {
-            let lie = Digest {
-                hash: real.hash,
-                size,
-            };
+            let lie = Digest { size, ..real };
             assert!(
                 cache.read_blob(&lie).await.unwrap().is_none(),
                 "size {size}"

@@ -16,7 +16,11 @@ use tonic::{Request, Response, Status};
 use crate::auth::Access;
 use crate::config::ExecutionConfig;
 use crate::context::ServerContext;
-use crate::digest::{check_digest_function, Digest};
+use crate::digest::{require_sha256, Digest, DigestFunction};
+
+/// Remote execution speaks SHA-256 only (Capabilities says so): its workers hash inputs
+/// and outputs with it.
+const SHA256: DigestFunction = DigestFunction::Sha256;
 use crate::error::{Error, Result};
 use crate::longrunning::{cache_check, missing_response, operation, operation_stream, OpStream};
 use crate::request_meta::RequestMeta;
@@ -64,7 +68,7 @@ impl ExecutionService {
     /// Every blob the action needs that the CAS lacks: the command, and every directory
     /// and file of the input root.
     async fn missing_inputs(&self, action: &Action, missing: &mut Vec<Digest>) -> Result<()> {
-        let Some(root) = Digest::from_opt_proto(&action.input_root_digest)? else {
+        let Some(root) = Digest::from_opt_proto(SHA256, &action.input_root_digest)? else {
             return Err(Error::InvalidArgument(
                 "action has no input_root_digest".into(),
             ));
@@ -79,10 +83,10 @@ impl ExecutionService {
             let dir = Directory::decode(raw)
                 .map_err(|e| Error::InvalidArgument(format!("input directory {d}: {e}")))?;
             for f in &dir.files {
-                files.extend(Digest::from_opt_proto(&f.digest)?);
+                files.extend(Digest::from_opt_proto(SHA256, &f.digest)?);
             }
             for sub in &dir.directories {
-                if let Some(sd) = Digest::from_opt_proto(&sub.digest)? {
+                if let Some(sd) = Digest::from_opt_proto(SHA256, &sub.digest)? {
                     if seen.insert(sd) {
                         queue.push_back(sd);
                     }
@@ -119,8 +123,8 @@ impl ExecutionService {
         let caller = self
             .cache
             .authorize_grpc(&request, &req.instance_name, Access::Execute)?;
-        check_digest_function(req.digest_function)?;
-        let action_digest = Digest::from_opt_proto(&req.action_digest)?
+        require_sha256(req.digest_function, "remote execution")?;
+        let action_digest = Digest::from_opt_proto(SHA256, &req.action_digest)?
             .ok_or_else(|| Error::InvalidArgument("action_digest is required".into()))?;
         let key = ActionKey {
             instance: req.instance_name.clone(),
@@ -130,7 +134,7 @@ impl ExecutionService {
         if !req.skip_cache_lookup {
             if let Some(hit) = self
                 .cache
-                .get_action_result(&req.instance_name, action_digest.hash)
+                .get_action_result(&req.instance_name, SHA256, action_digest.hash)
                 .await?
             {
                 // Only hits count here: Bazel looked the key up (and missed) just before.
@@ -158,7 +162,7 @@ impl ExecutionService {
         };
         let action = Action::decode(action_raw.clone())
             .map_err(|e| Error::InvalidArgument(format!("action {action_digest}: {e}")))?;
-        let command_digest = Digest::from_opt_proto(&action.command_digest)?
+        let command_digest = Digest::from_opt_proto(SHA256, &action.command_digest)?
             .ok_or_else(|| Error::InvalidArgument("action has no command_digest".into()))?;
         let command_raw = self.fetch(&command_digest, &mut missing).await?;
         self.missing_inputs(&action, &mut missing).await?;

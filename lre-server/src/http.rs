@@ -2,6 +2,11 @@
 //! (`GET`/`HEAD`/`PUT` on `{prefix}/ac/{sha256}` and `{prefix}/cas/{sha256}`), plus
 //! `/metrics` and `/healthz`. The prefix is the instance name, so HTTP and gRPC clients
 //! of the same instance share one action cache.
+//!
+//! The protocol names no digest function. A BLAKE3 client names it in the path,
+//! `{prefix}/cas/blake3/{hash}` (the layout bazel-remote's BLAKE3 proposal uses), or in an
+//! `X-Digest-Function: blake3` header; both at once must agree. Without either a hash is
+//! SHA-256's.
 
 use std::sync::Arc;
 
@@ -18,7 +23,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::auth::{http_credential as credential, Access};
 use crate::context::{ResultSource, ServerContext};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{error_response, Error, Result};
 use crate::scheduler::Scheduler;
 use lre_store::StoreError;
@@ -191,35 +196,113 @@ async fn metrics(State(cache): State<Arc<ServerContext>>, headers: HeaderMap) ->
         .into_response()
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Ac,
     Cas,
 }
 
-/// Splits `/{prefix...}/{ac|cas}/{hash}` into (instance, kind, hash).
-pub fn parse_path(path: &str) -> Result<(String, Kind, [u8; 32])> {
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ac => "ac",
+            Kind::Cas => "cas",
+        }
+    }
+}
+
+/// What a cache URL names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobPath {
+    pub instance: String,
+    pub kind: Kind,
+    /// `None` when the path names no function (the header, or SHA-256, decides).
+    pub function: Option<DigestFunction>,
+    pub hash: [u8; 32],
+}
+
+impl BlobPath {
+    /// The path that names this, canonically spelled.
+    pub fn canonical(&self) -> String {
+        let mut p = String::new();
+        if !self.instance.is_empty() {
+            p = format!("/{}", self.instance);
+        }
+        p.push('/');
+        p.push_str(self.kind.name());
+        if let Some(f) = self.function {
+            p.push('/');
+            p.push_str(f.name());
+        }
+        p.push('/');
+        p.push_str(&hex::encode(self.hash));
+        p
+    }
+}
+
+fn kind_of(seg: &str) -> Option<Kind> {
+    match seg {
+        "ac" => Some(Kind::Ac),
+        "cas" => Some(Kind::Cas),
+        _ => None,
+    }
+}
+
+/// Splits `/{prefix...}/{ac|cas}[/{function}]/{hash}`. The segment before the hash is
+/// the kind if it is `ac` or `cas`, otherwise a function's name with the kind before it.
+pub fn parse_path(path: &str) -> Result<BlobPath> {
+    let expected = || Error::NotFound(format!("{path}: expected /[prefix/]ac|cas/[blake3/]<hash>"));
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let n = segs.len();
     if n < 2 {
-        return Err(Error::NotFound(format!(
-            "{path}: expected /[prefix/]ac/<sha256> or /[prefix/]cas/<sha256>"
-        )));
+        return Err(expected());
     }
-    let kind = match segs[n - 2] {
-        "ac" => Kind::Ac,
-        "cas" => Kind::Cas,
-        _ => {
-            return Err(Error::NotFound(format!(
-                "{path}: expected /[prefix/]ac/<sha256> or /[prefix/]cas/<sha256>"
-            )))
+    let hash = segs[n - 1];
+    let (kind, function, prefix_len) = match kind_of(segs[n - 2]) {
+        Some(kind) => (kind, None, n - 2),
+        None => {
+            let kind = (n >= 3)
+                .then(|| kind_of(segs[n - 3]))
+                .flatten()
+                .ok_or_else(expected)?;
+            let function = DigestFunction::from_name(segs[n - 2]).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{path}: digest function {:?} is not supported; this server speaks sha256 and blake3",
+                    segs[n - 2].chars().take(64).collect::<String>()
+                ))
+            })?;
+            (kind, Some(function), n - 3)
         }
     };
-    Ok((
-        segs[..n - 2].join("/"),
+    Ok(BlobPath {
+        instance: segs[..prefix_len].join("/"),
         kind,
-        Digest::parse_hash(segs[n - 1])?,
-    ))
+        function,
+        hash: Digest::parse_hash(hash)?,
+    })
+}
+
+/// The request's digest function: the path's, else the `X-Digest-Function` header's, else
+/// SHA-256. A path and a header that disagree are refused.
+fn function_of(path: &BlobPath, headers: &HeaderMap) -> Result<DigestFunction> {
+    let header = match headers.get("x-digest-function") {
+        None => None,
+        Some(v) => {
+            let name = v.to_str().unwrap_or("").to_ascii_lowercase();
+            Some(DigestFunction::from_name(&name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "X-Digest-Function {:?} is not supported; this server speaks sha256 and blake3",
+                    name.chars().take(64).collect::<String>()
+                ))
+            })?)
+        }
+    };
+    match (path.function, header) {
+        (Some(p), Some(h)) if p != h => Err(Error::InvalidArgument(format!(
+            "the path names digest function {p} and X-Digest-Function {h}"
+        ))),
+        (p, h) => Ok(p.or(h).unwrap_or_default()),
+    }
 }
 
 async fn blob(
@@ -264,7 +347,14 @@ async fn handle(
         Method::PUT => true,
         _ => return Ok(StatusCode::METHOD_NOT_ALLOWED.into_response()),
     };
-    let (instance, kind, hash) = parse_path(path)?;
+    let parsed = parse_path(path)?;
+    let function = function_of(&parsed, headers)?;
+    let BlobPath {
+        instance,
+        kind,
+        hash,
+        ..
+    } = parsed;
     let access = match (kind, write) {
         (_, false) => Access::Read,
         (Kind::Cas, true) => Access::Upload,
@@ -274,10 +364,12 @@ async fn handle(
     // Authorize before reading any of the body: a refused writer stores nothing.
     let caller = cache.authorize(cred, &instance, access)?;
     match (kind, access) {
-        (Kind::Cas, Access::Read) => get_cas(cache, hash, *method == Method::HEAD).await,
-        (Kind::Ac, Access::Read) => get_ac(cache, &instance, hash, *method == Method::HEAD).await,
-        (Kind::Cas, _) => put_cas(cache, hash, headers, body).await,
-        (Kind::Ac, _) => put_ac(cache, &instance, hash, body, &caller).await,
+        (Kind::Cas, Access::Read) => get_cas(cache, function, hash, *method == Method::HEAD).await,
+        (Kind::Ac, Access::Read) => {
+            get_ac(cache, &instance, function, hash, *method == Method::HEAD).await
+        }
+        (Kind::Cas, _) => put_cas(cache, function, hash, headers, body).await,
+        (Kind::Ac, _) => put_ac(cache, &instance, function, hash, body, &caller).await,
     }
 }
 
@@ -292,8 +384,13 @@ fn with_length(status: StatusCode, len: u64, body: Body) -> Response {
     r
 }
 
-async fn get_cas(cache: &ServerContext, hash: [u8; 32], head: bool) -> Result<Response> {
-    let Some((size, reader)) = cache.open_cas_by_hash(hash).await? else {
+async fn get_cas(
+    cache: &ServerContext,
+    function: DigestFunction,
+    hash: [u8; 32],
+    head: bool,
+) -> Result<Response> {
+    let Some((size, reader)) = cache.open_cas_by_hash(function, hash).await? else {
         return Err(Error::NotFound(format!(
             "blob {} is not in the CAS",
             hex::encode(hash)
@@ -313,10 +410,11 @@ async fn get_cas(cache: &ServerContext, hash: [u8; 32], head: bool) -> Result<Re
 async fn get_ac(
     cache: &ServerContext,
     instance: &str,
+    function: DigestFunction,
     hash: [u8; 32],
     head: bool,
 ) -> Result<Response> {
-    let Some(hit) = cache.get_action_result(instance, hash).await? else {
+    let Some(hit) = cache.get_action_result(instance, function, hash).await? else {
         return Err(Error::NotFound(format!(
             "no complete action result for {}",
             hex::encode(hash)
@@ -332,6 +430,7 @@ async fn get_ac(
 
 async fn put_cas(
     cache: &ServerContext,
+    function: DigestFunction,
     hash: [u8; 32],
     headers: &HeaderMap,
     body: Body,
@@ -344,7 +443,7 @@ async fn put_cas(
                 .map_err(|_| Error::InvalidArgument(format!("bad Content-Length {v:?}")))
         })
         .transpose()?;
-    let mut upload = cache.upload(hash, declared).await?;
+    let mut upload = cache.upload(function, hash, declared).await?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk =
@@ -360,6 +459,7 @@ async fn put_cas(
 async fn put_ac(
     cache: &ServerContext,
     instance: &str,
+    function: DigestFunction,
     hash: [u8; 32],
     body: Body,
     caller: &crate::auth::Principal,
@@ -369,7 +469,13 @@ async fn put_ac(
         .map_err(|e| Error::InvalidArgument(format!("action result body: {e}")))?;
     let result = ActionResult::decode(bytes)?;
     cache
-        .update_action_result(instance, hash, &result, ResultSource::Uploaded { caller })
+        .update_action_result(
+            instance,
+            function,
+            hash,
+            &result,
+            ResultSource::Uploaded { caller },
+        )
         .await?;
     Ok(StatusCode::OK.into_response())
 }

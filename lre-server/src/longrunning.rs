@@ -123,7 +123,7 @@ pub fn reported_missing(list: &[String]) -> Vec<Digest> {
         .take(1000)
         .filter_map(|s| {
             let (hash, size) = s.split_once('/')?;
-            Digest::parse(hash, size).ok()
+            Digest::parse(crate::digest::DigestFunction::Sha256, hash, size).ok()
         })
         .collect()
 }

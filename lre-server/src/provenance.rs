@@ -192,11 +192,15 @@ async fn one(
         let cred = credential(&headers)?;
         cache.authorize(cred, &q.instance, Access::Read)?;
         let hash = Digest::parse_hash(&q.action)?;
-        let raw = cache
-            .action_results
-            .unchecked()
-            .get(&Key::ac(&q.instance, &hash))
-            .await?;
+        // The action's hash alone does not say its function: either entry answers.
+        let mut raw = None;
+        for function in crate::digest::DigestFunction::ALL {
+            let key = Key::ac(&q.instance, function, &hash);
+            raw = cache.action_results.unchecked().get(&key).await?;
+            if raw.is_some() {
+                break;
+            }
+        }
         Ok::<_, Error>(raw.and_then(|r| AcEntry::decode(r).ok()?.provenance))
     };
     match r.await {

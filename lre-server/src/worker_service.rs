@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::{ResultSource, ServerContext};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::Error;
 use crate::scheduler::{Job, Scheduler, WorkerCommand, WorkerSpec, MAX_CAPACITY};
 
@@ -158,6 +158,7 @@ async fn finish(
             if let Err(e) = cache
                 .update_action_result(
                     &job.key.instance,
+                    job.key.action.function,
                     job.key.action.hash,
                     r,
                     ResultSource::Executed {
@@ -215,7 +216,11 @@ fn record(
             u64::try_from(ms).ok().map(std::time::Duration::from_millis)
         });
     let stderr = result
-        .and_then(|r| Digest::from_opt_proto(&r.stderr_digest).ok().flatten())
+        .and_then(|r| {
+            Digest::from_opt_proto(DigestFunction::Sha256, &r.stderr_digest)
+                .ok()
+                .flatten()
+        })
         .filter(|d| d.size > 0);
     cache.activity.executed(
         &job.key.instance,

@@ -20,7 +20,10 @@ async fn capabilities_advertise_what_is_served() {
     let cache = caps.cache_capabilities.unwrap();
     assert_eq!(
         cache.digest_functions,
-        vec![re::digest_function::Value::Sha256 as i32]
+        vec![
+            re::digest_function::Value::Sha256 as i32,
+            re::digest_function::Value::Blake3 as i32
+        ]
     );
     assert!(cache
         .supported_compressors

@@ -46,7 +46,7 @@ async fn replicas_share_action_results_through_redis_and_survive_it_going_away()
     let hash: [u8; 32] = hex::decode(&action.hash).unwrap().try_into().unwrap();
     let hit = b
         .context
-        .get_action_result("", hash)
+        .get_action_result("", lre_server::digest::DigestFunction::Sha256, hash)
         .await
         .unwrap()
         .unwrap();

@@ -175,7 +175,7 @@ async fn main() {
             keys.iter()
                 .filter(|k| match k {
                     Key::Cas(h) => map.contains_key(h),
-                    Key::CasExecutable(_) | Key::Ac(_) => false,
+                    _ => false,
                 })
                 .count()
         })

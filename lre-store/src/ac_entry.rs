@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use prost::Message;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Result, StoreError as Error};
 
 /// Marks the current stored form.
@@ -36,6 +36,10 @@ struct Stored {
     /// `REFERENCE_BYTES` per referenced blob, in no particular order, no duplicates.
     #[prost(bytes = "bytes", tag = "3")]
     references: Bytes,
+    /// The REAPI `digest_function` the action and every reference are under; unset (0,
+    /// entries from before BLAKE3) is SHA-256.
+    #[prost(int32, tag = "4")]
+    digest_function: i32,
 }
 
 /// Who wrote an action-cache entry, when, and for which instance and action.
@@ -116,6 +120,8 @@ pub struct AcEntry {
     /// `None` for an entry of the earlier form (its references must be found from the
     /// result itself).
     pub references: Option<Vec<Digest>>,
+    /// The function the result's digests are under.
+    pub function: DigestFunction,
 }
 
 impl AcEntry {
@@ -127,10 +133,13 @@ impl AcEntry {
                 result: raw,
                 provenance: None,
                 references: None,
+                function: DigestFunction::Sha256,
             });
         };
         let s =
             Stored::decode(body).map_err(|e| Error::Corrupt(format!("action cache entry: {e}")))?;
+        let function = DigestFunction::from_request(s.digest_function)
+            .map_err(|e| Error::Corrupt(format!("action cache entry: {e}")))?;
         if s.references.len() % REFERENCE_BYTES != 0 {
             return Err(Error::Corrupt(format!(
                 "action cache entry: a reference list of {} bytes is not a whole number of references",
@@ -146,6 +155,7 @@ impl AcEntry {
                 let mut size = [0u8; 8];
                 size.copy_from_slice(&c[32..]);
                 Digest {
+                    function,
                     hash,
                     size: u64::from_be_bytes(size),
                 }
@@ -155,15 +165,27 @@ impl AcEntry {
             result: s.result,
             provenance: s.provenance,
             references: Some(references),
+            function,
         })
     }
 
-    /// The stored form of `result` (an encoded ActionResult) with its writer and the blobs
-    /// it references (deduplicated here; the empty blob is left out, it always exists).
-    pub fn encode(result: Bytes, provenance: Provenance, references: &[Digest]) -> Result<Bytes> {
+    /// The stored form of `result` (an encoded ActionResult, its digests under `function`)
+    /// with its writer and the blobs it references (deduplicated here; the empty blob is
+    /// left out, it always exists).
+    pub fn encode(
+        result: Bytes,
+        provenance: Provenance,
+        function: DigestFunction,
+        references: &[Digest],
+    ) -> Result<Bytes> {
         let mut seen = std::collections::HashSet::new();
         let mut packed = Vec::with_capacity(references.len().min(MAX_REFERENCES) * REFERENCE_BYTES);
         for d in references {
+            if d.function != function {
+                return Err(Error::Internal(format!(
+                    "an action result under {function} references {d}"
+                )));
+            }
             if d.is_empty_blob() || !seen.insert(*d) {
                 continue;
             }
@@ -177,6 +199,11 @@ impl AcEntry {
             result,
             provenance: Some(provenance),
             references: packed.into(),
+            // SHA-256 is left unset, as entries from before BLAKE3 have it.
+            digest_function: match function {
+                DigestFunction::Sha256 => 0,
+                other => other.to_proto(),
+            },
         };
         let mut out = Vec::with_capacity(MAGIC.len() + s.encoded_len());
         out.extend_from_slice(MAGIC);
@@ -216,6 +243,7 @@ mod tests {
         let raw = AcEntry::encode(
             Bytes::from_static(b"\x20\x01"),
             prov(),
+            DigestFunction::Sha256,
             &[a, b, a, Digest::EMPTY],
         )
         .unwrap();
@@ -224,6 +252,19 @@ mod tests {
         assert_eq!(&e.result[..], b"\x20\x01");
         assert_eq!(e.provenance, Some(prov()));
         assert_eq!(e.references, Some(vec![a, b]));
+        assert_eq!(e.function, DigestFunction::Sha256);
+    }
+
+    #[test]
+    fn a_blake3_entry_keeps_its_function_and_refuses_a_sha256_reference() {
+        let f = DigestFunction::Blake3;
+        let a = Digest::of_in(f, b"a");
+        let raw = AcEntry::encode(Bytes::new(), prov(), f, &[a, Digest::empty(f)]).unwrap();
+        let e = AcEntry::decode(raw).unwrap();
+        assert_eq!(e.function, f);
+        assert_eq!(e.references, Some(vec![a]));
+        let e = AcEntry::encode(Bytes::new(), prov(), f, &[Digest::of(b"a")]).unwrap_err();
+        assert!(e.to_string().contains("references"), "{e}");
     }
 
     #[test]
@@ -246,7 +287,8 @@ mod tests {
 
     #[test]
     fn damaged_entries_and_too_many_references_are_errors() {
-        let mut raw = AcEntry::encode(Bytes::new(), prov(), &[Digest::of(b"x")])
+        let sha256 = DigestFunction::Sha256;
+        let mut raw = AcEntry::encode(Bytes::new(), prov(), sha256, &[Digest::of(b"x")])
             .unwrap()
             .to_vec();
         raw.truncate(raw.len() - 3);
@@ -256,11 +298,12 @@ mod tests {
         ));
         let many: Vec<Digest> = (0..=MAX_REFERENCES as u64)
             .map(|i| Digest {
+                function: sha256,
                 hash: [1; 32],
                 size: i + 1,
             })
             .collect();
-        let e = AcEntry::encode(Bytes::new(), prov(), &many).unwrap_err();
+        let e = AcEntry::encode(Bytes::new(), prov(), sha256, &many).unwrap_err();
         assert!(e.to_string().contains(&MAX_REFERENCES.to_string()), "{e}");
     }
 

@@ -1,8 +1,10 @@
 //! ByteStream resource names, as REAPI defines them:
 //! `{instance}/blobs/{hash}/{size}`, `{instance}/compressed-blobs/zstd/{hash}/{size}`, and for
 //! writes `{instance}/uploads/{uuid}/(compressed-blobs/zstd|blobs)/{hash}/{size}{/metadata}`.
+//! A digest function other than SHA-256 is named before the hash (REAPI 2.3):
+//! `{instance}/blobs/blake3/{hash}/{size}`; SHA-256 may be named too, and usually is not.
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Result, StoreError as Error};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,15 +106,20 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
             ))
         }
     };
-    // An optional digest-function segment; for SHA-256 the spec says to omit it.
+    // An optional digest-function segment; for SHA-256 the spec says to omit it. A hash
+    // is 64 hex digits and a size all digits, so neither is taken for a function's name.
+    let mut function = DigestFunction::Sha256;
     if let Some(f) = rest.first() {
         if f.len() != 64 && !f.chars().all(|c| c.is_ascii_digit()) {
-            if *f != "sha256" {
-                return Err(bad(
+            function = DigestFunction::from_name(f).ok_or_else(|| {
+                bad(
                     name,
-                    &format!("digest function {f:?} is not supported; this server uses SHA-256"),
-                ));
-            }
+                    &format!(
+                        "digest function {:?} is not supported; this server speaks sha256 and blake3",
+                        shown(f)
+                    ),
+                )
+            })?;
             rest = &rest[1..];
         }
     }
@@ -126,7 +133,7 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
         instance,
         upload_id,
         compression,
-        digest: Digest::parse(hash, size)?,
+        digest: Digest::parse(function, hash, size)?,
     })
 }
 
@@ -149,9 +156,37 @@ mod tests {
         assert!(parse_read(&format!("compressed-blobs/lz4/{H}/0")).is_err());
         assert!(parse_read(&format!("blobs/{H}/-1")).is_err());
         assert!(parse_read("blobs/abc/1").is_err());
-        assert!(parse_read(&format!("blobs/blake3/{H}/1")).is_err());
-        assert!(parse_read(&format!("blobs/sha256/{H}/1")).is_ok());
+        assert_eq!(
+            parse_read(&format!("blobs/sha256/{H}/1"))
+                .unwrap()
+                .digest
+                .function,
+            DigestFunction::Sha256
+        );
+        assert!(parse_read(&format!("blobs/sha1/{H}/1")).is_err());
+        assert!(parse_read(&format!("blobs/BLAKE3/{H}/1")).is_err());
+        assert!(parse_read(&format!("blobs/blake3/blake3/{H}/1")).is_err());
         assert!(parse_read("nonsense").is_err());
+    }
+
+    #[test]
+    fn blake3_names_its_function_and_sha256_need_not() {
+        let r = parse_read(&format!("a/blobs/blake3/{H}/5")).unwrap();
+        assert_eq!(r.instance, "a");
+        assert_eq!(r.digest.function, DigestFunction::Blake3);
+        assert_eq!(r.digest.size, 5);
+        let r = parse_read(&format!("compressed-blobs/zstd/blake3/{H}/5")).unwrap();
+        assert_eq!(
+            (r.compression, r.digest.function),
+            (Compression::Zstd, DigestFunction::Blake3)
+        );
+        // The same hash without the segment is a SHA-256 digest: a different blob.
+        let s = parse_read(&format!("a/blobs/{H}/5")).unwrap();
+        assert_eq!(s.digest.function, DigestFunction::Sha256);
+        assert_ne!(
+            s.digest,
+            parse_read(&format!("a/blobs/blake3/{H}/5")).unwrap().digest
+        );
     }
 
     #[test]
@@ -164,6 +199,13 @@ mod tests {
         let w = parse_write(&format!("blobs/{H}/0")).unwrap();
         assert_eq!(w.upload_id, None);
         assert!(parse_write(&format!("uploads//blobs/{H}/0")).is_err());
+        let w = parse_write(&format!("i/uploads/u/compressed-blobs/zstd/blake3/{H}/7/m")).unwrap();
+        assert_eq!(
+            (w.instance.as_str(), w.compression),
+            ("i", Compression::Zstd)
+        );
+        assert_eq!(w.digest.function, DigestFunction::Blake3);
+        assert_eq!(w.digest.size, 7);
         assert!(parse_write(&format!("uploads/u/{H}/0")).is_err());
     }
 }

@@ -67,7 +67,7 @@ async fn a_result_is_served_only_while_everything_it_references_is_in_the_cas() 
         }],
         ..Default::default()
     };
-    let key = Key::ac("", &[1; 32]);
+    let key = Key::ac("", lre_store::digest::DigestFunction::Sha256, &[1; 32]);
     put(results.as_ref(), key, &result.encode_to_vec()).await;
     assert!(layer.get(&key).await.unwrap().is_some());
     assert_eq!(withheld.load(Ordering::SeqCst), 0);
@@ -83,7 +83,7 @@ async fn a_result_is_served_only_while_everything_it_references_is_in_the_cas() 
     assert!(layer.get(&key).await.unwrap().is_some());
 
     // Not an ActionResult: withheld and removed.
-    let junk = Key::ac("", &[2; 32]);
+    let junk = Key::ac("", lre_store::digest::DigestFunction::Sha256, &[2; 32]);
     put(results.as_ref(), junk, &[0xff, 0xff, 0xff]).await;
     assert!(layer.get(&junk).await.unwrap().is_none());
     assert!(results.get(&junk).await.unwrap().is_none());
@@ -139,9 +139,13 @@ async fn a_huge_output_tree_is_read_once_when_written_and_never_on_lookups() {
         }],
         ..Default::default()
     };
-    let key = Key::ac("", &[3; 32]);
+    let key = Key::ac("", lre_store::digest::DigestFunction::Sha256, &[3; 32]);
     let entry = layer
-        .entry_for(&result, lre_store::ac_entry::Provenance::default())
+        .entry_for(
+            lre_store::digest::DigestFunction::Sha256,
+            &result,
+            lre_store::ac_entry::Provenance::default(),
+        )
         .await
         .unwrap();
     assert!(
@@ -165,7 +169,7 @@ async fn a_huge_output_tree_is_read_once_when_written_and_never_on_lookups() {
     assert!(layer.get(&key).await.unwrap().is_none());
     assert_eq!(read.load(Ordering::Relaxed), 0);
     // An entry of the earlier form with such a Tree reads as a miss, unread.
-    let legacy = Key::ac("", &[4; 32]);
+    let legacy = Key::ac("", lre_store::digest::DigestFunction::Sha256, &[4; 32]);
     put(results.as_ref(), legacy, &result.encode_to_vec()).await;
     cas_put(cas.as_ref(), b"one real file").await;
     read.store(0, Ordering::Relaxed);
@@ -184,7 +188,11 @@ async fn a_huge_output_tree_is_read_once_when_written_and_never_on_lookups() {
         ..Default::default()
     };
     let e = layer
-        .entry_for(&missing, lre_store::ac_entry::Provenance::default())
+        .entry_for(
+            lre_store::digest::DigestFunction::Sha256,
+            &missing,
+            lre_store::ac_entry::Provenance::default(),
+        )
         .await
         .unwrap_err();
     assert!(

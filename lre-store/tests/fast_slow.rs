@@ -53,7 +53,7 @@ async fn a_write_the_slow_tier_refuses_for_room_can_be_retried_as_it_was() {
     hog.write(&vec![0u8; 1 << 20]).await.unwrap();
 
     let data = noise(600_000, 3);
-    let mut up = CasUpload::new(&tiers, sha(&data), Some(data.len() as u64))
+    let mut up = CasUpload::for_key(&tiers, Key::Cas(sha(&data)), Some(data.len() as u64))
         .await
         .unwrap();
     let e = up.write(&data).await.unwrap_err();
@@ -71,7 +71,7 @@ async fn a_write_the_slow_tier_refuses_for_room_can_be_retried_as_it_was() {
     let mut hog = fast.writer(None).await.unwrap();
     hog.write(&vec![0u8; 1 << 20]).await.unwrap();
     let data = noise(700_000, 4);
-    let mut up = CasUpload::new(&tiers, sha(&data), Some(data.len() as u64))
+    let mut up = CasUpload::for_key(&tiers, Key::Cas(sha(&data)), Some(data.len() as u64))
         .await
         .unwrap();
     let e = up.write(&data).await.unwrap_err();

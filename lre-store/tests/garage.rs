@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use lre_store::metrics::StoreMetrics;
-use lre_store::store::{BlobStore, CasUpload, FastSlowStore, Key, MemStore, S3Store, VerifyStore};
+use lre_store::store::{
+    BlobStore, CasUpload, FastSlowStore, Key, KeyKind, MemStore, S3Store, VerifyStore,
+};
 use lre_store::StoreError;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
@@ -50,6 +52,16 @@ async fn small_and_multipart_blobs_round_trip_and_leave_no_temporary_objects() {
         "temporary objects left behind"
     );
 
+    // The same small bytes under BLAKE3: another object, listed under its own kind.
+    let k3 = Key::Blake3Cas(*blake3::hash(&small).as_bytes());
+    let mut up = CasUpload::for_key(&s3, k3, Some(1000)).await.unwrap();
+    up.write(&small).await.unwrap();
+    up.finish().await.unwrap();
+    assert_eq!(s3.get(&k3).await.unwrap().unwrap(), small);
+    assert_eq!(s3.list(KeyKind::Blake3Cas).await.unwrap(), vec![k3]);
+    assert!(!s3.list(KeyKind::Cas).await.unwrap().contains(&k3));
+    assert_eq!(objects(&g, "cas-blake3").await.len(), 1);
+
     s3.remove(&kb).await.unwrap();
     assert_eq!(s3.lookup(&[kb]).await.unwrap(), vec![None]);
     assert!(s3.get(&kb).await.unwrap().is_none());
@@ -65,7 +77,7 @@ async fn a_wrong_digest_or_an_abandoned_upload_stores_nothing() {
     for len in [1000usize, 12 << 20] {
         let data = noise(len, 3);
         let claimed = sha(b"something else");
-        let mut up = CasUpload::new(&s3, claimed, Some(len as u64))
+        let mut up = CasUpload::for_key(&s3, Key::Cas(claimed), Some(len as u64))
             .await
             .unwrap();
         for c in data.chunks(1 << 20) {
@@ -81,7 +93,7 @@ async fn a_wrong_digest_or_an_abandoned_upload_stores_nothing() {
         );
 
         // A client that goes away half way: the writer is dropped, not committed.
-        let mut up = CasUpload::new(&s3, sha(&data), Some(len as u64))
+        let mut up = CasUpload::for_key(&s3, Key::Cas(sha(&data)), Some(len as u64))
             .await
             .unwrap();
         up.write(&data[..len / 2]).await.unwrap();
@@ -265,7 +277,7 @@ async fn an_unreachable_or_refusing_backend_is_a_clear_error_never_a_miss() {
     fast.remove(&k).await.unwrap();
     // A multipart upload under way when the cluster goes: its next part fails.
     let big = noise(20 << 20, 41);
-    let mut torn = CasUpload::new(slow.as_ref(), sha(&big), Some(big.len() as u64))
+    let mut torn = CasUpload::for_key(slow.as_ref(), Key::Cas(sha(&big)), Some(big.len() as u64))
         .await
         .unwrap();
     torn.write(&big[..4 << 20]).await.unwrap();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lre_store::config::RedisConfig;
 use lre_store::error::StoreError;
-use lre_store::store::{BlobStore, Key, RedisStore};
+use lre_store::store::{BlobStore, Key, KeyKind, RedisStore};
 use lre_test_support::redis::{dead_port, Redis};
 
 fn config(url: &str) -> RedisConfig {
@@ -20,7 +20,7 @@ async fn set(store: &dyn BlobStore, key: Key, data: &[u8]) -> Result<(), StoreEr
 }
 
 fn ac(n: u8) -> Key {
-    Key::ac("main", &[n; 32])
+    Key::ac("main", lre_store::digest::DigestFunction::Sha256, &[n; 32])
 }
 
 /// `key`'s entry once the store answers again (Redis back, a new connection dialled):
@@ -66,6 +66,17 @@ async fn entries_round_trip_and_an_empty_entry_is_present() {
     assert_eq!(found.len(), 10_000);
     assert_eq!(found.iter().filter(|f| f.is_some()).count(), 1);
     assert_eq!(found[9_999], Some(4));
+
+    // The same hash as a BLAKE3 key is another entry, listed under its own kind.
+    let b3 = Key::Blake3Cas(*keys[9_999].hash());
+    assert_eq!(store.lookup(&[b3]).await.unwrap(), vec![None]);
+    set(&store, b3, b"blake3").await.unwrap();
+    assert_eq!(
+        store.lookup(&[b3, keys[9_999]]).await.unwrap(),
+        vec![Some(6), Some(4)]
+    );
+    assert_eq!(store.list(KeyKind::Blake3Cas).await.unwrap(), vec![b3]);
+    assert!(!store.list(KeyKind::Cas).await.unwrap().contains(&b3));
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ pub fn sha(data: &[u8]) -> [u8; 32] {
 
 /// Uploads `data` as a CAS blob through the verified path every server write takes.
 pub async fn put(store: &dyn BlobStore, data: &[u8]) -> Key {
-    let mut up = CasUpload::new(store, sha(data), Some(data.len() as u64))
+    let mut up = CasUpload::for_key(store, Key::Cas(sha(data)), Some(data.len() as u64))
         .await
         .expect("writer");
     for chunk in data.chunks(1 << 20) {

@@ -23,9 +23,10 @@ pub fn digest_of(data: &[u8]) -> re::Digest {
 }
 
 /// The server's rule (lre-store), so that a digest the server would refuse (uppercase hex,
-/// a negative size) is refused here before it names a file in the cache.
+/// a negative size) is refused here before it names a file in the cache. Workers run
+/// SHA-256 actions only (the server refuses to schedule others).
 pub fn valid(d: &re::Digest) -> Result<Digest> {
-    Digest::from_proto(d).map_err(|e| {
+    Digest::from_proto(lre_store::digest::DigestFunction::Sha256, d).map_err(|e| {
         WorkerError::InvalidInput(format!("input digest {}/{}: {e}", d.hash, d.size_bytes))
     })
 }
@@ -511,7 +512,8 @@ mod tests {
             let err = valid(&bad).unwrap_err().to_string();
             assert!(err.contains("input digest"), "{err}");
             assert!(
-                lre_store::Digest::from_proto(&bad).is_err(),
+                lre_store::Digest::from_proto(lre_store::digest::DigestFunction::Sha256, &bad)
+                    .is_err(),
                 "the server's rule accepts {bad:?}"
             );
         }

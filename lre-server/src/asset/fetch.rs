@@ -86,6 +86,7 @@ impl Downloader {
             .download(uri, headers, sri, timeout, Sink::Store(writer))
             .await?;
         let digest = Digest {
+            function: crate::digest::DigestFunction::Sha256,
             hash: hashes.sha256,
             size,
         };

@@ -11,7 +11,7 @@ use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 use crate::context::ServerContext;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::Result;
 use crate::store::Key;
 
@@ -74,16 +74,19 @@ pub fn key(instance: &str, kind: Kind, uri: &str, parts: &[(String, String)]) ->
         field(name);
         field(value);
     }
-    Key::ac(instance, &h.finalize().into())
+    Key::ac(instance, DigestFunction::Sha256, &h.finalize().into())
 }
 
 pub async fn load(cache: &ServerContext, key: &Key) -> Result<Option<(Entry, Digest)>> {
     let Some(raw) = cache.action_results.unchecked().get(key).await? else {
         return Ok(None);
     };
-    let decoded = Entry::decode(raw)
-        .ok()
-        .and_then(|e| Some((Digest::from_opt_proto(&e.digest).ok()??, e)));
+    let decoded = Entry::decode(raw).ok().and_then(|e| {
+        Some((
+            Digest::from_opt_proto(DigestFunction::Sha256, &e.digest).ok()??,
+            e,
+        ))
+    });
     match decoded {
         Some((d, e)) => Ok(Some((e, d))),
         None => {
@@ -123,13 +126,13 @@ pub async fn tree_missing(cache: &ServerContext, root: Digest) -> Result<Option<
             return Ok(Some(d));
         };
         for f in &dir.files {
-            match Digest::from_opt_proto(&f.digest) {
+            match Digest::from_opt_proto(DigestFunction::Sha256, &f.digest) {
                 Ok(Some(fd)) => files.push(fd),
                 _ => return Ok(Some(d)),
             }
         }
         for c in &dir.directories {
-            match Digest::from_opt_proto(&c.digest) {
+            match Digest::from_opt_proto(DigestFunction::Sha256, &c.digest) {
                 Ok(Some(cd)) if seen.insert(cd) => queue.push_back(cd),
                 Ok(Some(_)) => {}
                 _ => return Ok(Some(d)),

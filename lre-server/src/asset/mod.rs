@@ -40,7 +40,7 @@ pub use crate::config::AssetConfig;
 
 use crate::auth::{Access, Principal};
 use crate::context::ServerContext;
-use crate::digest::{check_digest_function, Digest};
+use crate::digest::{require_sha256, Digest, DigestFunction};
 use crate::error::{ok_rpc_status, Error, Result};
 use archive::Limits;
 use fetch::Downloader;
@@ -117,7 +117,7 @@ impl AssetService {
             ))
             .into());
         }
-        check_digest_function(req.digest_function())?;
+        require_sha256(req.digest_function(), "Remote Asset")?;
         if uris.is_empty() {
             return Err(Error::InvalidArgument("at least one URI is required".into()).into());
         }
@@ -542,7 +542,7 @@ impl AssetService {
         let _t = self.cache.metrics.timer("PushBlob");
         let req = request.get_ref();
         let c = self.common(&request, Access::Write)?;
-        let digest = Digest::from_opt_proto(&req.blob_digest)?
+        let digest = Digest::from_opt_proto(DigestFunction::Sha256, &req.blob_digest)?
             .ok_or_else(|| Error::InvalidArgument("blob_digest is required".into()))?;
         if !self.cache.find_missing(&[digest]).await?.is_empty() {
             return Err(Error::FailedPrecondition(format!(
@@ -591,7 +591,7 @@ impl AssetService {
         let _t = self.cache.metrics.timer("PushDirectory");
         let req = request.get_ref();
         let c = self.common(&request, Access::Write)?;
-        let root = Digest::from_opt_proto(&req.root_directory_digest)?
+        let root = Digest::from_opt_proto(DigestFunction::Sha256, &req.root_directory_digest)?
             .ok_or_else(|| Error::InvalidArgument("root_directory_digest is required".into()))?;
         if let Some(missing) = memory::tree_missing(&self.cache, root).await? {
             return Err(Error::FailedPrecondition(format!(

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::{reader_over, BlobReader, BlobStore, BlobWriter, Key, KeyKind};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::Result;
 
 /// Why a stored action result was not served (for metrics and logs).
@@ -84,17 +84,18 @@ impl CompletenessChecking {
     /// (without building their nodes in memory). `Err(why)` when a Tree cannot be read.
     async fn references_of(
         &self,
+        function: DigestFunction,
         result: &ActionResult,
         max_tree: u64,
     ) -> Result<Result<Vec<Digest>, String>> {
         let mut wanted: Vec<Digest> = Vec::new();
         for f in &result.output_files {
-            wanted.extend(Digest::from_opt_proto(&f.digest)?);
+            wanted.extend(Digest::from_opt_proto(function, &f.digest)?);
         }
-        wanted.extend(Digest::from_opt_proto(&result.stdout_digest)?);
-        wanted.extend(Digest::from_opt_proto(&result.stderr_digest)?);
+        wanted.extend(Digest::from_opt_proto(function, &result.stdout_digest)?);
+        wanted.extend(Digest::from_opt_proto(function, &result.stderr_digest)?);
         for dir in &result.output_directories {
-            let Some(tree_digest) = Digest::from_opt_proto(&dir.tree_digest)? else {
+            let Some(tree_digest) = Digest::from_opt_proto(function, &dir.tree_digest)? else {
                 continue;
             };
             let raw = match self.read_cas(&tree_digest, max_tree).await? {
@@ -107,7 +108,7 @@ impl CompletenessChecking {
                 }
             };
             wanted.push(tree_digest);
-            if let Err(e) = tree_files(&raw, &mut wanted) {
+            if let Err(e) = tree_files(function, &raw, &mut wanted) {
                 return Ok(Err(format!(
                     "output directory {:?}: its Tree {tree_digest} is not a Tree message: {e}",
                     dir.path
@@ -146,10 +147,11 @@ impl CompletenessChecking {
     /// `MAX_REFERENCES` blobs.
     pub async fn entry_for(
         &self,
+        function: DigestFunction,
         result: &ActionResult,
         provenance: crate::ac_entry::Provenance,
     ) -> Result<Bytes> {
-        let references = match self.references_of(result, MAX_TREE_BYTES).await? {
+        let references = match self.references_of(function, result, MAX_TREE_BYTES).await? {
             Ok(r) => r,
             Err(why) => {
                 return Err(crate::StoreError::FailedPrecondition(format!(
@@ -157,7 +159,12 @@ impl CompletenessChecking {
                 )))
             }
         };
-        crate::ac_entry::AcEntry::encode(result.encode_to_vec().into(), provenance, &references)
+        crate::ac_entry::AcEntry::encode(
+            result.encode_to_vec().into(),
+            provenance,
+            function,
+            &references,
+        )
     }
 
     fn withheld(&self, key: &Key, why: Withheld, detail: &dyn std::fmt::Display) {
@@ -184,7 +191,12 @@ pub const MAX_LEGACY_TREE_BYTES: u64 = 1 << 20;
 /// walking the protobuf encoding instead of decoding the Tree: a Tree of millions of empty
 /// file nodes costs its bytes, not a node object each (about 1 GiB for 16 MiB, measured).
 /// Hand-written because prost only decodes whole messages.
-pub fn tree_files(raw: &[u8], out: &mut Vec<Digest>) -> std::result::Result<(), String> {
+/// The digests are under `function`, the one the Tree's action was run under.
+pub fn tree_files(
+    function: DigestFunction,
+    raw: &[u8],
+    out: &mut Vec<Digest>,
+) -> std::result::Result<(), String> {
     // Tree: root = 1, children = 2 (Directory). Directory: files = 1 (FileNode).
     // FileNode: digest = 2 (Digest).
     use crate::wire;
@@ -209,7 +221,7 @@ pub fn tree_files(raw: &[u8], out: &mut Vec<Digest>) -> std::result::Result<(), 
                 let d =
                     bazel_remote_apis::build::bazel::remote::execution::v2::Digest::decode(digest)
                         .map_err(|e| e.to_string())?;
-                out.push(Digest::from_proto(&d).map_err(|e| e.to_string())?);
+                out.push(Digest::from_proto(function, &d).map_err(|e| e.to_string())?);
             }
         }
     }
@@ -251,7 +263,12 @@ impl BlobStore for CompletenessChecking {
                         return Ok(None);
                     }
                 };
-                match self.references_of(&result, MAX_LEGACY_TREE_BYTES).await {
+                // That form predates BLAKE3: its digests are SHA-256.
+                let sha256 = DigestFunction::Sha256;
+                match self
+                    .references_of(sha256, &result, MAX_LEGACY_TREE_BYTES)
+                    .await
+                {
                     Ok(Ok(r)) => r,
                     Ok(Err(why)) => {
                         self.withheld(key, Withheld::Incomplete, &why);

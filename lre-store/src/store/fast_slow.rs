@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::{BlobReader, BlobStore, BlobWriter, Key, KeyKind};
@@ -44,7 +43,8 @@ impl FastSlowStore {
             Ok(w) => w,
             Err(e) => return Ok(Fill::bypass(key, e)),
         };
-        let mut hasher = Sha256::new();
+        // Content-addressed keys are checked; action-cache entries cannot be.
+        let mut hasher = key.function().map(|f| f.hasher());
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
         loop {
@@ -65,7 +65,9 @@ impl FastSlowStore {
                     "the slow tier sent more than the {size} bytes of {key}"
                 )));
             }
-            hasher.update(&buf[..n]);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf[..n]);
+            }
             if let Err(e) = writer.write(&buf[..n]).await {
                 writer.discard().await;
                 return Ok(Fill::bypass(key, e));
@@ -77,9 +79,9 @@ impl FastSlowStore {
                 "the slow tier's copy of {key} ended after {total} of {size} bytes"
             )));
         }
-        if let Key::Cas(hash) = key {
-            let actual: [u8; 32] = hasher.finalize().into();
-            if &actual != hash {
+        if let Some(hasher) = hasher {
+            let actual = hasher.finalize();
+            if &actual != key.hash() {
                 writer.discard().await;
                 self.corrupt(key, &actual).await?;
                 return Ok(Fill::Absent);
@@ -154,9 +156,9 @@ impl BlobStore for FastSlowStore {
         let Some(b) = self.slow.get(key).await? else {
             return Ok(None);
         };
-        if let Key::Cas(hash) = key {
-            let actual: [u8; 32] = Sha256::digest(&b).into();
-            if &actual != hash {
+        if let Some(function) = key.function() {
+            let actual = function.hash(&b);
+            if &actual != key.hash() {
                 self.corrupt(key, &actual).await?;
                 return Ok(None);
             }

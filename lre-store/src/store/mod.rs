@@ -28,12 +28,13 @@ pub use s3::S3Store;
 pub use verify::VerifyStore;
 
 use crate::config::StoreConfig;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction, Hasher};
 use crate::error::{Result, StoreError as Error};
 use crate::metrics::StoreMetrics;
 
-/// A store key: CAS blobs by content hash; action-cache entries by a hash of
-/// (instance, action digest), so instances never see each other's results.
+/// A store key: CAS blobs by content hash, one kind per digest function (the namespaces
+/// never mix); action-cache entries by a hash of (function, instance, action digest), so
+/// instances never see each other's results.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Key {
     Cas([u8; 32]),
@@ -41,6 +42,10 @@ pub enum Key {
     /// (the worker's): links share one mode, so each mode needs a file of its own.
     CasExecutable([u8; 32]),
     Ac([u8; 32]),
+    /// `Cas` under BLAKE3.
+    Blake3Cas([u8; 32]),
+    /// `CasExecutable` under BLAKE3.
+    Blake3CasExecutable([u8; 32]),
 }
 
 /// The kinds of key, for `BlobStore::list`.
@@ -49,15 +54,28 @@ pub enum KeyKind {
     Cas,
     CasExecutable,
     Ac,
+    Blake3Cas,
+    Blake3CasExecutable,
 }
 
 impl KeyKind {
+    pub const ALL: [KeyKind; 5] = [
+        KeyKind::Cas,
+        KeyKind::CasExecutable,
+        KeyKind::Ac,
+        KeyKind::Blake3Cas,
+        KeyKind::Blake3CasExecutable,
+    ];
+
     /// The name a key of this kind is stored under, before its hex hash: "cas/<hex>".
+    /// SHA-256's names are those from before BLAKE3, so existing stores read as they were.
     pub fn dir(self) -> &'static str {
         match self {
             KeyKind::Cas => "cas",
             KeyKind::CasExecutable => "cas-x",
             KeyKind::Ac => "ac",
+            KeyKind::Blake3Cas => "cas-blake3",
+            KeyKind::Blake3CasExecutable => "cas-blake3-x",
         }
     }
 }
@@ -68,6 +86,8 @@ impl Key {
             Key::Cas(_) => KeyKind::Cas,
             Key::CasExecutable(_) => KeyKind::CasExecutable,
             Key::Ac(_) => KeyKind::Ac,
+            Key::Blake3Cas(_) => KeyKind::Blake3Cas,
+            Key::Blake3CasExecutable(_) => KeyKind::Blake3CasExecutable,
         }
     }
 
@@ -77,18 +97,28 @@ impl Key {
             KeyKind::Cas => Key::Cas(hash),
             KeyKind::CasExecutable => Key::CasExecutable(hash),
             KeyKind::Ac => Key::Ac(hash),
+            KeyKind::Blake3Cas => Key::Blake3Cas(hash),
+            KeyKind::Blake3CasExecutable => Key::Blake3CasExecutable(hash),
         }
     }
 
     pub fn cas(d: &Digest) -> Key {
-        Key::Cas(d.hash)
+        match d.function {
+            DigestFunction::Sha256 => Key::Cas(d.hash),
+            DigestFunction::Blake3 => Key::Blake3Cas(d.hash),
+        }
     }
 
     /// The action's size is implied by its hash, and the HTTP protocol names actions by hash
-    /// alone, so the key leaves the size out: gRPC and HTTP clients then share entries.
-    pub fn ac(instance: &str, action_hash: &[u8; 32]) -> Key {
+    /// alone, so the key leaves the size out: gRPC and HTTP clients then share entries. A
+    /// BLAKE3 action's key is derived under another prefix (SHA-256's is the one from
+    /// before BLAKE3, so existing entries still hit).
+    pub fn ac(instance: &str, function: DigestFunction, action_hash: &[u8; 32]) -> Key {
         let mut h = Sha256::new();
-        h.update(b"lre-ac\0");
+        h.update(match function {
+            DigestFunction::Sha256 => &b"lre-ac\0"[..],
+            DigestFunction::Blake3 => &b"lre-ac-blake3\0"[..],
+        });
         h.update(instance.as_bytes());
         h.update(b"\0");
         h.update(action_hash);
@@ -96,7 +126,10 @@ impl Key {
     }
 
     pub fn cas_executable(d: &Digest) -> Key {
-        Key::CasExecutable(d.hash)
+        match d.function {
+            DigestFunction::Sha256 => Key::CasExecutable(d.hash),
+            DigestFunction::Blake3 => Key::Blake3CasExecutable(d.hash),
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -105,14 +138,33 @@ impl Key {
 
     pub fn hash(&self) -> &[u8; 32] {
         match self {
-            Key::Cas(h) | Key::CasExecutable(h) | Key::Ac(h) => h,
+            Key::Cas(h)
+            | Key::CasExecutable(h)
+            | Key::Ac(h)
+            | Key::Blake3Cas(h)
+            | Key::Blake3CasExecutable(h) => h,
         }
+    }
+
+    /// The function a content-addressed key's hash is of: what a layer verifying content
+    /// hashes with. `None` for action-cache entries, which may be replaced.
+    pub fn function(&self) -> Option<DigestFunction> {
+        match self {
+            Key::Cas(_) | Key::CasExecutable(_) => Some(DigestFunction::Sha256),
+            Key::Blake3Cas(_) | Key::Blake3CasExecutable(_) => Some(DigestFunction::Blake3),
+            Key::Ac(_) => None,
+        }
+    }
+
+    /// Whether the file is executable (a worker's exec-root copy).
+    pub fn is_executable(&self) -> bool {
+        matches!(self, Key::CasExecutable(_) | Key::Blake3CasExecutable(_))
     }
 
     /// CAS entries are named by their content's hash (same key, same bytes); action-cache
     /// entries by a hash of the request, and may be replaced.
     pub fn is_content_addressed(&self) -> bool {
-        !matches!(self, Key::Ac(_))
+        self.function().is_some()
     }
 }
 
@@ -294,7 +346,8 @@ fn check_fits(size_hint: Option<u64>, capacity: u64) -> Result<()> {
 /// the expected digest. Dropping it (a broken stream, an error) leaves nothing behind.
 pub struct CasUpload {
     inner: Box<dyn BlobWriter>,
-    hasher: Sha256,
+    /// Under the key's function.
+    hasher: Hasher,
     /// What a verified upload is committed as: a CAS key, whose hash is the expected one.
     key: Key,
     expected_hash: [u8; 32],
@@ -307,28 +360,20 @@ pub struct CasUpload {
 }
 
 impl CasUpload {
-    pub async fn new(
-        store: &dyn BlobStore,
-        expected_hash: [u8; 32],
-        expected_size: Option<u64>,
-    ) -> Result<CasUpload> {
-        Self::for_key(store, Key::Cas(expected_hash), expected_size).await
-    }
-
     /// An upload committed as `key` (a content-addressed key) if it hashes to key's hash.
     pub async fn for_key(
         store: &dyn BlobStore,
         key: Key,
         expected_size: Option<u64>,
     ) -> Result<CasUpload> {
-        if !key.is_content_addressed() {
+        let Some(function) = key.function() else {
             return Err(Error::Internal(format!(
                 "{key} is not content-addressed: nothing to verify it against"
             )));
-        }
+        };
         Ok(CasUpload {
             inner: store.writer(expected_size).await?,
-            hasher: Sha256::new(),
+            hasher: function.hasher(),
             key,
             expected_hash: *key.hash(),
             expected_size,
@@ -339,6 +384,10 @@ impl CasUpload {
 
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    fn hasher_function(&self) -> DigestFunction {
+        self.key.function().unwrap_or_default()
     }
 
     /// A write was cancelled half way: what the store holds is unknown, start again.
@@ -415,7 +464,8 @@ impl CasUpload {
                 return Err(e);
             }
         }
-        let actual: [u8; 32] = self.hasher.finalize().into();
+        let function = self.hasher_function();
+        let actual: [u8; 32] = self.hasher.finalize();
         if actual != self.expected_hash {
             self.inner.discard().await;
             return Err(Error::DigestMismatch {
@@ -424,6 +474,7 @@ impl CasUpload {
             });
         }
         let digest = Digest {
+            function,
             hash: actual,
             size: self.written,
         };

@@ -20,10 +20,10 @@ use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::{BlobReader, BlobStore, BlobWriter, Key, KeyKind};
+use crate::digest::Hasher;
 use crate::error::{Result, StoreError as Error};
 
 /// Bytes skipped before a read's offset are read into this much scratch at a time.
@@ -42,14 +42,17 @@ impl VerifyStore {
 /// Removes `key` from `store` if what it holds now still does not hash to its name: a
 /// correct upload that replaced the bad copy while it was being read must survive.
 async fn remove_if_still_corrupt(store: Arc<dyn BlobStore>, key: Key) {
-    let Key::Cas(expected) = key else { return };
+    let Some(function) = key.function() else {
+        return;
+    };
+    let expected = *key.hash();
     let still_bad = match store.open(&key, 0, None).await {
         Ok(Some((_, mut r))) => {
-            let mut hasher = Sha256::new();
+            let mut hasher = function.hasher();
             let mut buf = vec![0u8; SKIP_CHUNK];
             loop {
                 match tokio::io::AsyncReadExt::read(&mut r, &mut buf).await {
-                    Ok(0) => break <[u8; 32]>::from(hasher.finalize()) != expected,
+                    Ok(0) => break hasher.finalize() != expected,
                     Ok(n) => hasher.update(&buf[..n]),
                     // Unreadable now: leave it for the next read to judge.
                     Err(_) => break false,
@@ -77,7 +80,7 @@ pub(crate) async fn open_verified(
     offset: u64,
     limit: Option<u64>,
 ) -> Result<Option<(u64, BlobReader)>> {
-    let Key::Cas(hash) = key else {
+    let Some(function) = key.function() else {
         return store.open(key, offset, limit).await;
     };
     let Some((size, inner)) = store.open(key, 0, None).await? else {
@@ -87,8 +90,8 @@ pub(crate) async fn open_verified(
     let end = limit.map_or(size, |l| skip.saturating_add(l).min(size));
     let reader = Verifying {
         inner,
-        hasher: Sha256::new(),
-        expected: *hash,
+        hasher: function.hasher(),
+        key: *key,
         size,
         seen: 0,
         skip,
@@ -112,9 +115,9 @@ impl BlobStore for VerifyStore {
         let Some(data) = self.inner.get(key).await? else {
             return Ok(None);
         };
-        if let Key::Cas(hash) = key {
-            let actual: [u8; 32] = Sha256::digest(&data).into();
-            if &actual != hash {
+        if let Some(function) = key.function() {
+            let actual = function.hash(&data);
+            if &actual != key.hash() {
                 log_corrupt(key, &actual);
                 remove_if_still_corrupt(self.inner.clone(), *key).await;
                 return Ok(None);
@@ -161,8 +164,9 @@ impl BlobStore for VerifyStore {
 /// handed the end of its range from a blob that does not match.
 struct Verifying {
     inner: BlobReader,
-    hasher: Sha256,
-    expected: [u8; 32],
+    hasher: Hasher,
+    /// The content-addressed key read: its hash is the one expected.
+    key: Key,
     size: u64,
     /// Bytes read from `inner`, skipped ones included.
     seen: u64,
@@ -186,12 +190,13 @@ impl Verifying {
 
     /// Called once `seen == size`: the verdict.
     fn finish(&mut self) -> Result<(), std::io::Error> {
-        let actual: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
-        if actual == self.expected {
+        let function = self.key.function().unwrap_or_default();
+        let actual = std::mem::replace(&mut self.hasher, function.hasher()).finalize();
+        if &actual == self.key.hash() {
             self.done = Some(Ok(()));
             return Ok(());
         }
-        let key = Key::Cas(self.expected);
+        let key = self.key;
         log_corrupt(&key, &actual);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn(remove_if_still_corrupt(self.store.clone(), key))),
@@ -215,10 +220,8 @@ impl Verifying {
         let n = sb.filled().len();
         if n == 0 && want > 0 {
             let m = format!(
-                "the stored copy of cas/{} ended after {} of its {} bytes",
-                hex::encode(self.expected),
-                self.seen,
-                self.size
+                "the stored copy of {} ended after {} of its {} bytes",
+                self.key, self.seen, self.size
             );
             return Poll::Ready(Err(self.failed(m)));
         }
@@ -275,9 +278,8 @@ impl Verifying {
         self.seen += n as u64;
         if self.seen > self.size {
             let m = format!(
-                "the stored copy of cas/{} is longer than its {} bytes",
-                hex::encode(self.expected),
-                self.size
+                "the stored copy of {} is longer than its {} bytes",
+                self.key, self.size
             );
             return Err(self.failed(m));
         }
@@ -309,8 +311,8 @@ impl AsyncRead for Verifying {
             let n = sb.filled().len();
             if n == 0 {
                 let m = format!(
-                    "the stored copy of cas/{} ended before the read offset",
-                    hex::encode(this.expected)
+                    "the stored copy of {} ended before the read offset",
+                    this.key
                 );
                 return Poll::Ready(Err(this.failed(m)));
             }
@@ -335,10 +337,8 @@ impl AsyncRead for Verifying {
         let n = buf.filled().len() - before;
         if n == 0 && room {
             let m = format!(
-                "the stored copy of cas/{} ended after {} of its {} bytes",
-                hex::encode(this.expected),
-                this.seen,
-                this.size
+                "the stored copy of {} ended after {} of its {} bytes",
+                this.key, this.seen, this.size
             );
             return Poll::Ready(Err(this.failed(m)));
         }
@@ -362,6 +362,7 @@ mod tests {
     use super::*;
     use crate::metrics::StoreMetrics;
     use crate::store::MemStore;
+    use sha2::{Digest as _, Sha256};
     use tokio::io::AsyncReadExt;
 
     async fn raw_put(store: &dyn BlobStore, key: Key, data: &[u8]) {
@@ -388,6 +389,29 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         false
+    }
+
+    /// A BLAKE3 key is judged by BLAKE3: its intact bytes are served, and bytes whose
+    /// SHA-256 (not BLAKE3) is the name are corrupt there.
+    #[tokio::test]
+    async fn a_blake3_blob_is_judged_by_blake3() {
+        let mem: Arc<dyn BlobStore> = Arc::new(MemStore::new(1 << 30, StoreMetrics::default()));
+        let store = VerifyStore::new(mem.clone());
+        let data = vec![3u8; 300_000];
+        let good = Key::Blake3Cas(*blake3::hash(&data).as_bytes());
+        raw_put(mem.as_ref(), good, &data).await;
+        assert_eq!(read(&store, &good, 0).await.unwrap(), data);
+        assert_eq!(
+            read(&store, &good, 299_000).await.unwrap(),
+            &data[299_000..]
+        );
+        assert_eq!(&store.get(&good).await.unwrap().unwrap()[..], &data[..]);
+        let wrong = Key::Blake3Cas(Sha256::digest(&data).into());
+        raw_put(mem.as_ref(), wrong, &data).await;
+        assert!(read(&store, &wrong, 0).await.is_err());
+        assert!(gone(mem.as_ref(), &wrong).await);
+        raw_put(mem.as_ref(), wrong, &data).await;
+        assert!(store.get(&wrong).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -472,7 +496,7 @@ mod tests {
         assert!(r.read(&mut more).await.is_err());
 
         // Action results are not content-addressed: passed through as stored.
-        let ac = Key::ac("", &[1; 32]);
+        let ac = Key::ac("", crate::digest::DigestFunction::Sha256, &[1; 32]);
         raw_put(mem.as_ref(), ac, b"any bytes").await;
         assert_eq!(read(&store, &ac, 4).await.unwrap(), b"bytes");
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use sha2::{Digest as _, Sha256};
+use crate::digest::DigestFunction;
 
 use super::sync::Syncer;
 use crate::error::{Result, StoreError as Error};
@@ -21,9 +21,10 @@ use crate::store::Key;
 /// The mode a committed file gets: hard links share it, so it must already be what an
 /// action may see.
 pub(super) fn file_mode(key: &Key) -> u32 {
-    match key {
-        Key::CasExecutable(_) => 0o555,
-        Key::Cas(_) | Key::Ac(_) => 0o444,
+    if key.is_executable() {
+        0o555
+    } else {
+        0o444
     }
 }
 
@@ -69,7 +70,8 @@ impl Inner {
     /// Blocking. On a mismatch the entry is removed, index and file, and `false` returned.
     pub(super) fn verify(&self, key: &Key, file: &mut File) -> Result<bool> {
         let path = self.path(key);
-        let (actual, size) = content_hash(file, &path)?;
+        let function = key.function().unwrap_or_default();
+        let (actual, size) = content_hash(function, file, &path)?;
         if &actual == key.hash() {
             return Ok(true);
         }
@@ -92,10 +94,14 @@ impl Inner {
     }
 }
 
-/// The SHA-256 of `file` from where it is positioned to its end, and how many bytes that
-/// was. Blocking.
-pub(super) fn content_hash(file: &mut File, path: &Path) -> Result<([u8; 32], u64)> {
-    let mut hasher = Sha256::new();
+/// The hash under `function` of `file` from where it is positioned to its end, and how many
+/// bytes that was. Blocking.
+pub(super) fn content_hash(
+    function: DigestFunction,
+    file: &mut File,
+    path: &Path,
+) -> Result<([u8; 32], u64)> {
+    let mut hasher = function.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -108,7 +114,7 @@ pub(super) fn content_hash(file: &mut File, path: &Path) -> Result<([u8; 32], u6
         hasher.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((hasher.finalize().into(), size))
+    Ok((hasher.finalize(), size))
 }
 
 /// Every directory `sync_dir` was called on, by every test in this binary.

@@ -41,15 +41,6 @@ pub use sync::SyncPolicy;
 use sync::{Checkpoint, Syncer};
 use writer::FsWriter;
 
-type MakeKey = fn([u8; 32]) -> Key;
-
-/// Every kind of key, with the directory its files live in.
-const KINDS: [(&str, MakeKey); 3] = [
-    ("cas", Key::Cas),
-    ("cas-x", Key::CasExecutable),
-    ("ac", Key::Ac),
-];
-
 /// How stale an entry's on-disk mtime may get before a hit rewrites it. The mtime only
 /// orders the LRU after a restart, so it need not be exact, and rewriting it on every hit
 /// would turn reads into metadata writes.
@@ -89,8 +80,9 @@ struct Checked {
 /// cannot even be read (a sector the cut damaged) is left out and deleted if possible: the
 /// store opens without it rather than not at all. Blocking.
 fn intact(path: &Path, key: &Key, checked: &mut Checked) -> bool {
+    let function = key.function().unwrap_or_default();
     let hashed = File::open(path).and_then(|mut file| {
-        inner::content_hash(&mut file, path).map_err(|e| io::Error::other(e.to_string()))
+        inner::content_hash(function, &mut file, path).map_err(|e| io::Error::other(e.to_string()))
     });
     checked.files += 1;
     let why = match hashed {
@@ -163,9 +155,9 @@ impl FsStore {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        for (kind, _) in KINDS {
+        for kind in KeyKind::ALL {
             for b in 0..=255u8 {
-                fs::create_dir_all(root.join(kind).join(hex::encode([b])))?;
+                fs::create_dir_all(root.join(kind.dir()).join(hex::encode([b])))?;
             }
         }
         // Read before the syncer's first round replaces it.
@@ -173,9 +165,9 @@ impl FsStore {
 
         let mut found = Vec::new();
         let mut checked = Checked::default();
-        for (kind, make) in KINDS {
+        for kind in KeyKind::ALL {
             for b in 0..=255u8 {
-                let dir = root.join(kind).join(hex::encode([b]));
+                let dir = root.join(kind.dir()).join(hex::encode([b]));
                 for entry in fs::read_dir(&dir)? {
                     let entry = entry?;
                     let name = entry.file_name();
@@ -189,7 +181,7 @@ impl FsStore {
                         continue;
                     }
                     let meta = entry.metadata()?;
-                    let key = make(hash);
+                    let key = Key::of_kind(kind, hash);
                     if key.is_content_addressed()
                         && checkpoint.may_be_unsynced(&meta)
                         && !intact(&entry.path(), &key, &mut checked)
@@ -477,11 +469,19 @@ pub(super) mod tests {
     }
 
     async fn put(store: &FsStore, data: &[u8]) -> Key {
-        let mut up = CasUpload::new(store, hash(data), Some(data.len() as u64))
+        put_as(store, Key::Cas(hash(data)), data).await
+    }
+
+    async fn put_as(store: &FsStore, key: Key, data: &[u8]) -> Key {
+        let mut up = CasUpload::for_key(store, key, Some(data.len() as u64))
             .await
             .unwrap();
         up.write(data).await.unwrap();
         Key::cas(&up.finish().await.unwrap())
+    }
+
+    fn blake3_key(data: &[u8]) -> Key {
+        Key::Blake3Cas(*blake3::hash(data).as_bytes())
     }
 
     fn tmp_bytes(store: &FsStore) -> u64 {
@@ -624,12 +624,15 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_start_deletes_blobs_torn_since_the_last_round() {
         let dir = tempfile::tempdir().unwrap();
-        let (kept, torn, empty) = {
+        let (kept, torn, empty, b3_kept, b3_torn) = {
             let store = open_syncing(dir.path(), SyncPolicy::default()).await;
             (
                 put(&store, b"written and synced").await,
                 put(&store, b"torn by the cut").await,
                 put(&store, b"emptied by the cut").await,
+                // BLAKE3 blobs are checked by BLAKE3.
+                put_as(&store, blake3_key(b"blake3, synced"), b"blake3, synced").await,
+                put_as(&store, blake3_key(b"blake3, torn"), b"blake3, torn").await,
             )
         };
         // The cut: the last rounds never happened for these two files.
@@ -642,10 +645,14 @@ pub(super) mod tests {
         fs::write(dir.path().join("SYNCED"), "1.0\n").unwrap();
         damage(&path(&torn), b"torn by");
         damage(&path(&empty), b"");
+        damage(&path(&b3_torn), b"blake3, ");
         let store = open_syncing(dir.path(), SyncPolicy::default()).await;
         assert_eq!(
-            store.lookup(&[kept, torn, empty]).await.unwrap(),
-            vec![Some(18), None, None]
+            store
+                .lookup(&[kept, torn, empty, b3_kept, b3_torn])
+                .await
+                .unwrap(),
+            vec![Some(18), None, None, Some(14), None]
         );
         assert!(!path(&torn).exists() && !path(&empty).exists());
         assert_eq!(
@@ -671,7 +678,7 @@ pub(super) mod tests {
         let opened = checkpoint(dir.path());
         // The checkpoint cannot be written while its temp name is a directory.
         fs::create_dir(dir.path().join("SYNCED.tmp")).unwrap();
-        let mut up = CasUpload::new(&store, hash(b"too big"), Some(7))
+        let mut up = CasUpload::for_key(&store, Key::Cas(hash(b"too big")), Some(7))
             .await
             .unwrap();
         up.write(b"too big").await.unwrap();
@@ -836,7 +843,7 @@ pub(super) mod tests {
             .await
             .unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let mut up = CasUpload::new(&store, hash(&data), Some(data.len() as u64))
+        let mut up = CasUpload::for_key(&store, Key::Cas(hash(&data)), Some(data.len() as u64))
             .await
             .unwrap();
         up.write(&data[..100_000]).await.unwrap();

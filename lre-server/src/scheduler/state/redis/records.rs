@@ -12,7 +12,7 @@ use bazel_remote_apis::google::rpc;
 use bytes::Bytes;
 use prost::Message;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::request_meta::RequestMeta;
 use crate::scheduler::job::Job;
 use crate::scheduler::model::{ActionKey, Outcome, Snapshot, Stage};
@@ -67,7 +67,7 @@ pub fn encode_job(job: &Job) -> Vec<u8> {
 
 pub fn decode_job(raw: &[u8]) -> Result<Job, String> {
     let j = StoredJob::decode(raw).map_err(|e| e.to_string())?;
-    let action = Digest::from_opt_proto(&j.action_digest)
+    let action = Digest::from_opt_proto(DigestFunction::Sha256, &j.action_digest)
         .map_err(|e| e.to_string())?
         .ok_or("no action digest")?;
     // Five fields from replicas of before the caller was kept, six since.
@@ -171,7 +171,7 @@ pub fn parse_snapshot(name: &str, f: &[Option<Vec<u8>>]) -> Result<Option<Snapsh
     };
     let action = action
         .split_once('/')
-        .and_then(|(h, s)| Digest::parse(h, s).ok())
+        .and_then(|(h, s)| Digest::parse(DigestFunction::Sha256, h, s).ok())
         .ok_or_else(|| format!("the cluster's record of operation {name} names no valid action"))?;
     let stage = match stage.as_str() {
         "queued" => Stage::Queued,
