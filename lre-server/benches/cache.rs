@@ -175,6 +175,13 @@ async fn read_blob(ch: Channel, d: &re::Digest) -> usize {
     n
 }
 
+/// Flushes every dirty page (`sync`) before a timed write, so no write pays for the
+/// write-back of the ones before it: the store holds up to `max_unsynced` dirty, and the
+/// kernel throttles writers past its own dirty limit.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -297,6 +304,7 @@ async fn main() {
     let small: Vec<re::Digest> = (0..small_count)
         .map(|i| digest_of(&base, 1000 + i as u64, MIB))
         .collect();
+    settle();
     let t = Instant::now();
     for (i, d) in small.iter().enumerate() {
         write_blob(ch.clone(), &base, 1000 + i as u64, d).await;
@@ -319,6 +327,7 @@ async fn main() {
 
     // One big blob.
     let d = digest_of(&base, 7, big);
+    settle();
     let t = Instant::now();
     write_blob(ch.clone(), &base, 7, &d).await;
     let single_write = mbps(big, t.elapsed());
@@ -349,6 +358,7 @@ async fn main() {
     let small_b3: Vec<re::Digest> = (0..small_count)
         .map(|i| digest_in(DigestFunction::Blake3, &base, 3000 + i as u64, MIB))
         .collect();
+    settle();
     let t = Instant::now();
     for (i, d) in small_b3.iter().enumerate() {
         write_blob_in(
@@ -367,6 +377,7 @@ async fn main() {
         small_write,
     );
     let d3 = digest_in(DigestFunction::Blake3, &base, 8, big);
+    settle();
     let t = Instant::now();
     write_blob_in(DigestFunction::Blake3, ch.clone(), &base, 8, &d3).await;
     b3_report(
@@ -379,6 +390,7 @@ async fn main() {
     // Four writes of a quarter each at once, against one write of the same bytes (above).
     let quarter = big / 4;
     let ds: Vec<re::Digest> = (0..4).map(|i| digest_of(&base, 70 + i, quarter)).collect();
+    settle();
     let t = Instant::now();
     let writes: Vec<_> = ds
         .iter()
@@ -574,6 +586,7 @@ async fn main() {
     let ch = server.channel().await;
     let (idle_peak, _) = server.memory_mib();
     let d = digest_of(&base, 99, huge);
+    settle();
     let t = Instant::now();
     write_blob(ch.clone(), &base, 99, &d).await;
     let elapsed = t.elapsed();
