@@ -258,6 +258,13 @@ impl ServerContext {
             return Ok(None);
         };
         let entry = AcEntry::decode(stored)?;
+        // The key is derived under the function, so this holds; were it ever not to, a
+        // result under another function must not answer.
+        if entry.function != function {
+            tracing::warn!(%key, stored = %entry.function, asked = %function, "an action result under another digest function: a miss");
+            self.metrics.ac("miss");
+            return Ok(None);
+        }
         let result = ActionResult::decode(entry.result.clone()).map_err(|e| {
             Error::Internal(format!(
                 "the completeness layer passed an undecodable result: {e}"

@@ -17,14 +17,14 @@ use crate::auth::Access;
 use crate::config::ExecutionConfig;
 use crate::context::ServerContext;
 use crate::digest::{require_sha256, Digest, DigestFunction};
-
-/// Remote execution speaks SHA-256 only (Capabilities says so): its workers hash inputs
-/// and outputs with it.
-const SHA256: DigestFunction = DigestFunction::Sha256;
 use crate::error::{Error, Result};
 use crate::longrunning::{cache_check, missing_response, operation, operation_stream, OpStream};
 use crate::request_meta::RequestMeta;
 use crate::scheduler::{job::first_output, ActionKey, Job, Properties, Scheduler, Stage};
+
+/// Remote execution speaks SHA-256 only (Capabilities says so): its workers hash inputs
+/// and outputs with it.
+const SHA256: DigestFunction = DigestFunction::Sha256;
 
 pub struct ExecutionService {
     cache: Arc<ServerContext>,

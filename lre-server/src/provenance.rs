@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::http_credential as credential;
 use crate::auth::{Access, Principal};
 use crate::context::{Provenance, ServerContext};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::error_response;
 use crate::error::{Error, Result};
 use crate::store::{Key, KeyKind};
@@ -178,8 +178,12 @@ async fn purge(
 pub struct ActionQuery {
     #[serde(default)]
     pub instance: String,
-    /// The action's SHA-256, lowercase hex.
+    /// The action's hash, lowercase hex.
     pub action: String,
+    /// Its digest function, `sha256` or `blake3`; absent: whichever entry exists,
+    /// SHA-256's first.
+    #[serde(default)]
+    pub function: Option<String>,
 }
 
 /// Who wrote the entry of one action; `null` when there is none or it predates provenance.
@@ -192,9 +196,19 @@ async fn one(
         let cred = credential(&headers)?;
         cache.authorize(cred, &q.instance, Access::Read)?;
         let hash = Digest::parse_hash(&q.action)?;
-        // The action's hash alone does not say its function: either entry answers.
+        // The action's hash alone does not say its function: the query may, or else
+        // either entry answers.
+        let functions = match q.function.as_deref() {
+            None => DigestFunction::ALL.to_vec(),
+            Some(name) => vec![DigestFunction::from_name(name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "function {:?} is neither sha256 nor blake3",
+                    name.chars().take(64).collect::<String>()
+                ))
+            })?],
+        };
         let mut raw = None;
-        for function in crate::digest::DigestFunction::ALL {
+        for function in functions {
             let key = Key::ac(&q.instance, function, &hash);
             raw = cache.action_results.unchecked().get(&key).await?;
             if raw.is_some() {

@@ -509,14 +509,29 @@ async fn http_round_trips(
     assert_eq!(got.status(), 404);
 }
 
-/// Remote execution hashes inputs and outputs with SHA-256 only: a BLAKE3 Execute is
-/// refused by name (Capabilities says so too), not run under the wrong function.
+/// Remote execution hashes inputs and outputs with SHA-256 only, and so does the Remote
+/// Asset API: a BLAKE3 Execute or FetchBlob is refused by name (Capabilities says so too
+/// for execution), not run under the wrong function.
 #[tokio::test]
-async fn remote_execution_refuses_blake3_by_name() {
+async fn remote_execution_and_remote_asset_refuse_blake3_by_name() {
+    use bazel_remote_apis::build::bazel::remote::asset::v1 as asset;
     let mut config = memory_config();
     config.execution.enabled = true;
     let s = start(config).await;
     let ch = channel(&s).await;
+    let e = asset::fetch_client::FetchClient::new(ch.clone())
+        .fetch_blob(asset::FetchBlobRequest {
+            uris: vec!["http://127.0.0.1:9/x".into()],
+            digest_function: BLAKE3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains("Remote Asset speaks SHA256 only"),
+        "{e}"
+    );
     let mut client = re::execution_client::ExecutionClient::new(ch);
     let e = client
         .execute(re::ExecuteRequest {
@@ -531,6 +546,79 @@ async fn remote_execution_refuses_blake3_by_name() {
     assert!(
         e.message().contains("remote execution speaks SHA256 only"),
         "{e}"
+    );
+    s.shutdown().await;
+}
+
+/// A miss of a BLAKE3 build is explained from its BLAKE3 blobs: the Command and the input
+/// tree an Action names are under the Action's function (read as SHA-256 they were "not in
+/// the CAS", and nothing was compared).
+#[tokio::test]
+async fn a_miss_of_a_blake3_build_is_explained_from_its_blake3_blobs() {
+    let s = start(memory_config()).await;
+    let ch = channel(&s).await;
+    for (invocation, variant) in [("base-build", "-O1"), ("new-build", "-O2")] {
+        let source = format!(
+            "int main() {{ return {}; }}",
+            variant.len() + variant.as_bytes()[2] as usize
+        );
+        let root = re::Directory {
+            files: vec![re::FileNode {
+                name: "main.c".into(),
+                digest: Some(b3(source.as_bytes())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let command = re::Command {
+            arguments: vec!["cc".into(), variant.into(), "main.c".into()],
+            output_paths: vec!["main.o".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action = re::Action {
+            command_digest: Some(b3(&command)),
+            input_root_digest: Some(b3(&root)),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let blobs = [source.into_bytes(), root, command, action.clone()];
+        assert_eq!(
+            batch_update(
+                &ch,
+                BLAKE3,
+                blobs.iter().map(|b| (b3(b), b.clone(), 0)).collect()
+            )
+            .await,
+            vec![0; 4]
+        );
+        let mut req = tonic::Request::new(ac_get(BLAKE3, &b3(&action)));
+        let meta = re::RequestMetadata {
+            tool_invocation_id: invocation.into(),
+            action_mnemonic: "CppCompile".into(),
+            target_id: "//:main".into(),
+            ..Default::default()
+        };
+        req.metadata_mut().insert_bin(
+            "build.bazel.remote.execution.v2.requestmetadata-bin",
+            tonic::metadata::MetadataValue::from_bytes(&meta.encode_to_vec()),
+        );
+        let e = ActionCacheClient::new(ch.clone())
+            .get_action_result(req)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    let url = format!("{}/api/explain?base=base-build&new=new-build", http_url(&s));
+    let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["unexplained"], serde_json::json!([]), "{v}");
+    let differences = v["differing"][0]["differences"].to_string();
+    assert!(differences.contains("-O2"), "{v}");
+    assert!(
+        differences.contains("main.c"),
+        "the inputs were compared: {v}"
     );
     s.shutdown().await;
 }

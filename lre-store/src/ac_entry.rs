@@ -47,7 +47,7 @@ struct Stored {
 pub struct Provenance {
     #[prost(string, tag = "1")]
     pub instance: String,
-    /// The action's SHA-256, lowercase hex.
+    /// The action's hash (under the entry's digest function), lowercase hex.
     #[prost(string, tag = "2")]
     pub action: String,
     /// Milliseconds since the Unix epoch, by the writing server's clock.

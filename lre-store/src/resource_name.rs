@@ -115,7 +115,7 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
                 bad(
                     name,
                     &format!(
-                        "digest function {:?} is not supported; this server speaks sha256 and blake3",
+                        "digest function {} is not supported; this server speaks sha256 and blake3",
                         shown(f)
                     ),
                 )

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::activity::{ActionRecord, InvocationSummary};
 use crate::context::ServerContext;
-use crate::digest::{Digest, DigestFunction};
+use crate::digest::Digest;
 use crate::error::Result;
 use lre_action_diff::{Report, Spawn};
 
@@ -143,7 +143,9 @@ impl Reader<'_> {
         let action: Action = self.message(&r.digest).await?.ok_or_else(|| {
             "its Action is not in the CAS (a client that only reads never uploads it)".to_string()
         })?;
-        let command_digest = Digest::from_opt_proto(DigestFunction::Sha256, &action.command_digest)
+        // Everything an action names is under its own digest function.
+        let function = r.digest.function;
+        let command_digest = Digest::from_opt_proto(function, &action.command_digest)
             .map_err(|e| e.to_string())?
             .ok_or("its Action names no Command")?;
         let command: Command = self
@@ -183,7 +185,7 @@ impl Reader<'_> {
             digest: Some(r.digest.to_string()),
             cache_hit: !r.missed,
         };
-        let root = Digest::from_opt_proto(DigestFunction::Sha256, &action.input_root_digest)
+        let root = Digest::from_opt_proto(function, &action.input_root_digest)
             .map_err(|e| e.to_string())?;
         Ok((spawn, root))
     }
@@ -252,7 +254,7 @@ impl Reader<'_> {
                 if out.len() >= MAX_TREE_FILES {
                     return Err(format!("more than {MAX_TREE_FILES} input files"));
                 }
-                let digest = Digest::from_opt_proto(DigestFunction::Sha256, &f.digest)
+                let digest = Digest::from_opt_proto(d.function, &f.digest)
                     .ok()
                     .flatten()
                     .map(|d| d.to_string())
@@ -266,7 +268,7 @@ impl Reader<'_> {
                 out.insert(format!("{prefix}{}", l.name), format!("-> {}", l.target));
             }
             for sub in &dir.directories {
-                if let Ok(Some(sd)) = Digest::from_opt_proto(DigestFunction::Sha256, &sub.digest) {
+                if let Ok(Some(sd)) = Digest::from_opt_proto(d.function, &sub.digest) {
                     stack.push((format!("{prefix}{}/", sub.name), sd, depth + 1));
                 }
             }

@@ -482,3 +482,36 @@ impl CasUpload {
         Ok(digest)
     }
 }
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    /// SHA-256's names and action-cache keys are those from before BLAKE3, so existing
+    /// stores and entries still hit; BLAKE3's differ.
+    #[test]
+    fn sha256_keys_are_unchanged_and_blake3_keys_differ() {
+        let action = [7u8; 32];
+        let mut old = Sha256::new();
+        old.update(b"lre-ac\0main\0");
+        old.update(action);
+        let old = Key::Ac(old.finalize().into());
+        assert_eq!(Key::ac("main", DigestFunction::Sha256, &action), old);
+        assert_ne!(Key::ac("main", DigestFunction::Blake3, &action), old);
+        let d = Digest::of(b"x");
+        assert_eq!(Key::cas(&d).to_string(), format!("cas/{}", d.hex()));
+        assert_eq!(
+            Key::cas_executable(&d).to_string(),
+            format!("cas-x/{}", d.hex())
+        );
+        let b = d.with_function(DigestFunction::Blake3);
+        assert_eq!(Key::cas(&b).to_string(), format!("cas-blake3/{}", d.hex()));
+        assert_eq!(
+            Key::cas_executable(&b).to_string(),
+            format!("cas-blake3-x/{}", d.hex())
+        );
+        for kind in KeyKind::ALL {
+            assert_eq!(Key::of_kind(kind, [1; 32]).key_kind(), kind);
+        }
+    }
+}
