@@ -1,9 +1,9 @@
 //! What replicas tell each other through the channel `P events`: "work" (something was
 //! queued: claim) and "stage ID STAGE" (an operation changed: tell its watchers here, and
-//! the scheduler, which stops running here what completed elsewhere). The stage travels in
-//! the message, a completed one's outcome too when it is at most 64 KiB; a larger outcome
-//! is read, in batches, by one reader task, so the listener never waits on Redis. A lost
-//! message costs only latency: every watched operation is also re-read every `POLL`.
+//! the scheduler, which stops running here what completed elsewhere). A queued or executing
+//! stage travels in the message; a completed one's outcome is read, in batches, by one
+//! reader task, so the listener never waits on Redis. A lost message costs only latency:
+//! every watched operation is also re-read every `POLL`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::records::{decode_outcome, parse_snapshot, SNAPSHOT_FIELDS};
+use super::records::{parse_snapshot, SNAPSHOT_FIELDS};
 use super::RedisState;
 use crate::scheduler::model::{OperationId, Snapshot, Stage};
 
@@ -185,28 +185,16 @@ pub async fn read_completed(s: Arc<RedisState>, mut stop: watch::Receiver<bool>)
     }
 }
 
-/// What a "stage" message says: the operation, and its stage unless it must be read. A
-/// completed stage's outcome is binary (`StoredOutcome`), so the message is split as bytes.
+/// What a "stage" message says: the operation, and its stage unless it must be read.
 fn parse_stage(msg: &[u8]) -> Option<(String, Option<Stage>)> {
-    let rest = msg.strip_prefix(b"stage ")?;
-    let (id, rest) = match rest.iter().position(|&b| b == b' ') {
-        Some(i) => (&rest[..i], &rest[i + 1..]),
-        None => (rest, &b""[..]),
-    };
-    let id = std::str::from_utf8(id).ok()?.to_string();
-    let stage = if let Some(outcome) = rest.strip_prefix(b"completed ") {
-        Some(Stage::Completed(decode_outcome(outcome)))
-    } else {
-        let text = std::str::from_utf8(rest).unwrap_or("");
-        let mut words = text.split(' ');
-        match (words.next(), words.next()) {
-            (Some("queued"), None) => Some(Stage::Queued),
-            (Some("executing"), Some(n)) => {
-                n.parse().ok().map(|attempt| Stage::Executing { attempt })
-            }
-            // Completed with its outcome left to read, or a form this version does not know.
-            _ => None,
-        }
+    let text = std::str::from_utf8(msg.strip_prefix(b"stage ")?).ok()?;
+    let mut words = text.split(' ');
+    let id = words.next()?.to_string();
+    let stage = match (words.next(), words.next()) {
+        (Some("queued"), None) => Some(Stage::Queued),
+        (Some("executing"), Some(n)) => n.parse().ok().map(|attempt| Stage::Executing { attempt }),
+        // Completed (its outcome is read), or a form this version does not know.
+        _ => None,
     };
     Some((id, stage))
 }
@@ -271,13 +259,7 @@ pub async fn listen(s: Arc<RedisState>, mut stop: watch::Receiver<bool>) {
                 s.events.work.notify_one();
             } else if let Some((id, stage)) = parse_stage(payload) {
                 match stage {
-                    Some(stage) => {
-                        let done = stage.is_done();
-                        s.events.tell(&id, stage);
-                        if done {
-                            let _ = s.events.ended.send(id);
-                        }
-                    }
+                    Some(stage) => s.events.tell(&id, stage),
                     None => {
                         s.events.read_later(&id);
                         let _ = s.events.ended.send(id);
@@ -308,17 +290,6 @@ mod tests {
             parse_stage(format!("stage {id} executing 2").as_bytes()),
             Some((id.to_string(), Some(Stage::Executing { attempt: 2 })))
         );
-        // A completed stage carries its outcome, binary, when it is small.
-        let outcome = super::super::records::encode_outcome(&Ok(Default::default()));
-        let mut msg = format!("stage {id} completed ").into_bytes();
-        msg.extend_from_slice(&outcome);
-        match parse_stage(&msg) {
-            Some((got, Some(Stage::Completed(Ok(r))))) => {
-                assert_eq!(got, id);
-                assert_eq!(r, Default::default());
-            }
-            other => panic!("{other:?}"),
-        }
         for unread in ["completed", "", "executing x", "something new"] {
             let msg = format!("stage {id} {unread}");
             assert_eq!(

@@ -18,8 +18,7 @@
 //! - `P live`: unfinished operations (less `P leases`: those waiting, the `max_queued`
 //!   bound).
 //! - The channel `P events`: "work" when something was queued, "stage ID STAGE" on a
-//!   change (`queued`, `executing ATTEMPT`, or `completed OUTCOME`: the `StoredOutcome`
-//!   bytes, when at most 64 KiB; a bare `completed` has its outcome read).
+//!   change (`queued`, `executing ATTEMPT`, or `completed`: its outcome is read).
 
 /// Helpers every script that changes an operation shares.
 const HELPERS: &str = r#"
@@ -36,13 +35,7 @@ local function finish(p, id, outcome, keep)
   redis.call('HSET', op, 'stage', 'completed', 'result', outcome)
   redis.call('HDEL', op, 'lease', 'job')
   redis.call('EXPIRE', op, keep)
-  -- The outcome rides in the message when small (nearly always), so the replica watching
-  -- the operation needs no read; a large one is read there.
-  if #outcome <= 65536 then
-    redis.call('PUBLISH', p .. 'events', 'stage ' .. id .. ' completed ' .. outcome)
-  else
-    redis.call('PUBLISH', p .. 'events', 'stage ' .. id .. ' completed')
-  end
+  redis.call('PUBLISH', p .. 'events', 'stage ' .. id .. ' completed')
 end
 -- Completed operations are kept `keep` seconds, and at most `max` of them: past that the
 -- oldest go early, so a stream of cache hits cannot fill Redis within `keep`.
