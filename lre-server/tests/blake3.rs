@@ -232,6 +232,27 @@ async fn round_trips(s: &lre_server::RunningServer, ch: &Channel) {
     let as_sha = format!("blobs/{}/{}", bd.hash, bd.size_bytes);
     let e = bs_read(ch.clone(), &as_sha, 0, 0, None).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
+    // An interrupted BLAKE3 upload resumes where QueryWriteStatus says.
+    let r = blob(1 << 20, 11);
+    let rd = b3(&r);
+    let rname = format!("uploads/u9/blobs/blake3/{}/{}", rd.hash, rd.size_bytes);
+    let half = write_requests(&rname, &r[..512 << 10], 64 << 10, 0, false);
+    let _ = bs_write(ch.clone(), half, None).await;
+    let status = ByteStreamClient::new(ch.clone())
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: rname.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!status.complete);
+    let at = status.committed_size as usize;
+    assert!(at > 0 && at <= 512 << 10, "{at}");
+    let rest = write_requests(&rname, &r, 64 << 10, at, true);
+    let w = bs_write(ch.clone(), rest, None).await.unwrap();
+    assert_eq!(w.committed_size, r.len() as i64);
+    assert!(missing(ch, BLAKE3, vec![rd.clone()]).await.is_empty());
+
     // A compressed write under BLAKE3.
     let z = blob(100_000, 4);
     let zd = b3(&z);
@@ -399,6 +420,48 @@ async fn round_trips(s: &lre_server::RunningServer, ch: &Channel) {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
 
+    // Output directories: a BLAKE3 Tree whose file is a BLAKE3 blob makes a complete
+    // result; the same Tree naming a file stored only under SHA-256 does not.
+    for (file, complete) in [(a.clone(), true), (only_sha.clone(), false)] {
+        let tree = re::Tree {
+            root: Some(re::Directory {
+                files: vec![re::FileNode {
+                    name: "f".into(),
+                    digest: Some(b3(&file)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            children: vec![],
+        }
+        .encode_to_vec();
+        assert_eq!(
+            batch_update(ch, BLAKE3, vec![(b3(&tree), tree.clone(), 0)]).await,
+            vec![0]
+        );
+        let with_dir = b3(format!("an action with a directory, {complete}").as_bytes());
+        ActionCacheClient::new(ch.clone())
+            .update_action_result(re::UpdateActionResultRequest {
+                action_digest: Some(with_dir.clone()),
+                action_result: Some(re::ActionResult {
+                    output_directories: vec![re::OutputDirectory {
+                        path: "d".into(),
+                        tree_digest: Some(b3(&tree)),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                digest_function: BLAKE3,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let got = ActionCacheClient::new(ch.clone())
+            .get_action_result(ac_get(BLAKE3, &with_dir))
+            .await;
+        assert_eq!(got.is_ok(), complete, "{got:?}");
+    }
+
     // A digest function this server does not speak is refused by name.
     let e = CasClient::new(ch.clone())
         .find_missing_blobs(re::FindMissingBlobsRequest {
@@ -507,6 +570,64 @@ async fn http_round_trips(
         .await
         .unwrap();
     assert_eq!(got.status(), 404);
+
+    // PUT by header, an action result PUT under BLAKE3, and an instance in the path.
+    let q = b"put by header".to_vec();
+    let q_hash = blake3::hash(&q).to_hex().to_string();
+    let put = http
+        .put(format!("{url}/team/cas/{q_hash}"))
+        .header("X-Digest-Function", "blake3")
+        .body(q.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let got = http
+        .get(format!("{url}/team/cas/blake3/{q_hash}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(&got.bytes().await.unwrap()[..], &q[..]);
+    let http_action = blake3::hash(b"an action put over http")
+        .to_hex()
+        .to_string();
+    let stored = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "q".into(),
+            digest: Some(b3(&q)),
+            ..Default::default()
+        }],
+        exit_code: 3,
+        ..Default::default()
+    };
+    let put = http
+        .put(format!("{url}/team/ac/blake3/{http_action}"))
+        .body(stored.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let got = ActionCacheClient::new(ch.clone())
+        .get_action_result(re::GetActionResultRequest {
+            instance_name: "team".into(),
+            action_digest: Some(re::Digest {
+                hash: http_action.clone(),
+                size_bytes: 1,
+            }),
+            digest_function: BLAKE3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, stored);
+    let got = http
+        .get(format!("{url}/team/ac/{http_action}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 404, "not a SHA-256 action");
 }
 
 /// Remote execution hashes inputs and outputs with SHA-256 only, and so does the Remote
