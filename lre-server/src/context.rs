@@ -201,11 +201,7 @@ impl ServerContext {
         if hash == function.empty_hash() {
             return Ok(Some((0, Box::pin(tokio::io::empty()))));
         }
-        let key = Key::cas(&Digest {
-            function,
-            hash,
-            size: 0,
-        });
+        let key = Key::cas_by_hash(function, hash);
         let found = self.store.open(&key, 0, None).await?;
         self.metrics
             .cas(found.is_some() as u64, found.is_none() as u64);
@@ -220,11 +216,7 @@ impl ServerContext {
         hash: [u8; 32],
         size: Option<u64>,
     ) -> Result<CasUpload> {
-        let key = Key::cas(&Digest {
-            function,
-            hash,
-            size: size.unwrap_or(0),
-        });
+        let key = Key::cas_by_hash(function, hash);
         Ok(CasUpload::for_key(self.store.as_ref(), key, size).await?)
     }
 

@@ -265,12 +265,8 @@ pub fn parse_path(path: &str) -> Result<BlobPath> {
                 .then(|| kind_of(segs[n - 3]))
                 .flatten()
                 .ok_or_else(expected)?;
-            let function = DigestFunction::from_name(segs[n - 2]).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{path}: digest function {:?} is not supported; this server speaks sha256 and blake3",
-                    segs[n - 2].chars().take(64).collect::<String>()
-                ))
-            })?;
+            let function = DigestFunction::parse_name(segs[n - 2])
+                .map_err(|why| Error::InvalidArgument(format!("{path}: {why}")))?;
             (kind, Some(function), n - 3)
         }
     };
@@ -289,12 +285,10 @@ fn function_of(path: &BlobPath, headers: &HeaderMap) -> Result<DigestFunction> {
         None => None,
         Some(v) => {
             let name = v.to_str().unwrap_or("").to_ascii_lowercase();
-            Some(DigestFunction::from_name(&name).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "X-Digest-Function {:?} is not supported; this server speaks sha256 and blake3",
-                    name.chars().take(64).collect::<String>()
-                ))
-            })?)
+            Some(
+                DigestFunction::parse_name(&name)
+                    .map_err(|why| Error::InvalidArgument(format!("X-Digest-Function: {why}")))?,
+            )
         }
     };
     match (path.function, header) {

@@ -200,12 +200,8 @@ async fn one(
         // either entry answers.
         let functions = match q.function.as_deref() {
             None => DigestFunction::ALL.to_vec(),
-            Some(name) => vec![DigestFunction::from_name(name).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "function {:?} is neither sha256 nor blake3",
-                    name.chars().take(64).collect::<String>()
-                ))
-            })?],
+            Some(name) => vec![DigestFunction::parse_name(name)
+                .map_err(|why| Error::InvalidArgument(format!("function: {why}")))?],
         };
         let mut raw = None;
         for function in functions {

@@ -77,6 +77,18 @@ impl DigestFunction {
         DigestFunction::ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// `from_name`, or the one message every name-taking surface (resource names, HTTP
+    /// paths and headers, query parameters) refuses an unknown name with; the caller adds
+    /// where the name came from. A hostile name is quoted by its first 64 characters only.
+    pub fn parse_name(name: &str) -> std::result::Result<DigestFunction, String> {
+        Self::from_name(name).ok_or_else(|| {
+            format!(
+                "digest function {:?} is not supported; this server speaks sha256 and blake3",
+                name.chars().take(64).collect::<String>()
+            )
+        })
+    }
+
     pub fn empty_hash(self) -> [u8; 32] {
         match self {
             DigestFunction::Sha256 => EMPTY_SHA256,

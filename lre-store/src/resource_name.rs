@@ -111,15 +111,7 @@ fn parse(name: &str, write: bool) -> Result<BlobResource> {
     let mut function = DigestFunction::Sha256;
     if let Some(f) = rest.first() {
         if f.len() != 64 && !f.chars().all(|c| c.is_ascii_digit()) {
-            function = DigestFunction::from_name(f).ok_or_else(|| {
-                bad(
-                    name,
-                    &format!(
-                        "digest function {} is not supported; this server speaks sha256 and blake3",
-                        shown(f)
-                    ),
-                )
-            })?;
+            function = DigestFunction::parse_name(f).map_err(|why| bad(name, &why))?;
             rest = &rest[1..];
         }
     }

@@ -103,9 +103,15 @@ impl Key {
     }
 
     pub fn cas(d: &Digest) -> Key {
-        match d.function {
-            DigestFunction::Sha256 => Key::Cas(d.hash),
-            DigestFunction::Blake3 => Key::Blake3Cas(d.hash),
+        Key::cas_by_hash(d.function, d.hash)
+    }
+
+    /// The CAS key of a blob known only by its hash (the HTTP protocol, an upload whose
+    /// size is not declared).
+    pub fn cas_by_hash(function: DigestFunction, hash: [u8; 32]) -> Key {
+        match function {
+            DigestFunction::Sha256 => Key::Cas(hash),
+            DigestFunction::Blake3 => Key::Blake3Cas(hash),
         }
     }
 
