@@ -84,6 +84,30 @@ async fn batch_read(ch: &Channel, function: i32, digests: Vec<re::Digest>) -> Ve
         .collect()
 }
 
+/// Stores `result` for `action` under BLAKE3, at the root instance.
+async fn ac_update(ch: &Channel, action: &re::Digest, result: re::ActionResult) {
+    ActionCacheClient::new(ch.clone())
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.clone()),
+            action_result: Some(result),
+            digest_function: BLAKE3,
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateActionResult");
+}
+
+async fn ac_lookup(
+    ch: &Channel,
+    function: i32,
+    action: &re::Digest,
+) -> Result<re::ActionResult, tonic::Status> {
+    ActionCacheClient::new(ch.clone())
+        .get_action_result(ac_get(function, action))
+        .await
+        .map(|r| r.into_inner())
+}
+
 fn ac_get(function: i32, action: &re::Digest) -> re::GetActionResultRequest {
     re::GetActionResultRequest {
         instance_name: String::new(),
@@ -117,11 +141,9 @@ async fn every_cache_rpc_round_trips_under_blake3_and_the_namespaces_never_mix()
         vec![digest(&a)]
     );
     let action = b3(b"an action");
-    let got = ActionCacheClient::new(ch.clone())
-        .get_action_result(ac_get(BLAKE3, &action))
+    let got = ac_lookup(&ch, BLAKE3, &action)
         .await
-        .expect("the BLAKE3 action result is kept over a restart")
-        .into_inner();
+        .expect("the BLAKE3 action result is kept over a restart");
     assert_eq!(got.exit_code, 7);
     s.shutdown().await;
 }
@@ -371,25 +393,9 @@ async fn round_trips(s: &lre_server::RunningServer, ch: &Channel) {
         exit_code: 7,
         ..Default::default()
     };
-    ActionCacheClient::new(ch.clone())
-        .update_action_result(re::UpdateActionResultRequest {
-            action_digest: Some(action.clone()),
-            action_result: Some(result.clone()),
-            digest_function: BLAKE3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let got = ActionCacheClient::new(ch.clone())
-        .get_action_result(ac_get(BLAKE3, &action))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got, result);
-    let e = ActionCacheClient::new(ch.clone())
-        .get_action_result(ac_get(SHA256, &action))
-        .await
-        .unwrap_err();
+    ac_update(ch, &action, result.clone()).await;
+    assert_eq!(ac_lookup(ch, BLAKE3, &action).await.unwrap(), result);
+    let e = ac_lookup(ch, SHA256, &action).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // A BLAKE3 result whose output exists only under SHA-256 is incomplete: not served.
     let only_sha = b"stored under sha256 only".to_vec();
@@ -398,26 +404,16 @@ async fn round_trips(s: &lre_server::RunningServer, ch: &Channel) {
         vec![0]
     );
     let other = b3(b"another action");
-    ActionCacheClient::new(ch.clone())
-        .update_action_result(re::UpdateActionResultRequest {
-            action_digest: Some(other.clone()),
-            action_result: Some(re::ActionResult {
-                output_files: vec![re::OutputFile {
-                    path: "out".into(),
-                    digest: Some(b3(&only_sha)),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            digest_function: BLAKE3,
+    let incomplete = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "out".into(),
+            digest: Some(b3(&only_sha)),
             ..Default::default()
-        })
-        .await
-        .unwrap();
-    let e = ActionCacheClient::new(ch.clone())
-        .get_action_result(ac_get(BLAKE3, &other))
-        .await
-        .unwrap_err();
+        }],
+        ..Default::default()
+    };
+    ac_update(ch, &other, incomplete).await;
+    let e = ac_lookup(ch, BLAKE3, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
 
     // Output directories: a BLAKE3 Tree whose file is a BLAKE3 blob makes a complete
@@ -440,25 +436,16 @@ async fn round_trips(s: &lre_server::RunningServer, ch: &Channel) {
             vec![0]
         );
         let with_dir = b3(format!("an action with a directory, {complete}").as_bytes());
-        ActionCacheClient::new(ch.clone())
-            .update_action_result(re::UpdateActionResultRequest {
-                action_digest: Some(with_dir.clone()),
-                action_result: Some(re::ActionResult {
-                    output_directories: vec![re::OutputDirectory {
-                        path: "d".into(),
-                        tree_digest: Some(b3(&tree)),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-                digest_function: BLAKE3,
+        let result = re::ActionResult {
+            output_directories: vec![re::OutputDirectory {
+                path: "d".into(),
+                tree_digest: Some(b3(&tree)),
                 ..Default::default()
-            })
-            .await
-            .unwrap();
-        let got = ActionCacheClient::new(ch.clone())
-            .get_action_result(ac_get(BLAKE3, &with_dir))
-            .await;
+            }],
+            ..Default::default()
+        };
+        ac_update(ch, &with_dir, result).await;
+        let got = ac_lookup(ch, BLAKE3, &with_dir).await;
         assert_eq!(got.is_ok(), complete, "{got:?}");
     }
 
