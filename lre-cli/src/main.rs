@@ -340,13 +340,34 @@ fn generate(args: GenerateArgs) -> anyhow::Result<std::process::ExitCode> {
     })
 }
 
-fn main() -> anyhow::Result<std::process::ExitCode> {
+fn main() -> std::process::ExitCode {
     // `lre up` runs the server in this process.
     lre_server::allocator::keep_large_buffers();
-    tokio::runtime::Builder::new_multi_thread()
+    let ran = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run())
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run()));
+    match ran {
+        Ok(code) => code,
+        Err(e) => {
+            // Not anyhow's Debug form: that appends a stack trace whenever RUST_BACKTRACE
+            // is set, as many Rust users keep it. A user error is its message, its causes
+            // (which carry the fix), and nothing else.
+            eprintln!("{}", report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// How `lre` prints an error that ends a command: `error: <message>`, then each cause on a
+/// line of its own. Never a stack trace, whatever `RUST_BACKTRACE` says.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = format!("error: {e}");
+    for cause in e.chain().skip(1) {
+        out.push_str(&format!("\n  caused by: {cause}"));
+    }
+    out
 }
 
 async fn run() -> anyhow::Result<std::process::ExitCode> {

@@ -55,6 +55,11 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 
+    /// A body in a form the server does not take (a NAR compression it cannot decode).
+    /// HTTP 415, whose body Nix prints to its user.
+    #[error("unsupported media type: {0}")]
+    Unsupported(String),
+
     /// What the store said: a digest or size mismatch, a full disk, no room for uploads,
     /// an I/O error. One definition, in lre-store.
     #[error(transparent)]
@@ -106,6 +111,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
+            Error::Unsupported(_) => Code::InvalidArgument,
             Error::Store(e) => e.grpc_code(),
         }
     }
@@ -125,6 +131,7 @@ impl Error {
             Error::Unavailable(_) => StatusCode::BAD_GATEWAY,
             Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Store(e) => match e.grpc_code() {
                 tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
                 tonic::Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,

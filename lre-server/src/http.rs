@@ -1,7 +1,8 @@
 //! The HTTP/1.1 cache protocol Bazel speaks with `--remote_cache=http://...`
 //! (`GET`/`HEAD`/`PUT` on `{prefix}/ac/{sha256}` and `{prefix}/cas/{sha256}`), plus
 //! `/metrics` and `/healthz`. The prefix is the instance name, so HTTP and gRPC clients
-//! of the same instance share one action cache.
+//! of the same instance share one action cache. Paths under `{prefix}/nix/` are the
+//! instance's Nix binary cache (`nix_cache`).
 //!
 //! The protocol names no digest function. A BLAKE3 client names it in the path,
 //! `{prefix}/cas/blake3/{hash}` (the layout bazel-remote's BLAKE3 proposal uses), or in an
@@ -341,6 +342,9 @@ async fn handle(
         Method::PUT => true,
         _ => return Ok(StatusCode::METHOD_NOT_ALLOWED.into_response()),
     };
+    if let Some(nix) = crate::nix_cache::path::parse(path) {
+        return crate::nix_cache::handle(cache, method, nix?, headers, body).await;
+    }
     let parsed = parse_path(path)?;
     let function = function_of(&parsed, headers)?;
     let BlobPath {
@@ -378,7 +382,7 @@ fn with_length(status: StatusCode, len: u64, body: Body) -> Response {
     r
 }
 
-async fn get_cas(
+pub(crate) async fn get_cas(
     cache: &ServerContext,
     function: DigestFunction,
     hash: [u8; 32],

@@ -52,6 +52,15 @@ impl Instances {
         self
     }
 
+    /// The instance's Nix binary-cache settings (the defaults for an instance without a
+    /// table).
+    pub fn nix(&self, name: &str) -> crate::config::NixCacheSettings {
+        self.settings
+            .get(name)
+            .map(|s| s.nix.clone())
+            .unwrap_or_default()
+    }
+
     pub fn executed_only(&self, name: &str) -> bool {
         self.settings.get(name).is_some_and(|s| s.executed_only)
     }
@@ -86,6 +95,7 @@ mod tests {
             "main".to_string(),
             InstanceSettings {
                 executed_only: true,
+                ..Default::default()
             },
         );
         settings.insert("".to_string(), InstanceSettings::default());

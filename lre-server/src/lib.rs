@@ -18,6 +18,7 @@ pub mod http;
 pub mod instance;
 pub mod longrunning;
 pub mod metrics;
+pub mod nix_cache;
 pub mod operations;
 pub mod provenance;
 pub mod request_meta;

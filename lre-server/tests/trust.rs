@@ -57,6 +57,7 @@ async fn an_executed_only_instance_refuses_every_clients_result() {
         "main".into(),
         InstanceSettings {
             executed_only: true,
+            ..Default::default()
         },
     );
     let s = start(c).await;

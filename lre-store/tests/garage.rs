@@ -62,6 +62,15 @@ async fn small_and_multipart_blobs_round_trip_and_leave_no_temporary_objects() {
     assert!(!s3.list(KeyKind::Cas).await.unwrap().contains(&k3));
     assert_eq!(objects(&g, "cas-blake3").await.len(), 1);
 
+    // A Nix binary cache's narinfo: its own kind, under `narinfo/`.
+    let ni = Key::nar_info("main", "0c6kzph7l0dcbfmjap64f0czdafn3b7x");
+    let mut w = s3.writer(Some(12)).await.unwrap();
+    w.write(b"StorePath: x").await.unwrap();
+    w.commit(ni).await.unwrap();
+    assert_eq!(s3.get(&ni).await.unwrap().unwrap(), &b"StorePath: x"[..]);
+    assert_eq!(s3.list(KeyKind::NarInfo).await.unwrap(), vec![ni]);
+    assert_eq!(objects(&g, "narinfo").await.len(), 1);
+
     s3.remove(&kb).await.unwrap();
     assert_eq!(s3.lookup(&[kb]).await.unwrap(), vec![None]);
     assert!(s3.get(&kb).await.unwrap().is_none());

@@ -77,6 +77,14 @@ async fn entries_round_trip_and_an_empty_entry_is_present() {
     );
     assert_eq!(store.list(KeyKind::Blake3Cas).await.unwrap(), vec![b3]);
     assert!(!store.list(KeyKind::Cas).await.unwrap().contains(&b3));
+
+    // A Nix binary cache's narinfo: per instance, its own kind.
+    let ni = Key::nar_info("main", "0c6kzph7l0dcbfmjap64f0czdafn3b7x");
+    assert_ne!(ni, Key::nar_info("", "0c6kzph7l0dcbfmjap64f0czdafn3b7x"));
+    set(&store, ni, b"StorePath: x").await.unwrap();
+    assert_eq!(store.get(&ni).await.unwrap().unwrap(), &b"StorePath: x"[..]);
+    assert_eq!(store.list(KeyKind::NarInfo).await.unwrap(), vec![ni]);
+    assert!(!store.list(KeyKind::Ac).await.unwrap().contains(&ni));
 }
 
 #[tokio::test]

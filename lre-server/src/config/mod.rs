@@ -18,7 +18,7 @@ use crate::auth::{Scope, TokenConfig};
 pub use asset::AssetConfig;
 pub use connections::ConnectionsConfig;
 pub use execution::ExecutionConfig;
-pub use instance::InstanceSettings;
+pub use instance::{InstanceSettings, NixCacheSettings};
 pub use lre_store::config::{default_store_path, ByteSize, InvalidKey, StoreConfig};
 pub use status::StatusConfig;
 
@@ -277,6 +277,7 @@ impl Config {
                     ));
                 }
             }
+            settings.nix.validate(&format!("{key}.nix"))?;
             if settings.executed_only && !self.execution.enabled {
                 return Err(invalid(
                     format!("{key}.executed_only"),
@@ -368,6 +369,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("root"), "{err}");
+    }
+
+    #[test]
+    fn nix_cache_keys_are_checked_by_key() {
+        let c =
+            Config::from_toml("[instance_settings.\"\".nix]\ntrusted_public_keys = [\"k:AAAA\"]\n")
+                .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("instance_settings.\"\".nix.trusted_public_keys[0]")
+                && e.contains("32 bytes"),
+            "{e}"
+        );
+        let good = "team-1:ZMgFPk3lPVzj+qoIrIS5OzcCDp9WLYhpa5O+a0R0wqM=";
+        let c = Config::from_toml(&format!(
+            "[instance_settings.main.nix]\ntrusted_public_keys = [\"{good}\"]\nmax_nar_size = \"1GiB\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let n = &c.instance_settings["main"].nix;
+        assert_eq!((n.keys().len(), n.max_nar_size.0), (1, 1 << 30));
+        let c = Config::from_toml("[instance_settings.main.nix]\nmax_nar_size = \"0\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("instance_settings.main.nix.max_nar_size"));
     }
 
     #[test]

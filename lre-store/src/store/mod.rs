@@ -46,6 +46,9 @@ pub enum Key {
     Blake3Cas([u8; 32]),
     /// `CasExecutable` under BLAKE3.
     Blake3CasExecutable([u8; 32]),
+    /// A Nix binary cache's narinfo for one store path of one instance (`Key::nar_info`).
+    /// Write-once by policy (the server's), not by content: like `Ac`, not verified.
+    NarInfo([u8; 32]),
 }
 
 /// The kinds of key, for `BlobStore::list`.
@@ -56,15 +59,17 @@ pub enum KeyKind {
     Ac,
     Blake3Cas,
     Blake3CasExecutable,
+    NarInfo,
 }
 
 impl KeyKind {
-    pub const ALL: [KeyKind; 5] = [
+    pub const ALL: [KeyKind; 6] = [
         KeyKind::Cas,
         KeyKind::CasExecutable,
         KeyKind::Ac,
         KeyKind::Blake3Cas,
         KeyKind::Blake3CasExecutable,
+        KeyKind::NarInfo,
     ];
 
     /// The name a key of this kind is stored under, before its hex hash: "cas/<hex>".
@@ -76,6 +81,7 @@ impl KeyKind {
             KeyKind::Ac => "ac",
             KeyKind::Blake3Cas => "cas-blake3",
             KeyKind::Blake3CasExecutable => "cas-blake3-x",
+            KeyKind::NarInfo => "narinfo",
         }
     }
 }
@@ -88,6 +94,7 @@ impl Key {
             Key::Ac(_) => KeyKind::Ac,
             Key::Blake3Cas(_) => KeyKind::Blake3Cas,
             Key::Blake3CasExecutable(_) => KeyKind::Blake3CasExecutable,
+            Key::NarInfo(_) => KeyKind::NarInfo,
         }
     }
 
@@ -99,6 +106,7 @@ impl Key {
             KeyKind::Ac => Key::Ac(hash),
             KeyKind::Blake3Cas => Key::Blake3Cas(hash),
             KeyKind::Blake3CasExecutable => Key::Blake3CasExecutable(hash),
+            KeyKind::NarInfo => Key::NarInfo(hash),
         }
     }
 
@@ -131,6 +139,17 @@ impl Key {
         Key::Ac(h.finalize().into())
     }
 
+    /// The narinfo of the store path whose hash part (32 nixbase32 characters) is
+    /// `hash_part`, in `instance`: each instance is its own binary cache.
+    pub fn nar_info(instance: &str, hash_part: &str) -> Key {
+        let mut h = Sha256::new();
+        h.update(b"lre-narinfo\0");
+        h.update(instance.as_bytes());
+        h.update(b"\0");
+        h.update(hash_part.as_bytes());
+        Key::NarInfo(h.finalize().into())
+    }
+
     pub fn cas_executable(d: &Digest) -> Key {
         match d.function {
             DigestFunction::Sha256 => Key::CasExecutable(d.hash),
@@ -148,7 +167,8 @@ impl Key {
             | Key::CasExecutable(h)
             | Key::Ac(h)
             | Key::Blake3Cas(h)
-            | Key::Blake3CasExecutable(h) => h,
+            | Key::Blake3CasExecutable(h)
+            | Key::NarInfo(h) => h,
         }
     }
 
@@ -158,7 +178,7 @@ impl Key {
         match self {
             Key::Cas(_) | Key::CasExecutable(_) => Some(DigestFunction::Sha256),
             Key::Blake3Cas(_) | Key::Blake3CasExecutable(_) => Some(DigestFunction::Blake3),
-            Key::Ac(_) => None,
+            Key::Ac(_) | Key::NarInfo(_) => None,
         }
     }
 
@@ -355,8 +375,9 @@ pub struct CasUpload {
     /// Under the key's function.
     hasher: Hasher,
     /// What a verified upload is committed as: a CAS key, whose hash is the expected one.
-    key: Key,
-    expected_hash: [u8; 32],
+    /// `None`: the content's own CAS key under `function`, whatever it hashes to.
+    key: Option<Key>,
+    function: DigestFunction,
     expected_size: Option<u64>,
     written: u64,
     /// Set while a write is in the store. Still set afterwards means the write was
@@ -380,8 +401,8 @@ impl CasUpload {
         Ok(CasUpload {
             inner: store.writer(expected_size).await?,
             hasher: function.hasher(),
-            key,
-            expected_hash: *key.hash(),
+            key: Some(key),
+            function,
             expected_size,
             written: 0,
             in_write: false,
@@ -392,8 +413,23 @@ impl CasUpload {
         self.written
     }
 
-    fn hasher_function(&self) -> DigestFunction {
-        self.key.function().unwrap_or_default()
+    /// An upload of content not known beforehand (a decompressed NAR named by its
+    /// compressed form's hash), committed under its own hash: what it hashes to is what it
+    /// is, so there is nothing to verify.
+    pub async fn of_content(
+        store: &dyn BlobStore,
+        function: DigestFunction,
+        size_hint: Option<u64>,
+    ) -> Result<CasUpload> {
+        Ok(CasUpload {
+            inner: store.writer(size_hint).await?,
+            hasher: function.hasher(),
+            key: None,
+            function,
+            expected_size: None,
+            written: 0,
+            in_write: false,
+        })
     }
 
     /// A write was cancelled half way: what the store holds is unknown, start again.
@@ -470,21 +506,25 @@ impl CasUpload {
                 return Err(e);
             }
         }
-        let function = self.hasher_function();
+        let function = self.function;
         let actual: [u8; 32] = self.hasher.finalize();
-        if actual != self.expected_hash {
-            self.inner.discard().await;
-            return Err(Error::DigestMismatch {
-                expected: hex::encode(self.expected_hash),
-                actual: hex::encode(actual),
-            });
-        }
+        let key = match self.key {
+            Some(key) if *key.hash() != actual => {
+                self.inner.discard().await;
+                return Err(Error::DigestMismatch {
+                    expected: hex::encode(key.hash()),
+                    actual: hex::encode(actual),
+                });
+            }
+            Some(key) => key,
+            None => Key::cas_by_hash(function, actual),
+        };
         let digest = Digest {
             function,
             hash: actual,
             size: self.written,
         };
-        self.inner.commit(self.key).await?;
+        self.inner.commit(key).await?;
         Ok(digest)
     }
 }
