@@ -443,6 +443,7 @@ mod tests {
             nar_hash: None,
             nar_size: None,
             references: refs.iter().map(|r| (*r).to_owned()).collect(),
+            ..Default::default()
         }
     }
 

@@ -14,6 +14,7 @@ pub mod image;
 pub mod nix;
 pub mod probe;
 pub mod provenance;
+pub mod publish;
 pub mod registry;
 pub mod render;
 pub mod status;

@@ -38,6 +38,29 @@ enum Command {
     /// Who wrote which action results on a server (an `admin` token).
     #[command(subcommand)]
     Provenance(ProvenanceCommand),
+    /// Upload the toolchain's closure to the server's Nix binary cache and register it.
+    Publish(PublishArgs),
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    toolchain: ToolchainArgs,
+    /// Publish the closure of these store paths instead of a toolchain's; repeatable.
+    #[arg(long = "store-path", value_name = "PATH")]
+    store_paths: Vec<String>,
+    /// The REAPI endpoint NARs go to over ByteStream: grpc://HOST:PORT or grpcs://HOST.
+    #[arg(long, default_value = "grpc://127.0.0.1:8980")]
+    endpoint: String,
+    #[command(flatten)]
+    api: status::ServerArgs,
+    #[arg(long, default_value = "")]
+    instance_name: String,
+    /// Sign each path with this key (`nix-store --generate-binary-cache-key`); without
+    /// it, the paths' own signatures go, and the server takes only signed or
+    /// content-addressed paths.
+    #[arg(long)]
+    secret_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +185,69 @@ struct ImageBuildArgs {
     /// At most this many layers (each popular store path gets its own).
     #[arg(long, default_value_t = image::DEFAULT_MAX_LAYERS)]
     max_layers: usize,
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<std::process::ExitCode> {
+    let key = args
+        .secret_key
+        .as_deref()
+        .map(lre_cli::publish::read_secret_key)
+        .transpose()?;
+    let store_paths = args.store_paths.clone();
+    let infos = tokio::task::block_in_place(|| -> anyhow::Result<Vec<nix::PathInfo>> {
+        let roots: Vec<String> = if store_paths.is_empty() {
+            toolchain::Toolchain::resolve(
+                &args.toolchain.sources(),
+                args.toolchain.allow_host_path,
+            )?
+            .closure
+        } else {
+            store_paths
+        };
+        let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+        Ok(nix::closure(&roots)?)
+    })?;
+    let closure = infos
+        .iter()
+        .map(lre_cli::publish::PathMeta::from_info)
+        .collect::<Result<Vec<_>, _>>()?;
+    let paths: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
+    let id = toolchain::Toolchain::closure_identity(&paths);
+    let token = status::read_token(args.api.token_file.as_deref())?;
+    let endpoint = match args.endpoint.split_once("://") {
+        Some(("grpc", rest)) => format!("http://{rest}"),
+        Some(("grpcs", rest)) => format!("https://{rest}"),
+        _ => args.endpoint.clone(),
+    };
+    let credential = match &token {
+        Some(t) => lre_worker::client::Credential::bearer(t)?,
+        None => lre_worker::client::Credential::none(),
+    };
+    let tls = lre_worker::client::ClientTls {
+        ca: args.api.tls_ca.clone(),
+        ..Default::default()
+    };
+    let channel = lre_worker::client::connect(&endpoint, credential, &tls)?;
+    let base = args.api.server.trim_end_matches('/');
+    let cache_url = if args.instance_name.is_empty() {
+        format!("{base}/nix")
+    } else {
+        format!("{base}/{}/nix", args.instance_name)
+    };
+    let server = lre_cli::publish::Server {
+        http: status::api_client(args.api.tls_ca.as_deref())?,
+        cache_url: cache_url.clone(),
+        token,
+        channel,
+        instance: args.instance_name.clone(),
+    };
+    let r = lre_cli::publish::publish(&server, &closure, key.as_ref(), &id).await?;
+    println!("{id}");
+    eprintln!(
+        "published {} paths to {cache_url}: {} already there, {} NARs uploaded ({} bytes), {} narinfos written",
+        r.paths, r.already_there, r.nars_uploaded, r.bytes_uploaded, r.narinfos_written
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn image_build(args: ImageBuildArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -389,6 +475,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
             tokio::task::block_in_place(|| image_build(args))
         }
         Command::Image(ImageCommand::Push(args)) => image_push(args).await,
+        Command::Publish(args) => publish(args).await,
         Command::Provenance(ProvenanceCommand::List(args)) => {
             provenance::provenance(args, false).await
         }

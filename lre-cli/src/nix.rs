@@ -132,7 +132,7 @@ fn default_env(out: &Path, role: &str) -> Result<Env> {
 }
 
 /// One store path of a closure, as `nix path-info --json` describes it.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct PathInfo {
     #[serde(default)]
     pub path: String,
@@ -142,12 +142,21 @@ pub struct PathInfo {
     pub nar_size: Option<u64>,
     #[serde(default)]
     pub references: Vec<String>,
+    /// With `--sigs`: the path's signatures, `name:base64`.
+    #[serde(default)]
+    pub signatures: Vec<String>,
+    /// A content-addressed path's address (`fixed:r:sha256:…`).
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub deriver: Option<String>,
 }
 
 /// The closure of `paths`, sorted by path.
 pub fn closure(paths: &[&str]) -> Result<Vec<PathInfo>> {
     let mut cmd = nix();
-    cmd.args(["path-info", "--json", "--recursive"]).args(paths);
+    cmd.args(["path-info", "--json", "--recursive", "--sigs"])
+        .args(paths);
     let (stdout, _) = run(&mut cmd, b"")?;
     parse_path_info(&stdout).map_err(|reason| Error::Output {
         command: display(&cmd),

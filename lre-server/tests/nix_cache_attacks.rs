@@ -561,3 +561,93 @@ async fn narinfos_survive_a_restart_of_a_filesystem_store_and_stay_per_instance(
     assert!(c.has_nar(&nar).await);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_closure_manifest_must_hash_to_its_id_be_complete_and_closed() {
+    use sha2::{Digest as _, Sha256};
+    let key = secret_key("trusted-1", 1);
+    let mut config = memory_config();
+    let mut s = InstanceSettings::default();
+    s.nix.trusted_public_keys = vec![key.public().to_string()];
+    config.instance_settings.insert("".into(), s);
+    let server = start(config).await;
+    let c = Cache {
+        base: http_url(&server),
+        http: reqwest::Client::new(),
+    };
+    let (dep, top) = (random_path("dep"), random_path("top"));
+    let (dep_nar, top_nar) = (file_nar(b"dep"), file_nar(b"top"));
+    for (p, nar, refs) in [(&dep, &dep_nar, vec![]), (&top, &top_nar, vec![&dep])] {
+        c.put_nar("", nar).await;
+        let info = Info {
+            path: p,
+            nar,
+            refs,
+            signers: vec![&key],
+            ca: None,
+        };
+        assert_eq!(c.put_info("", &info).await.0, StatusCode::OK);
+    }
+    let manifest = |paths: &[&StorePath]| {
+        let mut v: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        v.sort();
+        let body: String = v.iter().map(|p| format!("{p}\n")).collect();
+        (hex::encode(Sha256::digest(body.as_bytes())), body)
+    };
+    let put = |id: String, body: String| {
+        let c = &c;
+        async move {
+            c.put(&format!("/nix/closure/{id}"), body.into_bytes())
+                .await
+        }
+    };
+
+    // Not the SHA-256 of its body.
+    let (_, body) = manifest(&[&dep, &top]);
+    let (s, why) = put("ab".repeat(32), body.clone()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(why.contains("hashes to"), "{why}");
+    // Not closed: top refers to dep, which it leaves out.
+    let (id, only_top) = manifest(&[&top]);
+    let (s, why) = put(id.clone(), only_top).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(why.contains("leaves out"), "{why}");
+    assert_eq!(
+        c.get(&format!("/nix/closure/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // A path the cache does not have.
+    let stranger = random_path("absent");
+    let (id, body_absent) = manifest(&[&dep, &stranger]);
+    let (s, why) = put(id, body_absent).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(why.contains("not in this cache"), "{why}");
+    // Unsorted.
+    let unsorted: String = {
+        let mut v = [dep.to_string(), top.to_string()];
+        v.sort();
+        v.reverse();
+        v.iter().map(|p| format!("{p}\n")).collect()
+    };
+    let (s, why) = put(hex::encode(Sha256::digest(unsorted.as_bytes())), unsorted).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(why.contains("sorted"), "{why}");
+
+    // The real one, then withheld once a NAR of it is evicted.
+    let (id, body) = manifest(&[&dep, &top]);
+    assert_eq!(put(id.clone(), body.clone()).await.0, StatusCode::OK);
+    assert_eq!(
+        c.get(&format!("/nix/closure/{id}")).await,
+        (StatusCode::OK, body)
+    );
+    server
+        .context
+        .store
+        .remove(&Key::Cas(NixHash::of(&dep_nar).0))
+        .await
+        .unwrap();
+    let (s, why) = c.get(&format!("/nix/closure/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(why.contains("lre publish"), "{why}");
+    server.shutdown().await;
+}

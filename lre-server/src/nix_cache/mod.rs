@@ -5,6 +5,7 @@
 //! trust policy (`narinfo`). Scopes are the HTTP cache's: `read` substitutes, uploading
 //! takes `read-write` (or `worker`), both for the instance of the URL only.
 
+pub mod closure;
 pub mod nar_upload;
 pub mod narinfo;
 pub mod path;
@@ -60,6 +61,23 @@ pub async fn handle(
                 .map_err(|_| Error::InvalidArgument(format!("{hash_part}.narinfo is not UTF-8")))?;
             let settings = cache.instances.nix(instance);
             narinfo::put(cache, instance, &settings, &hash_part, text).await?;
+            Ok(StatusCode::OK.into_response())
+        }
+        (Target::Closure(id), Access::Read) => match closure::get(cache, instance, &id).await? {
+            Some(body) => {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                Ok(text(body, "text/plain; charset=utf-8", head))
+            }
+            None => Err(Error::NotFound(format!(
+                "closure lre-closure:sha256:{id} is not registered in this instance (or no \
+                 longer complete): publish it with `lre publish`"
+            ))),
+        },
+        (Target::Closure(id), _) => {
+            let body = axum::body::to_bytes(body, closure::MAX_SIZE)
+                .await
+                .map_err(|e| Error::InvalidArgument(format!("closure {id}: {e}")))?;
+            closure::put(cache, instance, &id, body).await?;
             Ok(StatusCode::OK.into_response())
         }
         (

@@ -29,6 +29,8 @@ pub enum Target {
     CacheInfo,
     /// The 32-character hash part of a store path.
     NarInfo(String),
+    /// A toolchain's closure manifest, by its `lre-closure:sha256:` id (64 hex digits).
+    Closure(String),
     /// A NAR file named by the hash of its (compressed) bytes.
     Nar {
         file_hash: NixHash,
@@ -66,6 +68,20 @@ pub fn parse(path: &str) -> Option<Result<NixPath>> {
                     .map_err(|e| Error::NotFound(format!("{path}: {e}"))),
             );
         }
+    }
+    if n >= 3 && segs[n - 3] == "nix" && segs[n - 2] == "closure" {
+        let id = segs[n - 1];
+        let hex = id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        return Some(if hex {
+            Ok(NixPath {
+                instance: instance(n - 3),
+                target: Target::Closure(id.to_string()),
+            })
+        } else {
+            Err(Error::NotFound(format!(
+                "{path}: a closure is named by the 64 lowercase hex digits of its lre-closure:sha256: id"
+            )))
+        });
     }
     if n >= 3 && segs[n - 3] == "nix" && segs[n - 2] == "nar" {
         return Some(nar_file(segs[n - 1]).map(|target| NixPath {
@@ -127,5 +143,9 @@ mod tests {
         assert!(parse("/nix/nope.narinfo").unwrap().is_err());
         assert!(parse(&format!("/cas/{}", "0".repeat(64))).is_none());
         assert!(parse("/nix/other").is_none());
+        let id = "ab".repeat(32);
+        let p = parse(&format!("/m/nix/closure/{id}")).unwrap().unwrap();
+        assert_eq!((p.instance.as_str(), p.target), ("m", Target::Closure(id)));
+        assert!(parse("/nix/closure/AB").unwrap().is_err());
     }
 }

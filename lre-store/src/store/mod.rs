@@ -46,8 +46,9 @@ pub enum Key {
     Blake3Cas([u8; 32]),
     /// `CasExecutable` under BLAKE3.
     Blake3CasExecutable([u8; 32]),
-    /// A Nix binary cache's narinfo for one store path of one instance (`Key::nar_info`).
-    /// Write-once by policy (the server's), not by content: like `Ac`, not verified.
+    /// A Nix binary cache's metadata in one instance: a store path's narinfo
+    /// (`Key::nar_info`) or a closure manifest (`Key::closure_manifest`). Write-once by
+    /// policy (the server's), not by content: like `Ac`, not verified by the store.
     NarInfo([u8; 32]),
 }
 
@@ -147,6 +148,17 @@ impl Key {
         h.update(instance.as_bytes());
         h.update(b"\0");
         h.update(hash_part.as_bytes());
+        Key::NarInfo(h.finalize().into())
+    }
+
+    /// A toolchain's closure manifest (`lre-closure:sha256:<id>`, `id` in hex) registered
+    /// in `instance`: binary-cache metadata like a narinfo, so of the same kind.
+    pub fn closure_manifest(instance: &str, id: &str) -> Key {
+        let mut h = Sha256::new();
+        h.update(b"lre-closure\0");
+        h.update(instance.as_bytes());
+        h.update(b"\0");
+        h.update(id.as_bytes());
         Key::NarInfo(h.finalize().into())
     }
 
