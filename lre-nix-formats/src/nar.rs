@@ -133,6 +133,8 @@ pub struct NarParser {
     root: Option<Root>,
     size: u64,
     max_size: u64,
+    /// Set by an error: the parser's state is then inconsistent, and it refuses more.
+    failed: bool,
     files: u64,
     directories: u64,
     symlinks: u64,
@@ -164,6 +166,7 @@ impl NarParser {
             root: None,
             size: 0,
             max_size,
+            failed: false,
             files: 0,
             directories: 0,
             symlinks: 0,
@@ -177,6 +180,15 @@ impl NarParser {
 
     /// Parses the next bytes of the NAR. After an error the parser is spent.
     pub fn feed(&mut self, data: &[u8], sink: &mut impl NarSink) -> Result<(), NarError> {
+        if self.failed {
+            return Err(bad("the parser already refused this NAR"));
+        }
+        let r = self.feed_inner(data, sink);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn feed_inner(&mut self, data: &[u8], sink: &mut impl NarSink) -> Result<(), NarError> {
         if self.size + data.len() as u64 > self.max_size {
             return Err(bad(format!(
                 "longer than the limit of {} bytes",
@@ -198,7 +210,9 @@ impl NarParser {
                     rest = &rest[n..];
                     if *have == 8 {
                         let len = u64::from_le_bytes(*buf);
-                        self.start_string(len, sink)?;
+                        // Where the string starts in the NAR.
+                        let at = self.size - rest.len() as u64;
+                        self.start_string(len, at, sink)?;
                     }
                 }
                 Lex::Str { len, buf } => {
@@ -255,6 +269,9 @@ impl NarParser {
 
     /// The archive must be complete: anything else is a truncated NAR.
     pub fn finish(self) -> Result<NarSummary, NarError> {
+        if self.failed {
+            return Err(bad("the parser already refused this NAR"));
+        }
         if self.expect != Expect::Done {
             return Err(bad(format!(
                 "truncated after {} bytes (the archive is not complete)",
@@ -271,8 +288,17 @@ impl NarParser {
         })
     }
 
-    fn start_string(&mut self, len: u64, sink: &mut impl NarSink) -> Result<(), NarError> {
+    fn start_string(&mut self, len: u64, at: u64, sink: &mut impl NarSink) -> Result<(), NarError> {
         if self.expect == Expect::ContentsLen {
+            // Refused before the sink hears of it: a file cannot be longer than what is
+            // left of the NAR's limit.
+            if len > self.max_size - at {
+                return Err(bad(format!(
+                    "a file of {len} bytes at {:?} does not fit in the limit of {} bytes",
+                    self.path.join("/"),
+                    self.max_size
+                )));
+            }
             self.file_len = len;
             self.files += 1;
             if self.path.is_empty() {
@@ -663,6 +689,18 @@ mod tests {
         }
         let e = parse(&nar(deep), &mut Validate).unwrap_err().to_string();
         assert!(e.contains("deeper"), "{e}");
+        // A file longer than what is left of the limit is refused before the sink hears of
+        // it, whatever its length field says.
+        let mut huge = Vec::new();
+        strings(&mut huge, &[MAGIC, b"(", b"type", b"regular", b"contents"]);
+        huge.extend_from_slice(&(u64::MAX - 3).to_le_bytes());
+        let mut r = Record::default();
+        let mut p = NarParser::new(1 << 30);
+        let e = p.feed(&huge, &mut r).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(r.0.is_empty(), "{:?}", r.0);
+        // A refused parser stays refused.
+        assert!(p.feed(b"more", &mut Validate).is_err());
         // A truncated NAR is not complete.
         let n = nar(file(b"hello", false));
         let mut p = NarParser::new(u64::MAX);

@@ -254,10 +254,17 @@ fn signatures_match_nix_copy_byte_for_byte() {
             pk.to_str().unwrap(),
         ],
     );
-    let src = d.path().join("lre-sig-test");
-    std::fs::write(&src, b"signed by the test\n").unwrap();
-    let path = nix("nix-store", &["--add", src.to_str().unwrap()]);
-    let path = path.trim();
+    // A path with a reference, so the fingerprint's reference list is compared too.
+    let path = nix(
+        "nix-instantiate",
+        &[
+            "--eval",
+            "--read-write-mode",
+            "-E",
+            r#"builtins.toFile "lre-sig-test" "signed, refers to ${builtins.toFile "lre-sig-dep" "dep"}""#,
+        ],
+    );
+    let path = path.trim().trim_matches('"');
     let cache = d.path().join("cache");
     nix(
         "nix",
@@ -276,6 +283,7 @@ fn signatures_match_nix_copy_byte_for_byte() {
     let text = std::fs::read_to_string(cache.join(format!("{}.narinfo", sp.hash_part()))).unwrap();
     let info = NarInfo::parse(&text).unwrap();
     assert_eq!(info.store_path, sp);
+    assert_eq!(info.references.len(), 1, "{text}");
     let pk = PublicKey::parse(&std::fs::read_to_string(&pk).unwrap()).unwrap();
     let sig = info
         .sigs

@@ -211,6 +211,11 @@ async fn nix_copies_to_lre_and_substitutes_back_from_it() {
         )
         .await;
     assert!(!copy.ok, "a token of another instance copied");
+    assert!(
+        copy.stderr.contains("403"),
+        "refused for another reason:\n{}",
+        copy.stderr
+    );
 
     // Delete both paths, then substitute them back from instance main as a reader.
     nix.ok("nix-store", &["--delete", &top, &dep]).await;

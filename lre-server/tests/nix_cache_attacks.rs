@@ -354,6 +354,44 @@ async fn every_attack_is_refused_with_a_reason_and_nothing_is_served() {
         "{served}"
     );
 
+    // A genuine signature cannot carry a forged content address: the fingerprint does not
+    // cover CA:, so the server checks it anyway.
+    let p5 = random_path("signed-bogus-ca");
+    let (s, why) = c
+        .put_info(
+            "",
+            &Info {
+                path: &p5,
+                nar: &nar,
+                refs: vec![],
+                signers: vec![&trusted],
+                ca: Some(format!("fixed:r:{}", NixHash::of(&nar))),
+            },
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(why.contains("claims content address"), "{why}");
+    assert_eq!(c.narinfo(&p5).await.0, StatusCode::NOT_FOUND);
+
+    // A reference is matched by its whole name: a path with the same hash part and another
+    // name is not it.
+    let impostor = StorePath::from_base_name(&format!("{}-impostor", good.hash_part())).unwrap();
+    let p6 = random_path("refers-to-impostor");
+    let (s, why) = c
+        .put_info(
+            "",
+            &Info {
+                path: &p6,
+                nar: &nar,
+                refs: vec![&impostor],
+                signers: vec![&trusted],
+                ca: None,
+            },
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{why}");
+    assert!(why.contains("impostor"), "{why}");
+
     // A narinfo whose references are not in the cache.
     let missing = random_path("never-uploaded");
     let p3 = random_path("dangling");
@@ -402,8 +440,12 @@ async fn every_attack_is_refused_with_a_reason_and_nothing_is_served() {
     }
     // The same NAR put straight into the CAS is still refused when a narinfo names it.
     let trav = dir_nar(&[".."]);
-    c.put(&format!("/cas/{}", hash_hex(&trav)), trav.clone())
-        .await;
+    assert_eq!(
+        c.put(&format!("/cas/{}", hash_hex(&trav)), trav.clone())
+            .await
+            .0,
+        StatusCode::OK
+    );
     let p4 = random_path("through-the-cas");
     let (s, why) = c
         .put_info(
@@ -419,6 +461,7 @@ async fn every_attack_is_refused_with_a_reason_and_nothing_is_served() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(why.contains("its NAR is refused"), "{why}");
+    assert_eq!(c.narinfo(&p4).await.0, StatusCode::NOT_FOUND);
 
     // A decompression bomb: 64 MiB of zeros, zstd-compressed to a few KiB, against an
     // instance whose NARs may be 1 MiB.
@@ -433,7 +476,7 @@ async fn every_attack_is_refused_with_a_reason_and_nothing_is_served() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(
-        why.contains("longer than the limit of 1048576 bytes"),
+        why.contains("limit of 1048576 bytes"),
         "{why}"
     );
     assert!(!c.has_nar(&bomb_nar).await);
@@ -649,5 +692,64 @@ async fn a_closure_manifest_must_hash_to_its_id_be_complete_and_closed() {
     let (s, why) = c.get(&format!("/nix/closure/{id}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(why.contains("lre publish"), "{why}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_trusted_keys_stops_vouching_for_what_it_signed() {
+    let (old_key, new_key) = (secret_key("old-1", 7), secret_key("new-1", 8));
+    let dir = tempfile::tempdir().unwrap();
+    let config = |keys: &[&SecretKey]| {
+        let mut c = fs_config(dir.path(), 1 << 30);
+        let mut s = InstanceSettings::default();
+        s.nix.trusted_public_keys = keys.iter().map(|k| k.public().to_string()).collect();
+        c.instance_settings.insert("".into(), s);
+        c
+    };
+    let path = random_path("rotated");
+    let (nar, other_nar) = (
+        file_nar(b"signed by the old key"),
+        file_nar(b"the real contents"),
+    );
+    let server = start(config(&[&old_key])).await;
+    let c = Cache {
+        base: http_url(&server),
+        http: reqwest::Client::new(),
+    };
+    c.put_nar("", &nar).await;
+    let info = Info {
+        path: &path,
+        nar: &nar,
+        refs: vec![],
+        signers: vec![&old_key],
+        ca: None,
+    };
+    assert_eq!(c.put_info("", &info).await.0, StatusCode::OK);
+    server.shutdown().await;
+
+    // The old key is no longer trusted (leaked, say): what only it signed is not served,
+    // and a path signed by a trusted key may take its place.
+    let server = start(config(&[&new_key])).await;
+    let c = Cache {
+        base: http_url(&server),
+        http: reqwest::Client::new(),
+    };
+    assert_eq!(c.narinfo(&path).await.0, StatusCode::NOT_FOUND);
+    c.put_nar("", &other_nar).await;
+    let info = Info {
+        path: &path,
+        nar: &other_nar,
+        refs: vec![],
+        signers: vec![&new_key],
+        ca: None,
+    };
+    let (s, why) = c.put_info("", &info).await;
+    assert_eq!(s, StatusCode::OK, "{why}");
+    let served = c.narinfo(&path).await.1;
+    assert!(
+        served.contains(&format!("NarHash: {}", NixHash::of(&other_nar))),
+        "{served}"
+    );
+    assert!(!served.contains("old-1"), "{served}");
     server.shutdown().await;
 }

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod error;
 pub mod host_view;
 pub mod materialize;
+pub mod nar_unpack;
 pub mod outputs;
 pub mod runner;
 pub mod sandbox;

@@ -15,7 +15,8 @@ use sha2::{Digest as _, Sha256};
 use crate::context::ServerContext;
 use crate::error::{Error, Result};
 
-pub const MAX_PATHS: usize = 65_536;
+/// Toolchain closures are hundreds of paths; checking one costs a read per path.
+pub const MAX_PATHS: usize = 16_384;
 /// A store path is at most 11 + 32 + 1 + 211 bytes and a newline.
 pub const MAX_SIZE: usize = MAX_PATHS * 256;
 
@@ -50,7 +51,9 @@ pub fn parse(id: &str, body: &[u8]) -> Result<Vec<StorePath>> {
 async fn check_complete(cache: &ServerContext, instance: &str, paths: &[StorePath]) -> Result<()> {
     let set: std::collections::HashSet<&StorePath> = paths.iter().collect();
     for p in paths {
-        let Some(info) = super::narinfo::servable(cache, instance, &p.hash_part()).await? else {
+        let info = super::narinfo::servable(cache, instance, &p.hash_part()).await?;
+        // By its whole name: another path with the same hash part is not this one.
+        let Some(info) = info.filter(|i| i.store_path == *p) else {
             return Err(Error::FailedPrecondition(format!(
                 "{p} is not in this cache (or its NAR is gone): publish the toolchain again \
                  (`lre publish`)"

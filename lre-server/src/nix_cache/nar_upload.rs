@@ -6,7 +6,8 @@
 //!
 //! Bounds: the decompressed NAR at most the instance's `max_nar_size` (a decompression
 //! bomb stops there), its compressed form at most that plus 1 MiB, an xz decoder's
-//! memory at most `XZ_MEMORY`, and at most `DECODERS` decoders at once.
+//! memory at most `XZ_MEMORY`, a zstd window at most 32 MiB, and at most `DECODERS`
+//! decoders at once (a wait for one gives up after 30 s with a 503).
 
 use std::pin::Pin;
 
@@ -30,6 +31,9 @@ const XZ_MEMORY: u64 = 80 << 20;
 /// Decoders hold that much each: a bound on how many run at once.
 const DECODERS: usize = 4;
 static DECODER_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DECODERS);
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// zstd's window: 32 MiB (levels up to 19 use at most 8 MiB; the default would allow 128).
+const ZSTD_WINDOW_LOG: u32 = 25;
 
 /// Stores the NAR the body carries; returns its NarHash and size.
 pub async fn put(
@@ -40,12 +44,19 @@ pub async fn put(
     max_nar_size: u64,
     body: Body,
 ) -> Result<(NixHash, u64)> {
+    // A slot is held while the body arrives; a client trickling one must not keep others
+    // waiting forever, so waiting for one is bounded too.
     let _slot = match compression {
         Compression::None => None,
         _ => Some(
-            DECODER_SLOTS
-                .acquire()
+            tokio::time::timeout(SLOT_WAIT, DECODER_SLOTS.acquire())
                 .await
+                .map_err(|_| {
+                    Error::ResourceExhausted(format!(
+                        "{DECODERS} compressed NAR uploads are being decoded; retry, or copy \
+                         with ?compression=none"
+                    ))
+                })?
                 .map_err(|_| Error::Internal("decoder slots closed".into()))?,
         ),
     };
@@ -61,8 +72,11 @@ pub async fn put(
                 XZ_MEMORY,
             ),
         ),
-        Compression::Zstd => Box::pin(async_compression::tokio::bufread::ZstdDecoder::new(
+        Compression::Zstd => Box::pin(async_compression::tokio::bufread::ZstdDecoder::with_params(
             BufReader::new(compressed),
+            &[async_compression::zstd::DParameter::window_log_max(
+                ZSTD_WINDOW_LOG,
+            )],
         )),
     };
     let mut parser = NarParser::new(max_nar_size);

@@ -8,7 +8,12 @@
 //!    address the server re-computes from the NAR itself;
 //! 5. the stored NAR parses strictly and hashes to the NarHash;
 //! 6. no different narinfo for the path exists (write-once: a second, different NAR for a
-//!    path is a conflict; the same one with new trusted signatures merges them).
+//!    path is a conflict; the same one with new trusted signatures merges them), unless
+//!    no current key vouches for the existing one any more.
+//!
+//! A `CA:` line is verified whenever present (the fingerprint does not cover it, so a
+//! signature does not vouch for it), or dropped from a signed narinfo if lre cannot check
+//! it. Serving re-checks trust against the instance's current keys.
 //!
 //! It is kept in the instance's action-result store (`Key::nar_info`), so every replica
 //! reading that store serves it, in the canonical form lre serves (uncompressed NAR,
@@ -65,9 +70,19 @@ pub async fn servable(
     instance: &str,
     hash_part: &str,
 ) -> Result<Option<NarInfo>> {
-    let Some(info) = load(cache, instance, hash_part).await? else {
+    let Some(mut info) = load(cache, instance, hash_part).await? else {
         return Ok(None);
     };
+    // Only what the instance trusts now: a key removed from trusted_public_keys stops
+    // vouching for what it signed.
+    let trusted = cache.instances.nix(instance).keys();
+    let fingerprint = info.fingerprint();
+    info.sigs
+        .retain(|s| trusted.iter().any(|k| k.verifies(&fingerprint, s)));
+    if !still_trusted(&info, &trusted) {
+        tracing::info!(instance, path = %info.store_path, "narinfo withheld: no trusted key signed it any more");
+        return Ok(None);
+    }
     if !nar_present(cache, &info).await? {
         tracing::info!(instance, path = %info.store_path, "narinfo withheld: its NAR is no longer in the CAS");
         return Ok(None);
@@ -94,6 +109,31 @@ fn sign_hint(instance: &str, keys: &[PublicKey]) -> String {
     )
 }
 
+/// Whether `info` is still acceptable under the instance's current keys: a signature by
+/// one of them, or a content address (every stored one was verified on acceptance, and
+/// keys do not change what content makes).
+fn still_trusted(info: &NarInfo, trusted: &[PublicKey]) -> bool {
+    let fingerprint = info.fingerprint();
+    info.ca.is_some()
+        || info
+            .sigs
+            .iter()
+            .any(|s| trusted.iter().any(|k| k.verifies(&fingerprint, s)))
+}
+
+/// Reading a NAR back to check it costs a full read: a bound on how many run at once.
+static NAR_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+async fn store(cache: &ServerContext, instance: &str, info: &NarInfo) -> Result<()> {
+    let rendered = info.render_served();
+    let store: &dyn BlobStore = cache.action_results.as_ref();
+    let mut w = store.writer(Some(rendered.len() as u64)).await?;
+    w.write_bytes(Bytes::from(rendered)).await?;
+    w.commit(Key::nar_info(instance, &info.store_path.hash_part()))
+        .await?;
+    Ok(())
+}
+
 /// Checks `text` against the instance's policy and stores it; see the module's list.
 pub async fn put(
     cache: &ServerContext,
@@ -110,6 +150,44 @@ pub async fn put(
             "{hash_part}.narinfo describes {path}, another path"
         )));
     }
+    if info.nar_size > settings.max_nar_size.0 {
+        return Err(Error::InvalidArgument(format!(
+            "{path}: its NAR of {} bytes is larger than this instance's max_nar_size ({} bytes)",
+            info.nar_size, settings.max_nar_size.0
+        )));
+    }
+    let trusted = settings.keys();
+    let fingerprint = info.fingerprint();
+    info.sigs
+        .retain(|s| trusted.iter().any(|k| k.verifies(&fingerprint, s)));
+
+    // A path already here: the same contents may add trusted signatures, nothing else
+    // changes (answered before any costly check, so repeats are cheap). A narinfo no
+    // current key vouches for any more (its key was removed) may be replaced.
+    if let Some(mut old) = load(cache, instance, hash_part).await? {
+        if still_trusted(&old, &trusted) {
+            if old.fingerprint() != fingerprint {
+                return Err(Error::AlreadyExists(format!(
+                    "{path} is already in this cache with other contents (NAR {} of {} \
+                     bytes, or other references): a store path's contents never change, so \
+                     the upload is refused",
+                    old.nar_hash, old.nar_size
+                )));
+            }
+            let new: Vec<_> = info
+                .sigs
+                .into_iter()
+                .filter(|s| !old.sigs.contains(s))
+                .collect();
+            if new.is_empty() {
+                return Ok(());
+            }
+            old.sigs.extend(new);
+            old.sigs.truncate(lre_nix_formats::narinfo::MAX_SIGNATURES);
+            return store(cache, instance, &old).await;
+        }
+    }
+
     if !nar_present(cache, &info).await? {
         return Err(Error::FailedPrecondition(format!(
             "{path}: its NAR ({} of {} bytes) is not in the cache; upload nar/ first",
@@ -117,37 +195,58 @@ pub async fn put(
             info.nar_size
         )));
     }
-    let others: Vec<_> = info.other_references().cloned().collect();
-    let keys: Vec<Key> = others
-        .iter()
-        .map(|r| Key::nar_info(instance, &r.hash_part()))
-        .collect();
-    let found = cache.action_results.lookup(&keys).await?;
-    if let Some((r, _)) = others.iter().zip(&found).find(|(_, f)| f.is_none()) {
-        return Err(Error::FailedPrecondition(format!(
-            "{path} refers to {r}, which this cache does not have: upload the whole closure, \
-             dependencies first (nix copy does)"
-        )));
+    // Each reference by its whole name: a narinfo for another path with the same hash
+    // part is not the reference.
+    for r in info.other_references() {
+        let present = load(cache, instance, &r.hash_part()).await?;
+        if present.is_none_or(|p| p.store_path != *r) {
+            return Err(Error::FailedPrecondition(format!(
+                "{path} refers to {r}, which this cache does not have: upload the whole \
+                 closure, dependencies first (nix copy does)"
+            )));
+        }
     }
 
-    let trusted = settings.keys();
-    let fingerprint = info.fingerprint();
-    info.sigs
-        .retain(|s| trusted.iter().any(|k| k.verifies(&fingerprint, s)));
-    let ca = match (&info.ca, info.sigs.is_empty()) {
-        (_, false) => None,
-        (Some(ca), true) => Some(ContentAddress::parse(ca).map_err(|e| {
-            Error::PermissionDenied(format!("{path}: {e}; {}", sign_hint(instance, &trusted)))
-        })?),
-        (None, true) => {
+    // A content address is checked whenever there is one, signed or not: it is not part of
+    // the fingerprint, so a signature says nothing about it. One lre cannot check (another
+    // algorithm, a recursive one with a self-reference) is dropped from a signed narinfo.
+    let signed = !info.sigs.is_empty();
+    let ca = match info.ca.as_deref().map(ContentAddress::parse) {
+        None => None,
+        Some(Ok(ContentAddress::Recursive(_))) if info.references.contains(&info.store_path) => {
+            None
+        }
+        Some(Ok(ca)) => Some(ca),
+        Some(Err(_)) if signed => None,
+        Some(Err(e)) => {
             return Err(Error::PermissionDenied(format!(
-                "{path} is not signed by a trusted key. {}",
+                "{path}: {e}; {}",
                 sign_hint(instance, &trusted)
             )))
         }
     };
+    if ca.is_none() {
+        if !signed {
+            return Err(Error::PermissionDenied(format!(
+                "{path} is not signed by a trusted key{}. {}",
+                if info.ca.is_some() {
+                    " and lre cannot check its content address"
+                } else {
+                    ""
+                },
+                sign_hint(instance, &trusted)
+            )));
+        }
+        info.ca = None;
+    }
 
-    let summary = parse_stored_nar(cache, &info).await?;
+    let summary = {
+        let _slot = NAR_CHECKS
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("NAR check slots closed".into()))?;
+        parse_stored_nar(cache, &info).await?
+    };
     if let Some(ca) = ca {
         ca.verify(
             &info.store_path,
@@ -162,33 +261,7 @@ pub async fn put(
             ))
         })?;
     }
-
-    if let Some(old) = load(cache, instance, hash_part).await? {
-        if old.fingerprint() != fingerprint || old.ca != info.ca {
-            return Err(Error::AlreadyExists(format!(
-                "{path} is already in this cache with other contents (NAR {} of {} bytes, \
-                 references differ or not): a store path's contents never change, so the \
-                 upload is refused",
-                old.nar_hash, old.nar_size
-            )));
-        }
-        let mut sigs = old.sigs.clone();
-        for s in info.sigs.drain(..) {
-            if !sigs.contains(&s) {
-                sigs.push(s);
-            }
-        }
-        if sigs == old.sigs {
-            return Ok(());
-        }
-        info.sigs = sigs;
-        info.sigs.truncate(lre_nix_formats::narinfo::MAX_SIGNATURES);
-    }
-    let rendered = info.render_served();
-    let store: &dyn BlobStore = cache.action_results.as_ref();
-    let mut w = store.writer(Some(rendered.len() as u64)).await?;
-    w.write_bytes(Bytes::from(rendered)).await?;
-    w.commit(Key::nar_info(instance, hash_part)).await?;
+    store(cache, instance, &info).await?;
     tracing::info!(instance, path = %info.store_path, nar = %info.nar_hash, "narinfo accepted");
     Ok(())
 }
