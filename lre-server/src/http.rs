@@ -20,9 +20,9 @@ use axum::Router;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use futures::StreamExt;
 use prost::Message;
-use tokio_util::io::ReaderStream;
 
 use crate::auth::{http_credential as credential, Access};
+use crate::blob_response;
 use crate::context::{ResultSource, ServerContext};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{error_response, Error, Result};
@@ -362,47 +362,15 @@ async fn handle(
     // Authorize before reading any of the body: a refused writer stores nothing.
     let caller = cache.authorize(cred, &instance, access)?;
     match (kind, access) {
-        (Kind::Cas, Access::Read) => get_cas(cache, function, hash, *method == Method::HEAD).await,
+        (Kind::Cas, Access::Read) => {
+            blob_response::get_cas(cache, function, hash, *method == Method::HEAD).await
+        }
         (Kind::Ac, Access::Read) => {
             get_ac(cache, &instance, function, hash, *method == Method::HEAD).await
         }
         (Kind::Cas, _) => put_cas(cache, function, hash, headers, body).await,
         (Kind::Ac, _) => put_ac(cache, &instance, function, hash, body, &caller).await,
     }
-}
-
-fn with_length(status: StatusCode, len: u64, body: Body) -> Response {
-    let mut r = (status, body).into_response();
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    r
-}
-
-pub(crate) async fn get_cas(
-    cache: &ServerContext,
-    function: DigestFunction,
-    hash: [u8; 32],
-    head: bool,
-) -> Result<Response> {
-    let Some((size, reader)) = cache.open_cas_by_hash(function, hash).await? else {
-        return Err(Error::NotFound(format!(
-            "blob {} is not in the CAS",
-            hex::encode(hash)
-        )));
-    };
-    if head {
-        return Ok(with_length(StatusCode::OK, size, Body::empty()));
-    }
-    cache.metrics.bytes_sent.inc_by(size);
-    Ok(with_length(
-        StatusCode::OK,
-        size,
-        Body::from_stream(ReaderStream::with_capacity(reader, 256 * 1024)),
-    ))
 }
 
 async fn get_ac(
@@ -420,10 +388,18 @@ async fn get_ac(
     };
     let len = hit.raw.len() as u64;
     if head {
-        return Ok(with_length(StatusCode::OK, len, Body::empty()));
+        return Ok(blob_response::with_length(
+            StatusCode::OK,
+            len,
+            Body::empty(),
+        ));
     }
     cache.metrics.bytes_sent.inc_by(len);
-    Ok(with_length(StatusCode::OK, len, Body::from(hit.raw)))
+    Ok(blob_response::with_length(
+        StatusCode::OK,
+        len,
+        Body::from(hit.raw),
+    ))
 }
 
 async fn put_cas(

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-pub use crate::config::InstanceSettings;
+pub use crate::config::{InstanceSettings, NixCacheSettings};
 use crate::error::{Error, Result};
 
 // The naming rule lives with resource names, in lre-store.
@@ -54,7 +54,7 @@ impl Instances {
 
     /// The instance's Nix binary-cache settings (the defaults for an instance without a
     /// table).
-    pub fn nix(&self, name: &str) -> crate::config::NixCacheSettings {
+    pub fn nix(&self, name: &str) -> NixCacheSettings {
         self.settings
             .get(name)
             .map(|s| s.nix.clone())

@@ -6,6 +6,7 @@ pub mod activity;
 pub mod allocator;
 pub mod asset;
 pub mod auth;
+pub mod blob_response;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;

@@ -475,10 +475,7 @@ async fn every_attack_is_refused_with_a_reason_and_nothing_is_served() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(
-        why.contains("limit of 1048576 bytes"),
-        "{why}"
-    );
+    assert!(why.contains("limit of 1048576 bytes"), "{why}");
     assert!(!c.has_nar(&bomb_nar).await);
     // A zstd NAR within bounds is stored uncompressed under its NarHash.
     let small = file_nar(b"compressed on the wire");

@@ -95,7 +95,7 @@ pub async fn handle(
                     compression.extension()
                 )));
             }
-            crate::http::get_cas(cache, DigestFunction::Sha256, file_hash.0, head).await
+            crate::blob_response::get_cas(cache, DigestFunction::Sha256, file_hash.0, head).await
         }
         (
             Target::Nar {
