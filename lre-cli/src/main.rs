@@ -223,8 +223,13 @@ async fn publish(args: PublishArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(t) => lre_worker::client::Credential::bearer(t)?,
         None => lre_worker::client::Credential::none(),
     };
+    // The CA is the HTTP server's; the gRPC endpoint uses it only if it speaks TLS too.
     let tls = lre_worker::client::ClientTls {
-        ca: args.api.tls_ca.clone(),
+        ca: args
+            .api
+            .tls_ca
+            .clone()
+            .filter(|_| endpoint.starts_with("https://")),
         ..Default::default()
     };
     let channel = lre_worker::client::connect(&endpoint, credential, &tls)?;

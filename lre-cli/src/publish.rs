@@ -270,25 +270,54 @@ impl Server {
         let mut offset = 0;
         let mut attempt = 1;
         loop {
-            match self.write_from(&name, m, offset).await {
+            let e = match self.write_from(&name, m, offset).await {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < ATTEMPTS => {
-                    let mut bs = ByteStreamClient::new(self.channel.clone());
-                    let status = bs
-                        .query_write_status(QueryWriteStatusRequest {
-                            resource_name: name.clone(),
-                        })
-                        .await;
-                    match status {
-                        Ok(s) if s.get_ref().complete => return Ok(()),
-                        Ok(s) => offset = s.get_ref().committed_size.max(0) as u64,
-                        Err(_) => offset = 0,
-                    }
-                    tracing::warn!(path = %m.path, error = %e, offset, attempt, "NAR upload broke off; resuming");
-                    attempt += 1;
+                // Nix could not dump the path, or the server refused it: trying again
+                // would fail again.
+                Err(e @ PublishError::Dump { .. }) => return Err(e),
+                Err(PublishError::Rpc { what, status })
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Err(PublishError::Rpc { what, status })
                 }
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            if attempt == ATTEMPTS {
+                return Err(e);
             }
+            // The server may not have seen the stream break yet (it then still holds the
+            // upload): wait a little, and ask a few times before starting again at 0.
+            let mut resumed = None;
+            for wait_ms in [200u64, 500, 1000, 2000] {
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+                let mut bs = ByteStreamClient::new(self.channel.clone());
+                let status = bs
+                    .query_write_status(QueryWriteStatusRequest {
+                        resource_name: name.clone(),
+                    })
+                    .await;
+                match status {
+                    Ok(s) if s.get_ref().complete => return Ok(()),
+                    Ok(s) => {
+                        resumed = Some(s.get_ref().committed_size.max(0) as u64);
+                        break;
+                    }
+                    // Nothing kept under that name: start again.
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        resumed = Some(0);
+                        break;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            offset = resumed.unwrap_or(0);
+            tracing::warn!(path = %m.path, error = %e, offset, attempt, "NAR upload broke off; resuming");
+            attempt += 1;
         }
     }
 
@@ -310,6 +339,24 @@ impl Server {
             .stdout
             .take()
             .ok_or_else(|| dump_err("no stdout".into()))?;
+        // Read as it comes (a full pipe would stall the dump), kept to its last 4 KiB.
+        let mut err_pipe = child
+            .stderr
+            .take()
+            .ok_or_else(|| dump_err("no stderr".into()))?;
+        let stderr = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                let over = kept.len().saturating_sub(4096);
+                kept.drain(..over);
+            }
+            String::from_utf8_lossy(&kept).trim().to_string()
+        });
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
         let size = m.nar_size;
         let name = name.to_string();
@@ -359,15 +406,25 @@ impl Server {
         let mut bs = ByteStreamClient::new(self.channel.clone());
         let rpc = bs.write(tokio_stream::wrappers::ReceiverStream::new(rx));
         let (produced, written) = tokio::join!(producer, rpc);
-        produced.map_err(dump_err)?;
-        let status = child.wait().await.map_err(|e| dump_err(e.to_string()))?;
+        // The server verified every byte against the NarHash, so an accepted write is the
+        // NAR, even if the dump was cut short by the server answering early (it had the
+        // blob already).
+        let _ = child.kill().await;
+        if let (Ok(()), Ok(_)) = (&produced, &written) {
+            return Ok(());
+        }
+        let exit = child.wait().await.ok();
+        let nix_said = stderr.await.unwrap_or_default();
+        if let Err(why) = produced {
+            let exit = exit
+                .map(|e| format!(" (nix-store {e})"))
+                .unwrap_or_default();
+            return Err(dump_err(format!("{why}{exit}: {nix_said}")));
+        }
         written.map_err(|status| PublishError::Rpc {
             what: format!("uploading the NAR of {path}"),
             status,
         })?;
-        if !status.success() {
-            return Err(dump_err(format!("exited with {status}")));
-        }
         Ok(())
     }
 }

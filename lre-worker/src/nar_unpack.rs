@@ -38,6 +38,8 @@ pub enum UnpackError {
         expected: NixHash,
         expected_size: u64,
     },
+    #[error("{}: already there (another unpack of the same path finished first)", .0.display())]
+    Exists(PathBuf),
     #[error("unpacking into {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -97,8 +99,9 @@ impl NarSink for Sink {
     }
 }
 
-/// A NAR being unpacked to `dest` (which must not exist yet). Feed it chunks in order,
-/// then `finish`. Dropping it before `finish` removes what it wrote.
+/// A NAR being unpacked to `dest`. Feed it chunks in order, then `finish`, which never
+/// replaces anything already at `dest` (`Exists`). Dropping it before `finish`, or a
+/// failed `finish`, removes what it wrote.
 pub struct Unpack {
     dest: PathBuf,
     tmp: PathBuf,
@@ -161,7 +164,26 @@ impl Unpack {
         for d in self.sink.dirs.iter().rev() {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o555)).map_err(io(d))?;
         }
-        std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
+        // On disk before it is in place: a tree at `dest` is a checked tree, after a crash
+        // too. One syncfs for the whole tree rather than an fsync per file.
+        let parent = self.dest.parent().unwrap_or(Path::new("."));
+        let dir = File::open(parent).map_err(io(parent))?;
+        rustix::fs::syncfs(&dir).map_err(|e| io(parent)(e.into()))?;
+        // Never over something already there (another unpack of the same path won).
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &self.tmp,
+            rustix::fs::CWD,
+            &self.dest,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| {
+            if e == rustix::io::Errno::EXIST {
+                UnpackError::Exists(self.dest.clone())
+            } else {
+                io(&self.dest)(e.into())
+            }
+        })?;
         self.done = true;
         Ok(())
     }
@@ -230,7 +252,14 @@ mod tests {
             std::fs::read_dir(d.path().join("store")).unwrap().count(),
             0
         );
-        assert!(!d.path().join("x").exists());
+        // Something already at the destination is never replaced.
+        let good = nar(&["a", "b"]);
+        std::fs::write(&dest, b"already here").unwrap();
+        let mut u = Unpack::new(&dest, NixHash::of(&good), good.len() as u64);
+        u.feed(&good).unwrap();
+        assert!(matches!(u.finish(), Err(UnpackError::Exists(_))));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"already here");
+        std::fs::remove_file(&dest).unwrap();
         // A good NAR under the wrong hash: refused at the end, nothing in place.
         let good = nar(&["a", "b"]);
         let mut u = Unpack::new(&dest, NixHash::of(b"other"), good.len() as u64);
