@@ -209,7 +209,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<std::process::ExitCode> {
     })?;
     let closure = infos
         .iter()
-        .map(lre_cli::publish::PathMeta::from_info)
+        .map(lre_cli::publish::narinfo_of)
         .collect::<Result<Vec<_>, _>>()?;
     let paths: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
     let id = toolchain::Toolchain::closure_identity(&paths);

@@ -55,80 +55,59 @@ pub enum PublishError {
 
 type Result<T> = std::result::Result<T, PublishError>;
 
-/// One store path to publish, from `nix path-info --json --sigs`.
-#[derive(Clone, Debug)]
-pub struct PathMeta {
-    pub path: StorePath,
-    pub nar_hash: NixHash,
-    pub nar_size: u64,
-    pub references: Vec<StorePath>,
-    pub deriver: Option<String>,
-    pub sigs: Vec<Signature>,
-    pub ca: Option<String>,
+/// The narinfo lre serves for one store path of the closure, from what `nix path-info
+/// --json --sigs` says of it: the uncompressed NAR, the path's own signatures.
+pub fn narinfo_of(i: &PathInfo) -> Result<NarInfo> {
+    let bad = |why: String| PublishError::PathInfo {
+        path: i.path.clone(),
+        why,
+    };
+    let store_path = StorePath::parse(&i.path).map_err(|e| bad(e.to_string()))?;
+    let nar_hash =
+        NixHash::parse(i.nar_hash.as_deref().unwrap_or("")).map_err(|e| bad(e.to_string()))?;
+    let nar_size = i.nar_size.ok_or_else(|| bad("no narSize".into()))?;
+    let mut references = i
+        .references
+        .iter()
+        .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    references.sort_by_key(|r| r.base_name());
+    references.dedup();
+    let deriver = i
+        .deriver
+        .as_deref()
+        .and_then(|d| StorePath::parse(d).ok())
+        .map(|d| d.base_name());
+    // A signature Nix holds but lre cannot read is left out, not fatal.
+    let sigs = i
+        .signatures
+        .iter()
+        .filter_map(|s| Signature::parse(s).ok())
+        .collect();
+    Ok(NarInfo {
+        store_path,
+        url: String::new(),
+        compression: "none".into(),
+        file_hash: Some(nar_hash),
+        file_size: Some(nar_size),
+        nar_hash,
+        nar_size,
+        references,
+        deriver,
+        sigs,
+        ca: i.ca.clone(),
+    })
 }
 
-impl PathMeta {
-    pub fn from_info(i: &PathInfo) -> Result<PathMeta> {
-        let bad = |why: String| PublishError::PathInfo {
-            path: i.path.clone(),
-            why,
-        };
-        let path = StorePath::parse(&i.path).map_err(|e| bad(e.to_string()))?;
-        let nar_hash =
-            NixHash::parse(i.nar_hash.as_deref().unwrap_or("")).map_err(|e| bad(e.to_string()))?;
-        let nar_size = i.nar_size.ok_or_else(|| bad("no narSize".into()))?;
-        let references = i
-            .references
-            .iter()
-            .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
-            .collect::<Result<Vec<_>>>()?;
-        let deriver = i
-            .deriver
-            .as_deref()
-            .and_then(|d| StorePath::parse(d).ok())
-            .map(|d| d.base_name());
-        // A signature Nix holds but lre cannot read is left out, not fatal.
-        let sigs = i
-            .signatures
-            .iter()
-            .filter_map(|s| Signature::parse(s).ok())
-            .collect();
-        Ok(PathMeta {
-            path,
-            nar_hash,
-            nar_size,
-            references,
-            deriver,
-            sigs,
-            ca: i.ca.clone(),
-        })
+/// `info` with `key`'s signature added (replacing an older one by the same key name).
+fn signed(info: &NarInfo, key: Option<&SecretKey>) -> NarInfo {
+    let mut info = info.clone();
+    if let Some(k) = key {
+        let sig = k.sign(&info.fingerprint());
+        info.sigs.retain(|s| s.name != sig.name);
+        info.sigs.push(sig);
     }
-
-    /// The narinfo lre serves for this path, with `key`'s signature added if given.
-    pub fn narinfo(&self, key: Option<&SecretKey>) -> NarInfo {
-        let mut references = self.references.clone();
-        references.sort_by_key(|r| r.base_name());
-        references.dedup();
-        let mut info = NarInfo {
-            store_path: self.path.clone(),
-            url: String::new(),
-            compression: "none".into(),
-            file_hash: Some(self.nar_hash),
-            file_size: Some(self.nar_size),
-            nar_hash: self.nar_hash,
-            nar_size: self.nar_size,
-            references,
-            deriver: self.deriver.clone(),
-            sigs: self.sigs.clone(),
-            ca: self.ca.clone(),
-        };
-        if let Some(k) = key {
-            let sig = k.sign(&info.fingerprint());
-            info.sigs.retain(|s| s.name != sig.name);
-            info.sigs.push(sig);
-        }
-        info
-    }
+    info
 }
 
 pub fn read_secret_key(path: &std::path::Path) -> Result<SecretKey> {
@@ -145,22 +124,22 @@ pub fn read_secret_key(path: &std::path::Path) -> Result<SecretKey> {
 }
 
 /// Dependencies before what depends on them (self-references aside).
-pub fn dependency_order(paths: &[PathMeta]) -> Result<Vec<&PathMeta>> {
+pub fn dependency_order(paths: &[NarInfo]) -> Result<Vec<&NarInfo>> {
     let mut done: HashSet<&StorePath> = HashSet::new();
     let mut order = Vec::with_capacity(paths.len());
-    let mut left: Vec<&PathMeta> = paths.iter().collect();
+    let mut left: Vec<&NarInfo> = paths.iter().collect();
     while !left.is_empty() {
-        let (ready, rest): (Vec<&PathMeta>, Vec<&PathMeta>) = left.into_iter().partition(|m| {
+        let (ready, rest): (Vec<&NarInfo>, Vec<&NarInfo>) = left.into_iter().partition(|m| {
             m.references
                 .iter()
-                .all(|r| *r == m.path || done.contains(r))
+                .all(|r| *r == m.store_path || done.contains(r))
         });
         if ready.is_empty() {
-            let names: Vec<String> = rest.iter().map(|m| m.path.to_string()).collect();
+            let names: Vec<String> = rest.iter().map(|m| m.store_path.to_string()).collect();
             return Err(PublishError::Unordered(names.join(", ")));
         }
         for m in &ready {
-            done.insert(&m.path);
+            done.insert(&m.store_path);
         }
         order.extend(ready);
         left = rest;
@@ -223,14 +202,14 @@ impl Server {
         }
     }
 
-    fn digest(m: &PathMeta) -> re::Digest {
+    fn digest(m: &NarInfo) -> re::Digest {
         re::Digest {
             hash: m.nar_hash.hex(),
             size_bytes: m.nar_size as i64,
         }
     }
 
-    async fn missing_nars(&self, metas: &[&PathMeta]) -> Result<HashSet<String>> {
+    async fn missing_nars(&self, metas: &[&NarInfo]) -> Result<HashSet<String>> {
         let mut cas = ContentAddressableStorageClient::new(self.channel.clone());
         let mut missing = HashSet::new();
         // FindMissingBlobs requests stay small whatever the closure's size.
@@ -258,7 +237,7 @@ impl Server {
 
     /// Streams `m`'s NAR; after a broken stream, asks how much the server kept and sends
     /// the rest.
-    async fn upload_nar(&self, m: &PathMeta) -> Result<()> {
+    async fn upload_nar(&self, m: &NarInfo) -> Result<()> {
         let name = format!(
             "{}{}uploads/{}/blobs/{}/{}",
             self.instance,
@@ -316,13 +295,13 @@ impl Server {
                 }
             }
             offset = resumed.unwrap_or(0);
-            tracing::warn!(path = %m.path, error = %e, offset, attempt, "NAR upload broke off; resuming");
+            tracing::warn!(path = %m.store_path, error = %e, offset, attempt, "NAR upload broke off; resuming");
             attempt += 1;
         }
     }
 
-    async fn write_from(&self, name: &str, m: &PathMeta, offset: u64) -> Result<()> {
-        let path = m.path.to_string();
+    async fn write_from(&self, name: &str, m: &NarInfo, offset: u64) -> Result<()> {
+        let path = m.store_path.to_string();
         let dump_err = |why: String| PublishError::Dump {
             path: path.clone(),
             why,
@@ -446,7 +425,7 @@ async fn refused(
 /// registers its manifest under `id` (`lre-closure:sha256:<hex>`).
 pub async fn publish(
     server: &Server,
-    closure: &[PathMeta],
+    closure: &[NarInfo],
     key: Option<&SecretKey>,
     id: &str,
 ) -> Result<Report> {
@@ -457,7 +436,7 @@ pub async fn publish(
     let order = dependency_order(closure)?;
     let mut wanted = Vec::new();
     for m in &order {
-        if server.has_narinfo(&m.path).await? {
+        if server.has_narinfo(&m.store_path).await? {
             report.already_there += 1;
         } else {
             wanted.push(*m);
@@ -470,12 +449,12 @@ pub async fn publish(
             report.nars_uploaded += 1;
             report.bytes_uploaded += m.nar_size;
         }
-        let info = m.narinfo(key);
-        let url = format!("{}/{}.narinfo", server.cache_url, m.path.hash_part());
+        let info = signed(m, key);
+        let url = format!("{}/{}.narinfo", server.cache_url, m.store_path.hash_part());
         server.put(url, info.render_served().into_bytes()).await?;
         report.narinfos_written += 1;
     }
-    let mut paths: Vec<String> = closure.iter().map(|m| m.path.to_string()).collect();
+    let mut paths: Vec<String> = closure.iter().map(|m| m.store_path.to_string()).collect();
     paths.sort();
     let manifest: String = paths.iter().map(|p| format!("{p}\n")).collect();
     let hex = id.strip_prefix("lre-closure:sha256:").unwrap_or(id);
