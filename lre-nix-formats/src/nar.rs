@@ -514,11 +514,63 @@ pub mod write {
             string(out, s);
         }
     }
+
+    /// A directory node with these entries (name, node), in the order given: a test may
+    /// give them unsorted or twice, to see them refused.
+    pub fn directory(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut o = Vec::new();
+        strings(&mut o, &[b"(", b"type", b"directory"]);
+        for (name, node) in entries {
+            strings(&mut o, &[b"entry", b"(", b"name", name.as_bytes(), b"node"]);
+            o.extend_from_slice(node);
+            strings(&mut o, &[b")"]);
+        }
+        strings(&mut o, &[b")"]);
+        o
+    }
+
+    /// A regular file node.
+    pub fn regular(contents: &[u8], executable: bool) -> Vec<u8> {
+        let mut o = Vec::new();
+        strings(&mut o, &[b"(", b"type", b"regular"]);
+        if executable {
+            strings(&mut o, &[b"executable", b""]);
+        }
+        strings(&mut o, &[b"contents", contents, b")"]);
+        o
+    }
+
+    /// A symlink node.
+    pub fn symlink(target: &str) -> Vec<u8> {
+        let mut o = Vec::new();
+        strings(
+            &mut o,
+            &[
+                b"(",
+                b"type",
+                b"symlink",
+                b"target",
+                target.as_bytes(),
+                b")",
+            ],
+        );
+        o
+    }
+
+    /// A whole NAR: the header, then `root`.
+    pub fn archive(root: Vec<u8>) -> Vec<u8> {
+        let mut o = Vec::new();
+        strings(&mut o, &[super::MAGIC]);
+        o.extend_from_slice(&root);
+        o
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::write::strings;
+    use super::write::{
+        archive as nar, directory as dir, regular as file, strings, symlink as link,
+    };
     use super::*;
 
     #[derive(Default)]
@@ -541,51 +593,6 @@ mod tests {
                 .push(format!("l {} {}", p.join("/"), String::from_utf8_lossy(t)));
             Ok(())
         }
-    }
-
-    fn dir(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        let mut o = Vec::new();
-        strings(&mut o, &[b"(", b"type", b"directory"]);
-        for (name, node) in entries {
-            strings(&mut o, &[b"entry", b"(", b"name", name.as_bytes(), b"node"]);
-            o.extend_from_slice(node);
-            strings(&mut o, &[b")"]);
-        }
-        strings(&mut o, &[b")"]);
-        o
-    }
-
-    fn file(contents: &[u8], exec: bool) -> Vec<u8> {
-        let mut o = Vec::new();
-        strings(&mut o, &[b"(", b"type", b"regular"]);
-        if exec {
-            strings(&mut o, &[b"executable", b""]);
-        }
-        strings(&mut o, &[b"contents", contents, b")"]);
-        o
-    }
-
-    fn link(target: &str) -> Vec<u8> {
-        let mut o = Vec::new();
-        strings(
-            &mut o,
-            &[
-                b"(",
-                b"type",
-                b"symlink",
-                b"target",
-                target.as_bytes(),
-                b")",
-            ],
-        );
-        o
-    }
-
-    fn nar(root: Vec<u8>) -> Vec<u8> {
-        let mut o = Vec::new();
-        strings(&mut o, &[MAGIC]);
-        o.extend_from_slice(&root);
-        o
     }
 
     #[test]

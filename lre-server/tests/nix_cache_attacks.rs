@@ -7,7 +7,7 @@ mod common;
 
 use base64::Engine as _;
 use common::*;
-use lre_nix_formats::nar::write::strings;
+use lre_nix_formats::nar::write;
 use lre_nix_formats::{nixbase32, NixHash, SecretKey, StorePath};
 use lre_server::auth::Scope;
 use lre_server::config::{ByteSize, InstanceSettings};
@@ -24,35 +24,16 @@ fn secret_key(name: &str, seed: u8) -> SecretKey {
 }
 
 fn file_nar(contents: &[u8]) -> Vec<u8> {
-    let mut o = Vec::new();
-    strings(
-        &mut o,
-        &[
-            b"nix-archive-1",
-            b"(",
-            b"type",
-            b"regular",
-            b"contents",
-            contents,
-            b")",
-        ],
-    );
-    o
+    write::archive(write::regular(contents, false))
 }
 
 /// A directory NAR with the given entry names (each a one-byte file), in the given order.
 fn dir_nar(names: &[&str]) -> Vec<u8> {
-    let mut o = Vec::new();
-    strings(&mut o, &[b"nix-archive-1", b"(", b"type", b"directory"]);
-    for n in names {
-        strings(&mut o, &[b"entry", b"(", b"name", n.as_bytes(), b"node"]);
-        strings(
-            &mut o,
-            &[b"(", b"type", b"regular", b"contents", b"x", b")", b")"],
-        );
-    }
-    strings(&mut o, &[b")"]);
-    o
+    let entries: Vec<(&str, Vec<u8>)> = names
+        .iter()
+        .map(|n| (*n, write::regular(b"x", false)))
+        .collect();
+    write::archive(write::directory(&entries))
 }
 
 fn random_path(name: &str) -> StorePath {

@@ -222,20 +222,14 @@ pub fn remove_tree(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lre_nix_formats::nar::write::strings;
+    use lre_nix_formats::nar::write;
 
     fn nar(names: &[&str]) -> Vec<u8> {
-        let mut o = Vec::new();
-        strings(&mut o, &[b"nix-archive-1", b"(", b"type", b"directory"]);
-        for n in names {
-            strings(&mut o, &[b"entry", b"(", b"name", n.as_bytes(), b"node"]);
-            strings(
-                &mut o,
-                &[b"(", b"type", b"regular", b"contents", b"x", b")", b")"],
-            );
-        }
-        strings(&mut o, &[b")"]);
-        o
+        let entries: Vec<(&str, Vec<u8>)> = names
+            .iter()
+            .map(|n| (*n, write::regular(b"x", false)))
+            .collect();
+        write::archive(write::directory(&entries))
     }
 
     #[test]
